@@ -1,0 +1,27 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   create .venv, install trtopt, compile ResNet-18 and print a comparison table
+#   make test   create .venv, install trtopt with test tools, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch 2.13 is pinned first so pip does not pull a newer multi-GB CUDA build on CPU machines.
+TORCH ?= torch==2.13.0
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+.PHONY: install demo test test-gpu
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) benchmarks/demo.py
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+test-gpu: $(VENV)/.installed
+	$(PY) -m pytest -q -m gpu

@@ -1,0 +1,54 @@
+"""trtopt: compile trained PyTorch models into fast TensorRT engines.
+
+    import trtopt
+    fast = trtopt.compile(model, (x,), precision="fp32", dynamic_shapes={"x": {0: (1, 8, 32)}})
+    y = fast(x)
+
+Importing trtopt never imports TensorRT or pycuda; where they (or a GPU) are
+missing, the compiled graph runs under ONNX Runtime on the CPU.
+"""
+
+import logging
+
+from ._version import __version__
+from .compiler import compile, load
+from .config import Backend, BuildConfig, CalibratorKind, Precision, ShapeProfile
+from .errors import (
+    BuildError,
+    CalibrationError,
+    ConfigError,
+    DependencyError,
+    EngineError,
+    ExportError,
+    GraphError,
+    InputError,
+    ModuleFileError,
+    ShapeError,
+    TrtoptError,
+)
+from .module import CompiledModule
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "__version__",
+    "compile",
+    "load",
+    "CompiledModule",
+    "BuildConfig",
+    "Precision",
+    "Backend",
+    "CalibratorKind",
+    "ShapeProfile",
+    "TrtoptError",
+    "ConfigError",
+    "ShapeError",
+    "InputError",
+    "ExportError",
+    "GraphError",
+    "DependencyError",
+    "ModuleFileError",
+    "CalibrationError",
+    "BuildError",
+    "EngineError",
+]

@@ -1,0 +1,65 @@
+"""Run a compiled ONNX graph with ONNX Runtime on the CPU.
+
+``InferenceSession.run`` is documented as thread-safe, and this class keeps no
+per-call state, so one backend may serve several threads at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import torch
+
+from ..errors import EngineError
+from ..graph import EXTERNAL_DATA_THRESHOLD, initializer_bytes, save_model
+
+logger = logging.getLogger(__name__)
+
+
+def make_session(
+    model: onnx.ModelProto,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    intra_op_threads: int | None = None,
+    profile_prefix: str | None = None,
+) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only; ORT's warnings are about its own fusions
+    if intra_op_threads:
+        options.intra_op_num_threads = intra_op_threads
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    if initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
+        # Over protobuf's 2 GB limit the model must go through a file with external data.
+        workdir = tempfile.mkdtemp(prefix="trtopt-ort-")
+        path = save_model(model, Path(workdir) / "model.onnx")
+        return ort.InferenceSession(str(path), options, providers=list(providers))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+
+
+class OnnxRuntimeBackend:
+    """Backend over an ONNX Runtime session; CPU by default."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model: onnx.ModelProto, intra_op_threads: int | None = None) -> None:
+        self.session = make_session(model, intra_op_threads=intra_op_threads)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: Mapping[str, torch.Tensor], profile_index: int = 0) -> list[torch.Tensor]:
+        """Run one batch. ``profile_index`` only matters to TensorRT; ORT takes any shape."""
+        arrays = {
+            name: feeds[name].detach().cpu().contiguous().numpy()
+            for name in self.input_names
+        }
+        try:
+            outputs = self.session.run(self.output_names, arrays)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise EngineError(f"ONNX Runtime failed to run the graph: {exc}") from exc
+        return [torch.from_numpy(o) for o in outputs]

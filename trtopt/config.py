@@ -1,0 +1,327 @@
+"""Settings and shape profiles: frozen dataclasses and enums, no heavy imports.
+
+``BuildConfig`` is the one typed settings object; ``compile(..., **overrides)``
+applies keyword overrides to it with ``dataclasses.replace``. ``ENGINE_SETTINGS``
+lists the fields that change the built engine: it is the engine-cache key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+
+class Precision(str, enum.Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+
+class Backend(str, enum.Enum):
+    AUTO = "auto"
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"
+
+
+class CalibratorKind(str, enum.Enum):
+    ENTROPY = "entropy"
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+
+
+def _coerce_enum(enum_type: type[enum.Enum], value: Any, field: str) -> enum.Enum:
+    try:
+        return enum_type(value.value if isinstance(value, enum.Enum) else value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in enum_type)
+        raise ConfigError(f"{field}={value!r} is not valid; use one of {allowed}") from None
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that controls compilation. Strings are accepted for the enums."""
+
+    precision: Precision = Precision.FP32
+    backend: Backend = Backend.AUTO
+    opset: int = 19  # 19 is the first opset with FP16 Q/DQ scales (DESIGN.md §4)
+    # Calibration (INT8 and the FP16 keep-list).
+    calibrator: CalibratorKind = CalibratorKind.ENTROPY
+    percentile: float = 99.99
+    calibration_batches: int | None = None  # None: use every batch given
+    calibration_cache: str | None = None
+    # TensorRT engine settings.
+    workspace_bytes: int | None = None  # None: TensorRT's default (the device's memory)
+    optimization_level: int = 3  # builder_optimization_level, 0-5
+    version_compatible: bool = False
+    hardware_compatibility: str = "none"  # "none" | "ampere_plus" | "same_compute_capability"
+    timing_cache: str | None = None
+    engine_cache_dir: str | None = None
+    engine_cache_max_bytes: int = 8 << 30
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "precision", _coerce_enum(Precision, self.precision, "precision"))
+        object.__setattr__(self, "backend", _coerce_enum(Backend, self.backend, "backend"))
+        object.__setattr__(
+            self, "calibrator", _coerce_enum(CalibratorKind, self.calibrator, "calibrator")
+        )
+        if not isinstance(self.opset, int) or self.opset < 17:
+            raise ConfigError(f"opset={self.opset!r} is too old; use 17 or newer (19 recommended)")
+        if not 0.0 < float(self.percentile) <= 100.0:
+            raise ConfigError(f"percentile={self.percentile!r} must be in (0, 100], e.g. 99.99")
+        if self.calibration_batches is not None and self.calibration_batches < 1:
+            raise ConfigError(
+                f"calibration_batches={self.calibration_batches!r} must be a positive integer or None"
+            )
+        if not 0 <= self.optimization_level <= 5:
+            raise ConfigError(
+                f"optimization_level={self.optimization_level!r} must be between 0 and 5 (default 3)"
+            )
+        if self.hardware_compatibility not in ("none", "ampere_plus", "same_compute_capability"):
+            raise ConfigError(
+                f"hardware_compatibility={self.hardware_compatibility!r} must be 'none', "
+                "'ampere_plus' or 'same_compute_capability'"
+            )
+
+    def replace(self, **overrides: Any) -> BuildConfig:
+        """Return a copy with ``overrides`` applied; unknown names are a ConfigError."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown setting(s) {', '.join(unknown)}; BuildConfig has: {', '.join(sorted(known))}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+
+# The settings that change the built TensorRT engine (the engine-cache key).
+ENGINE_SETTINGS: tuple[str, ...] = (
+    "precision",
+    "opset",
+    "workspace_bytes",
+    "optimization_level",
+    "version_compatible",
+    "hardware_compatibility",
+)
+
+
+# --------------------------------------------------------------------------- shapes
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class InputRange:
+    """The shapes one input may take within one optimization profile."""
+
+    name: str
+    min: Shape
+    opt: Shape
+    max: Shape
+    dynamic: tuple[int, ...] = ()  # the dims the user gave a range for
+
+    def contains(self, shape: Sequence[int]) -> bool:
+        return len(shape) == len(self.min) and all(
+            lo <= int(s) <= hi for s, lo, hi in zip(shape, self.min, self.max)
+        )
+
+    def describe(self) -> str:
+        dims = []
+        for lo, hi in zip(self.min, self.max):
+            dims.append(str(lo) if lo == hi else f"{lo}..{hi}")
+        return f"[{', '.join(dims)}]"
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """One optimization profile: a range for every input (static inputs have min = max)."""
+
+    inputs: tuple[InputRange, ...]
+
+    def __getitem__(self, name: str) -> InputRange:
+        for r in self.inputs:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def contains(self, shapes: Mapping[str, Sequence[int]]) -> bool:
+        return all(self[name].contains(shape) for name, shape in shapes.items())
+
+    def to_json(self) -> dict[str, dict[str, list[int]]]:
+        return {
+            r.name: {
+                "min": list(r.min),
+                "opt": list(r.opt),
+                "max": list(r.max),
+                "dynamic": list(r.dynamic),
+            }
+            for r in self.inputs
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Mapping[str, Sequence[int]]]) -> ShapeProfile:
+        return cls(
+            tuple(
+                InputRange(
+                    name,
+                    tuple(v["min"]),
+                    tuple(v["opt"]),
+                    tuple(v["max"]),
+                    tuple(v.get("dynamic", ())),
+                )
+                for name, v in data.items()
+            )
+        )
+
+
+_SPEC_HELP = (
+    "dynamic_shapes maps a forward argument name to {dim: (min, opt, max)}, "
+    'e.g. {"x": {0: (1, 8, 32)}}; a list of such dicts gives several optimization profiles'
+)
+
+
+def _check_dim_range(name: str, dim: int, value: Any) -> tuple[int, int, int]:
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise ConfigError(
+            f"dynamic_shapes[{name!r}][{dim}] = {value!r} must be a (min, opt, max) tuple of ints; "
+            + _SPEC_HELP
+        )
+    lo, opt, hi = value
+    if lo < 1:
+        raise ConfigError(
+            f"dynamic_shapes[{name!r}][{dim}] = {tuple(value)}: min must be a positive integer"
+        )
+    if not lo <= opt <= hi:
+        raise ConfigError(
+            f"dynamic_shapes[{name!r}][{dim}] = {tuple(value)}: need min <= opt <= max"
+        )
+    return lo, opt, hi
+
+
+def build_profiles(
+    dynamic_shapes: Mapping[str, Mapping[int, Sequence[int]]]
+    | Sequence[Mapping[str, Mapping[int, Sequence[int]]]]
+    | None,
+    example_shapes: Mapping[str, Shape],
+) -> tuple[ShapeProfile, ...]:
+    """Validate a user's ``dynamic_shapes`` spec and expand it into full-shape profiles.
+
+    Dimensions the spec does not mention keep the example input's size. Every
+    profile must make the same dimensions dynamic, so that the exported graph
+    (which has one set of dynamic dims) fits all of them.
+    """
+    if dynamic_shapes is None:
+        specs: list[Mapping[str, Any]] = [{}]
+    elif isinstance(dynamic_shapes, Mapping):
+        specs = [dynamic_shapes]
+    elif isinstance(dynamic_shapes, Sequence) and not isinstance(dynamic_shapes, str):
+        specs = list(dynamic_shapes)
+        if not specs:
+            raise ConfigError("dynamic_shapes is an empty list; " + _SPEC_HELP)
+    else:
+        raise ConfigError(f"dynamic_shapes has type {type(dynamic_shapes).__name__}; " + _SPEC_HELP)
+
+    profiles = []
+    dynamic_sets = []
+    for index, spec in enumerate(specs):
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"dynamic_shapes[{index}] is a {type(spec).__name__}; " + _SPEC_HELP)
+        unknown = [k for k in spec if k not in example_shapes]
+        if unknown:
+            raise ConfigError(
+                f"dynamic_shapes names unknown input(s) {unknown}; the model's inputs are "
+                f"{list(example_shapes)}"
+            )
+        ranges = []
+        dynamic = set()
+        for name, shape in example_shapes.items():
+            lo, opt, hi = list(shape), list(shape), list(shape)
+            dims = spec.get(name, {})
+            if not isinstance(dims, Mapping):
+                raise ConfigError(
+                    f"dynamic_shapes[{name!r}] = {dims!r} must be a dict {{dim: (min, opt, max)}}; "
+                    + _SPEC_HELP
+                )
+            for dim, value in dims.items():
+                if not isinstance(dim, int) or not -len(shape) <= dim < len(shape):
+                    raise ConfigError(
+                        f"dynamic_shapes[{name!r}] names dimension {dim!r}, but input {name!r} "
+                        f"has rank {len(shape)} (shape {tuple(shape)})"
+                    )
+                d = dim % len(shape)
+                lo[d], opt[d], hi[d] = _check_dim_range(name, dim, value)
+                dynamic.add((name, d))
+            ranges.append(
+                InputRange(
+                    name,
+                    tuple(lo),
+                    tuple(opt),
+                    tuple(hi),
+                    tuple(sorted(d for n, d in dynamic if n == name)),
+                )
+            )
+        profiles.append(ShapeProfile(tuple(ranges)))
+        dynamic_sets.append(dynamic)
+    for index, dynamic in enumerate(dynamic_sets[1:], start=1):
+        if dynamic != dynamic_sets[0]:
+            diff = sorted(dynamic ^ dynamic_sets[0])
+            raise ConfigError(
+                f"optimization profile {index} makes different dimensions dynamic than profile 0 "
+                f"(differing (input, dim): {diff}); every profile must give a range for the same dims"
+            )
+    return tuple(profiles)
+
+
+def check_profiles_against_graph(
+    profiles: Sequence[ShapeProfile], graph_shapes: Mapping[str, Sequence[int | str]]
+) -> None:
+    """Check profiles against the exported graph's input shapes.
+
+    ``graph_shapes`` gives each graph input's dims: an int for a static dim, a
+    symbol name for a dynamic one. A range on a static dim, a dynamic dim left
+    without a range, or dims that share a symbol but get different ranges would
+    make TensorRT reject the profile later; say so now, with the fix.
+    """
+    for index, profile in enumerate(profiles):
+        for name, dims in graph_shapes.items():
+            r = profile[name]
+            if len(dims) != len(r.min):
+                raise ConfigError(
+                    f"input {name!r} has rank {len(dims)} in the graph but the profile gives rank {len(r.min)}"
+                )
+            for d, dim in enumerate(dims):
+                span = (r.min[d], r.opt[d], r.max[d])
+                if isinstance(dim, int):
+                    if span != (dim, dim, dim):
+                        raise ConfigError(
+                            f"profile {index}: input {name!r} dimension {d} is fixed at {dim} by the "
+                            f"model, but the profile asks for {span}; remove it from dynamic_shapes"
+                        )
+                elif d not in r.dynamic:
+                    raise ConfigError(
+                        f"input {name!r} dimension {d} is dynamic in the model ({dim!r}) but has no "
+                        f"range; add it to dynamic_shapes, e.g. {{{name!r}: {{{d}: (1, 8, 32)}}}}"
+                    )
+        # Dims the exporter proved equal share a symbol: their ranges must agree.
+        seen: dict[str, tuple[str, int, tuple[int, int, int]]] = {}
+        for name, dims in graph_shapes.items():
+            r = profile[name]
+            for d, dim in enumerate(dims):
+                if isinstance(dim, str) and dim:
+                    span = (r.min[d], r.opt[d], r.max[d])
+                    first = seen.setdefault(dim, (name, d, span))
+                    if first[2] != span:
+                        raise ConfigError(
+                            f"profile {index}: {first[0]!r} dim {first[1]} and {name!r} dim {d} must "
+                            f"be equal in this model, but their ranges differ ({first[2]} vs {span}); "
+                            "give them the same (min, opt, max)"
+                        )
+

@@ -1,0 +1,53 @@
+"""One exception hierarchy for everything trtopt raises on purpose.
+
+Every message names the problem and, where there is one, the fix. Catch
+``TrtoptError`` to handle all of them; the subclasses also derive from the
+matching built-in (``ValueError``, ``TypeError``, ``ImportError``) so generic
+handlers keep working.
+"""
+
+from __future__ import annotations
+
+
+class TrtoptError(Exception):
+    """Base class of every error trtopt raises deliberately."""
+
+
+class ConfigError(TrtoptError, ValueError):
+    """A setting or a ``dynamic_shapes`` spec is invalid."""
+
+
+class ShapeError(TrtoptError, ValueError):
+    """An input's rank or shape is outside what the compiled module accepts."""
+
+
+class InputError(TrtoptError, TypeError):
+    """An input is missing, unknown, of the wrong dtype, or not a tensor/array."""
+
+
+class ExportError(TrtoptError):
+    """The PyTorch model could not be turned into ONNX."""
+
+
+class GraphError(TrtoptError):
+    """The ONNX graph is invalid or a graph pass failed."""
+
+
+class DependencyError(TrtoptError, ImportError):
+    """An optional dependency (TensorRT, pycuda, a CUDA device) is missing."""
+
+
+class ModuleFileError(TrtoptError):
+    """A saved module file is truncated, corrupt, foreign or from an incompatible version."""
+
+
+class CalibrationError(TrtoptError, ValueError):
+    """Calibration data is empty, malformed or not finite, or a cache does not match."""
+
+
+class BuildError(TrtoptError):
+    """TensorRT could not parse the graph or build the engine."""
+
+
+class EngineError(TrtoptError):
+    """A serialized TensorRT engine could not be loaded or run."""

@@ -1,0 +1,331 @@
+"""The compiled module: one torch-like callable over any backend, plus save/load.
+
+Inputs are validated here, once, for every backend: names, dtype, rank and the
+optimization profile that contains the shapes. The backend then only runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import onnx
+import torch
+
+from ._version import __version__
+from .config import ShapeProfile
+from .errors import InputError, ModuleFileError, ShapeError
+from .export import unflatten_outputs
+
+logger = logging.getLogger(__name__)
+
+FILE_FORMAT = "trtopt-module"
+FILE_VERSION = 1
+MANIFEST = "manifest.json"
+ONNX_MEMBER = "model.onnx"
+ENGINE_MEMBER = "engine.plan"
+
+# ONNX element type -> numpy dtype name (what inputs are checked against).
+_ONNX_TO_NUMPY = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+    onnx.TensorProto.DOUBLE: "float64",
+    onnx.TensorProto.INT8: "int8",
+    onnx.TensorProto.UINT8: "uint8",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.BOOL: "bool",
+}
+_TORCH_TO_NUMPY = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+    torch.int8: "int8",
+    torch.uint8: "uint8",
+    torch.int32: "int32",
+    torch.int64: "int64",
+    torch.bool: "bool",
+}
+_NUMPY_TO_TORCH = {v: k for k, v in _TORCH_TO_NUMPY.items()}
+_CONVERT_HINT = {
+    "float32": "x.float() / x.astype(np.float32)",
+    "float16": "x.half() / x.astype(np.float16)",
+    "int64": "x.long() / x.astype(np.int64)",
+    "int32": "x.int() / x.astype(np.int32)",
+    "bool": "x.bool() / x.astype(bool)",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[int | str, ...]  # str: a named dynamic dim
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """What a compiled module accepts and returns; JSON-serialisable."""
+
+    inputs: tuple[TensorSpec, ...]  # forward-argument order
+    outputs: tuple[TensorSpec, ...]  # graph output order
+    output_structure: dict[str, Any]
+    profiles: tuple[ShapeProfile, ...]
+    precision: str
+    info: dict[str, Any] = field(default_factory=dict)  # exporter, cleanup and precision reports
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "inputs": [asdict(t) for t in self.inputs],
+            "outputs": [asdict(t) for t in self.outputs],
+            "output_structure": self.output_structure,
+            "profiles": [p.to_json() for p in self.profiles],
+            "precision": self.precision,
+            "info": self.info,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ModuleSpec:
+        def spec(t: Mapping[str, Any]) -> TensorSpec:
+            return TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))
+
+        return cls(
+            inputs=tuple(spec(t) for t in data["inputs"]),
+            outputs=tuple(spec(t) for t in data["outputs"]),
+            output_structure=data["output_structure"],
+            profiles=tuple(ShapeProfile.from_json(p) for p in data["profiles"]),
+            precision=data["precision"],
+            info=dict(data.get("info", {})),
+        )
+
+
+def tensor_specs(values: Sequence[onnx.ValueInfoProto]) -> tuple[TensorSpec, ...]:
+    specs = []
+    for vi in values:
+        tt = vi.type.tensor_type
+        shape = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in tt.shape.dim)
+        specs.append(TensorSpec(vi.name, _ONNX_TO_NUMPY.get(tt.elem_type, str(tt.elem_type)), shape))
+    return tuple(specs)
+
+
+class Backend(Protocol):
+    name: str
+
+    def run(self, feeds: Mapping[str, torch.Tensor], profile_index: int) -> list[torch.Tensor]: ...
+
+
+def _describe_ranges(profiles: Sequence[ShapeProfile], name: str) -> str:
+    return "; ".join(f"profile {i}: {name} {p[name].describe()}" for i, p in enumerate(profiles))
+
+
+def select_profile(profiles: Sequence[ShapeProfile], shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Index of the first profile containing every input shape, else a ShapeError.
+
+    The error names the input, the dimension, the value and each profile's range
+    for it, so the user sees exactly which range to widen.
+    """
+    for index, profile in enumerate(profiles):
+        if profile.contains(shapes):
+            return index
+    # Report the first offending (input, dim) of profile 0, with every profile's range.
+    for name, shape in shapes.items():
+        for d, value in enumerate(shape):
+            if any(p[name].min[d] <= value <= p[name].max[d] for p in profiles):
+                continue
+            spans = ", ".join(
+                f"profile {i}: {p[name].min[d]}..{p[name].max[d]}" for i, p in enumerate(profiles)
+            )
+            static = all(p[name].min[d] == p[name].max[d] for p in profiles)
+            fix = (
+                "this dimension is static in the compiled model"
+                if static
+                else "recompile with a wider range in dynamic_shapes"
+            )
+            raise ShapeError(
+                f"input {name!r} dimension {d} is {value}, outside the compiled range ({spans}); {fix}"
+            )
+    raise ShapeError(
+        "the input shapes "
+        + ", ".join(f"{n}={tuple(s)}" for n, s in shapes.items())
+        + " are each within some profile but no single profile holds all of them: "
+        + " | ".join(_describe_ranges(profiles, n) for n in shapes)
+    )
+
+
+class CompiledModule:
+    """A compiled model: call it like the torch model (torch in, torch out; numpy in, numpy out)."""
+
+    def __init__(
+        self,
+        onnx_model: onnx.ModelProto,
+        spec: ModuleSpec,
+        backend: Backend,
+        engine: bytes | None = None,
+    ) -> None:
+        self.onnx_model = onnx_model
+        self.spec = spec
+        self.backend = backend
+        self.engine = engine  # serialized TensorRT engine, when built
+        self._inputs = {t.name: t for t in spec.inputs}
+
+    # ------------------------------------------------------------ properties
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.spec.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.spec.outputs]
+
+    @property
+    def profiles(self) -> tuple[ShapeProfile, ...]:
+        return self.spec.profiles
+
+    @property
+    def precision(self) -> str:
+        return self.spec.precision
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    def __repr__(self) -> str:
+        ins = ", ".join(f"{t.name}: {t.dtype}{list(t.shape)}" for t in self.spec.inputs)
+        return (
+            f"CompiledModule({ins}) -> {self.output_names} "
+            f"[{self.precision}, {self.backend_name}, {len(self.profiles)} profile(s)]"
+        )
+
+    # ------------------------------------------------------------------ call
+    def _collect(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        names = self.input_names
+        if len(args) > len(names):
+            raise InputError(
+                f"got {len(args)} positional inputs but the module takes {len(names)}: ({', '.join(names)})"
+            )
+        values = dict(zip(names, args))
+        for key, value in kwargs.items():
+            if key not in self._inputs:
+                raise InputError(f"unknown input {key!r}; the module takes ({', '.join(names)})")
+            if key in values:
+                raise InputError(f"input {key!r} given both by position and by keyword")
+            values[key] = value
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise InputError(
+                f"missing input(s) {', '.join(map(repr, missing))}; the module takes ({', '.join(names)})"
+            )
+        return values
+
+    def _as_tensor(self, name: str, value: Any) -> torch.Tensor:
+        spec = self._inputs[name]
+        if isinstance(value, np.ndarray):
+            dtype = value.dtype.name
+            tensor = torch.from_numpy(np.ascontiguousarray(value)) if dtype in _NUMPY_TO_TORCH else None
+        elif isinstance(value, torch.Tensor):
+            dtype = _TORCH_TO_NUMPY.get(value.dtype, str(value.dtype))
+            tensor = value
+        else:
+            raise InputError(
+                f"input {name!r} is a {type(value).__name__}; pass a torch.Tensor or a numpy array"
+            )
+        if dtype != spec.dtype or tensor is None:
+            hint = _CONVERT_HINT.get(spec.dtype, f"convert to {spec.dtype}")
+            raise InputError(
+                f"input {name!r} has dtype {dtype} but the model expects {spec.dtype}; convert it ({hint})"
+            )
+        if tensor.dim() != len(spec.shape):
+            raise ShapeError(
+                f"input {name!r} has rank {tensor.dim()} (shape {tuple(tensor.shape)}) but the model "
+                f"expects rank {len(spec.shape)} ({_describe_ranges(self.profiles, name)})"
+            )
+        return tensor
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        values = self._collect(args, kwargs)
+        feeds = {name: self._as_tensor(name, v) for name, v in values.items()}
+        index = select_profile(self.profiles, {n: tuple(t.shape) for n, t in feeds.items()})
+        outputs = self.backend.run(feeds, index)
+        if all(isinstance(v, np.ndarray) for v in values.values()):
+            leaves: list[Any] = [o.cpu().numpy() for o in outputs]
+        else:
+            device = next(t.device for t in feeds.values())
+            leaves = [o.to(device) for o in outputs]
+        return unflatten_outputs(self.spec.output_structure, leaves)
+
+    # ------------------------------------------------------------- save/load
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write graph, engine (if any) and metadata to one file, atomically."""
+        path = Path(path)
+        members = {ONNX_MEMBER: self.onnx_model.SerializeToString()}
+        if self.engine is not None:
+            members[ENGINE_MEMBER] = bytes(self.engine)
+        manifest = {
+            "format": FILE_FORMAT,
+            "format_version": FILE_VERSION,
+            "trtopt_version": __version__,
+            "spec": self.spec.to_json(),
+            "sha256": {k: hashlib.sha256(v).hexdigest() for k, v in members.items()},
+        }
+        members[MANIFEST] = json.dumps(manifest, indent=1).encode()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                with zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+                    for name, data in members.items():
+                        archive.writestr(name, data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+
+def read_module_file(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, ModuleSpec, bytes | None]:
+    """Read and verify a file written by ``CompiledModule.save``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModuleFileError(f"{path} does not exist")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            if MANIFEST not in names:
+                raise ModuleFileError(
+                    f"{path} is not a trtopt module file (no {MANIFEST}); create one with CompiledModule.save"
+                )
+            manifest = json.loads(archive.read(MANIFEST))
+            if manifest.get("format") != FILE_FORMAT:
+                raise ModuleFileError(f"{path} is not a trtopt module file (format {manifest.get('format')!r})")
+            if manifest.get("format_version") != FILE_VERSION:
+                raise ModuleFileError(
+                    f"{path} has file format version {manifest.get('format_version')}, this trtopt "
+                    f"({__version__}) reads version {FILE_VERSION}; recompile the model"
+                )
+            members = {}
+            for name, digest in manifest["sha256"].items():
+                if name not in names:
+                    raise ModuleFileError(f"{path} is incomplete: {name} is missing")
+                data = archive.read(name)
+                if hashlib.sha256(data).hexdigest() != digest:
+                    raise ModuleFileError(f"{path} is corrupt: {name} does not match its checksum")
+                members[name] = data
+    except (zipfile.BadZipFile, EOFError, OSError, json.JSONDecodeError, KeyError) as exc:
+        raise ModuleFileError(
+            f"{path} is truncated, corrupt or not a trtopt module file ({type(exc).__name__}: {exc})"
+        ) from exc
+    model = onnx.load_from_string(members[ONNX_MEMBER])
+    return model, ModuleSpec.from_json(manifest["spec"]), members.get(ENGINE_MEMBER)
