@@ -4,13 +4,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch 2.13 is pinned first so pip does not pull a newer multi-GB CUDA build on CPU machines.
-TORCH ?= torch==2.13.0
+# torch and torchvision are pinned as a pair (a mismatched torchvision fails to import).
+TORCH ?= torch==2.14.1 torchvision==0.29.1
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
