@@ -1,0 +1,7 @@
+"""``python -m trtopt``: the ``trtopt`` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,892 @@
+"""Measurement harness shared by ``benchmarks/``, ``notebooks/`` and ``trtopt bench``.
+
+One place decides how trtopt is measured, so that a number in the README, in a
+notebook and on the command line means the same thing:
+
+- **Clock.** GPU work is asynchronous: the host returns from a call before the
+  kernels finish, so a host clock measures launch time. When the warm-up
+  produced CUDA tensors, each run is timed with a pair of ``torch.cuda.Event``
+  recorded on the current stream (the callable must enqueue on that stream or
+  synchronise before returning, as trtopt's runtime does). On the CPU,
+  ``time.perf_counter`` (monotonic, highest resolution) times each call.
+- **Warm-up.** At least one untimed call: it pays one-off costs (allocator,
+  kernel selection, lazy initialisation) and its outputs pick the clock.
+- **Percentiles.** ``numpy.percentile`` with ``method="linear"`` (numpy's
+  default; Hyndman and Fan's type 7): the p-th percentile of n sorted samples
+  ``x[0..n-1]`` lies at rank ``(n - 1) * p / 100``, interpolated linearly
+  between the two neighbouring samples. With few samples p99 is close to the
+  maximum; report the iteration count with it (``LatencyStats.iterations``).
+- **Throughput.** ``batch_size / p50``: samples per second at the median
+  latency of one call (no overlapping of calls).
+- **Accuracy.** Against the FP32 torch model on the same inputs: max and mean
+  absolute error over every output element, cosine similarity of all outputs
+  flattened into one vector, and for classifiers (first output ``[N, C]``,
+  ``C > 1``) the fraction of samples whose arg-max class agrees.
+- **Peak memory.** Resident set size (RSS) of this process while the timed
+  runs execute. On Linux the kernel's peak (``VmHWM``) is reset through
+  ``/proc/self/clear_refs`` first, so the peak is that of the measured window
+  (``rss_scope="window"``); elsewhere it is the process's lifetime peak from
+  ``resource.getrusage`` (``rss_scope="process"``). RSS counts everything the
+  process holds, including the torch model it was compiled from. On a GPU,
+  ``torch.cuda.max_memory_allocated`` adds the peak of torch's allocator
+  (memory TensorRT allocates outside torch is not in it).
+
+Results are dataclasses; ``BenchReport.to_json`` carries ``schema`` and
+``schema_version`` so that readers can refuse files they do not understand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._version import __version__
+from .errors import ConfigError, DependencyError, InputError, TrtoptError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = "trtopt-bench"
+SCHEMA_VERSION = 1
+PERCENTILE_METHOD = "linear"  # numpy's default, Hyndman-Fan type 7
+
+# --------------------------------------------------------------------- statistics
+
+
+def percentiles(samples: Sequence[float], qs: Sequence[float] = (50, 90, 99)) -> list[float]:
+    """The ``qs`` percentiles of ``samples`` by linear interpolation (see the module docstring)."""
+    data = np.asarray(samples, dtype=np.float64)
+    if data.size == 0:
+        raise InputError("cannot take percentiles of no samples; run at least one iteration")
+    return [float(v) for v in np.percentile(data, qs, method=PERCENTILE_METHOD)]
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Latency of one call at one batch size, in milliseconds."""
+
+    batch_size: int
+    iterations: int
+    clock: str  # "cuda-event" or "perf_counter"
+    mean_ms: float
+    std_ms: float
+    min_ms: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    throughput_per_s: float  # samples per second at the median latency
+
+    @classmethod
+    def from_samples(cls, samples_ms: Sequence[float], batch_size: int, clock: str) -> LatencyStats:
+        data = np.asarray(samples_ms, dtype=np.float64)
+        p50, p90, p99 = percentiles(data)
+        return cls(
+            batch_size=batch_size,
+            iterations=int(data.size),
+            clock=clock,
+            mean_ms=float(data.mean()),
+            std_ms=float(data.std()),
+            min_ms=float(data.min()),
+            p50_ms=p50,
+            p90_ms=p90,
+            p99_ms=p99,
+            max_ms=float(data.max()),
+            throughput_per_s=batch_size * 1000.0 / p50 if p50 > 0 else math.inf,
+        )
+
+
+# ---------------------------------------------------------------------- outputs
+
+
+def output_leaves(obj: Any) -> list[np.ndarray]:
+    """Flatten a model's (nested) outputs into float64 numpy arrays, in order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj.detach().to("cpu", torch.float64).numpy()]
+    if isinstance(obj, np.ndarray):
+        return [obj.astype(np.float64)]
+    if isinstance(obj, Mapping):
+        return [leaf for value in obj.values() for leaf in output_leaves(value)]
+    if isinstance(obj, (tuple, list)):
+        return [leaf for value in obj for leaf in output_leaves(value)]
+    raise InputError(f"cannot compare an output of type {type(obj).__name__}; expected tensors")
+
+
+def is_cuda(obj: Any) -> bool:
+    """True when any tensor in a (nested) input or output lives on a CUDA device."""
+    if isinstance(obj, torch.Tensor):
+        return obj.is_cuda
+    if isinstance(obj, Mapping):
+        return any(is_cuda(v) for v in obj.values())
+    if isinstance(obj, (tuple, list)):
+        return any(is_cuda(v) for v in obj)
+    return False
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """How far a candidate's outputs are from the FP32 reference's on the same inputs."""
+
+    samples: int
+    max_abs_error: float
+    mean_abs_error: float
+    cosine_similarity: float
+    top1_agreement: float | None  # None when the model is not a classifier
+
+
+def compare_outputs(reference: Any, candidate: Any, *, classifier: bool | None = None) -> Accuracy:
+    """Compare two (nested) outputs; ``classifier=None`` decides from the first output's shape."""
+    ref, cand = output_leaves(reference), output_leaves(candidate)
+    if len(ref) != len(cand):
+        raise InputError(f"the reference has {len(ref)} outputs but the candidate has {len(cand)}")
+    for i, (r, c) in enumerate(zip(ref, cand)):
+        if r.shape != c.shape:
+            raise InputError(f"output {i} has shape {c.shape} but the reference has {r.shape}")
+    r_all = np.concatenate([r.ravel() for r in ref])
+    c_all = np.concatenate([c.ravel() for c in cand])
+    if r_all.size == 0:
+        raise InputError("the outputs are empty; nothing to compare")
+    diff = np.abs(r_all - c_all)
+    norm = float(np.linalg.norm(r_all) * np.linalg.norm(c_all))
+    cosine = float(np.dot(r_all, c_all) / norm) if norm > 0 else float(np.array_equal(r_all, c_all))
+    first_ref, first_cand = ref[0], cand[0]
+    if classifier is None:
+        classifier = first_ref.ndim == 2 and first_ref.shape[1] > 1
+    top1 = None
+    if classifier:
+        if first_ref.ndim != 2:
+            raise InputError(
+                f"top-1 agreement needs a first output of shape [N, classes], got {first_ref.shape}"
+            )
+        top1 = float(np.mean(first_ref.argmax(axis=1) == first_cand.argmax(axis=1)))
+    return Accuracy(
+        samples=int(first_ref.shape[0]) if first_ref.ndim else 1,
+        max_abs_error=float(diff.max()),
+        mean_abs_error=float(diff.mean()),
+        cosine_similarity=cosine,
+        top1_agreement=top1,
+    )
+
+
+# ----------------------------------------------------------------------- memory
+
+
+@dataclass(frozen=True)
+class MemoryUsage:
+    peak_rss_bytes: int | None
+    rss_scope: str  # "window": peak of the measured window; "process": since the process started
+    peak_cuda_bytes: int | None = None  # torch's allocator only
+
+
+def _read_vm_hwm() -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # the kernel reports kB
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Context manager that records peak memory inside its ``with`` block (see module docstring)."""
+
+    def __init__(self, cuda: bool = False) -> None:
+        self.cuda = cuda and torch.cuda.is_available()
+        self.usage: MemoryUsage | None = None
+        self._scope = "process"
+
+    def __enter__(self) -> PeakMemory:
+        try:
+            # Writing "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0).
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+            self._scope = "window"
+        except OSError:
+            self._scope = "process"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        rss = _read_vm_hwm() if self._scope == "window" else None
+        if rss is None:
+            self._scope = "process"
+            maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            rss = maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, kB on Linux
+        cuda_peak = int(torch.cuda.max_memory_allocated()) if self.cuda else None
+        self.usage = MemoryUsage(peak_rss_bytes=int(rss), rss_scope=self._scope, peak_cuda_bytes=cuda_peak)
+
+
+# ----------------------------------------------------------------------- timing
+
+
+def time_calls(fn: Callable[[], Any], *, warmup: int, iterations: int) -> tuple[list[float], str]:
+    """Call ``fn`` ``warmup`` times untimed, then ``iterations`` times timed.
+
+    Returns the per-call latencies in milliseconds and the clock used.
+    """
+    if warmup < 1:
+        raise ConfigError(
+            f"warmup={warmup}; use at least 1: the first call pays one-off costs and picks the clock"
+        )
+    if iterations < 1:
+        raise ConfigError(f"iterations={iterations}; use at least 1 (20 or more for a stable p99)")
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    samples: list[float] = []
+    if is_cuda(out):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(iterations):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(float(start.elapsed_time(end)))
+        return samples, "cuda-event"
+    for _ in range(iterations):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1000.0)
+    return samples, "perf_counter"
+
+
+def measure_latency(
+    fn: Callable[..., Any],
+    make_inputs: Callable[[int], Sequence[Any]],
+    batch_sizes: Iterable[int],
+    *,
+    warmup: int,
+    iterations: int,
+) -> list[LatencyStats]:
+    """Latency statistics of ``fn(*make_inputs(b))`` for each batch size ``b``."""
+    stats = []
+    for batch in batch_sizes:
+        inputs = tuple(make_inputs(batch))
+        samples, clock = time_calls(lambda: fn(*inputs), warmup=warmup, iterations=iterations)
+        stats.append(LatencyStats.from_samples(samples, batch, clock))
+        logger.debug("  batch %d: p50 %.2f ms", batch, stats[-1].p50_ms)
+    return stats
+
+
+def run_in_chunks(fn: Callable[..., Any], inputs: Sequence[torch.Tensor], chunk: int) -> list[np.ndarray]:
+    """Run ``fn`` over ``inputs`` ``chunk`` samples at a time (dim 0); return concatenated leaves.
+
+    Used for accuracy: the evaluation set may be larger than the compiled batch range.
+    """
+    total = int(inputs[0].shape[0])
+    parts: list[list[np.ndarray]] = []
+    for start in range(0, total, chunk):
+        parts.append(output_leaves(fn(*(t[start : start + chunk] for t in inputs))))
+    return [np.concatenate(leaf) for leaf in zip(*parts)]
+
+
+# ---------------------------------------------------------------------- results
+
+
+@dataclass
+class BenchResult:
+    """One row: a model run one way (torch eager, or trtopt at one precision on one backend)."""
+
+    model: str
+    runtime: str  # "torch-eager" or "trtopt"
+    precision: str
+    backend: str  # "torch", "onnxruntime" or "tensorrt"
+    device: str
+    status: str = "ok"  # "ok", "skipped" (cannot run here / not available) or "failed"
+    reason: str | None = None
+    compile_time_s: float | None = None
+    artifact_bytes: int | None = None  # size of the saved .trtopt file
+    memory: MemoryUsage | None = None
+    latency: list[LatencyStats] = field(default_factory=list)
+    accuracy: Accuracy | None = None
+
+    def latency_at(self, batch_size: int) -> LatencyStats | None:
+        return next((s for s in self.latency if s.batch_size == batch_size), None)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> BenchResult:
+        values = dict(data)
+        values["memory"] = MemoryUsage(**values["memory"]) if values.get("memory") else None
+        values["latency"] = [LatencyStats(**s) for s in values.get("latency", [])]
+        values["accuracy"] = Accuracy(**values["accuracy"]) if values.get("accuracy") else None
+        return cls(**values)
+
+
+def device_name() -> str:
+    """A readable name for where torch runs work by default here."""
+    if torch.cuda.is_available():
+        return f"cuda:0 ({torch.cuda.get_device_name(0)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def environment() -> dict[str, Any]:
+    """Versions and hardware, so that a result file says where it was measured."""
+    import onnxruntime
+
+    return {
+        "trtopt": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "onnxruntime": onnxruntime.__version__,
+        "cpu_count": os.cpu_count(),
+        "device": device_name(),
+    }
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN/Infinity: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+@dataclass
+class BenchReport:
+    """A benchmark run: settings, environment and one ``BenchResult`` per row."""
+
+    results: list[BenchResult]
+    settings: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=environment)
+    created_utc: str = field(
+        default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        return _finite(
+            {
+                "schema": SCHEMA,
+                "schema_version": SCHEMA_VERSION,
+                "percentile_method": PERCENTILE_METHOD,
+                **dataclasses.asdict(self),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> BenchReport:
+        if data.get("schema") != SCHEMA or data.get("schema_version") != SCHEMA_VERSION:
+            raise ConfigError(
+                f"not a {SCHEMA} v{SCHEMA_VERSION} result (schema {data.get('schema')!r} "
+                f"v{data.get('schema_version')!r}); rerun the benchmark with this trtopt"
+            )
+        return cls(
+            results=[BenchResult.from_json(r) for r in data["results"]],
+            settings=dict(data.get("settings", {})),
+            environment=dict(data.get("environment", {})),
+            created_utc=data.get("created_utc", ""),
+        )
+
+    def write_json(self, path: str | os.PathLike[str]) -> Path:
+        return _write_text(Path(path), json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
+
+    def markdown(self) -> str:
+        return markdown_table(self)
+
+
+def _write_text(path: Path, text: str) -> Path:
+    """Write atomically: a temporary file in the same directory, then os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results are meant to be shared
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Atomic text write (for the markdown table next to the JSON)."""
+    return _write_text(Path(path), text)
+
+
+# --------------------------------------------------------------------- tables
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def markdown_table(report: BenchReport) -> str:
+    """One row per result; per batch size p50 / p99 latency, throughput and speedup over eager.
+
+    Speedup is the torch-eager p50 divided by this row's p50 at the same batch
+    size, both measured in the same run.
+    """
+    batches = sorted({s.batch_size for r in report.results for s in r.latency})
+    head = ["Model", "Runtime", "Precision", "Backend"]
+    for b in batches:
+        head += [f"b{b} p50 / p99 ms", f"b{b} samples/s", f"b{b} speedup"]
+    head += ["Top-1 agree", "Max abs err", "Cosine", "Compile s", "Size MB", "Peak RSS MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    eager = {r.model: r for r in report.results if r.runtime == "torch-eager" and r.status == "ok"}
+    notes = []
+    for r in report.results:
+        row = [r.model, r.runtime, r.precision, r.backend]
+        if r.status != "ok":
+            notes.append(f"{r.model} {r.runtime} {r.precision} ({r.backend}): {r.status}: {r.reason}")
+            row += [f"{r.status} [{len(notes)}]"] + ["–"] * (3 * len(batches) + 5)
+            lines.append("| " + " | ".join(row) + " |")
+            continue
+        for b in batches:
+            s = r.latency_at(b)
+            base = eager[r.model].latency_at(b) if r.model in eager else None
+            speedup = base.p50_ms / s.p50_ms if s and base and s.p50_ms > 0 else None
+            row += [
+                f"{s.p50_ms:.2f} / {s.p99_ms:.2f}" if s else "–",
+                _fmt(s.throughput_per_s if s else None, ".1f"),
+                _fmt(speedup, ".2f") + ("x" if speedup is not None else ""),
+            ]
+        a = r.accuracy
+        row += [
+            _fmt(a.top1_agreement * 100 if a and a.top1_agreement is not None else None, ".1f")
+            + ("%" if a and a.top1_agreement is not None else ""),
+            _fmt(a.max_abs_error if a else None, ".2e"),
+            _fmt(a.cosine_similarity if a else None, ".6f"),
+            _fmt(r.compile_time_s, ".1f"),
+            _fmt(r.artifact_bytes / 1e6 if r.artifact_bytes else None, ".1f"),
+            _fmt(r.memory.peak_rss_bytes / 1e6 if r.memory and r.memory.peak_rss_bytes else None, ".0f"),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    text = "\n".join(lines) + "\n"
+    text += (
+        "\nLatency: median (p50) and p99 of one call, ms. Speedup: torch-eager p50 / this p50 at the "
+        "same batch size, same run. Accuracy columns compare with the FP32 torch model on the same "
+        "inputs (top-1 agreement for classifiers). Peak RSS: the process during the timed runs.\n"
+    )
+    if notes:
+        text += "\n" + "\n".join(f"[{i}] {note}" for i, note in enumerate(notes, start=1)) + "\n"
+    return text
+
+
+def plot_latency_vs_accuracy(report: BenchReport, path: str | os.PathLike[str] | None = None, batch_size: int | None = None):
+    """Scatter of p50 latency against accuracy, one colour per model, one marker per precision.
+
+    Accuracy is top-1 agreement with the FP32 torch model where the model is a
+    classifier (left panel) and the max absolute error (right panel, log scale).
+    Returns the matplotlib figure; saves a PNG when ``path`` is given.
+    """
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in report.results if r.status == "ok" and r.latency]
+    if batch_size is None:
+        batch_size = min((s.batch_size for r in ok for s in r.latency), default=1)
+    markers = {"torch-eager": "s", "fp32": "o", "fp16": "^", "int8": "D"}
+    models = sorted({r.model for r in ok})
+    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(models)}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in ok:
+        s = r.latency_at(batch_size)
+        if s is None:
+            continue
+        key = "torch-eager" if r.runtime == "torch-eager" else r.precision
+        a = r.accuracy
+        top1 = 100.0 if r.runtime == "torch-eager" else (a.top1_agreement * 100 if a and a.top1_agreement is not None else None)
+        err = a.max_abs_error if a else None
+        style = dict(color=colours[r.model], marker=markers.get(key, "x"), s=60, edgecolors="black", linewidths=0.5)
+        if top1 is not None:
+            left.scatter(s.p50_ms, top1, **style)
+        if err is not None and r.runtime != "torch-eager":
+            right.scatter(s.p50_ms, max(err, 1e-9), **style)
+    left.set(xscale="log", xlabel=f"p50 latency at batch {batch_size} (ms, log)", ylabel="top-1 agreement with FP32 torch (%)")
+    right.set(xscale="log", yscale="log", xlabel=f"p50 latency at batch {batch_size} (ms, log)", ylabel="max |output - FP32 torch|")
+    for ax in (left, right):
+        ax.grid(True, which="both", alpha=0.3)
+    handles = [plt.Line2D([], [], color=colours[m], marker="o", linestyle="", label=m) for m in models]
+    handles += [
+        plt.Line2D([], [], color="grey", marker=mk, linestyle="", label=key)
+        for key, mk in markers.items()
+        if any(("torch-eager" if r.runtime == "torch-eager" else r.precision) == key for r in ok)
+    ]
+    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    fig.suptitle("Latency against accuracy (lower-left is faster; higher / lower is more accurate)")
+    fig.tight_layout(rect=(0, 0, 0.86, 0.95))
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+# --------------------------------------------------------------- running things
+
+
+def bench_torch(
+    name: str,
+    model: torch.nn.Module,
+    make_inputs: Callable[[int], Sequence[torch.Tensor]],
+    batch_sizes: Sequence[int],
+    *,
+    warmup: int,
+    iterations: int,
+) -> BenchResult:
+    """The eager baseline: the torch model as is, under ``torch.inference_mode``."""
+    model = model.eval()
+
+    def call(*inputs: torch.Tensor) -> Any:
+        with torch.inference_mode():
+            return model(*inputs)
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with PeakMemory(cuda=device.type == "cuda") as memory:
+        latency = measure_latency(call, make_inputs, batch_sizes, warmup=warmup, iterations=iterations)
+    return BenchResult(
+        model=name,
+        runtime="torch-eager",
+        precision="fp32",
+        backend="torch",
+        device=str(device) if device.type == "cpu" else device_name(),
+        memory=memory.usage,
+        latency=latency,
+    )
+
+
+def torch_reference(model: torch.nn.Module, inputs: Sequence[torch.Tensor], chunk: int) -> list[np.ndarray]:
+    """FP32 torch outputs on the evaluation inputs: what every precision is compared with."""
+    with torch.inference_mode():
+        return run_in_chunks(model.eval(), inputs, chunk)
+
+
+def bench_compiled(
+    name: str,
+    module: Any,
+    make_inputs: Callable[[int], Sequence[Any]],
+    batch_sizes: Sequence[int],
+    *,
+    warmup: int,
+    iterations: int,
+    artifact_bytes: int | None = None,
+    compile_time_s: float | None = None,
+) -> BenchResult:
+    """Time an already compiled ``CompiledModule`` (e.g. loaded from a ``.trtopt`` file)."""
+    on_gpu = module.backend_name == "tensorrt"
+    with PeakMemory(cuda=on_gpu) as memory:
+        latency = measure_latency(module, make_inputs, batch_sizes, warmup=warmup, iterations=iterations)
+    return BenchResult(
+        model=name,
+        runtime="trtopt",
+        precision=module.precision,
+        backend=module.backend_name,
+        device=device_name() if on_gpu else "cpu",
+        compile_time_s=compile_time_s,
+        artifact_bytes=artifact_bytes,
+        memory=memory.usage,
+        latency=latency,
+    )
+
+
+def bench_trtopt(
+    name: str,
+    model: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    make_inputs: Callable[[int], Sequence[torch.Tensor]],
+    batch_sizes: Sequence[int],
+    *,
+    precision: str,
+    warmup: int,
+    iterations: int,
+    backend: str = "auto",
+    dynamic_shapes: Any = None,
+    calibration_data: Any = None,
+    eval_inputs: Sequence[torch.Tensor] | None = None,
+    reference: Sequence[np.ndarray] | None = None,
+    classifier: bool | None = None,
+    **overrides: Any,
+) -> BenchResult:
+    """Compile ``model`` at ``precision``, time it, and compare it with the FP32 reference.
+
+    A precision or backend that cannot run here (a ``ConfigError`` such as "not
+    available", or a ``DependencyError`` such as no TensorRT) gives a row with
+    ``status="skipped"`` and the reason; any other trtopt error gives
+    ``status="failed"``. Bugs (non-trtopt exceptions) propagate.
+    """
+    from .compiler import compile as trtopt_compile, select_backend
+
+    row = dict(model=name, runtime="trtopt", precision=precision, backend=str(backend), device="–")
+    start = time.perf_counter()
+    try:
+        row["backend"] = select_backend(backend).value
+        module = trtopt_compile(
+            model,
+            tuple(example_inputs),
+            precision=precision,
+            backend=backend,
+            dynamic_shapes=dynamic_shapes,
+            calibration_data=calibration_data,
+            **overrides,
+        )
+    except (ConfigError, DependencyError) as exc:
+        logger.warning("%s %s: skipped: %s", name, precision, exc)
+        return BenchResult(**row, status="skipped", reason=str(exc))
+    except TrtoptError as exc:
+        logger.warning("%s %s: failed: %s", name, precision, exc)
+        return BenchResult(**row, status="failed", reason=f"{type(exc).__name__}: {exc}")
+    compile_time = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(prefix="trtopt-bench-") as tmp:
+        artifact = module.save(Path(tmp) / f"{name}.trtopt").stat().st_size
+    result = bench_compiled(
+        name,
+        module,
+        make_inputs,
+        batch_sizes,
+        warmup=warmup,
+        iterations=iterations,
+        artifact_bytes=artifact,
+        compile_time_s=compile_time,
+    )
+    if eval_inputs is not None and reference is not None:
+        chunk = max(batch_sizes)
+        result.accuracy = compare_outputs(
+            reference, run_in_chunks(module, eval_inputs, chunk), classifier=classifier
+        )
+    return result
+
+
+# ----------------------------------------------------------------- input data
+
+
+def structured_images(count: int, size: int, *, seed: int = 0) -> torch.Tensor:
+    """Image-like inputs ``[count, 3, size, size]``, normalised like ImageNet.
+
+    White noise is a poor stand-in for photographs when calibrating: real
+    images are smooth with edges. These are a few random low-frequency
+    gratings plus a bright disc and a dark square per image, so activations
+    have realistic spatial correlation. Deterministic for a given seed.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    coords = torch.linspace(-1, 1, size)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    images = torch.zeros(count, 3, size, size)
+    for _ in range(3):
+        freq = torch.rand(count, 3, 2, generator=gen) * 6 + 0.5
+        phase = torch.rand(count, 3, 1, 1, generator=gen) * 2 * math.pi
+        images += torch.sin(freq[..., 0, None, None] * math.pi * xx + freq[..., 1, None, None] * math.pi * yy + phase)
+    centre = torch.rand(count, 2, generator=gen) * 1.2 - 0.6
+    radius = torch.rand(count, generator=gen) * 0.3 + 0.15
+    disc = ((xx - centre[:, 0, None, None]) ** 2 + (yy - centre[:, 1, None, None]) ** 2) < radius[:, None, None] ** 2
+    images += 2.0 * disc[:, None].float()
+    corner = torch.rand(count, 2, generator=gen) * 1.2 - 0.9
+    square = (
+        (xx > corner[:, 0, None, None]) & (xx < corner[:, 0, None, None] + 0.4)
+        & (yy > corner[:, 1, None, None]) & (yy < corner[:, 1, None, None] + 0.4)
+    )
+    images -= 2.0 * square[:, None].float()
+    pixels = (images - images.amin(dim=(2, 3), keepdim=True)) / (
+        images.amax(dim=(2, 3), keepdim=True) - images.amin(dim=(2, 3), keepdim=True) + 1e-6
+    )
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+def inputs_for_spec(spec: Any, batch_size: int | None = None, *, seed: int = 0) -> list[torch.Tensor]:
+    """Timing inputs for a compiled module: profile 0's opt shape, batch (dim 0) optionally replaced.
+
+    Float inputs are random normal, integer and bool inputs 0 or 1: these are
+    for timing, not accuracy.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    profile = spec.profiles[0]
+    tensors = []
+    for t in spec.inputs:
+        shape = list(profile[t.name].opt)
+        if batch_size is not None:
+            if not shape:
+                raise ConfigError(f"input {t.name!r} is a scalar; it has no batch dimension to vary")
+            shape[0] = batch_size
+        dtype = getattr(torch, t.dtype, None)
+        if dtype is None:
+            raise InputError(f"input {t.name!r} has dtype {t.dtype}, which the harness cannot generate")
+        if dtype.is_floating_point:
+            tensors.append(torch.randn(shape, generator=gen).to(dtype))
+        else:
+            tensors.append(torch.randint(0, 2, shape, generator=gen).to(dtype))
+    return tensors
+
+
+# ------------------------------------------------------------- layer profiles
+
+
+@dataclass(frozen=True)
+class LayerTime:
+    name: str  # node (ONNX Runtime) or layer (TensorRT) name
+    op_type: str
+    total_ms: float  # summed over the profiled runs
+    calls: int
+
+
+@dataclass
+class LayerProfile:
+    """Where the time of one inference goes, per layer, averaged over ``runs`` runs."""
+
+    backend: str
+    runs: int
+    layers: list[LayerTime]
+
+    def per_run_ms(self) -> float:
+        return sum(layer.total_ms for layer in self.layers) / max(self.runs, 1)
+
+    def by_op_type(self) -> list[tuple[str, float]]:
+        """(op type, ms per run), slowest first."""
+        totals: dict[str, float] = {}
+        for layer in self.layers:
+            totals[layer.op_type] = totals.get(layer.op_type, 0.0) + layer.total_ms / max(self.runs, 1)
+        return sorted(totals.items(), key=lambda kv: -kv[1])
+
+    def top_layers(self, count: int = 10) -> list[tuple[str, str, float]]:
+        """(layer, op type, ms per run) of the ``count`` slowest layers."""
+        ranked = sorted(self.layers, key=lambda layer: -layer.total_ms)[:count]
+        return [(layer.name, layer.op_type, layer.total_ms / max(self.runs, 1)) for layer in ranked]
+
+
+def parse_onnxruntime_profile(events: Sequence[Mapping[str, Any]], skip_runs: int = 1) -> LayerProfile:
+    """Aggregate an ONNX Runtime profiling trace (Chrome trace JSON) per node.
+
+    Each ``model_run`` event spans one ``InferenceSession.run``; node events
+    named ``<node>_kernel_time`` inside it carry the kernel's duration (µs) and
+    its ``op_name``. The first ``skip_runs`` runs are warm-up and dropped. Node
+    names are those of ORT's optimised graph, so fused nodes (e.g. Conv+Relu as
+    ``FusedConv``) appear once under the first node's name.
+    """
+    runs = sorted(
+        (e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"
+    )
+    kept = runs[skip_runs:]
+    if not kept:
+        raise InputError(
+            f"the ONNX Runtime trace holds {len(runs)} run(s); profile more than skip_runs={skip_runs}"
+        )
+    totals: dict[str, list[Any]] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
+            continue
+        ts = e["ts"]
+        if not any(lo <= ts <= hi for lo, hi in kept):
+            continue
+        node = e["name"][: -len("_kernel_time")]
+        entry = totals.setdefault(node, [e.get("args", {}).get("op_name", "?"), 0.0, 0])
+        entry[1] += e["dur"] / 1000.0
+        entry[2] += 1
+    layers = [LayerTime(name, op, total, calls) for name, (op, total, calls) in totals.items()]
+    return LayerProfile(backend="onnxruntime", runs=len(kept), layers=layers)
+
+
+def profile_onnxruntime(module: Any, inputs: Sequence[torch.Tensor], *, runs: int = 10) -> LayerProfile:
+    """Per-node times of ``module``'s graph under ONNX Runtime's profiler (one warm-up run dropped)."""
+    from .backends.onnxruntime import make_session
+
+    if runs < 1:
+        raise ConfigError(f"runs={runs}; profile at least 1 run")
+    feeds = {t.name: x.detach().cpu().numpy() for t, x in zip(module.spec.inputs, inputs)}
+    with tempfile.TemporaryDirectory(prefix="trtopt-profile-") as tmp:
+        session = make_session(module.onnx_model, profile_prefix=str(Path(tmp) / "ort"))
+        for _ in range(runs + 1):
+            session.run(None, feeds)
+        trace = Path(session.end_profiling())
+        events = json.loads(trace.read_text())
+    return parse_onnxruntime_profile(events, skip_runs=1)
+
+
+def profile_tensorrt(engine: bytes, inputs: Mapping[str, torch.Tensor], *, runs: int = 10, profile_index: int = 0) -> LayerProfile:
+    """Per-layer times of a serialized TensorRT engine, from TensorRT's ``IProfiler``.
+
+    Needs TensorRT and a CUDA device; inputs are CUDA tensors keyed by input
+    name. Buffers are torch tensors and the work runs on torch's current stream,
+    so no pycuda context is needed. Layer names are TensorRT's (after fusion);
+    the op type is taken from the engine inspector's JSON where it has one.
+    """
+    from . import _deps
+
+    trt = _deps.tensorrt()
+    if not torch.cuda.is_available():
+        raise DependencyError("profiling a TensorRT engine needs a CUDA device; none is visible")
+    logger_trt = trt.Logger(trt.Logger.WARNING)
+    runtime = trt.Runtime(logger_trt)
+    engine_obj = runtime.deserialize_cuda_engine(engine)
+    if engine_obj is None:
+        raise DependencyError("TensorRT could not deserialize the engine (built for another GPU or version?)")
+    context = engine_obj.create_execution_context()
+    times: dict[str, list[float]] = {}
+    # IProfiler must be subclassed; the class is created here so importing trtopt never needs TensorRT.
+    class _LayerTimer(trt.IProfiler):
+        def __init__(self) -> None:
+            trt.IProfiler.__init__(self)
+            self.recording = False
+
+        def report_layer_time(self, layer_name: str, ms: float) -> None:
+            if self.recording:
+                times.setdefault(layer_name, []).append(ms)
+
+    profiler = _LayerTimer()
+    context.profiler = profiler
+    stream = torch.cuda.current_stream()
+    context.set_optimization_profile_async(profile_index, stream.cuda_stream)
+    buffers = []
+    for name, tensor in inputs.items():
+        tensor = tensor.contiguous()
+        buffers.append(tensor)
+        context.set_input_shape(name, tuple(tensor.shape))
+        context.set_tensor_address(name, tensor.data_ptr())
+    for i in range(engine_obj.num_io_tensors):
+        name = engine_obj.get_tensor_name(i)
+        if engine_obj.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
+            dtype = torch.from_numpy(np.empty(0, dtype=trt.nptype(engine_obj.get_tensor_dtype(name)))).dtype
+            out = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            buffers.append(out)
+            context.set_tensor_address(name, out.data_ptr())
+    for index in range(runs + 1):
+        profiler.recording = index > 0  # the first run is warm-up
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise DependencyError("TensorRT failed to run the engine while profiling")
+        stream.synchronize()
+    op_types: dict[str, str] = {}
+    inspector = engine_obj.create_engine_inspector()
+    info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    for layer in info.get("Layers", []):
+        if isinstance(layer, Mapping):
+            op_types[layer.get("Name", "")] = layer.get("LayerType", "?")
+    layers = [LayerTime(name, op_types.get(name, "?"), sum(ms), len(ms)) for name, ms in times.items()]
+    return LayerProfile(backend="tensorrt", runs=runs, layers=layers)
+
+
+def plot_layer_profile(profile: LayerProfile, count: int = 12):
+    """Two bar charts: time per op type, and the slowest layers. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ops = profile.by_op_type()[:count]
+    left.barh([op for op, _ in ops][::-1], [ms for _, ms in ops][::-1], color="tab:blue")
+    left.set(xlabel="ms per run", title=f"time per op type ({profile.backend})")
+    top = profile.top_layers(count)
+    right.barh([f"{name[:40]} ({op})" for name, op, _ in top][::-1], [ms for *_, ms in top][::-1], color="tab:orange")
+    right.set(xlabel="ms per run", title=f"slowest {len(top)} layers")
+    fig.tight_layout()
+    return fig
