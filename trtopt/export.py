@@ -22,7 +22,7 @@ import onnx
 import torch
 
 from .config import ShapeProfile
-from .errors import ExportError, InputError
+from .errors import ConfigError, ExportError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,24 @@ def _unique(names: list[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------- export
+
+
+def _shape_conflict(error: BaseException) -> str | None:
+    """The exporter's message when the user's ranges contradict the model, else None.
+
+    Falling back to the TorchScript exporter would hide this: it would mark the
+    dim dynamic anyway and the graph would fail later, at run time.
+    """
+    seen = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        if "user-specified" in text or "Constraints violated" in text:
+            return text[text.find("Found"):].strip() if "Found" in text else text.strip()
+        current = current.__cause__ or current.__context__
+    return None
+
 
 
 @dataclass(frozen=True)
@@ -268,6 +286,12 @@ def export(
             onnx_model = _dynamo_export(model, args, names, output_names, profiles, opset)
             exporter = "dynamo"
         except Exception as dynamo_error:  # the exporter raises many unrelated types
+            conflict = _shape_conflict(dynamo_error)
+            if conflict:
+                raise ConfigError(
+                    f"dynamic_shapes does not fit the model: {conflict} Remove that dimension from "
+                    "dynamic_shapes or give it the range the model allows"
+                ) from dynamo_error
             first_line = str(dynamo_error).strip().splitlines()[0] if str(dynamo_error) else ""
             logger.warning(
                 "torch.export-based ONNX export failed (%s: %s); trying the TorchScript exporter",
