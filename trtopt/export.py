@@ -141,6 +141,15 @@ class ExportedModel:
     exporter: str  # "dynamo" or "torchscript"
 
 
+def check_example_inputs(names: Sequence[str], inputs: Sequence[Any]) -> None:
+    for name, t in zip(names, inputs):
+        if not isinstance(t, torch.Tensor):
+            raise InputError(
+                f"example input {name!r} is a {type(t).__name__}; example_inputs must be a tuple "
+                "of torch tensors (positional forward arguments)"
+            )
+
+
 def _resize(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     """Resize a dim by repeating slices (works for every dtype, keeps values realistic)."""
     if t.shape[dim] == size:
@@ -268,12 +277,7 @@ def export(
 ) -> ExportedModel:
     """Export ``model`` to ONNX with one symbolic dim per range in ``profiles``."""
     names = list(input_names or forward_input_names(model, len(example_inputs)))
-    for name, t in zip(names, example_inputs):
-        if not isinstance(t, torch.Tensor):
-            raise InputError(
-                f"example input {name!r} is a {type(t).__name__}; example_inputs must be a tuple "
-                "of torch tensors (positional forward arguments)"
-            )
+    check_example_inputs(names, example_inputs)
     was_training = model.training
     model.eval()
     try:
