@@ -55,7 +55,8 @@ def make_backend(
         return TensorRTBackend(engine, spec), engine
     from .backends.onnxruntime import OnnxRuntimeBackend
 
-    return OnnxRuntimeBackend(onnx_model), None
+    # Keep an engine read from a file, so that saving or exporting the module again keeps it.
+    return OnnxRuntimeBackend(onnx_model), engine
 
 
 def _example_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
