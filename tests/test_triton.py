@@ -96,9 +96,8 @@ def with_profiles(module: CompiledModule, dynamic_shapes, example_shapes) -> Com
     """The same compiled graph with other optimization profiles, built by trtopt's own
     ``build_profiles``: reaches the batch-range checks without recompiling."""
     profiles = build_profiles(dynamic_shapes, example_shapes)
-    return CompiledModule(
-        module.onnx_model, dataclasses.replace(module.spec, profiles=profiles), module.backend, module.engine
-    )
+    spec = dataclasses.replace(module.spec, profiles=profiles)
+    return CompiledModule(module.onnx_model, spec, module.backend, module.engine)
 
 
 # ------------------------------------------------------------------ helpers
@@ -120,13 +119,15 @@ def full_dims(tensor, max_batch_size: int) -> list[int]:
 
 
 def onnx_dims(value_info) -> list[int]:
-    return [d.dim_value if d.HasField("dim_value") else -1 for d in value_info.type.tensor_type.shape.dim]
+    dims = value_info.type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
 
 
 def check_against_onnx(config, onnx_path: Path) -> None:
     """What Triton's ONNX Runtime backend checks on load: names, types and dims match the file."""
     model = onnx.load(str(onnx_path))
-    for config_tensors, graph_tensors in ((config.input, model.graph.input), (config.output, model.graph.output)):
+    pairs = ((config.input, model.graph.input), (config.output, model.graph.output))
+    for config_tensors, graph_tensors in pairs:
         assert [t.name for t in config_tensors] == [v.name for v in graph_tensors]
         for tensor, value in zip(config_tensors, graph_tensors):
             assert type_name(tensor) == ONNX_TO_TRITON[value.type.tensor_type.elem_type]
@@ -334,7 +335,10 @@ def test_static_model_cannot_be_batched(static, tmp_path):
 
 def test_output_not_following_the_batch(tmp_path):
     module = trtopt.compile(
-        BatchSum().eval(), (torch.randn(2, 4),), dynamic_shapes={"x": {0: (1, 4, 8)}}, backend="onnxruntime"
+        BatchSum().eval(),
+        (torch.randn(2, 4),),
+        dynamic_shapes={"x": {0: (1, 4, 8)}},
+        backend="onnxruntime",
     )
     with pytest.raises(ConfigError, match=f"output '{module.output_names[1]}'.*max_batch_size=0"):
         export_triton(module, tmp_path, "sum")

@@ -89,7 +89,9 @@ def _check_arguments(name: str, version: int, max_batch_size: int | None, instan
             "profiles), 0 (no batching by Triton) or a positive integer"
         )
     if not _is_int(instances) or instances < 1:
-        raise ConfigError(f"instances={instances!r} must be a positive integer (model instances per device)")
+        raise ConfigError(
+            f"instances={instances!r} must be a positive integer (model instances per device)"
+        )
 
 
 def _is_int(value: Any) -> bool:
@@ -141,7 +143,10 @@ def _batch_ranges(module: CompiledModule, requested: int | None) -> list[BatchRa
 
     ranges = []
     for index, profile in enumerate(module.profiles):
-        spans = {t.name: (profile[t.name].min[0], profile[t.name].opt[0], profile[t.name].max[0]) for t in inputs}
+        spans = {}
+        for t in inputs:
+            r = profile[t.name]
+            spans[t.name] = (r.min[0], r.opt[0], r.max[0])
         if len(set(spans.values())) > 1:
             listed = ", ".join(f"{n}: {lo}..{hi} (opt {opt})" for n, (lo, opt, hi) in spans.items())
             raise ConfigError(
@@ -195,7 +200,7 @@ def _check_coverage(ranges: Sequence[BatchRange], max_batch_size: int) -> None:
         )
 
 
-def resolve_batching(module: CompiledModule, max_batch_size: int | None) -> tuple[int, list[int]]:
+def _resolve_batching(module: CompiledModule, max_batch_size: int | None) -> tuple[int, list[int]]:
     """``(max_batch_size, preferred batch sizes)`` for the config; raises ConfigError when unservable.
 
     ``None`` means: batch when every input's first dim is dynamic, up to the
@@ -250,7 +255,7 @@ def build_config(
     """The ``inference.ModelConfig`` message for ``module`` (see ``export_triton``)."""
     pb2 = _model_config_pb2()
     is_plan = module.engine is not None
-    batch, preferred = resolve_batching(module, max_batch_size)
+    batch, preferred = _resolve_batching(module, max_batch_size)
     config = pb2.ModelConfig(
         name=name,
         platform="tensorrt_plan" if is_plan else "onnxruntime_onnx",
@@ -263,7 +268,7 @@ def build_config(
     if dynamic_batching and batch > 0:
         config.dynamic_batching.preferred_batch_size.extend(preferred)
     elif dynamic_batching:
-        logger.info("Triton export: no dynamic_batching, because the model is not batched (max_batch_size 0)")
+        logger.info("Triton export: no dynamic_batching, as the model is not batched (max_batch_size 0)")
     group = config.instance_group.add(
         count=instances,
         kind=pb2.ModelInstanceGroup.KIND_GPU if is_plan else pb2.ModelInstanceGroup.KIND_CPU,
@@ -342,7 +347,11 @@ def export_triton(
     """
     _check_arguments(name, version, max_batch_size, instances)
     config = build_config(
-        module, name, max_batch_size=max_batch_size, dynamic_batching=dynamic_batching, instances=instances
+        module,
+        name,
+        max_batch_size=max_batch_size,
+        dynamic_batching=dynamic_batching,
+        instances=instances,
     )
     from google.protobuf import text_format
 
