@@ -63,7 +63,7 @@ def _model_config_pb2() -> ModuleType:
         from tritonclient.grpc import model_config_pb2
     except ImportError as exc:
         raise DependencyError(
-            f"exporting a Triton model repository needs Triton's model-config schema from "
+            "exporting a Triton model repository needs Triton's model-config schema from "
             f"tritonclient, which is not installed ({exc}); {TRITON_INSTALL_HINT}"
         ) from exc
     return model_config_pb2
