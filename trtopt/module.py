@@ -293,6 +293,32 @@ class CompiledModule:
                 archive.writestr(name, data)
         return atomic_write(path, buffer.getvalue())
 
+    # ---------------------------------------------------------------- triton
+    def export_triton(
+        self,
+        repo_dir: str | os.PathLike[str],
+        name: str,
+        *,
+        version: int = 1,
+        max_batch_size: int | None = None,
+        dynamic_batching: bool = True,
+        instances: int = 1,
+        overwrite: bool = False,
+    ) -> Path:
+        """Write this module into a Triton model repository; see ``trtopt.triton.export_triton``."""
+        from .triton import export_triton
+
+        return export_triton(
+            self,
+            repo_dir,
+            name,
+            version=version,
+            max_batch_size=max_batch_size,
+            dynamic_batching=dynamic_batching,
+            instances=instances,
+            overwrite=overwrite,
+        )
+
 
 def read_module_file(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, ModuleSpec, bytes | None]:
     """Read and verify a file written by ``CompiledModule.save``."""
