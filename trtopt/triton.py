@@ -25,6 +25,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from ._io import atomic_write
 from .errors import ConfigError, DependencyError
 
 if TYPE_CHECKING:
@@ -282,20 +283,6 @@ def build_config(
 # ------------------------------------------------------------------ files
 
 
-def _write_config(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; Triton often runs as another user
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _write_version(module: CompiledModule, model_dir: Path, version_dir: Path) -> None:
     """Fill a hidden staging directory, then rename it to ``version_dir`` in one step."""
     staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".{version_dir.name}.", suffix=".tmp"))
@@ -375,7 +362,7 @@ def export_triton(
             ", ".join(sorted(others, key=int)),
         )
     _write_version(module, model_dir, version_dir)
-    _write_config(config_path, text)  # after the model file, so Triton never sees a config without one
+    atomic_write(config_path, text)  # after the model file, so Triton never sees a config without one
     logger.info(
         "exported %s to %s (version %d, %s, max_batch_size %d)",
         name,
