@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ._io import default_permissions
 from .errors import GraphError
 
 logger = logging.getLogger(__name__)
@@ -131,10 +132,16 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
         if external:
             data_name = f"{path.name}.data"
             onnx.save_model(
-                model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name
+                model,
+                tmp,
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=0,
             )
         else:
             onnx.save_model(model, tmp)
+        default_permissions(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
