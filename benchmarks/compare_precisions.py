@@ -11,7 +11,7 @@ ResNet-50, MobileNetV3 small and large, and ViT-B/16 (a transformer encoder).
 Accuracy is agreement with the FP32 torch model on structured synthetic images
 (``trtopt.bench.structured_images``); INT8 is calibrated on other images from
 the same generator. Random weights make degenerate classifiers, so
-``prepare_random_model`` re-estimates BatchNorm statistics first (see there).
+``trtopt.bench.prepare_random_model`` re-estimates BatchNorm statistics first (see there).
 
 The defaults are sized for a small CPU machine (about 10 minutes on 2 cores):
 224x224 images, batch sizes 1 and 4, 10 timed iterations after 2 warm-up
@@ -60,31 +60,6 @@ MODELS: dict[str, Callable[[int], torch.nn.Module]] = {
     for name in ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "vit_b_16")
 }
 PRECISIONS = ("fp32", "fp16", "int8")
-
-
-def prepare_random_model(model: torch.nn.Module, images: torch.Tensor) -> torch.nn.Module:
-    """Make a randomly initialised model behave more like a trained one, then set eval mode.
-
-    Freshly initialised torchvision models are degenerate as classifiers:
-    MobileNetV3's logits are about 1e-9 and every image gets the same class,
-    and ViT's head is initialised to zeros. So BatchNorm running statistics are
-    re-estimated on ``images`` (one forward pass in train mode, cumulative
-    average), which gives each layer activations of realistic scale, and an
-    all-zero Linear layer is re-drawn from N(0, 0.02). The weights stay random:
-    accuracy columns measure agreement with this FP32 model, not task accuracy.
-    """
-    batchnorms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for bn in batchnorms:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative moving average over the pass
-    for layer in model.modules():
-        if isinstance(layer, torch.nn.Linear) and not layer.weight.any():
-            torch.nn.init.normal_(layer.weight, std=0.02)
-    if batchnorms:
-        model.train()
-        with torch.no_grad():
-            model(images)
-    return model.eval()
 
 
 def _int_list(text: str) -> list[int]:
@@ -147,7 +122,7 @@ def run(args: argparse.Namespace) -> bench.BenchReport:
     step = 0
     for name in args.models:
         torch.manual_seed(args.seed)
-        model = prepare_random_model(MODELS[name](size), stats_images)
+        model = bench.prepare_random_model(MODELS[name](size), stats_images)
         step += 1
         logger.info("[%d/%d] %s: torch eager", step, steps, name)
         t0 = time.perf_counter()

@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._io import atomic_write
 from ._version import __version__
 from .errors import ConfigError, DependencyError, InputError, TrtoptError
 
@@ -401,32 +402,15 @@ class BenchReport:
         )
 
     def write_json(self, path: str | os.PathLike[str]) -> Path:
-        return _write_text(Path(path), json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
+        return atomic_write(path, json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
 
     def markdown(self) -> str:
         return markdown_table(self)
 
 
-def _write_text(path: Path, text: str) -> Path:
-    """Write atomically: a temporary file in the same directory, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Atomic text write (for the markdown table next to the JSON)."""
-    return _write_text(Path(path), text)
+    return atomic_write(path, text)
 
 
 # --------------------------------------------------------------------- tables
@@ -705,6 +689,31 @@ def structured_images(count: int, size: int, *, seed: int = 0) -> torch.Tensor:
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     return (pixels - mean) / std
+
+
+def prepare_random_model(model: torch.nn.Module, images: torch.Tensor) -> torch.nn.Module:
+    """Make a randomly initialised model behave more like a trained one, then set eval mode.
+
+    Freshly initialised torchvision models are degenerate as classifiers:
+    MobileNetV3's logits are about 1e-9 and every image gets the same class,
+    and ViT's head is initialised to zeros. So BatchNorm running statistics are
+    re-estimated on ``images`` (one forward pass in train mode, cumulative
+    average), which gives each layer activations of realistic scale, and an
+    all-zero Linear layer is re-drawn from N(0, 0.02). The weights stay random:
+    accuracy columns measure agreement with this FP32 model, not task accuracy.
+    """
+    batchnorms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for bn in batchnorms:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average over the pass
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Linear) and not layer.weight.any():
+            torch.nn.init.normal_(layer.weight, std=0.02)
+    if batchnorms:
+        model.train()
+        with torch.no_grad():
+            model(images)
+    return model.eval()
 
 
 def inputs_for_spec(spec: Any, batch_size: int | None = None, *, seed: int = 0) -> list[torch.Tensor]:

@@ -212,7 +212,7 @@ def reference_shapes(source: str, model: Any, examples: Sequence[Any]) -> tuple[
     from .export import forward_input_names
 
     names = forward_input_names(model, len(examples))
-    return {n: list(t.shape) for n, t in zip(names, examples)}, "example inputs"
+    return {n: list(t.shape) for n, t in zip(names, examples)}, "model"
 
 
 def _check_file(path: str, what: str) -> Path:
@@ -265,7 +265,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     module = _compile_source(args)
     out = Path(args.output) if args.output else Path(Path(args.source.split(":")[-1]).stem + ".trtopt")
     module.save(out)
-    logger.info("wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
+    logger.info("wrote %s (%s)", out, _size(out.stat().st_size))
     print(out)
     return 0
 
@@ -379,6 +379,13 @@ def _dims(shape: Sequence[int | str]) -> str:
     return "x".join(str(d) for d in shape)
 
 
+def _size(count: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     desc = describe_module(_check_file(args.module, "module file").as_posix())
     if args.json:
@@ -386,18 +393,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     g = desc["graph"]
     lines = [
-        f"{desc['file']}: {desc['bytes'] / 1e6:.1f} MB, precision {desc['precision']}, "
-        + (f"TensorRT engine {desc['engine_bytes'] / 1e6:.1f} MB" if desc["engine_bytes"] else "no TensorRT engine (ONNX graph only)"),
+        f"{desc['file']}: {_size(desc['bytes'])}, precision {desc['precision']}, "
+        + (f"TensorRT engine {_size(desc['engine_bytes'])}" if desc["engine_bytes"] else "no TensorRT engine (ONNX graph only)"),
         "inputs:",
-        *(f"  {t['name']}: {t['dtype']} [{_dims(t['shape'])}]" for t in desc["inputs"]),
+        *(f"  {t['name']}: {t['dtype']} [{', '.join(map(str, t['shape']))}]" for t in desc["inputs"]),
         "outputs:",
-        *(f"  {t['name']}: {t['dtype']} [{_dims(t['shape'])}]" for t in desc["outputs"]),
+        *(f"  {t['name']}: {t['dtype']} [{', '.join(map(str, t['shape']))}]" for t in desc["outputs"]),
         f"optimization profiles: {len(desc['profiles'])}",
     ]
     for index, profile in enumerate(desc["profiles"]):
         for name, r in profile.items():
             lines.append(f"  [{index}] {name}: min {_dims(r['min'])}  opt {_dims(r['opt'])}  max {_dims(r['max'])}")
-    weights = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sorted(g["weight_bytes_by_dtype"].items()))
+    weights = ", ".join(f"{k} {_size(v)}" for k, v in sorted(g["weight_bytes_by_dtype"].items()))
     lines += [
         "precision summary:",
         f"  {g['nodes']} nodes; {g['quantize_dequantize_nodes']} Quantize/DequantizeLinear; {g['cast_nodes']} Cast",
@@ -432,6 +439,7 @@ def cmd_export_triton(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         dynamic_batching=not args.no_dynamic_batching,
         instances=args.instances,
+        overwrite=args.overwrite,
     )
     logger.info("wrote Triton model %s", path)
     print(path)
@@ -495,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--precision", choices=[v.value for v in Precision], default="fp32")
     p.add_argument("--calib", metavar="DATA.npz",
-                   help="calibration data for int8 (and the fp16 keep-list): a .npz of arrays keyed by input name")
+                   help="calibration data for int8 (and the fp16 keep-list): a .npz with one array per input, "
+                   "keyed by input name, each a stack of batches along axis 0")
     p.add_argument("--calibrator", choices=[v.value for v in CalibratorKind],
                    help="int8 range algorithm (default: entropy)")
     p.add_argument("--calib-batches", type=_positive, metavar="N", help="use at most N calibration batches")
@@ -538,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the profile's largest batch, or 0 when the batch dim is static")
     p.add_argument("--no-dynamic-batching", action="store_true", help="leave Triton's dynamic batcher off")
     p.add_argument("--instances", type=_positive, default=1, help="model instances per GPU (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing version directory")
     shared(p)
     p.set_defaults(func=cmd_export_triton)
     return parser
