@@ -27,6 +27,7 @@ appears as a "skipped" row with the reason.
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 import time
@@ -92,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precisions", type=_choices(PRECISIONS), default=list(PRECISIONS), help="comma-separated")
     parser.add_argument("--batch-sizes", type=_int_list, default=[1, 4], help="comma-separated")
     parser.add_argument("--backend", choices=[b.value for b in trtopt.Backend], default="auto")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where torch eager runs and the timing inputs live (cuda on a GPU machine)")
     parser.add_argument("--iterations", type=int, default=10, help="timed calls per batch size")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per batch size")
     parser.add_argument("--image-size", type=int, default=224, help="ViT needs a multiple of 16")
@@ -114,8 +117,10 @@ def run(args: argparse.Namespace) -> bench.BenchReport:
     stats_images = bench.structured_images(16, size, seed=args.seed + 4)
     chunk = max(batch_sizes)
 
+    device = torch.device(args.device)
+
     def make_inputs(batch: int) -> tuple[torch.Tensor]:
-        return (bench.structured_images(batch, size, seed=args.seed + 3),)
+        return (bench.structured_images(batch, size, seed=args.seed + 3).to(device),)
 
     results = []
     steps = len(args.models) * (1 + len(args.precisions))
@@ -126,10 +131,12 @@ def run(args: argparse.Namespace) -> bench.BenchReport:
         step += 1
         logger.info("[%d/%d] %s: torch eager", step, steps, name)
         t0 = time.perf_counter()
+        eager = copy.deepcopy(model).to(device)  # trtopt compiles from the CPU copy
         results.append(
-            bench.bench_torch(name, model, make_inputs, batch_sizes, warmup=args.warmup, iterations=args.iterations)
+            bench.bench_torch(name, eager, make_inputs, batch_sizes, warmup=args.warmup, iterations=args.iterations)
         )
-        reference = bench.torch_reference(model, (eval_images,), chunk)
+        reference = bench.torch_reference(eager, (eval_images.to(device),), chunk)
+        del eager
         logger.info("      done in %.0f s", time.perf_counter() - t0)
         (input_name,) = forward_input_names(model, 1)
         lo, hi = min(batch_sizes), max(batch_sizes)
@@ -145,14 +152,14 @@ def run(args: argparse.Namespace) -> bench.BenchReport:
                 bench.bench_trtopt(
                     name,
                     model,
-                    make_inputs(hi),
+                    (bench.structured_images(hi, size, seed=args.seed + 3),),
                     make_inputs,
                     batch_sizes,
                     precision=precision,
                     backend=args.backend,
                     dynamic_shapes=dynamic,
                     calibration_data=calibration if precision == "int8" else None,
-                    eval_inputs=(eval_images,),
+                    eval_inputs=(eval_images.to(device),),
                     reference=reference,
                     warmup=args.warmup,
                     iterations=args.iterations,

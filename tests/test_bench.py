@@ -208,7 +208,7 @@ def test_parse_onnxruntime_profile_drops_warmup_and_aggregates():
     profile = bench.parse_onnxruntime_profile(events, skip_runs=1)
     assert profile.runs == 2
     assert profile.by_op_type() == [("Conv", pytest.approx(0.05)), ("Relu", pytest.approx(0.005))]
-    assert profile.top_layers(1) == [("conv", "Conv", pytest.approx(0.05))]
+    assert profile.top_layers(1) == [bench.LayerTime("conv", "Conv", pytest.approx(0.05))]
     assert profile.per_run_ms() == pytest.approx(0.055)
     with pytest.raises(InputError, match="profile more"):
         bench.parse_onnxruntime_profile(events[:2], skip_runs=1)
@@ -276,3 +276,42 @@ def test_bench_trtopt_reports_a_backend_that_cannot_run_as_skipped(tiny):
     )
     assert row.status == "skipped" and "cannot run" in row.reason
     assert row.latency == [] and row.accuracy is None
+
+
+class FakeTensorRTBackend:
+    """Double of the TensorRT runtime's profiling surface (``profile_layers``, ``layer_information``).
+
+    Checks that ``profile_tensorrt`` passes the right profile index and run count,
+    and joins the per-layer medians with the inspector's layer types.
+    """
+
+    name = "tensorrt"
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def profile_layers(self, feeds, profile_index, runs):
+        self.calls.append((sorted(feeds), profile_index, runs))
+        return [("conv1 + relu", 0.5), ("fc", 0.2), ("reformat", 0.05)]
+
+    def layer_information(self):
+        return {"Layers": [{"Name": "conv1 + relu", "LayerType": "CaskConvolution"},
+                           {"Name": "fc", "LayerType": "CaskGemm"}], "Bindings": ["x", "y"]}
+
+
+def test_profile_tensorrt_joins_times_with_layer_types(tiny):
+    from trtopt import compile
+    from trtopt.module import CompiledModule
+
+    model, images = tiny
+    module = compile(model, (images[:2],), backend="onnxruntime",
+                     dynamic_shapes=[{"x": {0: (1, 2, 2)}}, {"x": {0: (3, 6, 6)}}])
+    with pytest.raises(ConfigError, match="backend='tensorrt'"):
+        bench.profile_tensorrt(module, (images[:1],))
+    fake = FakeTensorRTBackend()
+    on_trt = CompiledModule(module.onnx_model, module.spec, fake)
+    profile = bench.profile_tensorrt(on_trt, (images[:4],), runs=7)
+    assert fake.calls == [(["x"], 1, 7)]  # batch 4 lies in the second profile
+    assert profile.backend == "tensorrt" and profile.runs == 7
+    assert profile.by_op_type() == [("CaskConvolution", 0.5), ("CaskGemm", 0.2), ("?", 0.05)]
+    assert profile.per_run_ms() == pytest.approx(0.75)

@@ -746,34 +746,32 @@ def inputs_for_spec(spec: Any, batch_size: int | None = None, *, seed: int = 0) 
 
 @dataclass(frozen=True)
 class LayerTime:
-    name: str  # node (ONNX Runtime) or layer (TensorRT) name
+    name: str  # node (ONNX Runtime) or fused layer (TensorRT) name
     op_type: str
-    total_ms: float  # summed over the profiled runs
-    calls: int
+    ms: float  # per run: the mean over the profiled runs (ONNX Runtime) or the median (TensorRT)
 
 
 @dataclass
 class LayerProfile:
-    """Where the time of one inference goes, per layer, averaged over ``runs`` runs."""
+    """Where the time of one inference goes, per layer."""
 
     backend: str
     runs: int
     layers: list[LayerTime]
 
     def per_run_ms(self) -> float:
-        return sum(layer.total_ms for layer in self.layers) / max(self.runs, 1)
+        return sum(layer.ms for layer in self.layers)
 
     def by_op_type(self) -> list[tuple[str, float]]:
         """(op type, ms per run), slowest first."""
         totals: dict[str, float] = {}
         for layer in self.layers:
-            totals[layer.op_type] = totals.get(layer.op_type, 0.0) + layer.total_ms / max(self.runs, 1)
+            totals[layer.op_type] = totals.get(layer.op_type, 0.0) + layer.ms
         return sorted(totals.items(), key=lambda kv: -kv[1])
 
-    def top_layers(self, count: int = 10) -> list[tuple[str, str, float]]:
-        """(layer, op type, ms per run) of the ``count`` slowest layers."""
-        ranked = sorted(self.layers, key=lambda layer: -layer.total_ms)[:count]
-        return [(layer.name, layer.op_type, layer.total_ms / max(self.runs, 1)) for layer in ranked]
+    def top_layers(self, count: int = 10) -> list[LayerTime]:
+        """The ``count`` slowest layers."""
+        return sorted(self.layers, key=lambda layer: -layer.ms)[:count]
 
 
 def parse_onnxruntime_profile(events: Sequence[Mapping[str, Any]], skip_runs: int = 1) -> LayerProfile:
@@ -781,9 +779,10 @@ def parse_onnxruntime_profile(events: Sequence[Mapping[str, Any]], skip_runs: in
 
     Each ``model_run`` event spans one ``InferenceSession.run``; node events
     named ``<node>_kernel_time`` inside it carry the kernel's duration (µs) and
-    its ``op_name``. The first ``skip_runs`` runs are warm-up and dropped. Node
-    names are those of ORT's optimised graph, so fused nodes (e.g. Conv+Relu as
-    ``FusedConv``) appear once under the first node's name.
+    its ``op_name``. The first ``skip_runs`` runs are warm-up and dropped; a
+    node's time is its mean per kept run. Node names are those of ORT's
+    optimised graph, so fused nodes (e.g. Conv+Relu as ``FusedConv``) appear
+    once, under a name ORT chose.
     """
     runs = sorted(
         (e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"
@@ -797,14 +796,12 @@ def parse_onnxruntime_profile(events: Sequence[Mapping[str, Any]], skip_runs: in
     for e in events:
         if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
             continue
-        ts = e["ts"]
-        if not any(lo <= ts <= hi for lo, hi in kept):
+        if not any(lo <= e["ts"] <= hi for lo, hi in kept):
             continue
         node = e["name"][: -len("_kernel_time")]
-        entry = totals.setdefault(node, [e.get("args", {}).get("op_name", "?"), 0.0, 0])
+        entry = totals.setdefault(node, [e.get("args", {}).get("op_name", "?"), 0.0])
         entry[1] += e["dur"] / 1000.0
-        entry[2] += 1
-    layers = [LayerTime(name, op, total, calls) for name, (op, total, calls) in totals.items()]
+    layers = [LayerTime(name, op, total / len(kept)) for name, (op, total) in totals.items()]
     return LayerProfile(backend="onnxruntime", runs=len(kept), layers=layers)
 
 
@@ -824,65 +821,30 @@ def profile_onnxruntime(module: Any, inputs: Sequence[torch.Tensor], *, runs: in
     return parse_onnxruntime_profile(events, skip_runs=1)
 
 
-def profile_tensorrt(engine: bytes, inputs: Mapping[str, torch.Tensor], *, runs: int = 10, profile_index: int = 0) -> LayerProfile:
-    """Per-layer times of a serialized TensorRT engine, from TensorRT's ``IProfiler``.
+def profile_tensorrt(module: Any, inputs: Sequence[torch.Tensor], *, runs: int = 10) -> LayerProfile:
+    """Per-layer median times of a TensorRT-backed module, from TensorRT's ``IProfiler``.
 
-    Needs TensorRT and a CUDA device; inputs are CUDA tensors keyed by input
-    name. Buffers are torch tensors and the work runs on torch's current stream,
-    so no pycuda context is needed. Layer names are TensorRT's (after fusion);
-    the op type is taken from the engine inspector's JSON where it has one.
+    The runtime profiles on a separate execution context (``profile_layers``);
+    each layer's type comes from the engine inspector (``layer_information``),
+    which names types only when the engine was built with detailed profiling
+    verbosity ("?" otherwise). Layer names are TensorRT's, after fusion.
     """
-    from . import _deps
+    from .module import select_profile
 
-    trt = _deps.tensorrt()
-    if not torch.cuda.is_available():
-        raise DependencyError("profiling a TensorRT engine needs a CUDA device; none is visible")
-    logger_trt = trt.Logger(trt.Logger.WARNING)
-    runtime = trt.Runtime(logger_trt)
-    engine_obj = runtime.deserialize_cuda_engine(engine)
-    if engine_obj is None:
-        raise DependencyError("TensorRT could not deserialize the engine (built for another GPU or version?)")
-    context = engine_obj.create_execution_context()
-    times: dict[str, list[float]] = {}
-    # IProfiler must be subclassed; the class is created here so importing trtopt never needs TensorRT.
-    class _LayerTimer(trt.IProfiler):
-        def __init__(self) -> None:
-            trt.IProfiler.__init__(self)
-            self.recording = False
-
-        def report_layer_time(self, layer_name: str, ms: float) -> None:
-            if self.recording:
-                times.setdefault(layer_name, []).append(ms)
-
-    profiler = _LayerTimer()
-    context.profiler = profiler
-    stream = torch.cuda.current_stream()
-    context.set_optimization_profile_async(profile_index, stream.cuda_stream)
-    buffers = []
-    for name, tensor in inputs.items():
-        tensor = tensor.contiguous()
-        buffers.append(tensor)
-        context.set_input_shape(name, tuple(tensor.shape))
-        context.set_tensor_address(name, tensor.data_ptr())
-    for i in range(engine_obj.num_io_tensors):
-        name = engine_obj.get_tensor_name(i)
-        if engine_obj.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
-            dtype = torch.from_numpy(np.empty(0, dtype=trt.nptype(engine_obj.get_tensor_dtype(name)))).dtype
-            out = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
-            buffers.append(out)
-            context.set_tensor_address(name, out.data_ptr())
-    for index in range(runs + 1):
-        profiler.recording = index > 0  # the first run is warm-up
-        if not context.execute_async_v3(stream.cuda_stream):
-            raise DependencyError("TensorRT failed to run the engine while profiling")
-        stream.synchronize()
-    op_types: dict[str, str] = {}
-    inspector = engine_obj.create_engine_inspector()
-    info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
-    for layer in info.get("Layers", []):
-        if isinstance(layer, Mapping):
-            op_types[layer.get("Name", "")] = layer.get("LayerType", "?")
-    layers = [LayerTime(name, op_types.get(name, "?"), sum(ms), len(ms)) for name, ms in times.items()]
+    if module.backend_name != "tensorrt":
+        raise ConfigError(
+            f"the module runs on {module.backend_name}; compile or load it with backend='tensorrt' "
+            "(or use profile_onnxruntime)"
+        )
+    feeds = {t.name: x for t, x in zip(module.spec.inputs, inputs)}
+    index = select_profile(module.profiles, {n: tuple(x.shape) for n, x in feeds.items()})
+    medians = module.backend.profile_layers(feeds, index, runs)
+    op_types = {
+        layer.get("Name", ""): str(layer.get("LayerType", "?"))
+        for layer in module.backend.layer_information().get("Layers", [])
+        if isinstance(layer, Mapping)
+    }
+    layers = [LayerTime(name, op_types.get(name, "?"), ms) for name, ms in medians]
     return LayerProfile(backend="tensorrt", runs=runs, layers=layers)
 
 
@@ -895,7 +857,7 @@ def plot_layer_profile(profile: LayerProfile, count: int = 12):
     left.barh([op for op, _ in ops][::-1], [ms for _, ms in ops][::-1], color="tab:blue")
     left.set(xlabel="ms per run", title=f"time per op type ({profile.backend})")
     top = profile.top_layers(count)
-    right.barh([f"{name[:40]} ({op})" for name, op, _ in top][::-1], [ms for *_, ms in top][::-1], color="tab:orange")
+    right.barh([f"{t.name[:40]} ({t.op_type})" for t in top][::-1], [t.ms for t in top][::-1], color="tab:orange")
     right.set(xlabel="ms per run", title=f"slowest {len(top)} layers")
     fig.tight_layout()
     return fig
