@@ -14,7 +14,7 @@ import torch
 from . import _deps
 from .config import Backend, BuildConfig, Precision, ShapeProfile, build_profiles, check_profiles_against_graph
 from .errors import ConfigError, InputError
-from .export import export
+from .export import check_example_inputs, export, forward_input_names
 from .graph import cleanup, graph_input_shapes
 from .module import CompiledModule, ModuleSpec, read_module_file, tensor_specs
 
@@ -109,9 +109,8 @@ def compile(  # noqa: A001 - the public name the design card fixes
 
     start = time.perf_counter()
     examples = _example_tuple(example_inputs)
-    from .export import forward_input_names
-
     names = forward_input_names(model, len(examples))
+    check_example_inputs(names, examples)
     profiles = build_profiles(dynamic_shapes, {n: tuple(t.shape) for n, t in zip(names, examples)})
     exported = export(model, examples, profiles, config.opset, input_names=names)
     onnx_model, report = cleanup(exported.model)

@@ -22,7 +22,7 @@ import onnx
 import torch
 
 from .config import ShapeProfile
-from .errors import ExportError, InputError
+from .errors import ConfigError, ExportError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,24 @@ def _unique(names: list[str]) -> list[str]:
 # ------------------------------------------------------------------- export
 
 
+def _shape_conflict(error: BaseException) -> str | None:
+    """The exporter's message when the user's ranges contradict the model, else None.
+
+    Falling back to the TorchScript exporter would hide this: it would mark the
+    dim dynamic anyway and the graph would fail later, at run time.
+    """
+    seen = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        if "user-specified" in text or "Constraints violated" in text:
+            return text[text.find("Found"):].strip() if "Found" in text else text.strip()
+        current = current.__cause__ or current.__context__
+    return None
+
+
+
 @dataclass(frozen=True)
 class ExportedModel:
     model: onnx.ModelProto
@@ -121,6 +139,15 @@ class ExportedModel:
     output_names: tuple[str, ...]
     output_structure: dict[str, Any]
     exporter: str  # "dynamo" or "torchscript"
+
+
+def check_example_inputs(names: Sequence[str], inputs: Sequence[Any]) -> None:
+    for name, t in zip(names, inputs):
+        if not isinstance(t, torch.Tensor):
+            raise InputError(
+                f"example input {name!r} is a {type(t).__name__}; example_inputs must be a tuple "
+                "of torch tensors (positional forward arguments)"
+            )
 
 
 def _resize(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
@@ -250,12 +277,7 @@ def export(
 ) -> ExportedModel:
     """Export ``model`` to ONNX with one symbolic dim per range in ``profiles``."""
     names = list(input_names or forward_input_names(model, len(example_inputs)))
-    for name, t in zip(names, example_inputs):
-        if not isinstance(t, torch.Tensor):
-            raise InputError(
-                f"example input {name!r} is a {type(t).__name__}; example_inputs must be a tuple "
-                "of torch tensors (positional forward arguments)"
-            )
+    check_example_inputs(names, example_inputs)
     was_training = model.training
     model.eval()
     try:
@@ -268,6 +290,12 @@ def export(
             onnx_model = _dynamo_export(model, args, names, output_names, profiles, opset)
             exporter = "dynamo"
         except Exception as dynamo_error:  # the exporter raises many unrelated types
+            conflict = _shape_conflict(dynamo_error)
+            if conflict:
+                raise ConfigError(
+                    f"dynamic_shapes does not fit the model: {conflict} Remove that dimension from "
+                    "dynamic_shapes or give it the range the model allows"
+                ) from dynamo_error
             first_line = str(dynamo_error).strip().splitlines()[0] if str(dynamo_error) else ""
             logger.warning(
                 "torch.export-based ONNX export failed (%s: %s); trying the TorchScript exporter",

@@ -131,7 +131,12 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
         if external:
             data_name = f"{path.name}.data"
             onnx.save_model(
-                model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name
+                model,
+                tmp,
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=0,
             )
         else:
             onnx.save_model(model, tmp)

@@ -1,0 +1,93 @@
+"""save/load round trip, and clear errors for files that are not what they claim."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+import torch
+
+import trtopt
+from tests._models import TwoInputsDictOut
+from tests.helpers import flat
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    torch.manual_seed(0)
+    return trtopt.compile(
+        TwoInputsDictOut().eval(),
+        (torch.randn(2, 6), torch.randn(2, 3)),
+        dynamic_shapes=[
+            {"left": {0: (1, 2, 4)}, "right": {0: (1, 2, 4)}},
+            {"left": {0: (5, 8, 8)}, "right": {0: (5, 8, 8)}},
+        ],
+        backend="onnxruntime",
+    )
+
+
+def test_round_trip_gives_identical_outputs(compiled, tmp_path):
+    path = compiled.save(tmp_path / "m.trtopt")
+    loaded = trtopt.load(path)
+    assert loaded.spec == compiled.spec
+    for batch in (1, 3, 7):
+        left, right = torch.randn(batch, 6), torch.randn(batch, 3)
+        for a, b in zip(flat(loaded(left, right)), flat(compiled(left, right))):
+            assert torch.equal(a, b)
+
+
+def test_save_is_atomic_and_leaves_no_temporary_files(compiled, tmp_path):
+    compiled.save(tmp_path / "m.trtopt")
+    compiled.save(tmp_path / "m.trtopt")  # overwrite in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.trtopt"]
+
+
+def test_truncated_file(compiled, tmp_path):
+    data = compiled.save(tmp_path / "m.trtopt").read_bytes()
+    (tmp_path / "cut.trtopt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(trtopt.ModuleFileError, match="truncated, corrupt or not a trtopt module"):
+        trtopt.load(tmp_path / "cut.trtopt")
+
+
+def test_foreign_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(trtopt.ModuleFileError, match="not a trtopt module"):
+        trtopt.load(tmp_path / "notes.txt")
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as archive:
+        archive.writestr("readme.md", "a zip, but not ours")
+    with pytest.raises(trtopt.ModuleFileError, match="no manifest.json"):
+        trtopt.load(tmp_path / "other.zip")
+    with pytest.raises(trtopt.ModuleFileError, match="does not exist"):
+        trtopt.load(tmp_path / "missing.trtopt")
+
+
+def _rewrite(src, dst, change):
+    with zipfile.ZipFile(src) as archive:
+        members = {n: archive.read(n) for n in archive.namelist()}
+    change(members)
+    with zipfile.ZipFile(dst, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+def test_corrupt_member_and_newer_format(compiled, tmp_path):
+    path = compiled.save(tmp_path / "m.trtopt")
+
+    def flip_a_byte(members):
+        onnx_bytes = bytearray(members["model.onnx"])
+        onnx_bytes[len(onnx_bytes) // 2] ^= 0xFF
+        members["model.onnx"] = bytes(onnx_bytes)
+
+    _rewrite(path, tmp_path / "corrupt.trtopt", flip_a_byte)
+    with pytest.raises(trtopt.ModuleFileError, match="model.onnx does not match its checksum"):
+        trtopt.load(tmp_path / "corrupt.trtopt")
+
+    def bump_version(members):
+        manifest = json.loads(members["manifest.json"])
+        manifest["format_version"] = 99
+        members["manifest.json"] = json.dumps(manifest).encode()
+
+    _rewrite(path, tmp_path / "future.trtopt", bump_version)
+    with pytest.raises(trtopt.ModuleFileError, match="format version 99.*recompile"):
+        trtopt.load(tmp_path / "future.trtopt")
