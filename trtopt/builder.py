@@ -55,46 +55,59 @@ PROGRESS_INTERVAL_S = 10.0
 
 
 # ------------------------------------------------------------------ logger bridge
+class ErrorLog:
+    """The error messages TensorRT logged: the last few always, and per thread inside ``capture()``.
+
+    Kept apart from the ``trt.ILogger`` subclass so that subclass holds only
+    TensorRT's own callback.
+    """
+
+    def __init__(self, keep: int = 20) -> None:
+        self.recent: deque[str] = deque(maxlen=keep)
+        self._local = threading.local()
+
+    def record(self, text: str) -> None:
+        self.recent.append(text)
+        captured = getattr(self._local, "errors", None)
+        if captured is not None:
+            captured.append(text)
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[str]]:
+        """Collect the error messages this thread's TensorRT calls log inside the block."""
+        errors: list[str] = []
+        previous = getattr(self._local, "errors", None)
+        self._local.errors = errors
+        try:
+            yield errors
+        finally:
+            self._local.errors = previous
+
+
 def make_logger(trt: ModuleType) -> Any:
     """Create a ``trt.ILogger`` that forwards TensorRT's messages to Python logging.
 
     TensorRT calls ``log`` from C++; an exception escaping it would cross into
     TensorRT, so the callback swallows everything. Messages of severity ERROR
-    and above are also kept: the last few always, and all of those logged in a
-    ``capture_errors()`` block by the calling thread, so a failed build or
-    deserialization can say why.
+    and above also go to the logger's ``errors`` (an ``ErrorLog``), so a failed
+    build or deserialization can say why.
     """
 
     class TensorRTLogBridge(trt.ILogger):  # type: ignore[name-defined,misc]
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
-            self.recent_errors: deque[str] = deque(maxlen=20)
-            self._local = threading.local()
+            self.errors = ErrorLog()
 
         def log(self, severity: Any, msg: str) -> None:
             try:
                 level = _SEVERITY_TO_LEVEL.get(getattr(severity, "name", ""), logging.WARNING)
                 text = str(msg)
                 if level >= logging.ERROR:
-                    self.recent_errors.append(text)
-                    captured = getattr(self._local, "errors", None)
-                    if captured is not None:
-                        captured.append(text)
+                    self.errors.record(text)
                 if trt_logger.isEnabledFor(level):
                     trt_logger.log(level, "%s", text)
             except BaseException:  # noqa: BLE001 - nothing may propagate into TensorRT's C++
                 pass
-
-        @contextlib.contextmanager
-        def capture_errors(self) -> Iterator[list[str]]:
-            """Collect the error messages this thread's TensorRT calls log inside the block."""
-            errors: list[str] = []
-            previous = getattr(self._local, "errors", None)
-            self._local.errors = errors
-            try:
-                yield errors
-            finally:
-                self._local.errors = previous
 
     return TensorRTLogBridge()
 
@@ -239,7 +252,7 @@ def build_from_file(
 ) -> bytes:
     """Parse ``model_path`` into a strongly typed network and build it with ``config``'s settings."""
     bridge = tensorrt_logger(trt)
-    with bridge.capture_errors() as errors:
+    with bridge.errors.capture() as errors:
         try:
             builder = trt.Builder(bridge)
         except Exception as exc:  # noqa: BLE001 - the bindings raise when the C++ factory returns null
@@ -266,12 +279,12 @@ def build_from_file(
         progress: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     else:
         progress = heartbeat()
-    with bridge.capture_errors() as errors, progress:
+    with bridge.errors.capture() as errors, progress:
         serialized = builder.build_serialized_network(network, builder_config)
     if serialized is None:
         raise BuildError(
             "TensorRT could not build the engine. "
-            + format_errors(errors, bridge.recent_errors)
+            + format_errors(errors, bridge.errors.recent)
             + "\nCheck that every operator is supported by this TensorRT version and that the "
             "shape ranges are valid; a larger workspace_bytes helps when tactics ran out of memory."
         )
@@ -307,13 +320,16 @@ def configure(trt: ModuleType, builder_config: Any, config: BuildConfig) -> None
     builder_config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if config.version_compatible:
         builder_config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-    levels = {
-        "none": trt.HardwareCompatibilityLevel.NONE,
-        "ampere_plus": trt.HardwareCompatibilityLevel.AMPERE_PLUS,
-        "same_compute_capability": trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY,
-    }
-    if config.hardware_compatibility != "none":
-        builder_config.hardware_compatibility_level = levels[config.hardware_compatibility]
+    if config.hardware_compatibility == "ampere_plus":
+        builder_config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    elif config.hardware_compatibility == "same_compute_capability":
+        # Added during 10.x (absent from 10.0): detect it rather than compare version strings.
+        if not hasattr(trt.HardwareCompatibilityLevel, "SAME_COMPUTE_CAPABILITY"):
+            raise BuildError(
+                f"hardware_compatibility='same_compute_capability' needs a newer TensorRT than "
+                f"{trt.__version__}; upgrade TensorRT or use 'ampere_plus'"
+            )
+        builder_config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY
 
 
 def _check_range(index: int, name: str, network_shape: tuple[int, ...], span: InputRange) -> None:
@@ -372,7 +388,7 @@ def add_profiles(
             span = shape_profile[name]
             _check_range(index, name, shape, span)
             trt_profile.set_shape(name, span.min, span.opt, span.max)
-        with bridge.capture_errors() as errors:
+        with bridge.errors.capture() as errors:
             assigned = builder_config.add_optimization_profile(trt_profile)
         if assigned < 0:
             ranges = ", ".join(f"{r.name} {r.describe()}" for r in shape_profile.inputs)

@@ -193,7 +193,7 @@ class TensorRTBackend:
             self._runtime = self._trt.Runtime(self._bridge)
             if allow_host_code:  # version-compatible engines embed the lean runtime's host code
                 self._runtime.engine_host_code_allowed = True
-            with self._bridge.capture_errors() as errors:
+            with self._bridge.errors.capture() as errors:
                 cuda_engine = self._runtime.deserialize_cuda_engine(bytes(engine))
         if cuda_engine is None:
             raise EngineError(
@@ -202,7 +202,7 @@ class TensorRTBackend:
                 "which also needs allow_host_code=True here) and on the GPU model it was built for "
                 "(unless built with hardware_compatibility). Rebuild it on this machine: compile "
                 "again, or trtopt.load the module file, which rebuilds from the ONNX graph it holds. "
-                + format_errors(errors, self._bridge.recent_errors)
+                + format_errors(errors, self._bridge.errors.recent)
             )
         self._engine = cuda_engine
         self.inputs, self.outputs = engine_io(self._trt, cuda_engine)
@@ -237,7 +237,7 @@ class TensorRTBackend:
 
     def _new_state(self, profiler: Any = None) -> ExecutionState:
         # Creating contexts is rare (once per thread); serialise it rather than rely on the engine.
-        with self._create_lock, self._bridge.capture_errors() as errors:
+        with self._create_lock, self._bridge.errors.capture() as errors:
             context = self._engine.create_execution_context()
             self.contexts_created += 1
         if context is None:
@@ -277,14 +277,14 @@ class TensorRTBackend:
     def _select_profile(self, state: ExecutionState, profile_index: int, stream_handle: int) -> None:
         if state.profile_index == profile_index:
             return
-        with self._bridge.capture_errors() as errors:
+        with self._bridge.errors.capture() as errors:
             ok = state.context.set_optimization_profile_async(profile_index, stream_handle)
         if not ok:
             raise EngineError(f"TensorRT could not select optimization profile {profile_index}. " + format_errors(errors))
         state.profile_index = profile_index
 
     def _set_input(self, state: ExecutionState, name: str, shape: tuple[int, ...], address: int) -> None:
-        with self._bridge.capture_errors() as errors:
+        with self._bridge.errors.capture() as errors:
             ok = state.context.set_input_shape(name, shape)
         if not ok:
             raise EngineError(
@@ -307,10 +307,10 @@ class TensorRTBackend:
         return shapes
 
     def _execute(self, state: ExecutionState, stream_handle: int) -> None:
-        with self._bridge.capture_errors() as errors:
+        with self._bridge.errors.capture() as errors:
             ok = state.context.execute_async_v3(stream_handle)
         if not ok:
-            raise EngineError("TensorRT failed to run the engine. " + format_errors(errors, self._bridge.recent_errors))
+            raise EngineError("TensorRT failed to run the engine. " + format_errors(errors, self._bridge.errors.recent))
 
     # ------------------------------------------------------- host (pycuda) path
     def _run_host(
