@@ -263,15 +263,20 @@ class TensorRTBackend:
             return self._run(self._state(), feeds, profile_index)
 
     def _run(
-        self, state: ExecutionState, feeds: Mapping[str, torch.Tensor], profile_index: int
+        self,
+        state: ExecutionState,
+        feeds: Mapping[str, torch.Tensor],
+        profile_index: int,
+        use_graph: bool | None = None,
     ) -> list[torch.Tensor]:
         if not 0 <= profile_index < self.num_profiles:
             raise EngineError(
                 f"optimization profile {profile_index} does not exist; the engine has {self.num_profiles}"
             )
+        use_graph = self.cuda_graph if use_graph is None else use_graph
         on_device = any(t.is_cuda for t in feeds.values())
-        if on_device or (self.cuda_graph and torch.cuda.is_available()):
-            return self._run_device(state, feeds, profile_index)
+        if on_device or (use_graph and torch.cuda.is_available()):
+            return self._run_device(state, feeds, profile_index, use_graph)
         return self._run_host(state, feeds, profile_index)
 
     def _select_profile(self, state: ExecutionState, profile_index: int, stream_handle: int) -> None:
@@ -381,11 +386,11 @@ class TensorRTBackend:
         return outputs
 
     def _run_device(
-        self, state: ExecutionState, feeds: Mapping[str, torch.Tensor], profile_index: int
+        self, state: ExecutionState, feeds: Mapping[str, torch.Tensor], profile_index: int, use_graph: bool
     ) -> list[torch.Tensor]:
         tensors = self._device_inputs(feeds)
         stream = torch.cuda.current_stream(torch.device("cuda", self.device_index))
-        if self.cuda_graph:
+        if use_graph:
             return self._run_graph(state, tensors, profile_index, stream)
         outputs = self._bind_device(state, tensors, profile_index, stream.cuda_stream)
         self._execute(state, stream.cuda_stream)
@@ -437,7 +442,7 @@ class TensorRTBackend:
         with self.activated():
             state = self._new_state(profiler)
             for _ in range(max(1, runs)):
-                self._run(state, feeds, profile_index)
+                self._run(state, feeds, profile_index, use_graph=False)  # per-layer timing needs plain launches
             if torch.cuda.is_available():
                 torch.cuda.synchronize(self.device_index)
         medians = [(name, statistics.median(ms)) for name, ms in profiler.times.items()]
