@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
@@ -118,12 +119,15 @@ def test_failed_build_carries_tensorrt_errors(fake_trt: FakeTensorRT) -> None:
 def test_parses_from_a_file_with_external_weights(fake_trt: FakeTensorRT, monkeypatch) -> None:
     monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 0)
     model = relu_model(op="Add")
-    w = helper.make_tensor("w", TensorProto.FLOAT, [4], [1.0, 2.0, 3.0, 4.0])
+    w = onnx.numpy_helper.from_array(np.array([1.0, 2.0, 3.0, 4.0], np.float32), "w")  # raw_data
     model.graph.initializer.append(w)
     model.graph.node[0].input.append("w")
     builder.build_engine(model, [profile()], BuildConfig())
     assert Path(FakeTensorRT.last_parsed_path).name == "model.onnx"
     assert fake_trt.builds == 1
+    # The caller's model keeps its weights (onnx's external-data save empties the proto it gets).
+    assert model.graph.initializer[0].data_location == TensorProto.DEFAULT
+    assert onnx.numpy_helper.to_array(model.graph.initializer[0]).tolist() == [1.0, 2.0, 3.0, 4.0]
 
 
 def test_timing_cache_loaded_updated_and_saved(fake_trt: FakeTensorRT, tmp_path: Path, caplog) -> None:
