@@ -274,13 +274,16 @@ def build_from_file(
     if timing_cache_path is not None:
         attach_timing_cache(builder_config, timing_cache_path)
 
+    monitor = None  # held here: TensorRT keeps only a raw pointer to it during the build
     if hasattr(trt, "IProgressMonitor"):
-        builder_config.progress_monitor = make_progress_monitor(trt)
+        monitor = make_progress_monitor(trt)
+        builder_config.progress_monitor = monitor
         progress: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     else:
         progress = heartbeat()
     with bridge.errors.capture() as errors, progress:
         serialized = builder.build_serialized_network(network, builder_config)
+    del monitor
     if serialized is None:
         raise BuildError(
             "TensorRT could not build the engine. "
