@@ -158,6 +158,7 @@ class ExecutionState:
         self.profile_index: int | None = None
         self.stream: Any = None  # pycuda stream, for host inputs
         self.graph: CapturedGraph | None = None
+        self.profiler: Any = None
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -245,9 +246,11 @@ class TensorRTBackend:
                 "TensorRT could not create an execution context (often: out of GPU memory). "
                 + format_errors(errors)
             )
+        state = ExecutionState(context, BufferPool(self._cuda))
         if profiler is not None:
             context.profiler = profiler
-        return ExecutionState(context, BufferPool(self._cuda))
+            state.profiler = profiler  # TensorRT holds only a raw pointer to it
+        return state
 
     def _state(self) -> ExecutionState:
         state = getattr(self._local, "state", None)
