@@ -1,0 +1,130 @@
+"""Measure max |x| of every float activation of a graph on calibration batches.
+
+The FP16 keep-list needs the plain peak of every float tensor (not a clipped
+calibration amax), and checking a converted graph for Inf/NaN needs the same
+run on the converted graph; this does both in one streaming pass under ONNX
+Runtime, keeping one number per tensor.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..backends.onnxruntime import make_session
+from ..errors import CalibrationError
+from ..module import TensorSpec
+
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+
+
+def _expose_float_tensors(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs include every float activation it computes."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    outputs = {o.name for o in probe.graph.output}
+    for vi in probe.graph.value_info:
+        if vi.type.tensor_type.elem_type in _FLOAT_TYPES and vi.name not in outputs:
+            probe.graph.output.append(vi)
+            outputs.add(vi.name)
+    return probe
+
+
+def tensor_ranges(
+    model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]]
+) -> dict[str, float]:
+    """Map each float activation (and graph output) to max |x| over ``batches``.
+
+    A tensor that held Inf or NaN in any batch maps to ``math.inf``. ``model``
+    must carry inferred value_info (``trtopt.graph.check_model`` adds it).
+    """
+    session = make_session(_expose_float_tensors(model))
+    names = [o.name for o in session.get_outputs()]
+    inputs = [i.name for i in session.get_inputs()]
+    peaks = dict.fromkeys(names, 0.0)
+    seen = 0
+    for batch in batches:
+        feeds = {n: np.asarray(batch[n]) for n in inputs}
+        for name, value in feeds.items():  # graph inputs: their consumers may need FP32 too
+            if value.dtype.kind == "f" and value.size:
+                peak = float(np.max(np.abs(value))) if np.all(np.isfinite(value)) else math.inf
+                peaks[name] = max(peaks.get(name, 0.0), peak)
+        for name, value in zip(names, session.run(names, feeds)):
+            value = np.asarray(value)
+            if value.size == 0:
+                continue
+            if not np.all(np.isfinite(value)):
+                peaks[name] = math.inf
+            else:
+                peaks[name] = max(peaks[name], float(np.max(np.abs(value))))
+        seen += 1
+    if seen == 0:
+        raise CalibrationError("the calibration data yielded no batches; pass at least one batch")
+    return peaks
+
+
+def feed_batches(
+    data: Any, input_specs: Sequence[TensorSpec], max_batches: int | None = None
+) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
+    """Turn user calibration data into a re-iterable source of ONNX Runtime feeds.
+
+    ``data`` is one batch (a tensor/array for a one-input model, a tuple, or a
+    dict by input name) or an iterable of such batches (a list, a DataLoader).
+    Extra tuple items beyond the model's inputs (labels) are ignored. A one-shot
+    iterator is read once and kept, because the passes read the data more than once.
+    """
+    names = [s.name for s in input_specs]
+    dtypes = {s.name: np.dtype(s.dtype) for s in input_specs}
+
+    def to_feed(item: Any, index: int) -> dict[str, np.ndarray]:
+        if isinstance(item, Mapping):
+            missing = [n for n in names if n not in item]
+            if missing:
+                raise CalibrationError(
+                    f"calibration batch {index} is a dict without input(s) {missing}; "
+                    f"the model's inputs are {names}"
+                )
+            values = [item[n] for n in names]
+        elif isinstance(item, (tuple, list)):
+            if len(item) < len(names):
+                raise CalibrationError(
+                    f"calibration batch {index} holds {len(item)} item(s) but the model takes "
+                    f"{len(names)} input(s) {names}; yield one tensor per input"
+                )
+            values = list(item[: len(names)])
+        elif len(names) == 1:
+            values = [item]
+        else:
+            raise CalibrationError(
+                f"calibration batch {index} is a {type(item).__name__}, but the model takes "
+                f"{len(names)} inputs {names}; yield tuples or dicts"
+            )
+        feed = {}
+        for name, value in zip(names, values):
+            if hasattr(value, "detach"):
+                value = value.detach().cpu().numpy()
+            if not isinstance(value, np.ndarray):
+                raise CalibrationError(
+                    f"calibration batch {index}, input {name!r} is a {type(value).__name__}; "
+                    "pass torch tensors or numpy arrays"
+                )
+            feed[name] = value.astype(dtypes[name], copy=False)
+        return feed
+
+    single = hasattr(data, "shape") or isinstance(data, Mapping) or (
+        isinstance(data, tuple) and all(hasattr(v, "shape") for v in data) and len(data) == len(names)
+    )
+    source: Iterable[Any] = [data] if single else data
+    if iter(source) is source:  # a generator: keep its batches, they are read several times
+        source = list(itertools.islice(source, max_batches))
+
+    def batches() -> Iterator[dict[str, np.ndarray]]:
+        for index, item in enumerate(itertools.islice(source, max_batches)):
+            yield to_feed(item, index)
+
+    return batches
