@@ -197,10 +197,12 @@ def test_compile_from_an_onnx_file(compiled, tmp_path, capsys):
     out = tmp_path / "from_onnx.trtopt"
     code, stdout, err = run_cli(capsys, "compile", onnx_path, "--shapes", "x:1x3x8x8,2x3x8x8,4x3x8x8",
                                 "--backend", "onnxruntime", "-o", out)
-    if code == 1 and "takes a torch.nn.Module" in err:
-        pytest.skip("trtopt.compile does not take ONNX files on this branch yet (lead's change on main)")
     assert code == 0, err
     assert stdout.strip() == str(out)
+    assert f"trtopt: compiling {onnx_path} at fp32" in err  # progress on stderr at the default verbosity
+    code, _, err = run_cli(capsys, "-q", "compile", onnx_path, "--shapes", "x:1x3x8x8,2x3x8x8,4x3x8x8",
+                           "--backend", "onnxruntime", "-o", out)
+    assert code == 0 and "compiling" not in err
     assert trtopt.load(out).profiles[0]["x"].max == (4, 3, 8, 8)
 
 
@@ -268,11 +270,19 @@ def test_export_triton_without_the_feature_is_a_clear_error(compiled, tmp_path, 
 
 
 def test_export_triton(compiled, tmp_path, capsys):
-    pytest.importorskip("trtopt.triton", reason="trtopt/triton.py is not on this branch yet")
     repo = tmp_path / "repo"
     code, out, err = run_cli(capsys, "export-triton", compiled, repo, "--name", "small", "--backend", "onnxruntime")
     assert code == 0, err
-    assert (repo / "small" / "config.pbtxt").is_file()
+    assert out.strip() == str(repo / "small")
+    config = (repo / "small" / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in config and "max_batch_size: 4" in config  # the profile's max
     assert (repo / "small" / "1" / "model.onnx").is_file()
+    code, _, err = run_cli(capsys, "export-triton", compiled, repo, "--name", "small")
+    assert_one_line_error(code, err, "overwrite")
+    code, _, err = run_cli(capsys, "export-triton", compiled, repo, "--name", "small", "--overwrite",
+                           "--max-batch-size", "2", "--no-dynamic-batching")
+    assert code == 0, err
+    config = (repo / "small" / "config.pbtxt").read_text()
+    assert "max_batch_size: 2" in config and "dynamic_batching" not in config
     code, _, err = run_cli(capsys, "export-triton", tmp_path / "missing.trtopt", repo, "--name", "x")
     assert_one_line_error(code, err, "does not exist")

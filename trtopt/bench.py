@@ -503,8 +503,13 @@ def plot_latency_vs_accuracy(report: BenchReport, path: str | os.PathLike[str] |
             right.scatter(s.p50_ms, max(err, 1e-9), **style)
     left.set(xscale="log", xlabel=f"p50 latency at batch {batch_size} (ms, log)", ylabel="top-1 agreement with FP32 torch (%)")
     right.set(xscale="log", yscale="log", xlabel=f"p50 latency at batch {batch_size} (ms, log)", ylabel="max |output - FP32 torch|")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     for ax in (left, right):
         ax.grid(True, which="both", alpha=0.3)
+        ax.xaxis.set_major_formatter(ScalarFormatter())  # 20, 50, not 2x10^1
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    left.set_ylim(top=101)
     handles = [plt.Line2D([], [], color=colours[m], marker="o", linestyle="", label=m) for m in models]
     handles += [
         plt.Line2D([], [], color="grey", marker=mk, linestyle="", label=key)
