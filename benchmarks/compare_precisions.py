@@ -13,8 +13,12 @@ Accuracy is agreement with the FP32 torch model on structured synthetic images
 the same generator. Random weights make degenerate classifiers, so
 ``trtopt.bench.prepare_random_model`` re-estimates BatchNorm statistics first (see there).
 
-The defaults are sized for a small CPU machine (about 10 minutes on 2 cores):
-224x224 images, batch sizes 1 and 4, 10 timed iterations after 2 warm-up
+Each model's variants are timed interleaved, one call of each per round
+(``trtopt.bench.measure_side_by_side``), so that other load on the machine
+falls on all of them alike and the speedups stay fair.
+
+The defaults are sized for a small CPU machine (about 15 minutes on 2 cores):
+224x224 images, batch sizes 1 and 4, 20 timed iterations after 2 warm-up
 calls. On a GPU use more, e.g.::
 
     python benchmarks/compare_precisions.py --backend tensorrt --batch-sizes 1,8,32 \\
@@ -95,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=[b.value for b in trtopt.Backend], default="auto")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where torch eager runs and the timing inputs live (cuda on a GPU machine)")
-    parser.add_argument("--iterations", type=int, default=10, help="timed calls per batch size")
+    parser.add_argument("--iterations", type=int, default=20, help="timed calls per batch size")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per batch size")
     parser.add_argument("--image-size", type=int, default=224, help="ViT needs a multiple of 16")
     parser.add_argument("--eval-samples", type=int, default=32, help="images for the accuracy columns")
@@ -123,21 +127,13 @@ def run(args: argparse.Namespace) -> bench.BenchReport:
         return (bench.structured_images(batch, size, seed=args.seed + 3).to(device),)
 
     results = []
-    steps = len(args.models) * (1 + len(args.precisions))
-    step = 0
-    for name in args.models:
+    for number, name in enumerate(args.models, start=1):
+        started = time.perf_counter()
         torch.manual_seed(args.seed)
         model = bench.prepare_random_model(MODELS[name](size), stats_images)
-        step += 1
-        logger.info("[%d/%d] %s: torch eager", step, steps, name)
-        t0 = time.perf_counter()
         eager = copy.deepcopy(model).to(device)  # trtopt compiles from the CPU copy
-        results.append(
-            bench.bench_torch(name, eager, make_inputs, batch_sizes, warmup=args.warmup, iterations=args.iterations)
-        )
         reference = bench.torch_reference(eager, (eval_images.to(device),), chunk)
-        del eager
-        logger.info("      done in %.0f s", time.perf_counter() - t0)
+        candidates = [bench.torch_candidate(name, eager)]
         (input_name,) = forward_input_names(model, 1)
         lo, hi = min(batch_sizes), max(batch_sizes)
         dynamic = {input_name: {0: (lo, hi, hi)}} if lo != hi else None
@@ -145,33 +141,34 @@ def run(args: argparse.Namespace) -> bench.BenchReport:
             {input_name: calib_images[i : i + chunk]} for i in range(0, len(calib_images), chunk)
         ]
         for precision in args.precisions:
-            step += 1
-            logger.info("[%d/%d] %s: trtopt %s (%s)", step, steps, name, precision, args.backend)
-            t0 = time.perf_counter()
-            results.append(
-                bench.bench_trtopt(
+            logger.info("[%d/%d] %s: compiling at %s (%s)", number, len(args.models), name, precision, args.backend)
+            candidates.append(
+                bench.trtopt_candidate(
                     name,
                     model,
                     (bench.structured_images(hi, size, seed=args.seed + 3),),
-                    make_inputs,
-                    batch_sizes,
                     precision=precision,
                     backend=args.backend,
                     dynamic_shapes=dynamic,
                     calibration_data=calibration if precision == "int8" else None,
                     eval_inputs=(eval_images.to(device),),
                     reference=reference,
-                    warmup=args.warmup,
-                    iterations=args.iterations,
+                    eval_chunk=chunk,
                 )
             )
-            logger.info("      %s in %.0f s", results[-1].status, time.perf_counter() - t0)
+        runnable = sum(c.fn is not None for c in candidates)
+        logger.info("[%d/%d] %s: timing %d variants side by side", number, len(args.models), name, runnable)
+        results += bench.run_side_by_side(
+            candidates, make_inputs, batch_sizes, warmup=args.warmup, iterations=args.iterations
+        )
+        del eager, candidates
+        logger.info("[%d/%d] %s: done in %.0f s", number, len(args.models), name, time.perf_counter() - started)
     settings = {
         key: (str(value) if isinstance(value, Path) else value)
         for key, value in vars(args).items()
         if key != "quiet"
     }
-    settings["command"] = "python benchmarks/compare_precisions.py " + " ".join(sys.argv[1:])
+    settings["command"] = " ".join(["python benchmarks/compare_precisions.py", *sys.argv[1:]])
     return bench.BenchReport(results=results, settings=settings)
 
 

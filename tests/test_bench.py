@@ -40,18 +40,27 @@ def test_latency_stats_from_known_samples():
     assert stats.throughput_per_s == pytest.approx(8 * 1000 / 3.0)
 
 
-def test_time_calls_counts_warmup_and_iterations_and_picks_the_cpu_clock():
-    calls = []
-    samples, clock = bench.time_calls(lambda: calls.append(1) or torch.zeros(1), warmup=2, iterations=5)
-    assert len(calls) == 7 and len(samples) == 5
-    assert clock == "perf_counter"
-    assert all(s >= 0 for s in samples)
+def test_measure_side_by_side_alternates_blocks_rotating_the_first_callable():
+    log = []
+
+    def make(tag):
+        return lambda x: log.append(tag) or x
+
+    stats, memory = bench.measure_side_by_side(
+        [make("a"), make("b")], lambda b: (torch.zeros(b),), [1, 3], warmup=2, iterations=5, rounds=2
+    )
+    # Per batch size: each one's warm-up, then round 1 (a block of 3, b block of 3: one settling
+    # call plus 3 and 2 timed), round 2 starting with b (1 settling plus 2 timed each).
+    assert "".join(log) == ("aa" + "bb" + "aaaa" + "bbbb" + "bbb" + "aaa") * 2
+    assert [[s.batch_size for s in per_fn] for per_fn in stats] == [[1, 3], [1, 3]]
+    assert all(s.iterations == 5 and s.clock == "perf_counter" and s.min_ms >= 0 for per_fn in stats for s in per_fn)
+    assert all(m is not None and m.peak_rss_bytes > 0 for m in memory)
 
 
 @pytest.mark.parametrize("warmup, iterations", [(0, 5), (1, 0)])
-def test_time_calls_rejects_bad_counts(warmup, iterations):
+def test_measure_side_by_side_rejects_bad_counts(warmup, iterations):
     with pytest.raises(ConfigError):
-        bench.time_calls(lambda: None, warmup=warmup, iterations=iterations)
+        bench.measure_side_by_side([lambda x: x], lambda b: (torch.zeros(b),), [1], warmup=warmup, iterations=iterations)
 
 
 def test_measure_latency_runs_each_batch_size():
@@ -235,47 +244,46 @@ def tiny():
     return model, images
 
 
-def test_bench_trtopt_fp32_and_torch_side_by_side(tiny):
+def test_trtopt_and_torch_side_by_side(tiny):
     model, images = tiny
 
     def make_inputs(b):
         return (bench.structured_images(b, 16, seed=2),)
 
-    eager = bench.bench_torch("tiny", model, make_inputs, [1, 2], warmup=1, iterations=2)
     reference = bench.torch_reference(model, (images,), 2)
-    row = bench.bench_trtopt(
-        "tiny", model, make_inputs(2), make_inputs, [1, 2], precision="fp32", backend="onnxruntime",
-        dynamic_shapes={"x": {0: (1, 2, 2)}}, eval_inputs=(images,), reference=reference,
-        warmup=1, iterations=2,
-    )
+    candidates = [
+        bench.torch_candidate("tiny", model),
+        bench.trtopt_candidate(
+            "tiny", model, make_inputs(2), precision="fp32", backend="onnxruntime",
+            dynamic_shapes={"x": {0: (1, 2, 2)}}, eval_inputs=(images,), reference=reference, eval_chunk=2,
+        ),
+    ]
+    eager, row = bench.run_side_by_side(candidates, make_inputs, [1, 2], warmup=1, iterations=2)
     assert eager.runtime == "torch-eager" and [s.batch_size for s in eager.latency] == [1, 2]
     assert row.status == "ok" and row.backend == "onnxruntime"
+    assert [s.batch_size for s in row.latency] == [1, 2]
     assert row.compile_time_s > 0 and row.artifact_bytes > 0
     assert row.memory.peak_rss_bytes > 0
     assert row.accuracy.samples == 6 and row.accuracy.top1_agreement == 1.0
     assert row.accuracy.max_abs_error < 1e-4 and row.accuracy.cosine_similarity > 0.9999
 
-    from trtopt import compile
-
-    module = compile(model, (images[:2],), backend="onnxruntime")
+    module = candidates[1].fn
     profile = bench.profile_onnxruntime(module, (images[:2],), runs=3)
     assert profile.runs == 3
     assert {op for op, _ in profile.by_op_type()} & {"Conv", "FusedConv"}
-    assert bench.inputs_for_spec(module.spec)[0].shape == (2, 3, 16, 16)
+    assert bench.inputs_for_spec(module.spec, 1)[0].shape == (1, 3, 16, 16)
 
 
-def test_bench_trtopt_reports_a_backend_that_cannot_run_as_skipped(tiny):
+def test_a_backend_that_cannot_run_is_a_skipped_row(tiny):
     from trtopt import _deps
 
     if _deps.tensorrt_unavailable_reason() is None:
         pytest.skip("TensorRT runs here, so backend='tensorrt' is not skipped")
     model, images = tiny
-    row = bench.bench_trtopt(
-        "tiny", model, (images[:1],), lambda b: (images[:b],), [1], precision="fp32",
-        backend="tensorrt", warmup=1, iterations=1,
-    )
-    assert row.status == "skipped" and "cannot run" in row.reason
-    assert row.latency == [] and row.accuracy is None
+    skipped = bench.trtopt_candidate("tiny", model, (images[:1],), precision="fp32", backend="tensorrt")
+    assert skipped.fn is None and skipped.result.status == "skipped" and "cannot run" in skipped.result.reason
+    (row,) = bench.run_side_by_side([skipped], lambda b: (images[:b],), [1], warmup=1, iterations=1)
+    assert row.latency == [] and row.accuracy is None and row.memory is None
 
 
 class FakeTensorRTBackend:

@@ -22,8 +22,13 @@ notebook and on the command line means the same thing:
   absolute error over every output element, cosine similarity of all outputs
   flattened into one vector, and for classifiers (first output ``[N, C]``,
   ``C > 1``) the fraction of samples whose arg-max class agrees.
-- **Peak memory.** Resident set size (RSS) of this process while the timed
-  runs execute. On Linux the kernel's peak (``VmHWM``) is reset through
+- **Side by side.** Variants of one model are timed in alternating blocks
+  (a few rounds, one block of calls of each per round), so load from other
+  processes falls on all of them alike and their ratios stay fair on a
+  shared machine (``measure_side_by_side``).
+- **Peak memory.** Resident set size (RSS) of this process during a variant's
+  warm-up calls (same work as the timed calls, which are interleaved with
+  other variants' and cannot be told apart). On Linux the kernel's peak (``VmHWM``) is reset through
   ``/proc/self/clear_refs`` first, so the peak is that of the measured window
   (``rss_scope="window"``); elsewhere it is the process's lifetime peak from
   ``resource.getrusage`` (``rss_scope="process"``). RSS counts everything the
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import math
@@ -238,10 +244,49 @@ class PeakMemory:
 # ----------------------------------------------------------------------- timing
 
 
-def time_calls(fn: Callable[[], Any], *, warmup: int, iterations: int) -> tuple[list[float], str]:
-    """Call ``fn`` ``warmup`` times untimed, then ``iterations`` times timed.
+def _timer(fn: Callable[[], Any], on_cuda: bool) -> tuple[Callable[[], float], str]:
+    """A function that calls ``fn`` once and returns its latency in ms, and the clock's name."""
+    if on_cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
-    Returns the per-call latencies in milliseconds and the clock used.
+        def timed() -> float:
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return float(start.elapsed_time(end))
+
+        return timed, "cuda-event"
+
+    def timed_cpu() -> float:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1000.0
+
+    return timed_cpu, "perf_counter"
+
+
+def measure_side_by_side(
+    fns: Sequence[Callable[..., Any]],
+    make_inputs: Callable[[int], Sequence[Any]],
+    batch_sizes: Iterable[int],
+    *,
+    warmup: int,
+    iterations: int,
+    rounds: int = 5,
+) -> tuple[list[list[LatencyStats]], list[MemoryUsage | None]]:
+    """Latency of each ``fn(*make_inputs(b))`` at each batch size, measured in alternating blocks.
+
+    All callables get the same inputs. After each one's warm-up, the timed
+    calls are split into ``rounds`` blocks; each round runs one block of every
+    callable (the starting callable rotating). Load from other processes and
+    clock drift then fall on every callable alike, so the ratios between them
+    stay fair on a busy machine. Each block starts with one untimed call,
+    because thread pools of the previous callable (ONNX Runtime and OpenMP
+    threads spin for a while after their work) would otherwise slow the first
+    call down. Peak memory is taken per callable around its warm-up calls; the
+    largest over the batch sizes is kept. Returns ``(stats, memory)``, one
+    entry per callable.
     """
     if warmup < 1:
         raise ConfigError(
@@ -249,25 +294,45 @@ def time_calls(fn: Callable[[], Any], *, warmup: int, iterations: int) -> tuple[
         )
     if iterations < 1:
         raise ConfigError(f"iterations={iterations}; use at least 1 (20 or more for a stable p99)")
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    samples: list[float] = []
-    if is_cuda(out):
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for _ in range(iterations):
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(float(start.elapsed_time(end)))
-        return samples, "cuda-event"
-    for _ in range(iterations):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1000.0)
-    return samples, "perf_counter"
+    if rounds < 1:
+        raise ConfigError(f"rounds={rounds}; use at least 1")
+    rounds = min(rounds, iterations)
+    blocks = [iterations // rounds + (1 if r < iterations % rounds else 0) for r in range(rounds)]
+    stats: list[list[LatencyStats]] = [[] for _ in fns]
+    memory: list[MemoryUsage | None] = [None for _ in fns]
+    for batch in batch_sizes:
+        inputs = tuple(make_inputs(batch))
+        calls = [functools.partial(fn, *inputs) for fn in fns]
+        timers = []
+        for index, call in enumerate(calls):
+            with PeakMemory(cuda=is_cuda(inputs)) as peak:
+                for _ in range(warmup):
+                    out = call()
+            on_cuda = is_cuda(out)
+            if on_cuda:
+                torch.cuda.synchronize()
+            timers.append(_timer(call, on_cuda))
+            memory[index] = _larger(memory[index], peak.usage)
+        samples: list[list[float]] = [[] for _ in fns]
+        for round_, block in enumerate(blocks):
+            for k in range(len(fns)):
+                index = (round_ + k) % len(fns)
+                calls[index]()  # settle: see the docstring
+                samples[index] += [timers[index][0]() for _ in range(block)]
+        for index, (_, clock) in enumerate(timers):
+            stats[index].append(LatencyStats.from_samples(samples[index], batch, clock))
+        logger.debug("batch %d: p50 %s ms", batch, ", ".join(f"{s[-1].p50_ms:.2f}" for s in stats))
+    return stats, memory
+
+
+def _larger(a: MemoryUsage | None, b: MemoryUsage | None) -> MemoryUsage | None:
+    if a is None or b is None:
+        return b or a
+    return MemoryUsage(
+        peak_rss_bytes=max(a.peak_rss_bytes or 0, b.peak_rss_bytes or 0),
+        rss_scope=b.rss_scope,
+        peak_cuda_bytes=None if b.peak_cuda_bytes is None else max(a.peak_cuda_bytes or 0, b.peak_cuda_bytes),
+    )
 
 
 def measure_latency(
@@ -278,14 +343,9 @@ def measure_latency(
     warmup: int,
     iterations: int,
 ) -> list[LatencyStats]:
-    """Latency statistics of ``fn(*make_inputs(b))`` for each batch size ``b``."""
-    stats = []
-    for batch in batch_sizes:
-        inputs = tuple(make_inputs(batch))
-        samples, clock = time_calls(lambda: fn(*inputs), warmup=warmup, iterations=iterations)
-        stats.append(LatencyStats.from_samples(samples, batch, clock))
-        logger.debug("  batch %d: p50 %.2f ms", batch, stats[-1].p50_ms)
-    return stats
+    """Latency statistics of ``fn(*make_inputs(b))`` for each batch size ``b`` (one callable)."""
+    stats, _ = measure_side_by_side([fn], make_inputs, batch_sizes, warmup=warmup, iterations=iterations)
+    return stats[0]
 
 
 def run_in_chunks(fn: Callable[..., Any], inputs: Sequence[torch.Tensor], chunk: int) -> list[np.ndarray]:
@@ -528,15 +588,18 @@ def plot_latency_vs_accuracy(report: BenchReport, path: str | os.PathLike[str] |
 # --------------------------------------------------------------- running things
 
 
-def bench_torch(
-    name: str,
-    model: torch.nn.Module,
-    make_inputs: Callable[[int], Sequence[torch.Tensor]],
-    batch_sizes: Sequence[int],
-    *,
-    warmup: int,
-    iterations: int,
-) -> BenchResult:
+@dataclass
+class Candidate:
+    """One row to measure: its result (filled in as measured) and the callable to time.
+
+    ``fn`` is None when the row could not be built (``result.status`` says why).
+    """
+
+    result: BenchResult
+    fn: Callable[..., Any] | None
+
+
+def torch_candidate(name: str, model: torch.nn.Module) -> Candidate:
     """The eager baseline: the torch model as is, under ``torch.inference_mode``."""
     model = model.eval()
 
@@ -545,17 +608,14 @@ def bench_torch(
             return model(*inputs)
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    with PeakMemory(cuda=device.type == "cuda") as memory:
-        latency = measure_latency(call, make_inputs, batch_sizes, warmup=warmup, iterations=iterations)
-    return BenchResult(
+    result = BenchResult(
         model=name,
         runtime="torch-eager",
         precision="fp32",
         backend="torch",
-        device=str(device) if device.type == "cpu" else device_name(),
-        memory=memory.usage,
-        latency=latency,
+        device="cpu" if device.type == "cpu" else device_name(),
     )
+    return Candidate(result, call)
 
 
 def torch_reference(model: torch.nn.Module, inputs: Sequence[torch.Tensor], chunk: int) -> list[np.ndarray]:
@@ -564,22 +624,16 @@ def torch_reference(model: torch.nn.Module, inputs: Sequence[torch.Tensor], chun
         return run_in_chunks(model.eval(), inputs, chunk)
 
 
-def bench_compiled(
+def compiled_candidate(
     name: str,
     module: Any,
-    make_inputs: Callable[[int], Sequence[Any]],
-    batch_sizes: Sequence[int],
     *,
-    warmup: int,
-    iterations: int,
     artifact_bytes: int | None = None,
     compile_time_s: float | None = None,
-) -> BenchResult:
-    """Time an already compiled ``CompiledModule`` (e.g. loaded from a ``.trtopt`` file)."""
+) -> Candidate:
+    """An already compiled ``CompiledModule`` (e.g. loaded from a ``.trtopt`` file)."""
     on_gpu = module.backend_name == "tensorrt"
-    with PeakMemory(cuda=on_gpu) as memory:
-        latency = measure_latency(module, make_inputs, batch_sizes, warmup=warmup, iterations=iterations)
-    return BenchResult(
+    result = BenchResult(
         model=name,
         runtime="trtopt",
         precision=module.precision,
@@ -587,33 +641,31 @@ def bench_compiled(
         device=device_name() if on_gpu else "cpu",
         compile_time_s=compile_time_s,
         artifact_bytes=artifact_bytes,
-        memory=memory.usage,
-        latency=latency,
     )
+    return Candidate(result, module)
 
 
-def bench_trtopt(
+def trtopt_candidate(
     name: str,
-    model: torch.nn.Module,
+    model: Any,
     example_inputs: Sequence[torch.Tensor],
-    make_inputs: Callable[[int], Sequence[torch.Tensor]],
-    batch_sizes: Sequence[int],
     *,
     precision: str,
-    warmup: int,
-    iterations: int,
     backend: str = "auto",
     dynamic_shapes: Any = None,
     calibration_data: Any = None,
     eval_inputs: Sequence[torch.Tensor] | None = None,
     reference: Sequence[np.ndarray] | None = None,
+    eval_chunk: int = 1,
     classifier: bool | None = None,
     **overrides: Any,
-) -> BenchResult:
-    """Compile ``model`` at ``precision``, time it, and compare it with the FP32 reference.
+) -> Candidate:
+    """Compile ``model`` at ``precision``; record compile time, artifact size and accuracy.
 
-    A precision or backend that cannot run here (a ``ConfigError`` such as "not
-    available", or a ``DependencyError`` such as no TensorRT) gives a row with
+    Accuracy is measured against ``reference`` (see ``torch_reference``) on
+    ``eval_inputs``, ``eval_chunk`` samples per call. A precision or backend
+    that cannot run here (a ``ConfigError`` such as "not available", or a
+    ``DependencyError`` such as no TensorRT) gives a row with
     ``status="skipped"`` and the reason; any other trtopt error gives
     ``status="failed"``. Bugs (non-trtopt exceptions) propagate.
     """
@@ -634,29 +686,38 @@ def bench_trtopt(
         )
     except (ConfigError, DependencyError) as exc:
         logger.warning("%s %s: skipped: %s", name, precision, exc)
-        return BenchResult(**row, status="skipped", reason=str(exc))
+        return Candidate(BenchResult(**row, status="skipped", reason=str(exc)), None)
     except TrtoptError as exc:
         logger.warning("%s %s: failed: %s", name, precision, exc)
-        return BenchResult(**row, status="failed", reason=f"{type(exc).__name__}: {exc}")
+        return Candidate(BenchResult(**row, status="failed", reason=f"{type(exc).__name__}: {exc}"), None)
     compile_time = time.perf_counter() - start
     with tempfile.TemporaryDirectory(prefix="trtopt-bench-") as tmp:
         artifact = module.save(Path(tmp) / f"{name}.trtopt").stat().st_size
-    result = bench_compiled(
-        name,
-        module,
-        make_inputs,
-        batch_sizes,
-        warmup=warmup,
-        iterations=iterations,
-        artifact_bytes=artifact,
-        compile_time_s=compile_time,
-    )
+    candidate = compiled_candidate(name, module, artifact_bytes=artifact, compile_time_s=compile_time)
     if eval_inputs is not None and reference is not None:
-        chunk = max(batch_sizes)
-        result.accuracy = compare_outputs(
-            reference, run_in_chunks(module, eval_inputs, chunk), classifier=classifier
+        candidate.result.accuracy = compare_outputs(
+            reference, run_in_chunks(module, eval_inputs, eval_chunk), classifier=classifier
         )
-    return result
+    return candidate
+
+
+def run_side_by_side(
+    candidates: Sequence[Candidate],
+    make_inputs: Callable[[int], Sequence[Any]],
+    batch_sizes: Sequence[int],
+    *,
+    warmup: int,
+    iterations: int,
+) -> list[BenchResult]:
+    """Time every runnable candidate side by side (``measure_side_by_side``); return all results."""
+    runnable = [c for c in candidates if c.fn is not None]
+    stats, memory = measure_side_by_side(
+        [c.fn for c in runnable], make_inputs, batch_sizes, warmup=warmup, iterations=iterations
+    )
+    for candidate, latency, peak in zip(runnable, stats, memory):
+        candidate.result.latency = latency
+        candidate.result.memory = peak
+    return [c.result for c in candidates]
 
 
 # ----------------------------------------------------------------- input data

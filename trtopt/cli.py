@@ -280,18 +280,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.source.endswith(".trtopt"):
         _check_file(args.source, "module file")
         module = trtopt.load(args.source, backend=args.backend)
-        name = Path(args.source).stem
-        results = [
-            bench.bench_compiled(
-                name,
-                module,
-                lambda b: bench.inputs_for_spec(module.spec, b),
-                batch_sizes or [module.profiles[0][module.input_names[0]].opt[0]],
-                warmup=args.warmup,
-                iterations=args.iterations,
-                artifact_bytes=Path(args.source).stat().st_size,
-            )
+        batches = batch_sizes or [module.profiles[0][module.input_names[0]].opt[0]]
+        candidates = [
+            bench.compiled_candidate(Path(args.source).stem, module, artifact_bytes=Path(args.source).stat().st_size)
         ]
+
+        def make_inputs(batch: int) -> list[Any]:
+            return bench.inputs_for_spec(module.spec, batch)
+
     elif is_onnx_file(args.source):
         raise ConfigError(
             f"trtopt bench takes a .trtopt file or a MODULE:FUNCTION factory; compile {args.source} "
@@ -310,25 +306,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if len(set(batches) | {int(examples[0].shape[0])}) > 1:
             lo, hi = min(batches), max(batches)
             dynamic = {n: {0: (lo, hi, hi)} for n in reference_names}  # dim 0 is the batch
-        results = [bench.bench_torch(name, model, make_inputs, batches, warmup=args.warmup, iterations=args.iterations)]
         reference = bench.torch_reference(model, examples, max(batches))
+        candidates = [bench.torch_candidate(name, model)]
         for precision in args.precision:
-            results.append(
-                bench.bench_trtopt(
+            logger.info("compiling %s at %s", name, precision)
+            candidates.append(
+                bench.trtopt_candidate(
                     name,
                     model,
                     make_inputs(max(batches)),
-                    make_inputs,
-                    batches,
                     precision=precision,
                     backend=args.backend,
                     dynamic_shapes=dynamic,
                     eval_inputs=examples,
                     reference=reference,
-                    warmup=args.warmup,
-                    iterations=args.iterations,
+                    eval_chunk=max(batches),
                 )
             )
+    logger.info("timing batch sizes %s, %d iterations", ",".join(map(str, batches)), args.iterations)
+    results = bench.run_side_by_side(candidates, make_inputs, batches, warmup=args.warmup, iterations=args.iterations)
     report = bench.BenchReport(
         results=results,
         settings={"source": args.source, "batch_sizes": batch_sizes, "warmup": args.warmup,
