@@ -128,3 +128,47 @@ def feed_batches(
             yield to_feed(item, index)
 
     return batches
+
+
+def emulate_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An FP32 graph that rounds every FP16 tensor of ``model`` to FP16, for running on a CPU.
+
+    ONNX Runtime's CPU provider has no FP16 kernel for most ops: it computes
+    them in FP32 and drops the Casts between them, so an FP16 graph's
+    intermediate overflow and rounding do not show there. TensorRT stores each
+    FP16 tensor in FP16. This copy computes every op in FP32 but sends each
+    FP16 tensor through an explicit Cast to FP16 and back, which ONNX Runtime
+    keeps; the values it sees are the FP16 values TensorRT would see. A graph
+    without FP16 tensors is returned as is.
+    """
+    half = onnx.TensorProto.FLOAT16
+    half_tensors = {
+        vi.name for vi in [*model.graph.value_info, *model.graph.output] if vi.type.tensor_type.elem_type == half
+    }
+    if not half_tensors:
+        return model
+    emulated = onnx.ModelProto()
+    emulated.CopyFrom(model)
+    graph = emulated.graph
+    for init in graph.initializer:
+        if init.data_type == half:  # FP16 values are exact in FP32
+            values = onnx.numpy_helper.to_array(init).astype(np.float32)
+            init.CopyFrom(onnx.numpy_helper.from_array(values, init.name))
+    nodes = []
+    for node in graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == half:
+                attr.i = onnx.TensorProto.FLOAT
+        nodes.append(node)
+        for i, name in enumerate(node.output):
+            if name in half_tensors:
+                wide, rounded = f"{name}__fp32", f"{name}__as_fp16"
+                node.output[i] = wide
+                nodes.append(onnx.helper.make_node("Cast", [wide], [rounded], to=half))
+                nodes.append(onnx.helper.make_node("Cast", [rounded], [name], to=onnx.TensorProto.FLOAT))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for vi in [*graph.value_info, *graph.output]:  # same names, now FP32 holding FP16 values
+        if vi.type.tensor_type.elem_type == half:
+            vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    return emulated
