@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -13,7 +14,7 @@ import torch
 
 from . import _deps
 from .config import Backend, BuildConfig, Precision, ShapeProfile, build_profiles, check_profiles_against_graph
-from .errors import CalibrationError, ConfigError, InputError
+from .errors import CalibrationError, ConfigError, InputError, first_line
 from .export import check_example_inputs, export, forward_input_names
 from .graph import cleanup, graph_input_shapes
 from .module import CompiledModule, ModuleSpec, read_module_file, tensor_specs
@@ -56,7 +57,8 @@ def make_backend(
     from .precision import emulate_fp16
 
     # ORT's CPU provider would run most FP16 ops in FP32; emulate TensorRT's FP16 tensors instead.
-    return OnnxRuntimeBackend(emulate_fp16(onnx_model)), None
+    # Keep an engine read from a file, so that saving or exporting the module again keeps it.
+    return OnnxRuntimeBackend(emulate_fp16(onnx_model)), engine
 
 
 def _example_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -69,9 +71,55 @@ def _example_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     )
 
 
+MODEL_FORMS = (
+    "a torch.nn.Module, a TorchScript module, a torch.export.ExportedProgram, an onnx.ModelProto, "
+    "or a path to a .onnx file, a torch.jit.save archive or a torch.export.save .pt2 file"
+)
+
+
+def load_source(model: Any) -> Any:
+    """Resolve a path into the model object it holds; check the object is a supported form."""
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.is_file():
+            raise InputError(f"model path {path} does not exist")
+        if path.suffix == ".onnx":
+            return onnx.load(str(path))  # external data is loaded from beside the file
+        if path.suffix == ".pt2":
+            return torch.export.load(str(path))
+        try:
+            return torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:  # torch raises RuntimeError or pickle errors for non-archives
+            raise InputError(
+                f"{path} is not a torch.jit.save archive ({first_line(exc)}); pass {MODEL_FORMS}. "
+                "A state_dict or a torch.save'd nn.Module has to be loaded into its class first"
+            ) from exc
+    if isinstance(model, (torch.nn.Module, torch.export.ExportedProgram, onnx.ModelProto)):
+        return model
+    raise InputError(f"model is a {type(model).__name__}; trtopt.compile takes {MODEL_FORMS}")
+
+
+def _onnx_source(
+    model: onnx.ModelProto, dynamic_shapes: Any
+) -> tuple[onnx.ModelProto, list[str], dict[str, Any], tuple[ShapeProfile, ...]]:
+    """An ONNX model needs no export: its input names key dynamic_shapes, outputs come back flat."""
+    shapes = graph_input_shapes(model)
+    # A dynamic dim gets a placeholder size here; check_profiles_against_graph then insists that
+    # dynamic_shapes gives it a range.
+    example_shapes = {n: tuple(d if isinstance(d, int) else 1 for d in dims) for n, dims in shapes.items()}
+    profiles = build_profiles(dynamic_shapes, example_shapes)
+    outputs = [o.name for o in model.graph.output]
+    structure: dict[str, Any] = (
+        {"type": "tensor"}
+        if len(outputs) == 1
+        else {"type": "tuple", "items": [{"type": "tensor"}] * len(outputs)}
+    )
+    return model, list(shapes), structure, profiles
+
+
 def compile(  # noqa: A001 - the public name the design card fixes
-    model: torch.nn.Module,
-    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    model: Any,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
     *,
     precision: Precision | str | None = None,
     dynamic_shapes: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
@@ -80,15 +128,18 @@ def compile(  # noqa: A001 - the public name the design card fixes
     config: BuildConfig | None = None,
     **overrides: Any,
 ) -> CompiledModule:
-    """Compile a PyTorch model into a fast callable.
+    """Compile a model into a fast callable.
 
+    ``model`` is a ``torch.nn.Module``, a TorchScript module, a
+    ``torch.export.ExportedProgram``, an ``onnx.ModelProto``, or a path to any of
+    them saved (``.onnx``, ``torch.jit.save`` archive, ``torch.export.save`` ``.pt2``).
+    ``example_inputs`` (a tuple of positional tensors) is needed for the torch forms
+    (an ExportedProgram falls back to its own examples) and ignored for ONNX.
     ``precision`` and ``backend`` default to the config's (``"fp32"``, ``"auto"``);
     any other ``BuildConfig`` field may be given as a keyword override.
-    ``dynamic_shapes`` maps a forward argument name to ``{dim: (min, opt, max)}``;
-    a list of such dicts gives several optimization profiles.
+    ``dynamic_shapes`` maps an input name (forward argument, or ONNX graph input) to
+    ``{dim: (min, opt, max)}``; a list of such dicts gives several optimization profiles.
     """
-    if not isinstance(model, torch.nn.Module):
-        raise InputError(f"model is a {type(model).__name__}; trtopt.compile takes a torch.nn.Module")
     config = config or BuildConfig()
     if precision is not None:
         overrides["precision"] = precision
@@ -96,45 +147,56 @@ def compile(  # noqa: A001 - the public name the design card fixes
         overrides["backend"] = backend
     config = config.replace(**overrides)
     _check_calibration_source(config, calibration_data)
+    source = load_source(model)
     kind = select_backend(config.backend)
 
     start = time.perf_counter()
-    examples = _example_tuple(example_inputs)
-    names = forward_input_names(model, len(examples))
-    check_example_inputs(names, examples)
-    profiles = build_profiles(dynamic_shapes, {n: tuple(t.shape) for n, t in zip(names, examples)})
-    exported = export(model, examples, profiles, config.opset, input_names=names)
-    onnx_model, report = cleanup(exported.model)
+    if isinstance(source, onnx.ModelProto):
+        onnx_model, names, structure, profiles = _onnx_source(source, dynamic_shapes)
+        exporter = "onnx"
+    else:
+        if example_inputs is None and isinstance(source, torch.export.ExportedProgram):
+            example_inputs = source.example_inputs[0] if source.example_inputs else None
+        if example_inputs is None:
+            raise InputError(
+                f"example_inputs is required to export a {type(source).__name__}; pass a tuple of tensors"
+            )
+        examples = _example_tuple(example_inputs)
+        names = forward_input_names(source, len(examples))
+        check_example_inputs(names, examples)
+        profiles = build_profiles(dynamic_shapes, {n: tuple(t.shape) for n, t in zip(names, examples)})
+        exported = export(source, examples, profiles, config.opset, input_names=names)
+        onnx_model, structure, exporter = exported.model, exported.output_structure, exported.exporter
+    onnx_model, report = cleanup(onnx_model)
     graph_shapes = graph_input_shapes(onnx_model)
-    check_profiles_against_graph(
-        [ShapeProfile(tuple(p[n] for n in graph_shapes)) for p in profiles], graph_shapes
-    )
-    onnx_model, precision_report = _apply_precision(onnx_model, config, calibration_data, profiles)
-
-    graph_inputs = {t.name: t for t in tensor_specs(onnx_model.graph.input)}
-    spec = ModuleSpec(
-        inputs=tuple(graph_inputs[n] for n in names if n in graph_inputs),
-        outputs=tensor_specs(onnx_model.graph.output),
-        output_structure=exported.output_structure,
-        profiles=tuple(ShapeProfile(tuple(p[n] for n in graph_inputs)) for p in profiles),
-        precision=config.precision.value,
-        info={
-            "exporter": exported.exporter,
-            "opset": config.opset,
-            "cleanup": report.summary(),
-            "precision": precision_report,
-        },
-    )
-    unused = [n for n in names if n not in graph_inputs]
+    unused = [n for n in names if n not in graph_shapes]
     if unused:
         raise ConfigError(
             f"forward argument(s) {unused} do not reach any output, so the exported graph has no "
             "such input; remove them from forward() or from example_inputs"
         )
+    profiles = tuple(ShapeProfile(tuple(p[n] for n in graph_shapes)) for p in profiles)
+    check_profiles_against_graph(profiles, graph_shapes)
+    onnx_model, precision_report = _apply_precision(onnx_model, config, calibration_data, profiles)
+
+    graph_inputs = {t.name: t for t in tensor_specs(onnx_model.graph.input)}
+    spec = ModuleSpec(
+        inputs=tuple(graph_inputs[n] for n in names),
+        outputs=tensor_specs(onnx_model.graph.output),
+        output_structure=structure,
+        profiles=profiles,
+        precision=config.precision.value,
+        info={
+            "exporter": exporter,
+            "opset": config.opset,
+            "cleanup": report.summary(),
+            "precision": precision_report,
+        },
+    )
     backend_obj, engine = make_backend(kind, onnx_model, spec, config)
     logger.info(
         "compiled %s: %s, %s, %.1f s",
-        type(model).__name__,
+        type(source).__name__,
         config.precision.value,
         backend_obj.name,
         time.perf_counter() - start,
@@ -176,11 +238,9 @@ def _apply_precision(
             logger.info("calibration_data is ignored at fp32")
         return onnx_model, {}
     inputs = tensor_specs(onnx_model.graph.input)
-    batches = (
-        None
-        if calibration_data is None
-        else passes.feed_batches(calibration_data, inputs, config.calibration_batches)
-    )
+    batches = None
+    if calibration_data is not None:
+        calibration_data, batches = passes.feed_batches(calibration_data, inputs, config.calibration_batches)
     excluded = {"exclude_nodes": config.exclude_nodes, "exclude_op_types": config.exclude_op_types}
     if config.precision is Precision.FP16:
         if batches is None:

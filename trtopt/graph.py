@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ._io import default_permissions
 from .errors import GraphError
 
 logger = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
             )
         else:
             onnx.save_model(model, tmp)
+        default_permissions(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -1,0 +1,127 @@
+"""``calibrate``: activation ranges for INT8, from data or from a TensorRT calibration cache."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import onnx
+
+from ..config import CalibratorKind
+from ..errors import CalibrationError
+from .cache import algorithm_name, read_cache, write_cache
+from .collect import collect
+from .data import Progress, expected_batches, iter_batches
+from .observers import make_observer
+
+if TYPE_CHECKING:
+    from ..module import TensorSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """Per-tensor ranges. ``num_batches`` is 0 when the ranges came from a cache."""
+
+    amax: dict[str, float]
+    method: str
+    num_batches: int
+    from_cache: bool = False
+
+    def scales(self) -> dict[str, float]:
+        """INT8 scale per tensor: amax / 127 (symmetric quantization, DESIGN.md §4)."""
+        return {name: amax / 127.0 for name, amax in self.amax.items()}
+
+
+def _method_name(method: CalibratorKind | str) -> str:
+    try:
+        return CalibratorKind(method.value if isinstance(method, CalibratorKind) else method).value
+    except ValueError:
+        allowed = ", ".join(repr(k.value) for k in CalibratorKind)
+        raise CalibrationError(f"method={method!r} is not a calibrator; use one of {allowed}") from None
+
+
+def _from_cache(
+    path: Path, names: Sequence[str], method: str, algorithm: str
+) -> CalibrationResult | None:
+    """The cached ranges when the cache fits this run; None (with a warning) when it does not."""
+    cache = read_cache(path)  # a file that is no cache at all raises: never overwrite it
+    if cache.algorithm != algorithm:
+        logger.warning(
+            "calibration cache %s holds %s ranges but this run asks for %s; recalibrating and "
+            "overwriting it",
+            path, cache.algorithm, algorithm,
+        )
+        return None
+    missing = [n for n in names if n not in cache.scales]
+    if missing:
+        shown = ", ".join(repr(n) for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        logger.warning(
+            "calibration cache %s lacks %d of the %d tensors this model needs (%s): it was written for "
+            "another model or graph; recalibrating and overwriting it",
+            path, len(missing), len(names), shown,
+        )
+        return None
+    amax = cache.amax()
+    logger.info("calibration: using %d ranges from cache %s", len(names), path)
+    return CalibrationResult({n: amax[n] for n in names}, method, 0, from_cache=True)
+
+
+def calibrate(
+    onnx_model: onnx.ModelProto,
+    tensor_names: Sequence[str],
+    calibration_data: Any,
+    *,
+    input_specs: Sequence[TensorSpec],
+    method: CalibratorKind | str = "entropy",
+    percentile: float = 99.99,
+    max_batches: int | None = None,
+    cache_path: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> CalibrationResult:
+    """Measure the range (amax) of each tensor in ``tensor_names`` over ``calibration_data``.
+
+    See the package docstring for the accepted data forms and the cache rules.
+    """
+    method = _method_name(method)
+    if not 0.0 < float(percentile) <= 100.0:
+        raise CalibrationError(f"percentile={percentile!r} must be in (0, 100], e.g. 99.99")
+    names = list(dict.fromkeys(tensor_names))
+    if not names:
+        raise CalibrationError("tensor_names is empty; name the activations to calibrate")
+    graph_inputs = {vi.name for vi in onnx_model.graph.input} - {t.name for t in onnx_model.graph.initializer}
+    unknown = [s.name for s in input_specs if s.name not in graph_inputs]
+    missing = sorted(graph_inputs - {s.name for s in input_specs})
+    if unknown or missing:
+        raise CalibrationError(
+            f"input_specs do not match the graph's inputs {sorted(graph_inputs)} "
+            f"(unknown: {unknown}, missing: {missing})"
+        )
+    algorithm = algorithm_name(method, percentile)
+    path = Path(cache_path) if cache_path is not None else None
+    if path is not None and path.exists():
+        cached = _from_cache(path, names, method, algorithm)
+        if cached is not None:
+            return cached
+
+    observers = {name: make_observer(method, percentile) for name in names}
+    batches = iter_batches(calibration_data, input_specs, max_batches)
+    bar = Progress(expected_batches(calibration_data, max_batches), enabled=progress)
+    count = collect(onnx_model, observers, batches, bar)
+    amax = {name: observer.amax() for name, observer in observers.items()}
+    zero = [n for n, a in amax.items() if a == 0.0]
+    if zero:
+        logger.warning(
+            "calibration: %d tensor(s) were exactly zero on every batch (amax 0): %s",
+            len(zero), ", ".join(zero[:5]) + (" ..." if len(zero) > 5 else ""),
+        )
+    result = CalibrationResult(amax, method, count)
+    logger.info("calibration: %s ranges for %d tensors from %d batches", method, len(names), count)
+    if path is not None:
+        write_cache(path, result.scales(), algorithm)
+    return result

@@ -1,0 +1,114 @@
+"""A streaming histogram of |x| in constant memory.
+
+How it grows: it collects ``oversample`` (8) times finer than the 2048 bins the
+entropy search uses: 16384 bins over ``[0, range]``. The first batch with a
+non-zero value sets ``range = max|x|``. When a later batch holds a larger
+value, the range doubles (as often as needed) and adjacent bins are summed
+pairwise, as TensorRT's own calibrator grows its histogram ("the histogram
+range is increased by a power of two", TensorRT developer guide). Those counts
+stay exact: bins are right-closed, ``((k-1) w, k w]`` (zero in bin 0), so the
+bin of ``x`` at width ``2^j w`` is ``(its bin at width w) >> j``, and the
+streamed counts equal, bit for bit, one pass over all the data on the final
+grid (tested).
+
+TensorRT's doubling leaves up to half of its 2048 bins empty when it happens
+late, which coarsens the entropy search and makes the result depend on batch
+order (its guide warns about exactly this). trtopt avoids that: ``counts()``
+resamples the fine histogram onto exactly 2048 bins over ``[0, max|x|]`` (the
+histogram DESIGN.md §5 asks for) by linear interpolation of the cumulative
+counts. The fine bins are at most 1/4 of a final bin wide, so only the fine
+bin straddling each final edge is split; one pass over the data (no doubling)
+resamples exactly, by summing groups of 8 bins.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+NUM_BINS = 2048
+OVERSAMPLE = 8
+# Above this 1/width is not a normal float32; index in float64 instead.
+_FLOAT32_SAFE_SCALE = 1e36
+
+
+class StreamingHistogram:
+    """Histogram of |x|, updated one batch at a time; ``counts()`` gives 2048 bins over [0, max|x|]."""
+
+    def __init__(self, num_bins: int = NUM_BINS, oversample: int = OVERSAMPLE, range_: float | None = None) -> None:
+        fine = num_bins * oversample
+        if num_bins < 2 or fine & (fine - 1):
+            raise ValueError(f"num_bins * oversample = {fine} must be a power of two")
+        self.num_bins = num_bins
+        self.fine_bins = fine
+        self.fine_counts = np.zeros(fine, dtype=np.int64)
+        self.range = 0.0 if range_ is None else float(range_)  # 0: no non-zero value seen yet
+        self.max = 0.0  # the exact max |x| seen
+        self.total = 0
+        self.growths = 0  # how many times the range doubled
+
+    @property
+    def fine_width(self) -> float:
+        return self.range / self.fine_bins
+
+    @property
+    def width(self) -> float:
+        """Width of the bins ``counts()`` returns: max|x| / 2048."""
+        return self.max / self.num_bins
+
+    def counts(self) -> np.ndarray:
+        """The histogram resampled onto ``num_bins`` bins over ``[0, max|x|]`` (float64 counts)."""
+        if self.max == 0.0:
+            out = np.zeros(self.num_bins)
+            out[0] = self.total
+            return out
+        cumulative = np.concatenate(([0.0], np.cumsum(self.fine_counts, dtype=np.float64)))
+        fine_edges = np.arange(self.fine_bins + 1, dtype=np.float64) * self.fine_width
+        edges = np.arange(self.num_bins + 1, dtype=np.float64) * self.width
+        out = np.diff(np.interp(edges, fine_edges, cumulative))
+        # The fine bin holding max|x| is split at max by the interpolation, but all of it is <= max.
+        out[-1] += self.total - out.sum()
+        return out
+
+    def add(self, values: np.ndarray) -> float:
+        """Add a batch; returns its max |x| (NaN if the batch holds a NaN, inf for an inf).
+
+        Non-finite batches are not added: the caller reports them.
+        """
+        a = np.abs(np.asarray(values).ravel(), dtype=np.float32)
+        if a.size == 0:
+            return 0.0
+        batch_max = float(a.max())
+        if not np.isfinite(batch_max):
+            return batch_max
+        if batch_max > self.range:
+            if self.range == 0.0:
+                self.range = batch_max  # zeros seen so far are already in bin 0, which stays bin 0
+            else:
+                self._grow(batch_max)
+        self.max = max(self.max, batch_max)
+        self.total += a.size
+        if self.range == 0.0:
+            self.fine_counts[0] += a.size
+            return batch_max
+        scale = self.fine_bins / self.range
+        if scale > _FLOAT32_SAFE_SCALE:
+            a = a.astype(np.float64)
+        np.multiply(a, scale, out=a)
+        np.ceil(a, out=a)
+        index = a.astype(np.int64)
+        index -= 1  # right-closed bins: x in ((k-1)w, kw] goes to bin k-1; 0 gives -1 -> bin 0
+        np.clip(index, 0, self.fine_bins - 1, out=index)  # also catches rounding at the top edge
+        self.fine_counts += np.bincount(index, minlength=self.fine_bins)
+        return batch_max
+
+    def _grow(self, needed: float) -> None:
+        doublings = 0
+        new_range = self.range
+        while new_range < needed:
+            new_range *= 2.0
+            doublings += 1
+        # Bin k at the old width lies inside bin k >> doublings at the new one.
+        target = np.arange(self.fine_bins) >> doublings
+        self.fine_counts = np.bincount(target, weights=self.fine_counts, minlength=self.fine_bins).astype(np.int64)
+        self.range = new_range
+        self.growths += doublings
