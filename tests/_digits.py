@@ -7,6 +7,7 @@ held-out accuracy instead of to random weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,8 +79,10 @@ class DigitsTransformer(nn.Module):
         return self.head(h.mean(dim=1))
 
 
-def train(model: nn.Module, digits: Digits, *, rows: bool = False, epochs: int = 8, seed: int = 0) -> nn.Module:
-    """Adam with a fixed seed; returns the model in eval mode.
+def train(
+    make_model: Callable[[], nn.Module], digits: Digits, *, rows: bool = False, epochs: int = 8, seed: int = 0
+) -> nn.Module:
+    """Build ``make_model()`` and train it with Adam, all from ``seed``; returns it in eval mode.
 
     One thread: the result is reproducible, and on a shared CPU it is several
     times faster than torch's default thread pool.
@@ -88,6 +91,7 @@ def train(model: nn.Module, digits: Digits, *, rows: bool = False, epochs: int =
     torch.set_num_threads(1)
     try:
         torch.manual_seed(seed)
+        model = make_model()
         x = digits.train_x[:, 0] if rows else digits.train_x
         optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
         model.train()
