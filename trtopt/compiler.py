@@ -45,14 +45,26 @@ def make_backend(
     config: BuildConfig,
     engine: bytes | None = None,
 ) -> tuple[Any, bytes | None]:
-    """Create the backend object; for TensorRT, build (or reuse) the engine first."""
+    """Create the backend object; for TensorRT, build (or reuse) the engine first.
+
+    A given engine (from a module file) that this machine's TensorRT or GPU
+    cannot load is rebuilt from the ONNX graph, with a warning.
+    """
     if kind is Backend.TENSORRT:
         from .builder import build_engine
+        from .errors import EngineError
         from .runtime import TensorRTBackend
 
-        if engine is None:
-            engine = build_engine(onnx_model, spec.profiles, config)
-        return TensorRTBackend(engine, spec), engine
+        # Recorded at build time, so that loading a saved version-compatible engine allows its host code.
+        trt_info = spec.info.setdefault("tensorrt", {"version_compatible": config.version_compatible})
+        options = {"cuda_graph": config.cuda_graph, "allow_host_code": bool(trt_info["version_compatible"])}
+        if engine is not None:
+            try:
+                return TensorRTBackend(engine, spec, **options), engine
+            except EngineError as exc:
+                logger.warning("the saved engine cannot be used here, rebuilding it from the ONNX graph: %s", exc)
+        engine = build_engine(onnx_model, spec.profiles, config)
+        return TensorRTBackend(engine, spec, **options), engine
     from .backends.onnxruntime import OnnxRuntimeBackend
     from .precision import emulate_fp16
 

@@ -66,8 +66,10 @@ class BuildConfig:
     version_compatible: bool = False
     hardware_compatibility: str = "none"  # "none" | "ampere_plus" | "same_compute_capability"
     timing_cache: str | None = None
-    engine_cache_dir: str | None = None
+    engine_cache_dir: str | None = None  # None: no engine cache (see trtopt/engine_cache.py)
     engine_cache_max_bytes: int = 8 << 30
+    # TensorRT runtime settings (not part of the engine).
+    cuda_graph: bool = False  # replay a captured CUDA graph for repeated input shapes
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", _coerce_enum(Precision, self.precision, "precision"))
@@ -110,6 +112,11 @@ class BuildConfig:
             raise ConfigError(
                 f"hardware_compatibility={self.hardware_compatibility!r} must be 'none', "
                 "'ampere_plus' or 'same_compute_capability'"
+            )
+
+        if self.engine_cache_max_bytes < 0:
+            raise ConfigError(
+                f"engine_cache_max_bytes={self.engine_cache_max_bytes!r} must be >= 0 (default 8 GiB)"
             )
 
     def replace(self, **overrides: Any) -> BuildConfig:
