@@ -14,7 +14,7 @@ import torch
 
 from . import _deps
 from .config import Backend, BuildConfig, Precision, ShapeProfile, build_profiles, check_profiles_against_graph
-from .errors import ConfigError, InputError, first_line
+from .errors import CalibrationError, ConfigError, InputError, first_line
 from .export import check_example_inputs, export, forward_input_names
 from .graph import cleanup, graph_input_shapes
 from .module import CompiledModule, ModuleSpec, read_module_file, tensor_specs
@@ -66,9 +66,11 @@ def make_backend(
         engine = build_engine(onnx_model, spec.profiles, config)
         return TensorRTBackend(engine, spec, **options), engine
     from .backends.onnxruntime import OnnxRuntimeBackend
+    from .precision import emulate_fp16
 
+    # ORT's CPU provider would run most FP16 ops in FP32; emulate TensorRT's FP16 tensors instead.
     # Keep an engine read from a file, so that saving or exporting the module again keeps it.
-    return OnnxRuntimeBackend(onnx_model), engine
+    return OnnxRuntimeBackend(emulate_fp16(onnx_model)), engine
 
 
 def _example_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -156,6 +158,7 @@ def compile(  # noqa: A001 - the public name the design card fixes
     if backend is not None:
         overrides["backend"] = backend
     config = config.replace(**overrides)
+    _check_calibration_source(config, calibration_data)
     source = load_source(model)
     kind = select_backend(config.backend)
 
@@ -213,21 +216,93 @@ def compile(  # noqa: A001 - the public name the design card fixes
     return CompiledModule(onnx_model, spec, backend_obj, engine)
 
 
+def _check_calibration_source(config: BuildConfig, calibration_data: Any) -> None:
+    """Fail before the (slow) export when INT8 has nothing to take its scales from."""
+    cache = config.calibration_cache
+    if config.precision is Precision.INT8 and calibration_data is None and not (cache and os.path.isfile(cache)):
+        raise CalibrationError(
+            "precision='int8' needs activation ranges: pass calibration_data (an iterable of input "
+            "batches such as a DataLoader, a few hundred representative samples) or "
+            "calibration_cache=<path of an existing TensorRT calibration cache for this model>"
+            + (f" ({cache} does not exist)" if cache else "")
+        )
+
+
 def _apply_precision(
     onnx_model: onnx.ModelProto,
     config: BuildConfig,
     calibration_data: Any,
     profiles: Sequence[ShapeProfile],
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """Write the requested precision into the graph (TensorRT 11 reads it only from there)."""
+    """Write the requested precision into the graph (TensorRT 11 reads it only from there).
+
+    FP16: cast to FP16 with an FP32 keep-list measured on ``calibration_data``
+    (optional; without it only weights and exclusions decide, and nothing is
+    checked for Inf/NaN). INT8: Q/DQ pairs with scales from the calibrator
+    (needs ``calibration_data`` or an existing ``calibration_cache``), the rest
+    in ``config.int8_float_precision``. Returns the graph and the report that
+    ``CompiledModule.precision_report`` shows.
+    """
+    from . import precision as passes
+
     if config.precision is Precision.FP32:
         if calibration_data is not None:
             logger.info("calibration_data is ignored at fp32")
         return onnx_model, {}
-    raise ConfigError(
-        f"precision={config.precision.value!r} is not available in this version of trtopt yet; "
-        "use precision='fp32'"
+    inputs = tensor_specs(onnx_model.graph.input)
+    batches = None
+    if calibration_data is not None:
+        calibration_data, batches = passes.feed_batches(calibration_data, inputs, config.calibration_batches)
+    excluded = {"exclude_nodes": config.exclude_nodes, "exclude_op_types": config.exclude_op_types}
+    if config.precision is Precision.FP16:
+        if batches is None:
+            logger.warning(
+                "precision='fp16' without calibration_data: the FP32 keep-list only covers weights "
+                "and exclusions, and the graph is not checked for overflow; pass calibration_data"
+            )
+        onnx_model, fp16_report = passes.to_fp16(
+            onnx_model, batches, threshold=config.fp16_threshold, **excluded
+        )
+        return onnx_model, {"precision": "fp16", "qdq_nodes": 0, **fp16_report.to_json()}
+
+    _check_calibration_source(config, calibration_data)
+    plan = passes.plan_int8(
+        onnx_model, keep_first_last=config.int8_keep_first_last, **excluded
     )
+    from .calibrators import calibrate
+
+    start = time.perf_counter()
+    calibration = calibrate(
+        onnx_model,
+        plan.activation_tensors,
+        calibration_data,
+        input_specs=inputs,
+        method=config.calibrator.value,
+        percentile=config.percentile,
+        max_batches=config.calibration_batches,
+        cache_path=config.calibration_cache,
+        progress=logger.isEnabledFor(logging.INFO),
+    )
+    seconds = time.perf_counter() - start
+    onnx_model, int8_report, fp16_report = passes.to_int8(
+        onnx_model,
+        plan,
+        calibration.amax,
+        batches,
+        float_precision=config.int8_float_precision.value,
+        threshold=config.fp16_threshold,
+        **excluded,
+    )
+    report = {
+        "precision": "int8",
+        "calibrator": config.calibrator.value,
+        "calibration_seconds": round(seconds, 3),
+        "float_precision": config.int8_float_precision.value,
+        **int8_report.to_json(),
+    }
+    if fp16_report is not None:
+        report.update(fp16_report.to_json())
+    return onnx_model, report
 
 
 def load(path: str | os.PathLike[str], *, backend: Backend | str = "auto") -> CompiledModule:

@@ -198,6 +198,11 @@ class CompiledModule:
         return self.spec.precision
 
     @property
+    def precision_report(self) -> dict[str, Any]:
+        """What the precision pass did: Q/DQ count, nodes kept FP32 and why, layers not quantized."""
+        return self.spec.info.get("precision") or {}
+
+    @property
     def backend_name(self) -> str:
         return self.backend.name
 

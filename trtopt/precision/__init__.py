@@ -29,7 +29,7 @@ from .int8 import (
     plan_int8,
     quantize_int8,
 )
-from .probe import feed_batches, tensor_ranges
+from .probe import emulate_fp16, feed_batches, tensor_ranges
 from .validate import validate_qdq
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ __all__ = [
     "Int8Report",
     "KeptNode",
     "convert_to_fp16",
+    "emulate_fp16",
     "feed_batches",
     "plan_int8",
     "quantize_int8",
@@ -75,7 +76,7 @@ def _nonfinite_culprits(model: onnx.ModelProto, bad: set[str]) -> set[str]:
 
 def to_fp16(
     model: onnx.ModelProto,
-    batches: Batches,
+    batches: Batches | None,
     *,
     ranges: Mapping[str, float] | None = None,
     threshold: float = DEFAULT_FP16_THRESHOLD,
@@ -87,8 +88,13 @@ def to_fp16(
 
     ``ranges`` (max |x| per tensor) are measured on ``model`` when not given.
     After each conversion the data is run again; nodes where Inf/NaN first
-    appears join the FP32 keep-list, up to ``max_repairs`` rounds.
+    appears join the FP32 keep-list, up to ``max_repairs`` rounds. Without
+    ``batches`` only weights, exclusions and op support decide, and nothing is checked.
     """
+    if batches is None:
+        return convert_to_fp16(
+            model, ranges, threshold=threshold, exclude_nodes=exclude_nodes, exclude_op_types=exclude_op_types
+        )
     if ranges is None:
         ranges = tensor_ranges(model, batches())
     broken = sorted(n for n, v in ranges.items() if not math.isfinite(v))
@@ -107,7 +113,7 @@ def to_fp16(
             exclude_op_types=exclude_op_types,
             keep=keep,
         )
-        after = tensor_ranges(converted, batches())
+        after = tensor_ranges(emulate_fp16(converted), batches())
         bad = {n for n, v in after.items() if not math.isfinite(v)}
         if not bad:
             return converted, report
@@ -127,7 +133,7 @@ def to_int8(
     model: onnx.ModelProto,
     plan: Int8Plan,
     amax: Mapping[str, float],
-    batches: Batches,
+    batches: Batches | None,
     *,
     float_precision: str = "fp16",
     threshold: float = DEFAULT_FP16_THRESHOLD,
@@ -137,12 +143,12 @@ def to_int8(
     """Insert ``plan``'s Q/DQ pairs with scales from ``amax``; the rest in ``float_precision``.
 
     With ``float_precision="fp16"`` the float part goes through ``to_fp16`` (keep-list,
-    Inf/NaN check), and the Q/DQ scales become FP16 (opset 19).
+    Inf/NaN check; skipped without ``batches``), and the Q/DQ scales become FP16 (opset 19).
     """
     if float_precision not in ("fp16", "fp32"):
         raise GraphError(f"float_precision={float_precision!r}; use 'fp16' or 'fp32'")
     half = float_precision == "fp16"
-    ranges = tensor_ranges(model, batches()) if half else None
+    ranges = tensor_ranges(model, batches()) if half and batches is not None else None
     quantized, int8_report = quantize_int8(
         model, plan, amax, ranges=ranges, scale_floor=FP16_SCALE_FLOOR if half else FP32_SCALE_FLOOR
     )

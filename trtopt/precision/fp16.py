@@ -184,7 +184,7 @@ def convert_to_fp16(
     nodes (name -> reason) to keep FP32, e.g. those the Inf/NaN repair found.
     """
     opset = _opset(model)
-    graph = gs.import_onnx(model)
+    graph = gs.import_onnx(_with_types(model))
     kept = fp16_keep_list(
         graph,
         ranges,
@@ -282,6 +282,14 @@ def _retarget_attributes(node: gs.Node) -> None:
     value = node.attrs.get("value")
     if isinstance(value, gs.Constant) and value.values.dtype == np.float32:
         node.attrs["value"] = gs.Constant(value.name, value.values.astype(np.float16))
+
+
+def _with_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every activation's dtype known (the pass decides by dtype)."""
+    typed = {vi.name for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]}
+    if all(o in typed for n in model.graph.node for o in n.output if o):
+        return model
+    return check_model(model)
 
 
 def _opset(model: onnx.ModelProto) -> int:

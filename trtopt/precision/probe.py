@@ -70,61 +70,63 @@ def tensor_ranges(
 
 def feed_batches(
     data: Any, input_specs: Sequence[TensorSpec], max_batches: int | None = None
-) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
-    """Turn user calibration data into a re-iterable source of ONNX Runtime feeds.
+) -> tuple[Any, Callable[[], Iterator[dict[str, np.ndarray]]]]:
+    """Re-iterable ONNX Runtime feeds from user calibration data (the calibrators' rules).
 
-    ``data`` is one batch (a tensor/array for a one-input model, a tuple, or a
-    dict by input name) or an iterable of such batches (a list, a DataLoader).
-    Extra tuple items beyond the model's inputs (labels) are ignored. A one-shot
-    iterator is read once and kept, because the passes read the data more than once.
+    Returns ``(data, batches)``: a one-shot iterator (a generator) is read once
+    into a list, because the calibrator and the passes each read the data, so
+    pass the returned ``data`` on to ``calibrate``.
     """
-    names = [s.name for s in input_specs]
-    dtypes = {s.name: np.dtype(s.dtype) for s in input_specs}
+    from ..calibrators.data import iter_batches
 
-    def to_feed(item: Any, index: int) -> dict[str, np.ndarray]:
-        if isinstance(item, Mapping):
-            missing = [n for n in names if n not in item]
-            if missing:
-                raise CalibrationError(
-                    f"calibration batch {index} is a dict without input(s) {missing}; "
-                    f"the model's inputs are {names}"
-                )
-            values = [item[n] for n in names]
-        elif isinstance(item, (tuple, list)):
-            if len(item) < len(names):
-                raise CalibrationError(
-                    f"calibration batch {index} holds {len(item)} item(s) but the model takes "
-                    f"{len(names)} input(s) {names}; yield one tensor per input"
-                )
-            values = list(item[: len(names)])
-        elif len(names) == 1:
-            values = [item]
-        else:
-            raise CalibrationError(
-                f"calibration batch {index} is a {type(item).__name__}, but the model takes "
-                f"{len(names)} inputs {names}; yield tuples or dicts"
-            )
-        feed = {}
-        for name, value in zip(names, values):
-            if hasattr(value, "detach"):
-                value = value.detach().cpu().numpy()
-            if not isinstance(value, np.ndarray):
-                raise CalibrationError(
-                    f"calibration batch {index}, input {name!r} is a {type(value).__name__}; "
-                    "pass torch tensors or numpy arrays"
-                )
-            feed[name] = value.astype(dtypes[name], copy=False)
-        return feed
-
-    single = hasattr(data, "shape") or isinstance(data, Mapping) or (
-        isinstance(data, tuple) and all(hasattr(v, "shape") for v in data) and len(data) == len(names)
-    )
-    source: Iterable[Any] = [data] if single else data
-    if iter(source) is source:  # a generator: keep its batches, they are read several times
-        source = list(itertools.islice(source, max_batches))
+    if isinstance(data, Iterator):
+        data = list(itertools.islice(data, max_batches))
 
     def batches() -> Iterator[dict[str, np.ndarray]]:
-        for index, item in enumerate(itertools.islice(source, max_batches)):
-            yield to_feed(item, index)
+        return (feeds for _, feeds in iter_batches(data, input_specs, max_batches))
 
-    return batches
+    return data, batches
+
+
+def emulate_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An FP32 graph that rounds every FP16 tensor of ``model`` to FP16, for running on a CPU.
+
+    ONNX Runtime's CPU provider has no FP16 kernel for most ops: it computes
+    them in FP32 and drops the Casts between them, so an FP16 graph's
+    intermediate overflow and rounding do not show there. TensorRT stores each
+    FP16 tensor in FP16. This copy computes every op in FP32 but sends each
+    FP16 tensor through an explicit Cast to FP16 and back, which ONNX Runtime
+    keeps; the values it sees are the FP16 values TensorRT would see. A graph
+    without FP16 tensors is returned as is.
+    """
+    half = onnx.TensorProto.FLOAT16
+    half_tensors = {
+        vi.name for vi in [*model.graph.value_info, *model.graph.output] if vi.type.tensor_type.elem_type == half
+    }
+    if not half_tensors:
+        return model
+    emulated = onnx.ModelProto()
+    emulated.CopyFrom(model)
+    graph = emulated.graph
+    for init in graph.initializer:
+        if init.data_type == half:  # FP16 values are exact in FP32
+            values = onnx.numpy_helper.to_array(init).astype(np.float32)
+            init.CopyFrom(onnx.numpy_helper.from_array(values, init.name))
+    nodes = []
+    for node in graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == half:
+                attr.i = onnx.TensorProto.FLOAT
+        nodes.append(node)
+        for i, name in enumerate(node.output):
+            if name in half_tensors:
+                wide, rounded = f"{name}__fp32", f"{name}__as_fp16"
+                node.output[i] = wide
+                nodes.append(onnx.helper.make_node("Cast", [wide], [rounded], to=half))
+                nodes.append(onnx.helper.make_node("Cast", [rounded], [name], to=onnx.TensorProto.FLOAT))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for vi in [*graph.value_info, *graph.output]:  # same names, now FP32 holding FP16 values
+        if vi.type.tensor_type.elem_type == half:
+            vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    return emulated
