@@ -9,8 +9,8 @@ against accuracy).
 Models are torchvision's with random weights (no downloads): ResNet-18,
 ResNet-50, MobileNetV3 small and large, and ViT-B/16 (a transformer encoder).
 Accuracy is agreement with the FP32 torch model on structured synthetic images
-(``trtopt.bench.structured_images``); INT8 is calibrated on other images from
-the same generator. Random weights make degenerate classifiers, so
+(``trtopt.bench.structured_images``); INT8 (and the FP16 overflow check) is
+calibrated on other images from the same generator. Random weights make degenerate classifiers, so
 ``trtopt.bench.prepare_random_model`` re-estimates BatchNorm statistics first (see there).
 
 Each model's variants are timed interleaved, one call of each per round
@@ -18,8 +18,8 @@ Each model's variants are timed interleaved, one call of each per round
 falls on all of them alike and the speedups stay fair.
 
 The defaults are sized for a small CPU machine (about 15 minutes on 2 cores):
-224x224 images, batch sizes 1 and 4, 20 timed iterations after 2 warm-up
-calls. On a GPU use more, e.g.::
+224x224 images, batch sizes 1 and 4, 10 timed iterations (in 5 rounds)
+after 2 warm-up calls. On a GPU use more, e.g.::
 
     python benchmarks/compare_precisions.py --backend tensorrt --batch-sizes 1,8,32 \\
         --iterations 200 --warmup 20
@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=[b.value for b in trtopt.Backend], default="auto")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where torch eager runs and the timing inputs live (cuda on a GPU machine)")
-    parser.add_argument("--iterations", type=int, default=20, help="timed calls per batch size")
+    parser.add_argument("--iterations", type=int, default=10, help="timed calls per batch size")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per batch size")
     parser.add_argument("--image-size", type=int, default=224, help="ViT needs a multiple of 16")
     parser.add_argument("--eval-samples", type=int, default=32, help="images for the accuracy columns")
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> bench.BenchReport:
                     precision=precision,
                     backend=args.backend,
                     dynamic_shapes=dynamic,
-                    calibration_data=calibration if precision == "int8" else None,
+                    calibration_data=calibration if precision != "fp32" else None,  # fp16: overflow check
                     eval_inputs=(eval_images.to(device),),
                     reference=reference,
                     eval_chunk=chunk,

@@ -32,7 +32,9 @@ notebook and on the command line means the same thing:
   ``/proc/self/clear_refs`` first, so the peak is that of the measured window
   (``rss_scope="window"``); elsewhere it is the process's lifetime peak from
   ``resource.getrusage`` (``rss_scope="process"``). RSS counts everything the
-  process holds, including the torch model it was compiled from. On a GPU,
+  process holds, including the torch model it was compiled from, so the
+  growth above the level at the window's start (``MemoryUsage.growth_bytes``)
+  is also kept: the memory the calls themselves needed. On a GPU,
   ``torch.cuda.max_memory_allocated`` adds the peak of torch's allocator
   (memory TensorRT allocates outside torch is not in it).
 
@@ -197,14 +199,23 @@ def compare_outputs(reference: Any, candidate: Any, *, classifier: bool | None =
 class MemoryUsage:
     peak_rss_bytes: int | None
     rss_scope: str  # "window": peak of the measured window; "process": since the process started
+    start_rss_bytes: int | None = None  # RSS when the window opened ("window" scope only)
     peak_cuda_bytes: int | None = None  # torch's allocator only
 
+    @property
+    def growth_bytes(self) -> int | None:
+        """How far RSS rose above its level at the start of the window: what the calls needed."""
+        if self.peak_rss_bytes is None or self.start_rss_bytes is None:
+            return None
+        return self.peak_rss_bytes - self.start_rss_bytes
 
-def _read_vm_hwm() -> int | None:
+
+def _read_status(field_name: str) -> int | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes; None where there is none."""
     try:
         with open("/proc/self/status") as handle:
             for line in handle:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field_name + ":"):
                     return int(line.split()[1]) * 1024  # the kernel reports kB
     except OSError:
         pass
@@ -218,6 +229,7 @@ class PeakMemory:
         self.cuda = cuda and torch.cuda.is_available()
         self.usage: MemoryUsage | None = None
         self._scope = "process"
+        self._start: int | None = None
 
     def __enter__(self) -> PeakMemory:
         try:
@@ -225,20 +237,24 @@ class PeakMemory:
             with open("/proc/self/clear_refs", "w") as handle:
                 handle.write("5")
             self._scope = "window"
+            self._start = _read_status("VmRSS")
         except OSError:
             self._scope = "process"
+            self._start = None
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        rss = _read_vm_hwm() if self._scope == "window" else None
+        rss = _read_status("VmHWM") if self._scope == "window" else None
         if rss is None:
-            self._scope = "process"
+            self._scope, self._start = "process", None
             maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             rss = maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, kB on Linux
         cuda_peak = int(torch.cuda.max_memory_allocated()) if self.cuda else None
-        self.usage = MemoryUsage(peak_rss_bytes=int(rss), rss_scope=self._scope, peak_cuda_bytes=cuda_peak)
+        self.usage = MemoryUsage(
+            peak_rss_bytes=int(rss), rss_scope=self._scope, start_rss_bytes=self._start, peak_cuda_bytes=cuda_peak
+        )
 
 
 # ----------------------------------------------------------------------- timing
@@ -326,13 +342,13 @@ def measure_side_by_side(
 
 
 def _larger(a: MemoryUsage | None, b: MemoryUsage | None) -> MemoryUsage | None:
+    """The window with the larger growth (else the larger peak): the most demanding batch size."""
     if a is None or b is None:
         return b or a
-    return MemoryUsage(
-        peak_rss_bytes=max(a.peak_rss_bytes or 0, b.peak_rss_bytes or 0),
-        rss_scope=b.rss_scope,
-        peak_cuda_bytes=None if b.peak_cuda_bytes is None else max(a.peak_cuda_bytes or 0, b.peak_cuda_bytes),
+    key = (lambda m: m.growth_bytes) if a.growth_bytes is not None and b.growth_bytes is not None else (
+        lambda m: m.peak_rss_bytes or 0
     )
+    return a if key(a) >= key(b) else b
 
 
 def measure_latency(
@@ -480,6 +496,17 @@ def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None or not math.isfinite(value) else format(value, spec)
 
 
+def _memory_cell(memory: MemoryUsage | None) -> str:
+    if memory is None or memory.peak_rss_bytes is None:
+        return "–"
+    text = f"{memory.peak_rss_bytes / 1e6:.0f}"
+    if memory.growth_bytes is not None:
+        text += f" (+{memory.growth_bytes / 1e6:.0f})"
+    if memory.peak_cuda_bytes is not None:
+        text += f"; CUDA {memory.peak_cuda_bytes / 1e6:.0f}"
+    return text
+
+
 def markdown_table(report: BenchReport) -> str:
     """One row per result; per batch size p50 / p99 latency, throughput and speedup over eager.
 
@@ -490,7 +517,7 @@ def markdown_table(report: BenchReport) -> str:
     head = ["Model", "Runtime", "Precision", "Backend"]
     for b in batches:
         head += [f"b{b} p50 / p99 ms", f"b{b} samples/s", f"b{b} speedup"]
-    head += ["Top-1 agree", "Max abs err", "Cosine", "Compile s", "Size MB", "Peak RSS MB"]
+    head += ["Top-1 agree", "Max abs err", "Cosine", "Compile s", "Size MB", "Peak RSS MB (+calls)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     eager = {r.model: r for r in report.results if r.runtime == "torch-eager" and r.status == "ok"}
     notes = []
@@ -518,14 +545,15 @@ def markdown_table(report: BenchReport) -> str:
             _fmt(a.cosine_similarity if a else None, ".6f"),
             _fmt(r.compile_time_s, ".1f"),
             _fmt(r.artifact_bytes / 1e6 if r.artifact_bytes else None, ".1f"),
-            _fmt(r.memory.peak_rss_bytes / 1e6 if r.memory and r.memory.peak_rss_bytes else None, ".0f"),
+            _memory_cell(r.memory),
         ]
         lines.append("| " + " | ".join(row) + " |")
     text = "\n".join(lines) + "\n"
     text += (
         "\nLatency: median (p50) and p99 of one call, ms. Speedup: torch-eager p50 / this p50 at the "
         "same batch size, same run. Accuracy columns compare with the FP32 torch model on the same "
-        "inputs (top-1 agreement for classifiers). Peak RSS: the process during the timed runs.\n"
+        "inputs (top-1 agreement for classifiers). Peak RSS: the whole process during the warm-up calls; "
+        "(+calls): how far it rose above its level before them.\n"
     )
     if notes:
         text += "\n" + "\n".join(f"[{i}] {note}" for i, note in enumerate(notes, start=1)) + "\n"
