@@ -206,6 +206,21 @@ def test_compile_from_an_onnx_file(compiled, tmp_path, capsys):
     assert trtopt.load(out).profiles[0]["x"].max == (4, 3, 8, 8)
 
 
+def test_compile_int8_with_calibration_file(factory, tmp_path, capsys):
+    import numpy as np
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((3, 2, 3, 8, 8)).astype(np.float32))  # 3 batches
+    out = tmp_path / "int8.trtopt"
+    code, _, err = run_cli(capsys, "compile", factory, "--precision", "int8", "--calib", calib,
+                           "--calibrator", "minmax", "--calib-batches", "2", "--backend", "onnxruntime", "-o", out)
+    assert code == 0, err
+    code, stdout, _ = run_cli(capsys, "inspect", out, "--json")
+    desc = json.loads(stdout)
+    assert desc["precision"] == "int8" and desc["graph"]["quantize_dequantize_nodes"] > 0
+    assert "int8" in desc["graph"]["weight_bytes_by_dtype"]
+
+
 # ----------------------------------------------------------------- bench
 
 

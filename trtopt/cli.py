@@ -225,8 +225,7 @@ def _check_file(path: str, what: str) -> Path:
 # ------------------------------------------------------------- subcommands
 
 
-def _compile_source(args: argparse.Namespace) -> Any:
-    """Compile ``args.source`` with the options that compile and bench share."""
+def cmd_compile(args: argparse.Namespace) -> int:
     import trtopt
 
     if is_onnx_file(args.source):
@@ -240,17 +239,17 @@ def _compile_source(args: argparse.Namespace) -> Any:
         dynamic = dynamic_shapes_from_profiles(shapes_to_profiles(args.shapes), reference, what)
     overrides: dict[str, Any] = {}
     calibration = None
-    if getattr(args, "calib", None):
+    if args.calib:
         calibration = str(_check_file(args.calib, "calibration file"))
         if not calibration.endswith(".npz"):
             raise ConfigError(f"--calib {calibration}: give a .npz file of arrays keyed by input name")
     for option, setting in (("calibrator", "calibrator"), ("calib_batches", "calibration_batches"),
                             ("calib_cache", "calibration_cache")):
-        value = getattr(args, option, None)
+        value = getattr(args, option)
         if value is not None:
             overrides[setting] = value
     logger.info("compiling %s at %s", args.source, args.precision)
-    return trtopt.compile(
+    module = trtopt.compile(
         str(Path(args.source)) if model is None else model,
         examples,
         precision=args.precision,
@@ -259,10 +258,6 @@ def _compile_source(args: argparse.Namespace) -> Any:
         calibration_data=calibration,
         **overrides,
     )
-
-
-def cmd_compile(args: argparse.Namespace) -> int:
-    module = _compile_source(args)
     out = Path(args.output) if args.output else Path(Path(args.source.split(":")[-1]).stem + ".trtopt")
     module.save(out)
     logger.info("wrote %s (%s)", out, _size(out.stat().st_size))
@@ -406,10 +401,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"  {g['nodes']} nodes; {g['quantize_dequantize_nodes']} Quantize/DequantizeLinear; {g['cast_nodes']} Cast",
         f"  weights: {weights or 'none'}",
     ]
-    report = desc["info"].get("precision")
-    if report:
-        text = json.dumps(report)
-        lines.append(f"  precision pass: {text if len(text) < 300 else text[:297] + '...'}")
+    for key, value in (desc["info"].get("precision") or {}).items():
+        if isinstance(value, (list, tuple)):  # node names: count, and the first few
+            shown = ", ".join(str(v) for v in value[:4]) + (", ..." if len(value) > 4 else "")
+            value = f"{len(value)}" + (f" ({shown})" if value else "")
+        elif isinstance(value, dict):
+            value = json.dumps(value)
+        lines.append(f"  {key}: {value}")
     for key in ("exporter", "opset", "cleanup"):
         if key in desc["info"]:
             lines.append(f"{key}: {desc['info'][key]}")
