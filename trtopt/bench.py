@@ -27,10 +27,10 @@ notebook and on the command line means the same thing:
   processes falls on all of them alike and their ratios stay fair on a
   shared machine (``measure_side_by_side``).
 - **Peak memory.** Resident set size (RSS) of this process during a variant's
-  warm-up calls (same work as the timed calls, which are interleaved with
-  other variants' and cannot be told apart). On Linux the kernel's peak (``VmHWM``) is reset through
-  ``/proc/self/clear_refs`` first, so the peak is that of the measured window
-  (``rss_scope="window"``); elsewhere it is the process's lifetime peak from
+  warm-up calls (the same work as the timed calls, which alternate with other
+  variants' and cannot be told apart). On Linux the kernel's peak (``VmHWM``)
+  is reset through ``/proc/self/clear_refs`` first, so the peak is that of
+  the measured window (``rss_scope="window"``); elsewhere it is the process's lifetime peak from
   ``resource.getrusage`` (``rss_scope="process"``). RSS counts everything the
   process holds, including the torch model it was compiled from, so the
   growth above the level at the window's start (``MemoryUsage.growth_bytes``)
