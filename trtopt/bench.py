@@ -605,7 +605,10 @@ def plot_latency_vs_accuracy(report: BenchReport, path: str | os.PathLike[str] |
         if any(("torch-eager" if r.runtime == "torch-eager" else r.precision) == key for r in ok)
     ]
     fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
-    fig.suptitle("Latency against accuracy (lower-left is faster; higher / lower is more accurate)")
+    backends = ", ".join(sorted({r.backend for r in ok if r.runtime == "trtopt"})) or "–"
+    fig.suptitle(f"Latency against accuracy vs FP32 torch, batch {batch_size} (trtopt on {backends})")
+    left.set_title("top-1 agreement: higher is closer", fontsize=10)
+    right.set_title("max abs error: lower is closer", fontsize=10)
     fig.tight_layout(rect=(0, 0, 0.86, 0.95))
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
