@@ -279,7 +279,7 @@ def main() -> None:
             "tensors": len(tensors),
             "onnxruntime": onnxruntime.__version__,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-            "command": "python benchmarks/calibration.py " + " ".join(sys.argv[1:]),
+            "command": " ".join(["python benchmarks/calibration.py", *sys.argv[1:]]),
             "total_s": time.perf_counter() - started,
         },
         "runs": runs,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 
 import numpy as np
 import onnx
@@ -15,7 +16,8 @@ from onnx import TensorProto, helper
 
 from trtopt.calibrators import CalibrationResult, calibrate, read_cache, write_cache
 from trtopt.calibrators.cache import hex_to_scale, scale_to_hex
-from trtopt.calibrators.data import Progress
+from trtopt.calibrators.collect import collect
+from trtopt.calibrators.data import Progress, iter_batches
 from trtopt.calibrators.histogram import StreamingHistogram
 from trtopt.calibrators.observers import HistogramObserver, MinMaxObserver, entropy_cut, entropy_divergences
 from trtopt.errors import CalibrationError
@@ -419,6 +421,35 @@ def test_a_file_that_is_not_a_cache_is_not_overwritten(tmp_path):
     with pytest.raises(CalibrationError, match="not a TensorRT calibration cache"):
         calibrate(SMALL, ["y"], _small_batches(2), input_specs=SMALL_SPECS, cache_path=path)
     assert path.read_text() == "my notes\n"
+
+
+class FakeLeakCheckObserver:
+    """A double observer: it holds weak references to every array it is fed and checks, at each
+    batch, that the arrays of every earlier batch have been freed, i.e. that collection keeps no
+    outputs between batches."""
+
+    def __init__(self, log: list[tuple[int, weakref.ref]]):
+        self.log = log
+        self.batch = 0
+
+    def update(self, values: np.ndarray) -> float:
+        self.log.append((self.batch, weakref.ref(values)))
+        stale = [ref for batch, ref in self.log if batch < self.batch and ref() is not None]
+        assert not stale, f"{len(stale)} arrays of old batches are still alive at batch {self.batch}"
+        self.batch += 1
+        return float(np.abs(values).max())
+
+    def amax(self) -> float:
+        return 0.0
+
+
+def test_collection_keeps_no_outputs_between_batches():
+    log: list[tuple[int, weakref.ref]] = []
+    observers = {name: FakeLeakCheckObserver(log) for name in ("s", "y", "z")}
+    batches = iter_batches(_small_batches(12), SMALL_SPECS)
+    assert collect(SMALL, observers, batches, Progress(None, enabled=False)) == 12
+    assert len(log) == 36
+    assert all(ref() is None for _, ref in log)
 
 
 def test_progress_line_shows_eta(capsys):
