@@ -508,3 +508,14 @@ def test_calibrate_exported_cnn_minmax_matches_numpy(cnn):
     for method in ("entropy", "percentile"):
         ranged = calibrate(cnn, names, batches, input_specs=specs, method=method)
         assert all(0 < ranged.amax[n] <= result.amax[n] * (1 + 1e-6) for n in names), method
+
+
+def test_stacked_tensor_and_single_batch_forms(cnn):
+    specs = [TensorSpec("x", "float32", ("x_dim0", 3, 16, 16))]
+    stacked = torch.randn(3, 2, 3, 16, 16)
+    result = calibrate(cnn, ["x"], stacked, input_specs=specs, method="minmax")
+    assert result.num_batches == 3 and result.amax["x"] == pytest.approx(float(stacked.abs().max()))
+    single = calibrate(cnn, ["x"], stacked[0].numpy(), input_specs=specs, method="minmax")
+    assert single.num_batches == 1 and single.amax["x"] == pytest.approx(float(stacked[0].abs().max()))
+    with pytest.raises(CalibrationError, match="has rank 6"):
+        calibrate(cnn, ["x"], stacked[None], input_specs=specs)
