@@ -91,3 +91,23 @@ def test_corrupt_member_and_newer_format(compiled, tmp_path):
     _rewrite(path, tmp_path / "future.trtopt", bump_version)
     with pytest.raises(trtopt.ModuleFileError, match="format version 99.*recompile"):
         trtopt.load(tmp_path / "future.trtopt")
+
+
+def test_saved_files_get_ordinary_permissions(compiled, tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        path = compiled.save(tmp_path / "m.trtopt")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_an_engine_in_the_file_survives_loading_on_onnxruntime(compiled, tmp_path):
+    from trtopt.module import CompiledModule
+
+    with_engine = CompiledModule(compiled.onnx_model, compiled.spec, compiled.backend, engine=b"serialized engine bytes")
+    loaded = trtopt.load(with_engine.save(tmp_path / "m.trtopt"), backend="onnxruntime")
+    assert loaded.backend_name == "onnxruntime"
+    assert loaded.engine == b"serialized engine bytes"

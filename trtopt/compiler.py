@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -13,7 +14,7 @@ import torch
 
 from . import _deps
 from .config import Backend, BuildConfig, Precision, ShapeProfile, build_profiles, check_profiles_against_graph
-from .errors import ConfigError, InputError
+from .errors import CalibrationError, ConfigError, InputError, first_line
 from .export import check_example_inputs, export, forward_input_names
 from .graph import cleanup, graph_input_shapes
 from .module import CompiledModule, ModuleSpec, read_module_file, tensor_specs
@@ -44,17 +45,32 @@ def make_backend(
     config: BuildConfig,
     engine: bytes | None = None,
 ) -> tuple[Any, bytes | None]:
-    """Create the backend object; for TensorRT, build (or reuse) the engine first."""
+    """Create the backend object; for TensorRT, build (or reuse) the engine first.
+
+    A given engine (from a module file) that this machine's TensorRT or GPU
+    cannot load is rebuilt from the ONNX graph, with a warning.
+    """
     if kind is Backend.TENSORRT:
         from .builder import build_engine
+        from .errors import EngineError
         from .runtime import TensorRTBackend
 
-        if engine is None:
-            engine = build_engine(onnx_model, spec.profiles, config)
-        return TensorRTBackend(engine, spec), engine
+        # Recorded at build time, so that loading a saved version-compatible engine allows its host code.
+        trt_info = spec.info.setdefault("tensorrt", {"version_compatible": config.version_compatible})
+        options = {"cuda_graph": config.cuda_graph, "allow_host_code": bool(trt_info["version_compatible"])}
+        if engine is not None:
+            try:
+                return TensorRTBackend(engine, spec, **options), engine
+            except EngineError as exc:
+                logger.warning("the saved engine cannot be used here, rebuilding it from the ONNX graph: %s", exc)
+        engine = build_engine(onnx_model, spec.profiles, config)
+        return TensorRTBackend(engine, spec, **options), engine
     from .backends.onnxruntime import OnnxRuntimeBackend
+    from .precision import emulate_fp16
 
-    return OnnxRuntimeBackend(onnx_model), None
+    # ORT's CPU provider would run most FP16 ops in FP32; emulate TensorRT's FP16 tensors instead.
+    # Keep an engine read from a file, so that saving or exporting the module again keeps it.
+    return OnnxRuntimeBackend(emulate_fp16(onnx_model)), engine
 
 
 def _example_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -67,9 +83,55 @@ def _example_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     )
 
 
+MODEL_FORMS = (
+    "a torch.nn.Module, a TorchScript module, a torch.export.ExportedProgram, an onnx.ModelProto, "
+    "or a path to a .onnx file, a torch.jit.save archive or a torch.export.save .pt2 file"
+)
+
+
+def load_source(model: Any) -> Any:
+    """Resolve a path into the model object it holds; check the object is a supported form."""
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.is_file():
+            raise InputError(f"model path {path} does not exist")
+        if path.suffix == ".onnx":
+            return onnx.load(str(path))  # external data is loaded from beside the file
+        if path.suffix == ".pt2":
+            return torch.export.load(str(path))
+        try:
+            return torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:  # torch raises RuntimeError or pickle errors for non-archives
+            raise InputError(
+                f"{path} is not a torch.jit.save archive ({first_line(exc)}); pass {MODEL_FORMS}. "
+                "A state_dict or a torch.save'd nn.Module has to be loaded into its class first"
+            ) from exc
+    if isinstance(model, (torch.nn.Module, torch.export.ExportedProgram, onnx.ModelProto)):
+        return model
+    raise InputError(f"model is a {type(model).__name__}; trtopt.compile takes {MODEL_FORMS}")
+
+
+def _onnx_source(
+    model: onnx.ModelProto, dynamic_shapes: Any
+) -> tuple[onnx.ModelProto, list[str], dict[str, Any], tuple[ShapeProfile, ...]]:
+    """An ONNX model needs no export: its input names key dynamic_shapes, outputs come back flat."""
+    shapes = graph_input_shapes(model)
+    # A dynamic dim gets a placeholder size here; check_profiles_against_graph then insists that
+    # dynamic_shapes gives it a range.
+    example_shapes = {n: tuple(d if isinstance(d, int) else 1 for d in dims) for n, dims in shapes.items()}
+    profiles = build_profiles(dynamic_shapes, example_shapes)
+    outputs = [o.name for o in model.graph.output]
+    structure: dict[str, Any] = (
+        {"type": "tensor"}
+        if len(outputs) == 1
+        else {"type": "tuple", "items": [{"type": "tensor"}] * len(outputs)}
+    )
+    return model, list(shapes), structure, profiles
+
+
 def compile(  # noqa: A001 - the public name the design card fixes
-    model: torch.nn.Module,
-    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    model: Any,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
     *,
     precision: Precision | str | None = None,
     dynamic_shapes: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
@@ -78,65 +140,92 @@ def compile(  # noqa: A001 - the public name the design card fixes
     config: BuildConfig | None = None,
     **overrides: Any,
 ) -> CompiledModule:
-    """Compile a PyTorch model into a fast callable.
+    """Compile a model into a fast callable.
 
+    ``model`` is a ``torch.nn.Module``, a TorchScript module, a
+    ``torch.export.ExportedProgram``, an ``onnx.ModelProto``, or a path to any of
+    them saved (``.onnx``, ``torch.jit.save`` archive, ``torch.export.save`` ``.pt2``).
+    ``example_inputs`` (a tuple of positional tensors) is needed for the torch forms
+    (an ExportedProgram falls back to its own examples) and ignored for ONNX.
     ``precision`` and ``backend`` default to the config's (``"fp32"``, ``"auto"``);
     any other ``BuildConfig`` field may be given as a keyword override.
-    ``dynamic_shapes`` maps a forward argument name to ``{dim: (min, opt, max)}``;
-    a list of such dicts gives several optimization profiles.
+    ``dynamic_shapes`` maps an input name (forward argument, or ONNX graph input) to
+    ``{dim: (min, opt, max)}``; a list of such dicts gives several optimization profiles.
     """
-    if not isinstance(model, torch.nn.Module):
-        raise InputError(f"model is a {type(model).__name__}; trtopt.compile takes a torch.nn.Module")
     config = config or BuildConfig()
     if precision is not None:
         overrides["precision"] = precision
     if backend is not None:
         overrides["backend"] = backend
     config = config.replace(**overrides)
+    _check_calibration_source(config, calibration_data)
+    source = load_source(model)
     kind = select_backend(config.backend)
 
     start = time.perf_counter()
-    examples = _example_tuple(example_inputs)
-    names = forward_input_names(model, len(examples))
-    check_example_inputs(names, examples)
-    profiles = build_profiles(dynamic_shapes, {n: tuple(t.shape) for n, t in zip(names, examples)})
-    exported = export(model, examples, profiles, config.opset, input_names=names)
-    onnx_model, report = cleanup(exported.model)
+    if isinstance(source, onnx.ModelProto):
+        onnx_model, names, structure, profiles = _onnx_source(source, dynamic_shapes)
+        exporter = "onnx"
+    else:
+        if example_inputs is None and isinstance(source, torch.export.ExportedProgram):
+            example_inputs = source.example_inputs[0] if source.example_inputs else None
+        if example_inputs is None:
+            raise InputError(
+                f"example_inputs is required to export a {type(source).__name__}; pass a tuple of tensors"
+            )
+        examples = _example_tuple(example_inputs)
+        names = forward_input_names(source, len(examples))
+        check_example_inputs(names, examples)
+        profiles = build_profiles(dynamic_shapes, {n: tuple(t.shape) for n, t in zip(names, examples)})
+        exported = export(source, examples, profiles, config.opset, input_names=names)
+        onnx_model, structure, exporter = exported.model, exported.output_structure, exported.exporter
+    onnx_model, report = cleanup(onnx_model)
     graph_shapes = graph_input_shapes(onnx_model)
-    check_profiles_against_graph(
-        [ShapeProfile(tuple(p[n] for n in graph_shapes)) for p in profiles], graph_shapes
-    )
-    onnx_model, precision_report = _apply_precision(onnx_model, config, calibration_data, profiles)
-
-    graph_inputs = {t.name: t for t in tensor_specs(onnx_model.graph.input)}
-    spec = ModuleSpec(
-        inputs=tuple(graph_inputs[n] for n in names if n in graph_inputs),
-        outputs=tensor_specs(onnx_model.graph.output),
-        output_structure=exported.output_structure,
-        profiles=tuple(ShapeProfile(tuple(p[n] for n in graph_inputs)) for p in profiles),
-        precision=config.precision.value,
-        info={
-            "exporter": exported.exporter,
-            "opset": config.opset,
-            "cleanup": report.summary(),
-            "precision": precision_report,
-        },
-    )
-    unused = [n for n in names if n not in graph_inputs]
+    unused = [n for n in names if n not in graph_shapes]
     if unused:
         raise ConfigError(
             f"forward argument(s) {unused} do not reach any output, so the exported graph has no "
             "such input; remove them from forward() or from example_inputs"
         )
+    profiles = tuple(ShapeProfile(tuple(p[n] for n in graph_shapes)) for p in profiles)
+    check_profiles_against_graph(profiles, graph_shapes)
+    onnx_model, precision_report = _apply_precision(onnx_model, config, calibration_data, profiles)
+
+    graph_inputs = {t.name: t for t in tensor_specs(onnx_model.graph.input)}
+    spec = ModuleSpec(
+        inputs=tuple(graph_inputs[n] for n in names),
+        outputs=tensor_specs(onnx_model.graph.output),
+        output_structure=structure,
+        profiles=profiles,
+        precision=config.precision.value,
+        info={
+            "exporter": exporter,
+            "opset": config.opset,
+            "cleanup": report.summary(),
+            "precision": precision_report,
+        },
+    )
     backend_obj, engine = make_backend(kind, onnx_model, spec, config)
     logger.info(
         "compiled %s: %s, %s, %.1f s",
-        type(model).__name__,
+        type(source).__name__,
         config.precision.value,
         backend_obj.name,
         time.perf_counter() - start,
     )
     return CompiledModule(onnx_model, spec, backend_obj, engine)
+
+
+def _check_calibration_source(config: BuildConfig, calibration_data: Any) -> None:
+    """Fail before the (slow) export when INT8 has nothing to take its scales from."""
+    cache = config.calibration_cache
+    if config.precision is Precision.INT8 and calibration_data is None and not (cache and os.path.isfile(cache)):
+        raise CalibrationError(
+            "precision='int8' needs activation ranges: pass calibration_data (an iterable of input "
+            "batches such as a DataLoader, a few hundred representative samples) or "
+            "calibration_cache=<path of an existing TensorRT calibration cache for this model>"
+            + (f" ({cache} does not exist)" if cache else "")
+        )
 
 
 def _apply_precision(
@@ -145,15 +234,75 @@ def _apply_precision(
     calibration_data: Any,
     profiles: Sequence[ShapeProfile],
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """Write the requested precision into the graph (TensorRT 11 reads it only from there)."""
+    """Write the requested precision into the graph (TensorRT 11 reads it only from there).
+
+    FP16: cast to FP16 with an FP32 keep-list measured on ``calibration_data``
+    (optional; without it only weights and exclusions decide, and nothing is
+    checked for Inf/NaN). INT8: Q/DQ pairs with scales from the calibrator
+    (needs ``calibration_data`` or an existing ``calibration_cache``), the rest
+    in ``config.int8_float_precision``. Returns the graph and the report that
+    ``CompiledModule.precision_report`` shows.
+    """
+    from . import precision as passes
+
     if config.precision is Precision.FP32:
         if calibration_data is not None:
             logger.info("calibration_data is ignored at fp32")
         return onnx_model, {}
-    raise ConfigError(
-        f"precision={config.precision.value!r} is not available in this version of trtopt yet; "
-        "use precision='fp32'"
+    inputs = tensor_specs(onnx_model.graph.input)
+    batches = None
+    if calibration_data is not None:
+        calibration_data, batches = passes.feed_batches(calibration_data, inputs, config.calibration_batches)
+    excluded = {"exclude_nodes": config.exclude_nodes, "exclude_op_types": config.exclude_op_types}
+    if config.precision is Precision.FP16:
+        if batches is None:
+            logger.warning(
+                "precision='fp16' without calibration_data: the FP32 keep-list only covers weights "
+                "and exclusions, and the graph is not checked for overflow; pass calibration_data"
+            )
+        onnx_model, fp16_report = passes.to_fp16(
+            onnx_model, batches, threshold=config.fp16_threshold, **excluded
+        )
+        return onnx_model, {"precision": "fp16", "qdq_nodes": 0, **fp16_report.to_json()}
+
+    _check_calibration_source(config, calibration_data)
+    plan = passes.plan_int8(
+        onnx_model, keep_first_last=config.int8_keep_first_last, **excluded
     )
+    from .calibrators import calibrate
+
+    start = time.perf_counter()
+    calibration = calibrate(
+        onnx_model,
+        plan.activation_tensors,
+        calibration_data,
+        input_specs=inputs,
+        method=config.calibrator.value,
+        percentile=config.percentile,
+        max_batches=config.calibration_batches,
+        cache_path=config.calibration_cache,
+        progress=logger.isEnabledFor(logging.INFO),
+    )
+    seconds = time.perf_counter() - start
+    onnx_model, int8_report, fp16_report = passes.to_int8(
+        onnx_model,
+        plan,
+        calibration.amax,
+        batches,
+        float_precision=config.int8_float_precision.value,
+        threshold=config.fp16_threshold,
+        **excluded,
+    )
+    report = {
+        "precision": "int8",
+        "calibrator": config.calibrator.value,
+        "calibration_seconds": round(seconds, 3),
+        "float_precision": config.int8_float_precision.value,
+        **int8_report.to_json(),
+    }
+    if fp16_report is not None:
+        report.update(fp16_report.to_json())
+    return onnx_model, report
 
 
 def load(path: str | os.PathLike[str], *, backend: Backend | str = "auto") -> CompiledModule:

@@ -54,14 +54,22 @@ class BuildConfig:
     percentile: float = 99.99
     calibration_batches: int | None = None  # None: use every batch given
     calibration_cache: str | None = None
+    # Precision passes (trtopt.precision). Excluded nodes stay FP32: not quantized, not cast to FP16.
+    exclude_nodes: tuple[str, ...] = ()  # glob patterns on ONNX node names, e.g. "*layer_norm*"
+    exclude_op_types: tuple[str, ...] = ()  # ONNX op types, e.g. ("Softmax", "LayerNormalization")
+    int8_keep_first_last: bool = False  # first/last weighted layers not quantized (run in int8_float_precision)
+    int8_float_precision: Precision = Precision.FP16  # what the non-quantized rest of an INT8 graph runs in
+    fp16_threshold: float = 16384.0  # keep FP32 a node whose activations reach this on calibration data
     # TensorRT engine settings.
     workspace_bytes: int | None = None  # None: TensorRT's default (the device's memory)
     optimization_level: int = 3  # builder_optimization_level, 0-5
     version_compatible: bool = False
     hardware_compatibility: str = "none"  # "none" | "ampere_plus" | "same_compute_capability"
     timing_cache: str | None = None
-    engine_cache_dir: str | None = None
+    engine_cache_dir: str | None = None  # None: no engine cache (see trtopt/engine_cache.py)
     engine_cache_max_bytes: int = 8 << 30
+    # TensorRT runtime settings (not part of the engine).
+    cuda_graph: bool = False  # replay a captured CUDA graph for repeated input shapes
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", _coerce_enum(Precision, self.precision, "precision"))
@@ -69,8 +77,27 @@ class BuildConfig:
         object.__setattr__(
             self, "calibrator", _coerce_enum(CalibratorKind, self.calibrator, "calibrator")
         )
+        for name in ("exclude_nodes", "exclude_op_types"):
+            value = getattr(self, name)
+            value = (value,) if isinstance(value, str) else tuple(value)
+            if not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name}={value!r} must be a list of strings")
+            object.__setattr__(self, name, value)
+        float_precision = _coerce_enum(Precision, self.int8_float_precision, "int8_float_precision")
+        if float_precision is Precision.INT8:
+            raise ConfigError("int8_float_precision='int8' is not valid; use 'fp16' (default) or 'fp32'")
+        object.__setattr__(self, "int8_float_precision", float_precision)
+        if not float(self.fp16_threshold) > 0:
+            raise ConfigError(
+                f"fp16_threshold={self.fp16_threshold!r} must be positive (default 16384; FP16's max is 65504)"
+            )
         if not isinstance(self.opset, int) or self.opset < 17:
             raise ConfigError(f"opset={self.opset!r} is too old; use 17 or newer (19 recommended)")
+        if self.precision is Precision.INT8 and float_precision is Precision.FP16 and self.opset < 19:
+            raise ConfigError(
+                f"precision='int8' with int8_float_precision='fp16' needs opset 19 or newer (FP16 "
+                f"Q/DQ scales), but opset={self.opset}; use opset=19 or int8_float_precision='fp32'"
+            )
         if not 0.0 < float(self.percentile) <= 100.0:
             raise ConfigError(f"percentile={self.percentile!r} must be in (0, 100], e.g. 99.99")
         if self.calibration_batches is not None and self.calibration_batches < 1:
@@ -85,6 +112,11 @@ class BuildConfig:
             raise ConfigError(
                 f"hardware_compatibility={self.hardware_compatibility!r} must be 'none', "
                 "'ampere_plus' or 'same_compute_capability'"
+            )
+
+        if self.engine_cache_max_bytes < 0:
+            raise ConfigError(
+                f"engine_cache_max_bytes={self.engine_cache_max_bytes!r} must be >= 0 (default 8 GiB)"
             )
 
     def replace(self, **overrides: Any) -> BuildConfig:
@@ -102,6 +134,11 @@ class BuildConfig:
 ENGINE_SETTINGS: tuple[str, ...] = (
     "precision",
     "opset",
+    "exclude_nodes",
+    "exclude_op_types",
+    "int8_keep_first_last",
+    "int8_float_precision",
+    "fp16_threshold",
     "workspace_bytes",
     "optimization_level",
     "version_compatible",

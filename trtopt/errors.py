@@ -51,3 +51,9 @@ class BuildError(TrtoptError):
 
 class EngineError(TrtoptError):
     """A serialized TensorRT engine could not be loaded or run."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (libraries often append pages of advice)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

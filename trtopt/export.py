@@ -22,7 +22,7 @@ import onnx
 import torch
 
 from .config import ShapeProfile
-from .errors import ConfigError, ExportError, InputError
+from .errors import ConfigError, ExportError, InputError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +82,15 @@ def unflatten_outputs(structure: dict[str, Any], leaves: Sequence[Any]) -> Any:
 # -------------------------------------------------------------------- names
 
 
-def forward_input_names(model: torch.nn.Module, count: int) -> list[str]:
+def forward_input_names(model: Any, count: int) -> list[str]:
     """Name the first ``count`` positional inputs after the forward signature."""
+    if isinstance(model, torch.export.ExportedProgram):
+        names = list(model.graph_signature.user_inputs)[:count]
+        return names + [f"input_{i}" for i in range(len(names), count)]
+    if isinstance(model, torch.jit.ScriptModule):
+        # TorchScript keeps the signature in the schema; the first argument is self.
+        names = [a.name for a in model.forward.schema.arguments[1:]][:count]
+        return names + [f"input_{i}" for i in range(len(names), count)]
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
@@ -269,53 +276,72 @@ def _torchscript_export(
 
 
 def export(
-    model: torch.nn.Module,
+    model: torch.nn.Module | torch.export.ExportedProgram,
     example_inputs: Sequence[Any],
     profiles: Sequence[ShapeProfile],
     opset: int,
     input_names: Sequence[str] | None = None,
 ) -> ExportedModel:
-    """Export ``model`` to ONNX with one symbolic dim per range in ``profiles``."""
+    """Export ``model`` to ONNX with one symbolic dim per range in ``profiles``.
+
+    ``model`` is an ``nn.Module`` (torch.export-based exporter, TorchScript as a
+    fallback), a TorchScript module (the TorchScript exporter, the only one that
+    reads TorchScript) or a ``torch.export.ExportedProgram`` (its own dynamic
+    dims; the profiles only give their ranges).
+    """
     names = list(input_names or forward_input_names(model, len(example_inputs)))
     check_example_inputs(names, example_inputs)
-    was_training = model.training
-    model.eval()
+    is_program = isinstance(model, torch.export.ExportedProgram)
+    is_script = isinstance(model, torch.jit.ScriptModule)
+    runnable = model.module() if is_program else model
+    was_training = runnable.training
+    if not is_program:  # an ExportedProgram's module() cannot switch modes; it was exported as it is
+        runnable.eval()
     try:
         args = tuple(export_examples(names, list(example_inputs), profiles))
         with torch.no_grad():
-            outputs = model(*args)
+            outputs = runnable(*args)
         _, structure, output_names = flatten_outputs(outputs)
         output_names = _unique(output_names)
-        try:
-            onnx_model = _dynamo_export(model, args, names, output_names, profiles, opset)
-            exporter = "dynamo"
-        except Exception as dynamo_error:  # the exporter raises many unrelated types
-            conflict = _shape_conflict(dynamo_error)
-            if conflict:
-                raise ConfigError(
-                    f"dynamic_shapes does not fit the model: {conflict} Remove that dimension from "
-                    "dynamic_shapes or give it the range the model allows"
-                ) from dynamo_error
-            first_line = str(dynamo_error).strip().splitlines()[0] if str(dynamo_error) else ""
-            logger.warning(
-                "torch.export-based ONNX export failed (%s: %s); trying the TorchScript exporter",
-                type(dynamo_error).__name__,
-                first_line,
-            )
+        if is_script:
+            onnx_model = _torchscript_export(model, args, names, output_names, profiles, opset)
+            exporter = "torchscript"
+        else:
             try:
-                onnx_model = _torchscript_export(model, args, names, output_names, profiles, opset)
-                exporter = "torchscript"
-            except ExportError:
-                raise
-            except Exception as ts_error:
-                raise ExportError(
-                    f"{type(model).__name__} could not be exported to ONNX. torch.export-based "
-                    f"exporter: {type(dynamo_error).__name__}: {first_line} | TorchScript exporter: "
-                    f"{type(ts_error).__name__}: {str(ts_error).strip().splitlines()[0] if str(ts_error) else ''}. "
-                    "Replace the unsupported operation, or export to ONNX yourself and compile the file"
-                ) from ts_error
+                onnx_model = _dynamo_export(model, args, names, output_names, profiles, opset)
+                exporter = "dynamo"
+            except Exception as dynamo_error:  # the exporter raises many unrelated types
+                conflict = _shape_conflict(dynamo_error)
+                if conflict:
+                    raise ConfigError(
+                        f"dynamic_shapes does not fit the model: {conflict} Remove that dimension "
+                        "from dynamic_shapes or give it the range the model allows"
+                    ) from dynamo_error
+                if is_program:
+                    raise ExportError(
+                        f"the ExportedProgram could not be converted to ONNX: {first_line(dynamo_error)}. "
+                        "Pass the nn.Module instead, so the TorchScript exporter can be tried"
+                    ) from dynamo_error
+                logger.warning(
+                    "torch.export-based ONNX export failed (%s: %s); trying the TorchScript exporter",
+                    type(dynamo_error).__name__,
+                    first_line(dynamo_error),
+                )
+                try:
+                    onnx_model = _torchscript_export(model, args, names, output_names, profiles, opset)
+                    exporter = "torchscript"
+                except ExportError:
+                    raise
+                except Exception as ts_error:
+                    raise ExportError(
+                        f"{type(model).__name__} could not be exported to ONNX. torch.export-based "
+                        f"exporter: {type(dynamo_error).__name__}: {first_line(dynamo_error)} | "
+                        f"TorchScript exporter: {type(ts_error).__name__}: {first_line(ts_error)}. "
+                        "Replace the unsupported operation, or export to ONNX yourself and compile the file"
+                    ) from ts_error
     finally:
-        model.train(was_training)
+        if not is_program:
+            runnable.train(was_training)
     _rename_symbols(onnx_model, names)
     logger.info(
         "exported %s to ONNX with the %s exporter (opset %d, %d nodes)",

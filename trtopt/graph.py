@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ._io import default_permissions
 from .errors import GraphError
 
 logger = logging.getLogger(__name__)
@@ -130,8 +131,12 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
     try:
         if external:
             data_name = f"{path.name}.data"
+            # onnx.save_model moves the weights out of the proto it is given (raw_data cleared,
+            # pointing at the file); save a copy so the caller's model keeps its weights.
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
             onnx.save_model(
-                model,
+                copy,
                 tmp,
                 save_as_external_data=True,
                 all_tensors_to_one_file=True,
@@ -140,6 +145,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
             )
         else:
             onnx.save_model(model, tmp)
+        default_permissions(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

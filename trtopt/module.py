@@ -7,10 +7,10 @@ optimization profile that contains the shapes. The backend then only runs.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import torch
 
+from ._io import atomic_write
 from ._version import __version__
 from .config import ShapeProfile
 from .errors import InputError, ModuleFileError, ShapeError
@@ -197,6 +198,11 @@ class CompiledModule:
         return self.spec.precision
 
     @property
+    def precision_report(self) -> dict[str, Any]:
+        """What the precision pass did: Q/DQ count, nodes kept FP32 and why, layers not quantized."""
+        return self.spec.info.get("precision") or {}
+
+    @property
     def backend_name(self) -> str:
         return self.backend.name
 
@@ -265,6 +271,13 @@ class CompiledModule:
         return unflatten_outputs(self.spec.output_structure, leaves)
 
     # ------------------------------------------------------------- save/load
+    def export_onnx(self, path: str | os.PathLike[str]) -> dict[str, Path]:
+        """Write the final graph, a manifest, the target's build commands and (INT8) the
+        calibration cache, so the engine can be built on another machine."""
+        from .artifacts import export_onnx
+
+        return export_onnx(self, path)
+
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write graph, engine (if any) and metadata to one file, atomically."""
         path = Path(path)
@@ -279,20 +292,37 @@ class CompiledModule:
             "sha256": {k: hashlib.sha256(v).hexdigest() for k, v in members.items()},
         }
         members[MANIFEST] = json.dumps(manifest, indent=1).encode()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                with zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-                    for name, data in members.items():
-                        archive.writestr(name, data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name, data in members.items():
+                archive.writestr(name, data)
+        return atomic_write(path, buffer.getvalue())
+
+    # ---------------------------------------------------------------- triton
+    def export_triton(
+        self,
+        repo_dir: str | os.PathLike[str],
+        name: str,
+        *,
+        version: int = 1,
+        max_batch_size: int | None = None,
+        dynamic_batching: bool = True,
+        instances: int = 1,
+        overwrite: bool = False,
+    ) -> Path:
+        """Write this module into a Triton model repository; see ``trtopt.triton.export_triton``."""
+        from .triton import export_triton
+
+        return export_triton(
+            self,
+            repo_dir,
+            name,
+            version=version,
+            max_batch_size=max_batch_size,
+            dynamic_batching=dynamic_batching,
+            instances=instances,
+            overwrite=overwrite,
+        )
 
 
 def read_module_file(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, ModuleSpec, bytes | None]:

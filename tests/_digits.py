@@ -1,0 +1,112 @@
+"""Real data and trained weights for the precision tests and benchmarks/int8_accuracy.py.
+
+scikit-learn's digits (1797 8x8 images, 10 classes) train a small CNN and a
+small transformer in seconds on a CPU, so FP16 and INT8 are held to a real
+held-out accuracy instead of to random weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+TEST_SIZE = 500
+CALIBRATION_SIZE = 256
+CALIBRATION_BATCH = 64
+
+
+@dataclass(frozen=True)
+class Digits:
+    train_x: torch.Tensor  # [N, 1, 8, 8] float32 in [0, 1]
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+    def calibration_batches(self, rows: bool = False) -> list[torch.Tensor]:
+        """Training images (never the test set) in batches, as a calibration loader would give them."""
+        x = self.train_x[:, 0] if rows else self.train_x
+        return list(torch.split(x[:CALIBRATION_SIZE], CALIBRATION_BATCH))
+
+
+def load_digits(seed: int = 0) -> Digits:
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    data = sklearn_digits()
+    order = np.random.default_rng(seed).permutation(len(data.target))
+    x = torch.tensor(data.images[order] / 16.0, dtype=torch.float32)[:, None]
+    y = torch.tensor(data.target[order], dtype=torch.long)
+    return Digits(x[TEST_SIZE:], y[TEST_SIZE:], x[:TEST_SIZE], y[:TEST_SIZE])
+
+
+class DigitsCNN(nn.Module):
+    """Conv + BatchNorm + ReLU, a residual block, max pooling, global average pooling, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.block = nn.Sequential(
+            nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16),
+        )
+        self.pool = nn.MaxPool2d(2)
+        self.conv = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        y = torch.relu(y + self.block(y))
+        y = self.conv(self.pool(y))
+        return self.head(y.mean(dim=(2, 3)))
+
+
+class DigitsTransformer(nn.Module):
+    """Reads a digit as a sequence of 8 rows of 8 pixels: embedding, 2 encoder layers, mean pool."""
+
+    def __init__(self, d_model: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, d_model)
+        self.position = nn.Parameter(torch.zeros(8, d_model))
+        layer = nn.TransformerEncoderLayer(d_model, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(self.embed(x) + self.position)
+        return self.head(h.mean(dim=1))
+
+
+def train(
+    make_model: Callable[[], nn.Module], digits: Digits, *, rows: bool = False, epochs: int = 8, seed: int = 0
+) -> nn.Module:
+    """Build ``make_model()`` and train it with Adam, all from ``seed``; returns it in eval mode.
+
+    One thread: the result is reproducible, and on a shared CPU it is several
+    times faster than torch's default thread pool.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        model = make_model()
+        x = digits.train_x[:, 0] if rows else digits.train_x
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(epochs):
+            for index in torch.randperm(len(x)).split(64):
+                loss = nn.functional.cross_entropy(model(x[index]), digits.train_y[index])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
+def top1(logits: torch.Tensor | np.ndarray, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent."""
+    logits = torch.as_tensor(np.asarray(logits, dtype=np.float32))
+    return 100.0 * float((logits.argmax(dim=1) == labels).float().mean())

@@ -1,0 +1,79 @@
+"""export_onnx: the final graph and what the target needs to build the engine (issue 9)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import trtopt
+from tests._models import MaskedEncoder, padding_mask
+from tests.helpers import flat
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    torch.manual_seed(0)
+    return trtopt.compile(
+        MaskedEncoder().eval(),
+        (torch.randn(2, 10, 32), padding_mask(2, 10)),
+        dynamic_shapes={"tokens": {0: (1, 4, 8), 1: (2, 12, 24)}, "padding_mask": {0: (1, 4, 8), 1: (2, 12, 24)}},
+        backend="onnxruntime",
+    )
+
+
+def test_exported_graph_runs_like_the_module(compiled, tmp_path):
+    paths = compiled.export_onnx(tmp_path / "encoder.onnx")
+    session = ort.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"])
+    tokens, mask = torch.randn(3, 7, 32), padding_mask(3, 7)
+    (got,) = session.run(None, {"tokens": tokens.numpy(), "padding_mask": mask.numpy()})
+    np.testing.assert_array_equal(got, compiled(tokens, mask).numpy())
+
+
+def test_manifest_matches_the_module(compiled, tmp_path):
+    paths = compiled.export_onnx(tmp_path / "encoder.onnx")
+    manifest = json.loads(paths["manifest"].read_text())
+    assert manifest["onnx"] == "encoder.onnx"
+    assert [i["name"] for i in manifest["inputs"]] == compiled.input_names
+    assert [i["dtype"] for i in manifest["inputs"]] == ["float32", "bool"]
+    assert [o["name"] for o in manifest["outputs"]] == compiled.output_names
+    assert manifest["profiles"] == [p.to_json() for p in compiled.profiles]
+    assert manifest["precision"] == "fp32"
+    assert manifest["versions"]["trtopt"] == trtopt.__version__ and "torch" in manifest["versions"]
+
+
+def test_trtexec_line_names_every_dynamic_input(compiled, tmp_path):
+    paths = compiled.export_onnx(tmp_path / "encoder.onnx")
+    commands = [l for l in paths["build_script"].read_text().splitlines() if l.startswith("trtexec")]
+    assert len(commands) == 1
+    args = dict(a.split("=", 1) for a in shlex.split(commands[0])[1:] if "=" in a)
+    assert args["--onnx"] == "encoder.onnx"
+    assert "--stronglyTyped" in commands[0]
+    assert not any(flag in commands[0] for flag in ("--fp16", "--int8", "--best"))
+    assert args["--minShapes"] == "tokens:1x2x32,padding_mask:1x2"
+    assert args["--optShapes"] == "tokens:4x12x32,padding_mask:4x12"
+    assert args["--maxShapes"] == "tokens:8x24x32,padding_mask:8x24"
+
+
+def test_several_profiles_get_a_polygraphy_line(tmp_path):
+    model = torch.nn.Linear(4, 2).eval()
+    compiled = trtopt.compile(
+        model, (torch.randn(2, 4),), dynamic_shapes=[{"input": {0: (1, 2, 4)}}, {"input": {0: (5, 16, 32)}}]
+    )
+    script = compiled.export_onnx(tmp_path / "linear")["build_script"].read_text()
+    polygraphy = next(l for l in script.splitlines() if l.startswith("polygraphy"))
+    assert polygraphy.count("--trt-min-shapes") == 2
+    assert "input:[5,4]" in polygraphy and "input:[32,4]" in polygraphy
+
+
+def test_the_exported_graph_compiles_again_on_the_target(compiled, tmp_path):
+    paths = compiled.export_onnx(tmp_path / "encoder.onnx")
+    spec = {"tokens": {0: (1, 4, 8), 1: (2, 12, 24)}, "padding_mask": {0: (1, 4, 8), 1: (2, 12, 24)}}
+    target = trtopt.compile(paths["onnx"], dynamic_shapes=spec, backend="onnxruntime")
+    tokens, mask = torch.randn(5, 20, 32), padding_mask(5, 20)
+    for a, b in zip(flat(target(tokens, mask)), flat(compiled(tokens, mask))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,132 @@
+"""Accuracy-budgeted mixed precision finds the unit INT8 hurts (issue 8)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from trtopt.calibrators import calibrate
+from trtopt.config import build_profiles
+from trtopt.errors import ConfigError
+from trtopt.export import export
+from trtopt.graph import cleanup
+from trtopt.module import tensor_specs
+from trtopt.precision import plan_int8
+from trtopt.precision.budget import (
+    AccuracyBudget,
+    MeasurementCache,
+    find_units_to_keep_high,
+    split_validation,
+)
+
+
+class OutlierMLP(nn.Module):
+    """Four Linear layers; the input of ``sensitive`` carries rare huge outliers in one channel.
+
+    Calibrated with minmax, that activation's INT8 scale is set by the outliers,
+    so every ordinary value feeding ``sensitive`` rounds to zero: one unit ruins
+    the output while the others quantize well. The spike channel's weights are
+    zero, so in FP32 the outliers do not travel further.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(16, 32)
+        self.second = nn.Linear(32, 32)
+        self.sensitive = nn.Linear(32, 32)
+        self.last = nn.Linear(32, 8)
+        with torch.no_grad():
+            # The spike channel does not reach the output in FP32, so only quantization sees it.
+            self.sensitive.weight[:, 0] = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.second(torch.relu(self.first(x))))
+        spikes = (x[:, :1] > 2.0).float() * 2000.0  # rare: about 2% of the samples
+        h = torch.cat([h[:, :1] + spikes, h[:, 1:]], dim=1)
+        return self.last(torch.relu(self.sensitive(h)))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = OutlierMLP().eval()
+    x = torch.randn(64, 16)
+    profiles = build_profiles({"x": {0: (1, 64, 256)}}, {"x": (64, 16)})
+    graph, _ = cleanup(export(model, (x,), profiles, opset=19).model)
+    specs = tensor_specs(graph.graph.input)
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randn(64, 16, generator=generator) for _ in range(10)]
+    plan = plan_int8(graph)
+    amax = calibrate(graph, plan.activation_tensors, batches[:8], input_specs=specs, method="minmax", progress=False).amax
+    validation = [{"x": b.numpy()} for b in batches[8:]]
+    sensitive = next(n.name for n in graph.graph.node if "sensitive.weight" in n.input)
+    return graph, amax, validation, sensitive
+
+
+def test_the_sensitive_unit_ranks_first_and_keeping_it_high_restores_the_metric(setup, tmp_path):
+    graph, amax, validation, sensitive = setup
+    budget = AccuracyBudget("cosine", 0.999)
+    report = find_units_to_keep_high(graph, amax, validation, None, budget, plan_options={}, cache_dir=tmp_path)
+    assert not budget.met(report.all_int8)
+    assert report.units[0]["unit"] == sensitive
+    assert report.kept_high == [sensitive]
+    assert report.met and report.final >= 0.999
+    assert len(report.units) == 4 and report.steps[0]["before"] == report.all_int8
+    assert sensitive in report.table()
+
+
+def test_a_second_run_with_another_budget_reuses_the_measurements(setup, tmp_path):
+    graph, amax, validation, _ = setup
+    first = find_units_to_keep_high(
+        graph, amax, validation, None, AccuracyBudget("cosine", 0.999), plan_options={}, cache_dir=tmp_path
+    )
+    assert first.evaluations > 0
+    second = find_units_to_keep_high(
+        graph, amax, validation, None, AccuracyBudget("cosine", 0.99), plan_options={}, cache_dir=tmp_path
+    )
+    assert second.evaluations == 0 and second.cached_evaluations >= 2
+
+
+def test_a_budget_even_fp32_misses_is_reported_without_a_search(setup, tmp_path):
+    graph, amax, validation, _ = setup
+    labels = np.random.default_rng(0).integers(0, 8, size=sum(len(v["x"]) for v in validation))
+    report = find_units_to_keep_high(
+        graph, amax, validation, labels, AccuracyBudget("accuracy", 1.0), plan_options={}, cache_dir=None
+    )
+    assert not report.met and report.no_int8 < 1.0
+    assert report.units == [] and report.evaluations == 2 and len(report.kept_high) == 4
+
+
+def test_budget_parsing_and_user_metrics():
+    assert AccuracyBudget.parse("cosine>=0.99") == AccuracyBudget("cosine", 0.99)
+    drop = AccuracyBudget.parse("accuracy_drop<=0.002")
+    assert not drop.higher_is_better and drop.met(0.001) and not drop.met(0.003)
+    with pytest.raises(ConfigError, match="higher-is-better; write cosine>=0.99"):
+        AccuracyBudget.parse("cosine<=0.99")
+    with pytest.raises(ConfigError, match="unknown accuracy metric 'psnr'"):
+        AccuracyBudget("psnr", 30.0)
+    with pytest.raises(ConfigError, match="METRIC>=BOUND"):
+        AccuracyBudget.parse("cosine about 0.99")
+    worst = AccuracyBudget(lambda out, ref: -float(np.abs(out[0] - ref[0]).max()), -0.1)
+    assert worst.evaluate([np.ones(3)], [np.ones(3)], None) == 0.0 and worst.met(0.0)
+    with pytest.raises(ConfigError, match="need labels"):
+        AccuracyBudget("accuracy", 0.9).evaluate([np.eye(3)], [np.eye(3)], None)
+
+
+def test_validation_is_held_back_from_calibration():
+    specs = [type("Spec", (), {"name": "x", "dtype": "float32", "shape": ("n", 4)})()]
+    batches = [(np.full((2, 4), i, np.float32), np.array([i, i])) for i in range(10)]
+    calibration, validation, labels = split_validation(batches, None, specs)
+    assert len(calibration) == 8 and len(validation) == 2
+    assert [float(v["x"][0, 0]) for v in validation] == [8.0, 9.0]
+    assert labels.tolist() == [8, 8, 9, 9]
+    with pytest.raises(ConfigError, match="too few to hold one back"):
+        split_validation([batches[0]], None, specs)
+
+
+def test_measurement_cache_survives_a_restart(tmp_path):
+    cache = MeasurementCache(tmp_path, "k")
+    cache.put(frozenset({"b", "a"}), 0.5)
+    assert MeasurementCache(tmp_path, "k").get(frozenset({"a", "b"})) == 0.5

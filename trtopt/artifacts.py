@@ -1,0 +1,134 @@
+"""Calibrate here, build there: the final graph plus what the target needs to build it.
+
+``export_onnx`` writes, next to ``<name>.onnx``:
+- ``<name>.json``: a manifest (inputs/outputs, profiles, precision summary, versions),
+- ``<name>.build.sh``: the trtexec (and Polygraphy) command lines that build the
+  equivalent engine on the target — strongly typed and without precision flags,
+  because the precision is already in the graph (valid on TensorRT 10 and 11),
+- ``<name>.calib.cache``: the TensorRT calibration cache, for INT8 modules whose
+  precision report carries calibrated ranges (for tools that read one).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._io import atomic_write
+from ._version import __version__
+from .config import ShapeProfile
+from .graph import save_model
+
+if TYPE_CHECKING:
+    from .module import CompiledModule
+
+logger = logging.getLogger(__name__)
+
+
+def trtexec_shapes(profile: ShapeProfile, which: str) -> str:
+    """trtexec's ``name:1x3x224x224,other:1x16`` notation for the inputs with a dynamic dim."""
+    parts = []
+    for r in profile.inputs:
+        if r.min != r.max:
+            parts.append(f"{r.name}:{'x'.join(str(d) for d in getattr(r, which))}")
+    return ",".join(parts)
+
+
+def trtexec_command(onnx_path: str, profiles: Sequence[ShapeProfile], engine_path: str) -> str:
+    """The trtexec line for the first profile (trtexec builds one profile per engine).
+
+    ``--stronglyTyped`` is required on TensorRT 10 and a no-op on 11, where strong
+    typing is always on; no --fp16/--int8 flags, which 11 removed.
+    """
+    args = ["trtexec", f"--onnx={onnx_path}", "--stronglyTyped", f"--saveEngine={engine_path}"]
+    profile = profiles[0]
+    if trtexec_shapes(profile, "min"):
+        for flag, which in (("--minShapes", "min"), ("--optShapes", "opt"), ("--maxShapes", "max")):
+            args.append(f"{flag}={trtexec_shapes(profile, which)}")
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def polygraphy_command(onnx_path: str, profiles: Sequence[ShapeProfile], engine_path: str) -> str:
+    """The Polygraphy line: repeating the shape flags creates one profile per repetition."""
+    args = ["polygraphy", "convert", onnx_path, "--convert-to", "trt", "--strongly-typed", "-o", engine_path]
+    for profile in profiles:
+        for r in profile.inputs:
+            if r.min == r.max:
+                continue
+            for flag, shape in (("--trt-min-shapes", r.min), ("--trt-opt-shapes", r.opt), ("--trt-max-shapes", r.max)):
+                args += [flag, f"{r.name}:[{','.join(str(d) for d in shape)}]"]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0], "trtopt": __version__}
+    for package in ("torch", "onnx", "onnxruntime", "onnx-graphsurgeon", "polygraphy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def manifest(module: CompiledModule, onnx_name: str) -> dict[str, Any]:
+    spec = module.spec
+    return {
+        "format": "trtopt-onnx-export",
+        "format_version": 1,
+        "onnx": onnx_name,
+        "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.inputs],
+        "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.outputs],
+        "profiles": [p.to_json() for p in spec.profiles],
+        "precision": spec.precision,
+        "precision_summary": spec.info.get("precision", {}),
+        "exporter": spec.info.get("exporter"),
+        "opset": spec.info.get("opset"),
+        "versions": _versions(),
+    }
+
+
+def export_onnx(module: CompiledModule, path: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write the final graph and its companions; return their paths by kind."""
+    path = Path(path)
+    if path.suffix != ".onnx":
+        path = path.with_suffix(".onnx")
+    written = {"onnx": save_model(module.onnx_model, path)}
+    written["manifest"] = atomic_write(
+        path.with_suffix(".json"), json.dumps(manifest(module, path.name), indent=2) + "\n"
+    )
+    engine = path.with_suffix(".plan").name
+    profiles = module.spec.profiles
+    lines = [
+        "#!/bin/sh",
+        "# Build the TensorRT engine for this graph on the target GPU (TensorRT 10 or 11).",
+        "# The precision is in the graph (Q/DQ, casts): no precision flags are needed.",
+        "set -e",
+        'cd "$(dirname "$0")"',
+    ]
+    if len(profiles) > 1:
+        lines += [
+            f"# The module has {len(profiles)} optimization profiles; trtexec builds the first one,",
+            "# Polygraphy (pip install polygraphy) builds them all:",
+            polygraphy_command(path.name, profiles, engine),
+            "# Profile 0 only:",
+            "# " + trtexec_command(path.name, profiles, engine),
+        ]
+    else:
+        lines.append(trtexec_command(path.name, profiles, engine))
+    written["build_script"] = atomic_write(path.with_suffix(".build.sh"), "\n".join(lines) + "\n")
+    os.chmod(written["build_script"], 0o755)
+    amax = module.spec.info.get("precision", {}).get("activation_amax")
+    if amax:
+        from .calibrators import write_cache
+
+        method = module.spec.info["precision"].get("calibrator", "entropy")
+        written["calibration_cache"] = write_cache(path.with_suffix(".calib.cache"), amax, method)
+    logger.info("exported %s", ", ".join(str(p) for p in written.values()))
+    return written

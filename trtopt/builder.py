@@ -1,0 +1,444 @@
+"""ONNX -> serialized TensorRT engine (strongly typed, with optimization profiles).
+
+One code path serves TensorRT 10.x and 11.x (DESIGN.md §3): the network is
+created with ``STRONGLY_TYPED`` only, so the precision is whatever the ONNX
+graph says (FP16 casts, INT8 Q/DQ); no weak-typing flag is ever touched.
+
+We call TensorRT directly here rather than through Polygraphy's loaders
+(``NetworkFromOnnxPath``, ``CreateConfig``, ``EngineBytesFromNetwork``) because
+(1) a failed parse or build must raise our ``BuildError`` carrying the errors
+TensorRT logged during *this* build, while Polygraphy routes TensorRT's logger
+into its global ``G_LOGGER`` and fails by raising through it; (2) each profile
+must be checked against the parsed network's inputs with our message; and
+(3) the API-surface test (tests/test_trt_api_surface.py) can only vouch for
+TensorRT calls this module makes itself. The calls are few.
+
+Classes that subclass TensorRT types (the logger, the progress monitor) are
+created inside factory functions, so importing trtopt never needs TensorRT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import onnx
+
+from . import _deps
+from .config import BuildConfig, InputRange, ShapeProfile
+from .engine_cache import EngineCache, atomic_write_bytes, engine_key_fields, files_digest
+from .errors import BuildError
+from .graph import save_model
+
+logger = logging.getLogger(__name__)
+# TensorRT's own messages go to their own logger, so users can silence or raise them separately.
+trt_logger = logging.getLogger("trtopt.tensorrt")
+
+VERBOSE = 5  # below DEBUG: TensorRT's VERBOSE stream is thousands of lines per build
+_SEVERITY_TO_LEVEL = {
+    "INTERNAL_ERROR": logging.CRITICAL,
+    "ERROR": logging.ERROR,
+    "WARNING": logging.WARNING,
+    "INFO": logging.DEBUG,  # TensorRT's INFO is build chatter; trtopt's INFO is for the user
+    "VERBOSE": VERBOSE,
+}
+PROGRESS_INTERVAL_S = 10.0
+
+
+# ------------------------------------------------------------------ logger bridge
+class ErrorLog:
+    """The error messages TensorRT logged: the last few always, and per thread inside ``capture()``.
+
+    Kept apart from the ``trt.ILogger`` subclass so that subclass holds only
+    TensorRT's own callback.
+    """
+
+    def __init__(self, keep: int = 20) -> None:
+        self.recent: deque[str] = deque(maxlen=keep)
+        self._local = threading.local()
+
+    def record(self, text: str) -> None:
+        self.recent.append(text)
+        captured = getattr(self._local, "errors", None)
+        if captured is not None:
+            captured.append(text)
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[str]]:
+        """Collect the error messages this thread's TensorRT calls log inside the block."""
+        errors: list[str] = []
+        previous = getattr(self._local, "errors", None)
+        self._local.errors = errors
+        try:
+            yield errors
+        finally:
+            self._local.errors = previous
+
+
+def make_logger(trt: ModuleType) -> Any:
+    """Create a ``trt.ILogger`` that forwards TensorRT's messages to Python logging.
+
+    TensorRT calls ``log`` from C++; an exception escaping it would cross into
+    TensorRT, so the callback swallows everything. Messages of severity ERROR
+    and above also go to the logger's ``errors`` (an ``ErrorLog``), so a failed
+    build or deserialization can say why.
+    """
+
+    class TensorRTLogBridge(trt.ILogger):  # type: ignore[name-defined,misc]
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors = ErrorLog()
+
+        def log(self, severity: Any, msg: str) -> None:
+            try:
+                level = _SEVERITY_TO_LEVEL.get(getattr(severity, "name", ""), logging.WARNING)
+                text = str(msg)
+                if level >= logging.ERROR:
+                    self.errors.record(text)
+                if trt_logger.isEnabledFor(level):
+                    trt_logger.log(level, "%s", text)
+            except BaseException:  # noqa: BLE001 - nothing may propagate into TensorRT's C++
+                pass
+
+    return TensorRTLogBridge()
+
+
+@functools.lru_cache(maxsize=None)
+def tensorrt_logger(trt: ModuleType) -> Any:
+    """The process's one logger bridge: TensorRT keeps the first logger it is given
+    for the whole process (and warns when a later builder or runtime gets another)."""
+    return make_logger(trt)
+
+
+def format_errors(errors: Sequence[str], fallback: Sequence[str] = ()) -> str:
+    lines = list(errors) or list(fallback)
+    if not lines:
+        return "TensorRT logged no error; set logging.getLogger('trtopt.tensorrt') to DEBUG to see its full log"
+    return "TensorRT said:\n  " + "\n  ".join(lines)
+
+
+# --------------------------------------------------------------- build progress
+def make_progress_monitor(trt: ModuleType, interval_s: float = PROGRESS_INTERVAL_S) -> Any:
+    """Create a ``trt.IProgressMonitor`` that logs the build's phases at INFO, at most every ``interval_s``.
+
+    Like the logger, its callbacks never raise; ``step_complete`` always returns
+    True (False would cancel the build).
+    """
+
+    class BuildProgressLog(trt.IProgressMonitor):  # type: ignore[name-defined,misc]
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self._steps: dict[str, int] = {}
+            self._start = time.monotonic()
+            self._last = 0.0
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            try:
+                self._steps[phase_name] = int(num_steps)
+                level = logging.INFO if parent_phase is None else logging.DEBUG
+                logger.log(level, "TensorRT build: %s (%d steps)", phase_name, num_steps)
+            except BaseException:  # noqa: BLE001
+                pass
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            try:
+                now = time.monotonic()
+                if now - self._last >= interval_s:
+                    self._last = now
+                    logger.info(
+                        "TensorRT build: %s step %d/%s, %.0f s so far",
+                        phase_name,
+                        step + 1,
+                        self._steps.get(phase_name, "?"),
+                        now - self._start,
+                    )
+            except BaseException:  # noqa: BLE001
+                pass
+            return True
+
+        def phase_finish(self, phase_name: str) -> None:
+            try:
+                self._steps.pop(phase_name, None)
+            except BaseException:  # noqa: BLE001
+                pass
+
+    return BuildProgressLog()
+
+
+@contextlib.contextmanager
+def heartbeat(interval_s: float = PROGRESS_INTERVAL_S) -> Iterator[None]:
+    """Log "still building" every ``interval_s`` (for a TensorRT without IProgressMonitor)."""
+    stop = threading.Event()
+    start = time.monotonic()
+
+    def beat() -> None:
+        while not stop.wait(interval_s):
+            logger.info("TensorRT build still running, %.0f s so far", time.monotonic() - start)
+
+    thread = threading.Thread(target=beat, name="trtopt-build-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+# ----------------------------------------------------------------- device facts
+def current_device_index() -> int:
+    """The CUDA device torch uses (0 when torch has no CUDA); engines are built and run there."""
+    import torch
+
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
+
+
+def gpu_fingerprint(device_index: int | None = None) -> dict[str, str]:
+    """The GPU's name and compute capability: an engine runs only where these match."""
+    cuda = _deps.cuda()
+    device = cuda.Device(current_device_index() if device_index is None else device_index)
+    major, minor = device.compute_capability()
+    return {"name": str(device.name()), "compute_capability": f"{major}.{minor}"}
+
+
+# ------------------------------------------------------------------------ build
+def build_engine(
+    onnx_model: onnx.ModelProto, profiles: Sequence[ShapeProfile], config: BuildConfig
+) -> bytes:
+    """Build (or fetch from ``config.engine_cache_dir``) a serialized engine for ``onnx_model``.
+
+    The model is written to a temporary directory and parsed from the file, so
+    models with external weights (over protobuf's 2 GB) work too.
+    """
+    trt = _deps.tensorrt()
+    cache = EngineCache.from_config(config)
+    with tempfile.TemporaryDirectory(prefix="trtopt-build-") as workdir:
+        model_path = save_model(onnx_model, Path(workdir) / "model.onnx")
+        fields = None
+        if cache is not None:
+            fields = engine_key_fields(
+                files_digest(sorted(Path(workdir).iterdir())),
+                profiles,
+                config,
+                str(trt.__version__),
+                gpu_fingerprint(),
+            )
+            cached = cache.get(fields)
+            if cached is not None:
+                return cached
+        start = time.perf_counter()
+        engine = build_from_file(trt, model_path, profiles, config)
+        logger.info(
+            "built TensorRT %s engine: %.1f MB in %.1f s",
+            trt.__version__,
+            len(engine) / 1e6,
+            time.perf_counter() - start,
+        )
+    if cache is not None and fields is not None:
+        cache.put(fields, engine)
+    return engine
+
+
+def build_from_file(
+    trt: ModuleType, model_path: Path, profiles: Sequence[ShapeProfile], config: BuildConfig
+) -> bytes:
+    """Parse ``model_path`` into a strongly typed network and build it with ``config``'s settings."""
+    bridge = tensorrt_logger(trt)
+    with bridge.errors.capture() as errors:
+        try:
+            builder = trt.Builder(bridge)
+        except Exception as exc:  # noqa: BLE001 - the bindings raise when the C++ factory returns null
+            errors.append(str(exc))
+            builder = None
+    if builder is None:
+        raise BuildError(
+            "TensorRT could not create a builder (is the CUDA device usable?). " + format_errors(errors)
+        )
+    # STRONGLY_TYPED is required on 10.x and the only behaviour on 11.x (DESIGN.md §3).
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, bridge)
+    parse_onnx_file(parser, model_path)
+
+    builder_config = builder.create_builder_config()
+    configure(trt, builder_config, config)
+    add_profiles(builder, network, builder_config, profiles, bridge)
+    timing_cache_path = Path(config.timing_cache).expanduser() if config.timing_cache else None
+    if timing_cache_path is not None:
+        attach_timing_cache(builder_config, timing_cache_path)
+
+    monitor = None  # held here: TensorRT keeps only a raw pointer to it during the build
+    if hasattr(trt, "IProgressMonitor"):
+        monitor = make_progress_monitor(trt)
+        builder_config.progress_monitor = monitor
+        progress: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    else:
+        progress = heartbeat()
+    with bridge.errors.capture() as errors, progress:
+        serialized = builder.build_serialized_network(network, builder_config)
+    del monitor
+    if serialized is None:
+        raise BuildError(
+            "TensorRT could not build the engine. "
+            + format_errors(errors, bridge.errors.recent)
+            + "\nCheck that every operator is supported by this TensorRT version and that the "
+            "shape ranges are valid; a larger workspace_bytes helps when tactics ran out of memory."
+        )
+    if timing_cache_path is not None:
+        save_timing_cache(builder_config, timing_cache_path)
+    return bytes(serialized)
+
+
+def parse_onnx_file(parser: Any, model_path: Path) -> None:
+    """Parse the model; on failure raise a BuildError listing every parser error."""
+    if parser.parse_from_file(str(model_path)):
+        return
+    lines = []
+    for index in range(parser.num_errors):
+        parser_error = parser.get_error(index)
+        node = parser_error.node_name() or f"#{parser_error.node()}"
+        operator = parser_error.node_operator() or "?"
+        lines.append(f"node {node} ({operator}): {parser_error.desc()}")
+    raise BuildError(
+        f"TensorRT's ONNX parser rejected the model ({len(lines)} error(s)):\n  "
+        + "\n  ".join(lines or ["(the parser reported no details)"])
+        + "\nAn operator TensorRT does not support must be replaced in the model or kept out of "
+        "the exported graph; an opset issue may go away with a different BuildConfig.opset."
+    )
+
+
+def configure(trt: ModuleType, builder_config: Any, config: BuildConfig) -> None:
+    """Apply the engine settings of ``config`` (never a precision flag: the graph is typed)."""
+    if config.workspace_bytes is not None:
+        builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_bytes))
+    builder_config.builder_optimization_level = int(config.optimization_level)
+    # Layer names and tactics in the engine inspector's JSON; no effect on speed.
+    builder_config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if config.version_compatible:
+        builder_config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    if config.hardware_compatibility == "ampere_plus":
+        builder_config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    elif config.hardware_compatibility == "same_compute_capability":
+        # Added during 10.x (absent from 10.0): detect it rather than compare version strings.
+        if not hasattr(trt.HardwareCompatibilityLevel, "SAME_COMPUTE_CAPABILITY"):
+            raise BuildError(
+                f"hardware_compatibility='same_compute_capability' needs a newer TensorRT than "
+                f"{trt.__version__}; upgrade TensorRT or use 'ampere_plus'"
+            )
+        builder_config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY
+
+
+def _check_range(index: int, name: str, network_shape: tuple[int, ...], span: InputRange) -> None:
+    if len(network_shape) != len(span.min):
+        raise BuildError(
+            f"optimization profile {index}: input {name!r} has rank {len(network_shape)} in the "
+            f"network {list(network_shape)} but the profile gives rank {len(span.min)} "
+            f"{span.describe()}; give a range of the network's rank"
+        )
+    for d, dim in enumerate(network_shape):
+        if dim >= 0 and not span.min[d] == span.opt[d] == span.max[d] == dim:
+            raise BuildError(
+                f"optimization profile {index}: input {name!r} dimension {d} is fixed at {dim} in "
+                f"the network but the profile gives {span.min[d]}..{span.max[d]}; "
+                "remove that dimension from dynamic_shapes"
+            )
+
+
+def add_profiles(
+    builder: Any,
+    network: Any,
+    builder_config: Any,
+    profiles: Sequence[ShapeProfile],
+    bridge: Any,
+) -> list[int]:
+    """Add one optimization profile per ShapeProfile, each checked against the network's inputs.
+
+    A network without dynamic inputs needs no profile and gets none. Returns
+    the profile indices TensorRT assigned (0, 1, ... in order).
+    """
+    network_inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    shapes = {network_input.name: tuple(network_input.shape) for network_input in network_inputs}
+    if not any(d < 0 for shape in shapes.values() for d in shape):
+        return []
+    for network_input in network_inputs:
+        if network_input.is_shape_tensor:
+            raise BuildError(
+                f"network input {network_input.name!r} is a shape tensor; trtopt's profiles cover "
+                "only execution tensors. Pass that value as a constant (a Python int) instead."
+            )
+    indices = []
+    for index, shape_profile in enumerate(profiles):
+        given = [r.name for r in shape_profile.inputs]
+        missing = [n for n in shapes if n not in given]
+        unknown = [n for n in given if n not in shapes]
+        if missing or unknown:
+            raise BuildError(
+                f"optimization profile {index} does not match the network's inputs {list(shapes)}: "
+                + (f"no range for {missing}" if missing else "")
+                + ("; " if missing and unknown else "")
+                + (f"ranges for unknown input(s) {unknown}" if unknown else "")
+                + "; the profiles must name exactly the model's inputs"
+            )
+        trt_profile = builder.create_optimization_profile()
+        for name, shape in shapes.items():
+            span = shape_profile[name]
+            _check_range(index, name, shape, span)
+            trt_profile.set_shape(name, span.min, span.opt, span.max)
+        with bridge.errors.capture() as errors:
+            assigned = builder_config.add_optimization_profile(trt_profile)
+        if assigned < 0:
+            ranges = ", ".join(f"{r.name} {r.describe()}" for r in shape_profile.inputs)
+            raise BuildError(
+                f"TensorRT rejected optimization profile {index} ({ranges}); each range needs "
+                "1 <= min <= opt <= max. " + format_errors(errors)
+            )
+        indices.append(assigned)
+    return indices
+
+
+# ----------------------------------------------------------------- timing cache
+def attach_timing_cache(builder_config: Any, path: Path) -> Any:
+    """Load the timing cache at ``path`` (or start an empty one) and attach it to the build.
+
+    A cache from another GPU or TensorRT version, or an unreadable file, is
+    replaced by an empty cache with a warning: it only costs build time.
+    """
+    data = b""
+    if path.is_file():
+        data = path.read_bytes()
+    timing_cache = None
+    if data:
+        try:
+            timing_cache = builder_config.create_timing_cache(data)
+            if timing_cache is not None and not builder_config.set_timing_cache(timing_cache, False):
+                timing_cache = None
+        except Exception as exc:  # noqa: BLE001 - bindings raise various types for corrupt data
+            logger.debug("timing cache %s rejected: %s", path, exc)
+            timing_cache = None
+        if timing_cache is None:
+            logger.warning(
+                "timing cache %s is corrupt or from another GPU/TensorRT; starting a new one", path
+            )
+        else:
+            logger.info("timing cache: loaded %s (%d bytes)", path, len(data))
+    if timing_cache is None:
+        timing_cache = builder_config.create_timing_cache(b"")
+        builder_config.set_timing_cache(timing_cache, False)
+    return timing_cache
+
+
+def save_timing_cache(builder_config: Any, path: Path) -> None:
+    """Write the build's (updated) timing cache atomically."""
+    timing_cache = builder_config.get_timing_cache()
+    if timing_cache is None:
+        return
+    data = bytes(timing_cache.serialize())
+    atomic_write_bytes(path, data)
+    logger.info("timing cache: saved %s (%d bytes)", path, len(data))

@@ -1,0 +1,166 @@
+"""Precision written into the graph: FP16 with an FP32 keep-list, INT8 Q/DQ, and their checks.
+
+TensorRT 11 takes precision only from the graph (strong typing), so these
+passes are what ``precision="fp16"`` and ``precision="int8"`` mean. The graph
+passes (``convert_to_fp16``, ``plan_int8`` + ``quantize_int8``) are pure: model
+and measured numbers in, model and report out. ``to_fp16`` and ``to_int8`` add
+the measuring around them: they run the calibration data through the graph
+under ONNX Runtime to find the ranges, and again after conversion to make sure
+it produces no Inf/NaN, keeping the offending nodes in FP32 until it does not.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import CalibrationError, GraphError
+from .fp16 import DEFAULT_FP16_THRESHOLD, FP16_MAX, Fp16Report, KeptNode, convert_to_fp16
+from .int8 import (
+    FP16_SCALE_FLOOR,
+    FP32_SCALE_FLOOR,
+    Int8Plan,
+    Int8Report,
+    plan_int8,
+    quantize_int8,
+)
+from .probe import emulate_fp16, feed_batches, tensor_ranges
+from .validate import validate_qdq
+
+logger = logging.getLogger(__name__)
+
+Batches = Callable[[], Iterator[Mapping[str, np.ndarray]]]
+NONFINITE_REASON = "produced Inf/NaN in FP16 on the calibration data"
+
+__all__ = [
+    "DEFAULT_FP16_THRESHOLD",
+    "FP16_MAX",
+    "Fp16Report",
+    "Int8Plan",
+    "Int8Report",
+    "KeptNode",
+    "convert_to_fp16",
+    "emulate_fp16",
+    "feed_batches",
+    "plan_int8",
+    "quantize_int8",
+    "tensor_ranges",
+    "to_fp16",
+    "to_int8",
+    "validate_qdq",
+]
+
+
+def _nonfinite_culprits(model: onnx.ModelProto, bad: set[str]) -> set[str]:
+    """Nodes where Inf/NaN first appears: a bad output from inputs that were all finite.
+
+    When that node is a Cast the pass inserted (an FP32 value too big for FP16),
+    its consumers are the ones to keep in FP32.
+    """
+    graph = gs.import_onnx(model)
+    culprits = set()
+    for node in graph.nodes:
+        if not any(t.name in bad for t in node.outputs) or any(t.name in bad for t in node.inputs):
+            continue
+        if node.op == "Cast" and "__cast_" in node.name:
+            culprits |= {c.name for out in node.outputs for c in out.outputs}
+        else:
+            culprits.add(node.name)
+    return culprits
+
+
+def to_fp16(
+    model: onnx.ModelProto,
+    batches: Batches | None,
+    *,
+    ranges: Mapping[str, float] | None = None,
+    threshold: float = DEFAULT_FP16_THRESHOLD,
+    exclude_nodes: Iterable[str] = (),
+    exclude_op_types: Iterable[str] = (),
+    max_repairs: int = 8,
+) -> tuple[onnx.ModelProto, Fp16Report]:
+    """FP16-convert ``model`` and make sure the calibration data gives no Inf/NaN.
+
+    ``ranges`` (max |x| per tensor) are measured on ``model`` when not given.
+    After each conversion the data is run again; nodes where Inf/NaN first
+    appears join the FP32 keep-list, up to ``max_repairs`` rounds. Without
+    ``batches`` only weights, exclusions and op support decide, and nothing is checked.
+    """
+    if batches is None:
+        return convert_to_fp16(
+            model, ranges, threshold=threshold, exclude_nodes=exclude_nodes, exclude_op_types=exclude_op_types
+        )
+    if ranges is None:
+        ranges = tensor_ranges(model, batches())
+    broken = sorted(n for n, v in ranges.items() if not math.isfinite(v))
+    if broken:
+        raise CalibrationError(
+            f"the FP32 model already produces Inf/NaN on the calibration data at {broken[:3]}; "
+            "check the calibration data (FP16 conversion needs finite FP32 activations)"
+        )
+    keep: dict[str, str] = {}
+    for _ in range(max_repairs + 1):
+        converted, report = convert_to_fp16(
+            model,
+            ranges,
+            threshold=threshold,
+            exclude_nodes=exclude_nodes,
+            exclude_op_types=exclude_op_types,
+            keep=keep,
+        )
+        after = tensor_ranges(emulate_fp16(converted), batches())
+        bad = {n for n, v in after.items() if not math.isfinite(v)}
+        if not bad:
+            return converted, report
+        kept = {k.name for k in report.kept}
+        new = {n for n in _nonfinite_culprits(converted, bad) if n not in kept}
+        if not new:
+            break
+        logger.warning("fp16: Inf/NaN on the calibration data at %s; keeping %s in FP32", sorted(bad)[:3], sorted(new))
+        keep.update(dict.fromkeys(new, NONFINITE_REASON))
+    raise GraphError(
+        f"the FP16 graph still produces Inf/NaN on the calibration data at {sorted(bad)[:5]}; "
+        "exclude those nodes (exclude_nodes / exclude_op_types) or lower fp16_threshold"
+    )
+
+
+def to_int8(
+    model: onnx.ModelProto,
+    plan: Int8Plan,
+    amax: Mapping[str, float],
+    batches: Batches | None,
+    *,
+    float_precision: str = "fp16",
+    threshold: float = DEFAULT_FP16_THRESHOLD,
+    exclude_nodes: Iterable[str] = (),
+    exclude_op_types: Iterable[str] = (),
+) -> tuple[onnx.ModelProto, Int8Report, Fp16Report | None]:
+    """Insert ``plan``'s Q/DQ pairs with scales from ``amax``; the rest in ``float_precision``.
+
+    With ``float_precision="fp16"`` the float part goes through ``to_fp16`` (keep-list,
+    Inf/NaN check; skipped without ``batches``), and the Q/DQ scales become FP16 (opset 19).
+    """
+    if float_precision not in ("fp16", "fp32"):
+        raise GraphError(f"float_precision={float_precision!r}; use 'fp16' or 'fp32'")
+    half = float_precision == "fp16"
+    ranges = tensor_ranges(model, batches()) if half and batches is not None else None
+    quantized, int8_report = quantize_int8(
+        model, plan, amax, ranges=ranges, scale_floor=FP16_SCALE_FLOOR if half else FP32_SCALE_FLOOR
+    )
+    fp16_report = None
+    if half:
+        quantized, fp16_report = to_fp16(
+            quantized,
+            batches,
+            ranges={**(ranges or {}), **int8_report.dq_peaks},
+            threshold=threshold,
+            exclude_nodes=exclude_nodes,
+            exclude_op_types=exclude_op_types,
+        )
+    validate_qdq(quantized)
+    return quantized, int8_report, fp16_report

@@ -1,0 +1,441 @@
+"""Accuracy-budgeted mixed precision: find the units INT8 hurts, keep only those high.
+
+A *unit* is one weighted op (Conv, ConvTranspose, Gemm, MatMul) with the Q/DQ
+pairs on its inputs. The search, all on ONNX Runtime:
+
+1. measure the metric with every unit quantized, and with none (the ceiling);
+2. for each unit, the metric with that unit alone left in float: its gain;
+3. keep units in float, most harmful first, one at a time, re-measuring the
+   whole model after each, until the budget holds.
+
+Ranges come from one calibration of the full plan (a smaller plan's
+activations are a subset), so no step recalibrates. The analysis builds its
+graphs with an FP32 float part, to measure INT8's error alone; the final module
+is built with the configured float precision and measured again, and that
+final number is the one reported and checked. Every measurement is cached on
+disk, keyed by the graph, the ranges, the validation data and the metric, so a
+second run with another budget re-measures nothing.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import math
+import operator
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .._io import atomic_write
+from ..errors import ConfigError, TrtoptError
+
+logger = logging.getLogger(__name__)
+
+Outputs = Sequence[np.ndarray]
+UserMetric = Callable[[Outputs, Outputs], float]
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def _per_sample(a: np.ndarray) -> np.ndarray:
+    return a.reshape(a.shape[0], -1).astype(np.float64) if a.ndim > 1 else a.reshape(-1, 1).astype(np.float64)
+
+
+def cosine(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> float:
+    """Mean per-sample cosine similarity, the worst over outputs."""
+    worst = 1.0
+    for a, b in zip(outputs, reference):
+        a, b = _per_sample(a), _per_sample(b)
+        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        sims = np.where(norms > 0, (a * b).sum(axis=1) / np.maximum(norms, 1e-30), 1.0)
+        worst = min(worst, float(sims.mean()))
+    return worst
+
+
+def max_abs(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> float:
+    return max(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(outputs, reference))
+
+
+def mean_abs(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> float:
+    return max(float(np.abs(a.astype(np.float64) - b).mean()) for a, b in zip(outputs, reference))
+
+
+def top1(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> float:
+    """Share of samples whose argmax (over the last axis of the first output) agrees with FP32."""
+    return float((outputs[0].argmax(-1) == reference[0].argmax(-1)).mean())
+
+
+def _need_labels(labels: np.ndarray | None) -> np.ndarray:
+    if labels is None:
+        raise ConfigError(
+            "the 'accuracy' metrics need labels: give validation batches as (inputs..., labels) tuples"
+        )
+    return labels
+
+
+def accuracy(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> float:
+    """Task top-1 accuracy of the first output against the labels."""
+    return float((outputs[0].argmax(-1) == _need_labels(labels)).mean())
+
+
+def accuracy_drop(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> float:
+    """FP32 accuracy minus this model's accuracy (0.002 is 0.2 points)."""
+    return accuracy(reference, reference, labels) - accuracy(outputs, reference, labels)
+
+
+# name -> (function, higher is better)
+METRICS: dict[str, tuple[Callable[..., float], bool]] = {
+    "cosine": (cosine, True),
+    "top1": (top1, True),
+    "accuracy": (accuracy, True),
+    "max_abs": (max_abs, False),
+    "mean_abs": (mean_abs, False),
+    "accuracy_drop": (accuracy_drop, False),
+}
+
+
+@dataclass(frozen=True)
+class AccuracyBudget:
+    """How much accuracy INT8 may cost: ``metric`` must reach ``bound``.
+
+    ``metric`` is a built-in name (see ``METRICS``: cosine, top1, accuracy,
+    max_abs, mean_abs, accuracy_drop) or a callable ``metric(outputs, reference)
+    -> float`` over lists of output arrays (then say ``higher_is_better``).
+    ``best_effort=True`` returns the closest result when the budget cannot be met
+    instead of raising ``AccuracyBudgetError``.
+    """
+
+    metric: str | UserMetric
+    bound: float
+    higher_is_better: bool = True
+    best_effort: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.metric, str):
+            if self.metric not in METRICS:
+                raise ConfigError(
+                    f"unknown accuracy metric {self.metric!r}; use one of {', '.join(METRICS)} or a "
+                    "callable metric(outputs, reference) -> float"
+                )
+            object.__setattr__(self, "higher_is_better", METRICS[self.metric][1])
+        elif not callable(self.metric):
+            raise ConfigError(f"accuracy metric {self.metric!r} is neither a name nor a callable")
+        if not isinstance(self.bound, (int, float)) or not math.isfinite(self.bound):
+            raise ConfigError(f"accuracy bound {self.bound!r} must be a finite number")
+
+    @classmethod
+    def parse(cls, text: str, best_effort: bool = False) -> AccuracyBudget:
+        """``"cosine>=0.99"``, ``"top1>=0.995"``, ``"max_abs<=0.05"``, ``"accuracy_drop<=0.002"``."""
+        match = re.fullmatch(r"\s*(\w+)\s*(>=|<=)\s*([-+0-9.eE]+)\s*", text)
+        if not match:
+            raise ConfigError(
+                f"accuracy budget {text!r} is not of the form METRIC>=BOUND or METRIC<=BOUND, e.g. "
+                "'cosine>=0.99' or 'accuracy_drop<=0.002'"
+            )
+        name, op, bound = match.groups()
+        budget = cls(name, float(bound), best_effort=best_effort)
+        if (op == ">=") != budget.higher_is_better:
+            raise ConfigError(
+                f"{name} is {'higher' if budget.higher_is_better else 'lower'}-is-better; write "
+                f"{name}{'>=' if budget.higher_is_better else '<='}{bound}"
+            )
+        return budget
+
+    @property
+    def name(self) -> str:
+        return self.metric if isinstance(self.metric, str) else getattr(self.metric, "__qualname__", "metric")
+
+    def evaluate(self, outputs: Outputs, reference: Outputs, labels: np.ndarray | None) -> float:
+        if isinstance(self.metric, str):
+            return float(METRICS[self.metric][0](outputs, reference, labels))
+        return float(self.metric(outputs, reference))
+
+    def met(self, value: float) -> bool:
+        return value >= self.bound if self.higher_is_better else value <= self.bound
+
+    def gain(self, value: float, baseline: float) -> float:
+        """How much better ``value`` is than ``baseline`` (positive = better)."""
+        return value - baseline if self.higher_is_better else baseline - value
+
+    def describe(self) -> str:
+        return f"{self.name} {'>=' if self.higher_is_better else '<='} {self.bound:g}"
+
+
+class AccuracyBudgetError(TrtoptError):
+    """INT8 cannot meet the accuracy budget even with every unit in float."""
+
+    def __init__(self, message: str, report: BudgetReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+# ------------------------------------------------------------------- report
+
+
+@dataclass
+class BudgetReport:
+    budget: str
+    units: list[dict[str, Any]] = field(default_factory=list)  # ranked: unit, op, kept_high, gain
+    steps: list[dict[str, Any]] = field(default_factory=list)  # unit, before, after, kept_high
+    all_int8: float = float("nan")
+    no_int8: float = float("nan")
+    kept_high: list[str] = field(default_factory=list)
+    final: float = float("nan")
+    met: bool = False
+    evaluations: int = 0
+    cached_evaluations: int = 0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        """A readable markdown summary: the ranking, the greedy steps, the result."""
+        lines = [
+            f"Accuracy budget: {self.budget}",
+            f"all units INT8: {self.all_int8:.6g}; no unit INT8: {self.no_int8:.6g}; "
+            f"final ({len(self.kept_high)} kept high): {self.final:.6g} -> {'met' if self.met else 'NOT met'}",
+            "",
+            "| rank | unit | op | metric with unit kept high | gain |",
+            "|---:|---|---|---:|---:|",
+        ]
+        lines += [
+            f"| {i} | {u['unit']} | {u['op']} | {u['kept_high']:.6g} | {u['gain']:+.3g} |"
+            for i, u in enumerate(self.units, 1)
+        ]
+        if self.steps:
+            lines += ["", "| step | unit kept high | before | after | kept so far |", "|---:|---|---:|---:|---:|"]
+            lines += [
+                f"| {i} | {s['unit']} | {s['before']:.6g} | {s['after']:.6g} | {len(s['kept_high'])} |"
+                for i, s in enumerate(self.steps, 1)
+            ]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ search
+
+
+def unit_pattern(name: str) -> str:
+    """An exclude_nodes glob matching exactly this node name."""
+    return glob.escape(name)
+
+
+def _digest_arrays(parts: Iterable[np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for a in parts:
+        a = np.ascontiguousarray(a)
+        h.update(str((a.dtype.str, a.shape)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+class MeasurementCache:
+    """Metric values by set of units kept high, persisted as one JSON file per analysis key."""
+
+    def __init__(self, directory: str | os.PathLike[str] | None, key: str) -> None:
+        self.path = Path(directory) / f"{key}.json" if directory else None
+        self.values: dict[str, float] = {}
+        if self.path and self.path.is_file():
+            try:
+                self.values = {k: float(v) for k, v in json.loads(self.path.read_text()).items()}
+            except (ValueError, OSError, AttributeError) as exc:
+                logger.warning("ignoring unreadable sensitivity cache %s (%s)", self.path, exc)
+
+    def get(self, kept: frozenset[str]) -> float | None:
+        return self.values.get("\n".join(sorted(kept)))
+
+    def put(self, kept: frozenset[str], value: float) -> None:
+        self.values["\n".join(sorted(kept))] = value
+        if self.path:
+            atomic_write(self.path, json.dumps(self.values, indent=0))
+
+
+def search(
+    *,
+    units: Mapping[str, str],
+    build: Callable[[frozenset[str]], onnx.ModelProto],
+    run: Callable[[onnx.ModelProto], list[np.ndarray]],
+    reference: list[np.ndarray],
+    labels: np.ndarray | None,
+    budget: AccuracyBudget,
+    cache: MeasurementCache,
+) -> BudgetReport:
+    """Rank ``units`` (name -> op type) by sensitivity and keep the fewest high that meet ``budget``.
+
+    ``build(kept_high)`` returns the INT8 graph with those units left in float;
+    ``run(graph)`` its outputs on the validation data, concatenated per output.
+    """
+    start = time.perf_counter()
+    report = BudgetReport(budget=budget.describe())
+
+    def measure(kept: frozenset[str]) -> float:
+        cached = cache.get(kept)
+        if cached is not None:
+            report.cached_evaluations += 1
+            return cached
+        value = budget.evaluate(run(build(kept)), reference, labels)
+        report.evaluations += 1
+        cache.put(kept, value)
+        return value
+
+    everything = frozenset(units)
+    report.all_int8 = measure(frozenset())
+    report.no_int8 = measure(everything)
+    logger.info(
+        "accuracy budget %s: all %d units INT8 -> %.6g, none -> %.6g",
+        budget.describe(), len(units), report.all_int8, report.no_int8,
+    )
+    if budget.met(report.all_int8) or not budget.met(report.no_int8):
+        # Nothing to search: INT8 everywhere already fits, or even no INT8 at all does not.
+        report.met = budget.met(report.all_int8)
+        report.kept_high = [] if report.met else list(units)
+        report.final = report.all_int8 if report.met else report.no_int8
+        report.seconds = time.perf_counter() - start
+        return report
+
+    ranked = []
+    for index, (unit, op) in enumerate(units.items(), 1):
+        value = measure(frozenset([unit]))
+        ranked.append({"unit": unit, "op": op, "kept_high": value, "gain": budget.gain(value, report.all_int8)})
+        logger.info("sensitivity %d/%d: %s (%s) kept high -> %.6g", index, len(units), unit, op, value)
+    ranked.sort(key=operator.itemgetter("gain"), reverse=True)
+    report.units = ranked
+
+    kept: list[str] = []
+    current = report.all_int8
+    for entry in ranked:
+        kept.append(entry["unit"])
+        value = measure(frozenset(kept))
+        report.steps.append({"unit": entry["unit"], "before": current, "after": value, "kept_high": list(kept)})
+        logger.info("keeping %s high: %.6g -> %.6g (%d kept)", entry["unit"], current, value, len(kept))
+        current = value
+        if budget.met(value):
+            break
+    report.kept_high = list(kept)
+    report.final, report.met = current, budget.met(current)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def analysis_key(
+    model: onnx.ModelProto,
+    amax: Mapping[str, float],
+    validation: Sequence[Mapping[str, np.ndarray]],
+    labels: np.ndarray | None,
+    budget: AccuracyBudget,
+    plan_options: Mapping[str, Any],
+) -> str:
+    h = hashlib.sha256()
+    h.update(model.SerializeToString(deterministic=True))
+    h.update(json.dumps(sorted(amax.items())).encode())
+    h.update(_digest_arrays(a for feed in validation for _, a in sorted(feed.items())).encode())
+    if labels is not None:
+        h.update(_digest_arrays([labels]).encode())
+    h.update(budget.name.encode())
+    h.update(json.dumps(plan_options, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+# ------------------------------------------------------------ data and driver
+
+HELD_BACK = 0.2  # share of the calibration batches held back for validation by default
+
+
+def _labels_of(batch: Any, n_inputs: int) -> Any:
+    """The item after the inputs in a ``(inputs..., labels)`` tuple, else None."""
+    if isinstance(batch, (tuple, list)) and len(batch) == n_inputs + 1:
+        label = batch[-1]
+        return label.detach().cpu().numpy() if hasattr(label, "detach") else np.asarray(label)
+    return None
+
+
+def split_validation(
+    calibration_data: Any, validation_data: Any, input_specs: Sequence[Any]
+) -> tuple[Any, list[dict[str, np.ndarray]], np.ndarray | None]:
+    """Return (data to calibrate on, validation feeds, validation labels or None).
+
+    Without ``validation_data`` the last ``HELD_BACK`` share of the calibration
+    batches is held back (at least one), so the budget is never judged on the
+    batches the ranges were calibrated on.
+    """
+    from ..calibrators.data import iter_batches
+
+    if validation_data is None:
+        if isinstance(calibration_data, (str, os.PathLike)) or hasattr(calibration_data, "shape"):
+            raise ConfigError(
+                "accuracy_budget with calibration data given as one array or a .npz file: pass "
+                "validation_data too, or give calibration_data as a list of batches to hold some back"
+            )
+        batches = list(calibration_data)
+        if len(batches) < 2:
+            raise ConfigError(
+                f"accuracy_budget needs validation data: calibration_data has {len(batches)} batch(es), "
+                "too few to hold one back; pass validation_data or more calibration batches"
+            )
+        held = max(1, round(len(batches) * HELD_BACK))
+        calibration_data, validation_data = batches[:-held], batches[-held:]
+        logger.info(
+            "accuracy budget: calibrating on %d batches, validating on the %d held back",
+            len(calibration_data), held,
+        )
+    raw = validation_data if isinstance(validation_data, (str, os.PathLike)) or hasattr(validation_data, "shape") else list(validation_data)
+    feeds = [feed for _, feed in iter_batches(raw, input_specs)]
+    labels = None
+    if isinstance(raw, list):
+        found = [_labels_of(b, len(input_specs)) for b in raw]
+        if all(l is not None for l in found):
+            labels = np.concatenate([np.asarray(l).reshape(-1) for l in found])
+    return calibration_data, feeds, labels
+
+
+def find_units_to_keep_high(
+    model: onnx.ModelProto,
+    amax: Mapping[str, float],
+    validation: Sequence[Mapping[str, np.ndarray]],
+    labels: np.ndarray | None,
+    budget: AccuracyBudget,
+    *,
+    plan_options: Mapping[str, Any],
+    cache_dir: str | os.PathLike[str] | None,
+) -> BudgetReport:
+    """Drive ``search`` on ONNX Runtime for an FP32 ``model`` with calibrated ``amax``.
+
+    ``plan_options`` are ``plan_int8``'s keywords (the user's exclusions); the
+    units kept high are added to its ``exclude_nodes``.
+    """
+    from ..backends.onnxruntime import make_session
+    from .int8 import FP32_SCALE_FLOOR, plan_int8, quantize_int8
+
+    base_excludes = tuple(plan_options.get("exclude_nodes", ()))
+    full_plan = plan_int8(model, **plan_options)
+    ops = {node.name: node.op_type for node in model.graph.node}
+    units = {name: ops[name] for name, _, _ in full_plan.weights}
+    units = dict(sorted(units.items(), key=lambda kv: list(ops).index(kv[0])))  # graph order
+
+    def build(kept: frozenset[str]) -> onnx.ModelProto:
+        options = {**plan_options, "exclude_nodes": base_excludes + tuple(unit_pattern(u) for u in sorted(kept))}
+        plan = plan_int8(model, **options)
+        return quantize_int8(model, plan, amax, scale_floor=FP32_SCALE_FLOOR)[0]
+
+    def run(graph: onnx.ModelProto) -> list[np.ndarray]:
+        session = make_session(graph)
+        names = [o.name for o in session.get_outputs()]
+        per_batch = [session.run(names, feed) for feed in validation]
+        return [np.concatenate([b[i] for b in per_batch]) for i in range(len(names))]
+
+    reference = run(model)
+    cache = MeasurementCache(cache_dir, analysis_key(model, amax, validation, labels, budget, plan_options))
+    return search(
+        units=units, build=build, run=run, reference=reference, labels=labels, budget=budget, cache=cache
+    )

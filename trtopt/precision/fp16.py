@@ -1,0 +1,299 @@
+"""FP16 conversion with an FP32 keep-list (DESIGN.md §6).
+
+TensorRT 11 is strongly typed, so "run in FP16" means the graph itself is FP16:
+float32 initializers and activations become float16, and any node that must
+stay in FP32 gets explicit Casts around it. A node stays FP32 when
+
+- the user excludes it (glob on the node name, or its op type);
+- its inputs or outputs reach ``threshold`` on the calibration data
+  (overflow shows first in normalizations and reductions; FP16 max is 65504);
+- one of its float weights does not fit FP16;
+- its op has no FP16 form in ONNX, or runs subgraphs, or sets its output type
+  by attribute (we cannot follow the types inside it);
+- the converted graph produced Inf/NaN at it on the calibration data (the
+  repair loop in ``trtopt.precision`` adds those).
+
+Polygraphy's ``convert_to_fp16`` (onnxconverter-common underneath) has no way
+to keep nodes by measured range, and blocks ops by an ORT-specific list; this
+pass is small and follows each op's ONNX schema instead.
+
+Graph inputs and outputs keep their dtype: a Cast follows each float32 input
+and precedes each float32 output, so the compiled callable still takes and
+returns float32.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..graph import check_model
+
+logger = logging.getLogger(__name__)
+
+FP16_MAX = 65504.0
+# Default keep-list threshold: a 4x margin under FP16's max, because calibration
+# data rarely shows the largest value the model will ever see.
+DEFAULT_FP16_THRESHOLD = 16384.0
+
+# Ops whose output dtype an attribute decides; we only know how to retarget these two.
+_RETYPED_BY_ATTRIBUTE = {"Cast", "ConstantOfShape"}
+_TYPE_ATTRIBUTES = ("dtype", "to")
+
+
+@dataclass(frozen=True)
+class KeptNode:
+    """A node left in FP32, and why."""
+
+    name: str
+    op: str
+    reason: str
+
+
+@dataclass
+class Fp16Report:
+    """What the FP16 pass did: the FP32 keep-list with reasons, and the Casts it added."""
+
+    kept: list[KeptNode] = field(default_factory=list)
+    converted_nodes: int = 0
+    casts_added: int = 0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "fp16_nodes": self.converted_nodes,
+            "casts_added": self.casts_added,
+            "kept_fp32": [{"node": k.name, "op": k.op, "reason": k.reason} for k in self.kept],
+        }
+
+
+def _is_float32(tensor: gs.Tensor) -> bool:
+    return tensor.dtype is not None and _np_dtype(tensor.dtype) == np.float32
+
+
+def _np_dtype(dtype: object) -> np.dtype | None:
+    try:
+        return np.dtype(dtype)  # type: ignore[arg-type]
+    except TypeError:
+        return None  # ONNX-only types (bfloat16, float8) have no numpy dtype
+
+
+def _schema(node: gs.Node, opset: int) -> onnx.defs.OpSchema | None:
+    try:
+        return onnx.defs.get_schema(node.op, opset, node.domain or "")
+    except onnx.defs.SchemaError:
+        return None
+
+
+def _allows_fp16(schema: onnx.defs.OpSchema, index: int, output: bool) -> bool:
+    """Whether formal input/output ``index`` of ``schema`` accepts tensor(float16)."""
+    params = schema.outputs if output else schema.inputs
+    if not params:
+        return False
+    param = params[min(index, len(params) - 1)]  # variadic: the last formal repeats
+    constraints = {c.type_param_str: c.allowed_type_strs for c in schema.type_constraints}
+    return "tensor(float16)" in constraints.get(param.type_str, [param.type_str])
+
+
+def user_exclusion(node: gs.Node, name_patterns: Iterable[str], op_types: Iterable[str]) -> str | None:
+    """The reason the user's exclusions (glob on the node name, op type) name ``node``, else None."""
+    if node.op in set(op_types):
+        return f"op type {node.op} excluded by the user"
+    for pattern in name_patterns:
+        if fnmatch.fnmatchcase(node.name, pattern):
+            return f"name matches excluded pattern {pattern!r}"
+    return None
+
+
+def fp16_keep_list(
+    graph: gs.Graph,
+    ranges: Mapping[str, float] | None,
+    *,
+    opset: int,
+    threshold: float = DEFAULT_FP16_THRESHOLD,
+    exclude_nodes: Iterable[str] = (),
+    exclude_op_types: Iterable[str] = (),
+) -> dict[str, KeptNode]:
+    """Decide which float nodes stay FP32; ``ranges`` maps tensor name -> max |x| seen."""
+    ranges = ranges or {}
+    exclude_nodes, exclude_op_types = tuple(exclude_nodes), tuple(exclude_op_types)
+    kept: dict[str, KeptNode] = {}
+    for node in graph.nodes:
+        tensors = [*node.inputs, *node.outputs]
+        if not any(_is_float32(t) for t in tensors):
+            continue  # shape arithmetic and the like: nothing to convert
+        reason = user_exclusion(node, exclude_nodes, exclude_op_types)
+        if reason is None:
+            reason = _structural_reason(node, opset)
+        if reason is None:
+            over = [
+                (t.name, ranges[t.name])
+                for t in tensors
+                if _is_float32(t) and t.name in ranges and not ranges[t.name] < threshold
+            ]
+            if over:
+                name, value = max(over, key=lambda item: item[1])
+                reason = f"activation {name!r} reaches {value:.4g} on the calibration data (threshold {threshold:g})"
+        if reason is None:
+            for t in node.inputs:
+                if isinstance(t, gs.Constant) and _is_float32(t) and t.values.size:
+                    peak = float(np.max(np.abs(t.values)))
+                    if not peak <= FP16_MAX:
+                        reason = f"weight {t.name!r} holds {peak:.4g}, beyond FP16's {FP16_MAX:g}"
+                        break
+        if reason is not None:
+            kept[node.name] = KeptNode(node.name, node.op, reason)
+    return kept
+
+
+def _structural_reason(node: gs.Node, opset: int) -> str | None:
+    if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
+        return "runs subgraphs (If/Loop/Scan); their types are not converted"
+    if node.op not in _RETYPED_BY_ATTRIBUTE and any(a in node.attrs for a in _TYPE_ATTRIBUTES):
+        return f"{node.op} sets its output type by attribute"
+    schema = _schema(node, opset)
+    if schema is None:
+        return f"no ONNX schema for {node.domain or 'ai.onnx'}::{node.op} at opset {opset}"
+    float_outputs = [i for i, t in enumerate(node.outputs) if _is_float32(t)]
+    float_inputs = [i for i, t in enumerate(node.inputs) if _is_float32(t)]
+    if not any(_allows_fp16(schema, i, True) for i in float_outputs) and not any(
+        _allows_fp16(schema, i, False) for i in float_inputs
+    ):
+        return f"{node.op} has no FP16 form in ONNX"
+    return None
+
+
+def convert_to_fp16(
+    model: onnx.ModelProto,
+    ranges: Mapping[str, float] | None = None,
+    *,
+    threshold: float = DEFAULT_FP16_THRESHOLD,
+    exclude_nodes: Iterable[str] = (),
+    exclude_op_types: Iterable[str] = (),
+    keep: Mapping[str, str] | None = None,
+) -> tuple[onnx.ModelProto, Fp16Report]:
+    """Return an FP16 copy of ``model`` (FP32 I/O) and a report of the nodes kept FP32.
+
+    ``ranges`` (tensor name -> max |x| on calibration data) drives the keep-list;
+    without it only weights, exclusions and op support decide. ``keep`` adds
+    nodes (name -> reason) to keep FP32, e.g. those the Inf/NaN repair found.
+    """
+    opset = _opset(model)
+    graph = gs.import_onnx(_with_types(model))
+    kept = fp16_keep_list(
+        graph,
+        ranges,
+        opset=opset,
+        threshold=threshold,
+        exclude_nodes=exclude_nodes,
+        exclude_op_types=exclude_op_types,
+    )
+    by_name = {n.name: n for n in graph.nodes}
+    for name, reason in (keep or {}).items():
+        if name in by_name and name not in kept:
+            kept[name] = KeptNode(name, by_name[name].op, reason)
+
+    half_nodes = [
+        n
+        for n in graph.nodes
+        if n.name not in kept and any(_is_float32(t) for t in [*n.inputs, *n.outputs])
+    ]
+    report = Fp16Report(kept=list(kept.values()), converted_nodes=len(half_nodes))
+    half_ids = {id(n) for n in half_nodes}
+    converted: set[str] = set()  # activations turned from float32 into float16
+    casts: dict[tuple[str, int], gs.Variable] = {}
+    original_nodes = list(graph.nodes)  # the Casts added below are already typed
+    half_constants: dict[str, gs.Constant] = {}
+
+    def cast(tensor: gs.Variable, to: int) -> gs.Variable:
+        key = (tensor.name, to)
+        if key not in casts:
+            dtype = np.float16 if to == onnx.TensorProto.FLOAT16 else np.float32
+            out = gs.Variable(f"{tensor.name}__cast_{np.dtype(dtype).name}", dtype, tensor.shape)
+            graph.nodes.append(
+                gs.Node("Cast", f"{tensor.name}__cast_{np.dtype(dtype).name}", {"to": to}, [tensor], [out])
+            )
+            casts[key] = out
+        return casts[key]
+
+    # 1. Outputs of FP16 nodes become float16; graph outputs keep float32 behind a Cast.
+    graph_outputs = {id(t) for t in graph.outputs}
+    for node in half_nodes:
+        schema = _schema(node, opset)
+        _retarget_attributes(node)
+        for i, out in enumerate(node.outputs):
+            if not _is_float32(out) or not _allows_fp16(schema, i, True):
+                continue
+            if id(out) in graph_outputs:
+                half = gs.Variable(f"{out.name}__fp16", np.float16, out.shape)
+                for consumer in list(out.outputs):
+                    consumer.inputs[consumer.inputs.index(out)] = half
+                node.outputs[i] = half
+                graph.nodes.append(
+                    gs.Node("Cast", f"{out.name}__to_fp32", {"to": onnx.TensorProto.FLOAT}, [half], [out])
+                )
+                report.casts_added += 1
+                converted.add(half.name)
+            else:
+                out.dtype = np.float16
+                converted.add(out.name)
+
+    # 2. Every input gets the dtype its consumer now runs in.
+    for node in original_nodes:
+        schema = _schema(node, opset) if id(node) in half_ids else None
+        for i, tensor in enumerate(node.inputs):
+            want_half = schema is not None and _allows_fp16(schema, i, False)
+            if isinstance(tensor, gs.Constant):
+                if want_half and _is_float32(tensor):
+                    if tensor.name not in half_constants:
+                        half_constants[tensor.name] = gs.Constant(
+                            f"{tensor.name}__fp16", tensor.values.astype(np.float16)
+                        )
+                    node.inputs[i] = half_constants[tensor.name]
+                continue
+            if tensor.name in converted and not want_half:
+                node.inputs[i] = cast(tensor, onnx.TensorProto.FLOAT)
+            elif want_half and _is_float32(tensor) and tensor.name not in converted:
+                node.inputs[i] = cast(tensor, onnx.TensorProto.FLOAT16)
+    report.casts_added += len(casts)
+
+    graph.cleanup().toposort()
+    out_model = gs.export_onnx(graph)
+    del out_model.graph.value_info[:]  # stale float32 entries; inference rebuilds them
+    out_model = check_model(out_model)
+    logger.info(
+        "fp16: %d nodes in FP16, %d kept FP32, %d Casts added",
+        report.converted_nodes,
+        len(report.kept),
+        report.casts_added,
+    )
+    return out_model, report
+
+
+def _retarget_attributes(node: gs.Node) -> None:
+    """Make attribute-typed float32 outputs float16 (Cast's ``to``, ConstantOfShape's value)."""
+    if node.op == "Cast" and node.attrs.get("to") == onnx.TensorProto.FLOAT:
+        node.attrs["to"] = onnx.TensorProto.FLOAT16
+    value = node.attrs.get("value")
+    if isinstance(value, gs.Constant) and value.values.dtype == np.float32:
+        node.attrs["value"] = gs.Constant(value.name, value.values.astype(np.float16))
+
+
+def _with_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every activation's dtype known (the pass decides by dtype)."""
+    typed = {vi.name for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]}
+    if all(o in typed for n in model.graph.node for o in n.output if o):
+        return model
+    return check_model(model)
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return onnx.defs.onnx_opset_version()

@@ -1,0 +1,280 @@
+"""INT8 explicit quantization: QuantizeLinear/DequantizeLinear where TensorRT fuses them (DESIGN.md §4).
+
+Placement (conservative: every extra Q/DQ pair can break a fusion):
+- both inputs of Conv, ConvTranspose, Gemm and MatMul whose weight is a
+  constant: the activation per-tensor with the calibrated amax, the weight
+  per-channel along the output-channel axis;
+- never the outputs of weighted ops, so TensorRT fuses Conv+bias+ReLU;
+- the residual (skip) input of an Add that follows a Conv, so the Add fuses
+  into the Conv's INT8 epilogue;
+- the input of a pooling op whose output is quantized anyway, so the pool runs
+  in INT8 between quantized regions.
+
+Activation-by-activation MatMuls (attention) stay in float, as do norms and
+Softmax. Weights are stored as INT8 initializers followed by a
+DequantizeLinear (what TensorRT, ModelOpt and onnxruntime's QDQ format use).
+Quantization is symmetric: zero point 0, ``scale = amax / 127``; ONNX's
+QuantizeLinear rounds half to even, and so does ``np.rint`` for the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import CalibrationError
+from ..graph import check_model
+from .fp16 import KeptNode, user_exclusion
+
+logger = logging.getLogger(__name__)
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+POOLING_OPS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
+# The smallest normal FP16 number: scales that will be FP16 are kept at or above it,
+# since a subnormal scale loses precision and its reciprocal overflows FP16.
+FP16_SCALE_FLOOR = 2.0**-14
+FP32_SCALE_FLOOR = float(np.finfo(np.float32).tiny)
+
+
+def weight_axis(node: gs.Node) -> int | None:
+    """The output-channel axis of ``node``'s weight (input 1), or None if it has no such weight."""
+    if node.op == "Conv":
+        return 0  # [K, C, R, S]
+    if node.op == "ConvTranspose":
+        # [C, K/group, R, S]: per-channel along axis 1 is only well defined for group 1.
+        return 1 if int(node.attrs.get("group", 1)) == 1 else None
+    if node.op == "Gemm":
+        return 0 if int(node.attrs.get("transB", 0)) else 1  # B is [N, K] or [K, N]
+    if node.op == "MatMul":
+        return 1  # [K, N]
+    return None
+
+
+@dataclass
+class Int8Plan:
+    """Where Q/DQ pairs go: decided from the graph alone, before any calibration.
+
+    ``activations`` maps a tensor to the (node name, input index) uses that read
+    its quantized copy; ``activation_tensors`` are the names the calibrator must
+    measure.
+    """
+
+    activations: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    weights: list[tuple[str, int, int]] = field(default_factory=list)  # (node, input, axis)
+    skipped: list[KeptNode] = field(default_factory=list)
+
+    @property
+    def activation_tensors(self) -> list[str]:
+        return list(self.activations)
+
+    def _use(self, tensor: str, node: str, index: int) -> None:
+        uses = self.activations.setdefault(tensor, [])
+        if (node, index) not in uses:
+            uses.append((node, index))
+
+
+def plan_int8(
+    model: onnx.ModelProto,
+    *,
+    exclude_nodes: Iterable[str] = (),
+    exclude_op_types: Iterable[str] = (),
+    keep_first_last: bool = False,
+    quantize_residual: bool = True,
+    quantize_pooling: bool = True,
+) -> Int8Plan:
+    """Decide the Q/DQ placement for ``model`` (see the module docstring)."""
+    graph = gs.import_onnx(model)
+    graph.toposort()
+    exclude_nodes, exclude_op_types = tuple(exclude_nodes), tuple(exclude_op_types)
+    plan = Int8Plan()
+
+    weighted = []
+    for node in graph.nodes:
+        if node.op not in WEIGHTED_OPS:
+            continue
+        axis = weight_axis(node)
+        weight = node.inputs[1] if len(node.inputs) > 1 else None
+        reason = user_exclusion(node, exclude_nodes, exclude_op_types)
+        if reason is None and axis is None:
+            reason = "grouped ConvTranspose: no single output-channel axis"
+        if reason is None and not (
+            isinstance(weight, gs.Constant) and (node.op in ("Conv", "ConvTranspose") or weight.values.ndim == 2)
+        ):
+            reason = "weight is not a 2-D constant (activation x activation products stay in float)"
+        if reason is None and isinstance(node.inputs[0], gs.Constant):
+            reason = "its data input is a constant"
+        if reason is not None:
+            plan.skipped.append(KeptNode(node.name, node.op, reason))
+            continue
+        weighted.append((node, axis))
+    if keep_first_last and weighted:
+        ends = {id(weighted[0][0]): "first weighted layer", id(weighted[-1][0]): "last weighted layer"}
+        plan.skipped += [KeptNode(n.name, n.op, ends[id(n)] + " kept in higher precision") for n, _ in weighted if id(n) in ends]
+        weighted = [(n, a) for n, a in weighted if id(n) not in ends]
+
+    quantized_convs = set()
+    for node, axis in weighted:
+        plan._use(node.inputs[0].name, node.name, 0)
+        plan.weights.append((node.name, 1, axis))
+        if node.op in ("Conv", "ConvTranspose"):
+            quantized_convs.add(id(node))
+
+    if quantize_residual:
+        for node in graph.nodes:
+            if node.op != "Add" or user_exclusion(node, exclude_nodes, exclude_op_types):
+                continue
+            if not all(isinstance(t, gs.Variable) for t in node.inputs):
+                continue  # an Add with a constant is a bias, not a skip connection
+            from_conv = [bool(t.inputs) and id(t.inputs[0]) in quantized_convs for t in node.inputs]
+            if any(from_conv):
+                # The first Conv-fed input fuses into that Conv; the other one is the residual.
+                skip = 1 if from_conv[0] else 0
+                plan._use(node.inputs[skip].name, node.name, skip)
+
+    if quantize_pooling:
+        # Reverse order, so a chain of pools in front of a quantized op is covered.
+        for node in reversed(graph.nodes):
+            if node.op in POOLING_OPS and node.outputs[0].name in plan.activations:
+                if user_exclusion(node, exclude_nodes, exclude_op_types) is None:
+                    plan._use(node.inputs[0].name, node.name, 0)
+    return plan
+
+
+@dataclass
+class Int8Report:
+    """What the INT8 pass inserted, and what it left in float and why."""
+
+    quantized_activations: int = 0
+    quantized_weights: int = 0
+    q_nodes: int = 0
+    dq_nodes: int = 0
+    skipped: list[KeptNode] = field(default_factory=list)
+    floored_scales: list[str] = field(default_factory=list)
+    # DQ output -> the largest |value| it carries (the FP16 keep-list needs this).
+    dq_peaks: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "qdq_nodes": self.q_nodes + self.dq_nodes,
+            "q_nodes": self.q_nodes,
+            "dq_nodes": self.dq_nodes,
+            "quantized_activations": self.quantized_activations,
+            "quantized_weights": self.quantized_weights,
+            "not_quantized": [{"node": k.name, "op": k.op, "reason": k.reason} for k in self.skipped],
+            "floored_scales": self.floored_scales,
+        }
+
+
+def quantize_int8(
+    model: onnx.ModelProto,
+    plan: Int8Plan,
+    amax: Mapping[str, float],
+    *,
+    ranges: Mapping[str, float] | None = None,
+    scale_floor: float = FP16_SCALE_FLOOR,
+) -> tuple[onnx.ModelProto, Int8Report]:
+    """Insert the Q/DQ pairs of ``plan`` into a float32 ``model``.
+
+    ``amax`` (tensor -> calibrated amax) gives the activation scales;
+    ``ranges`` (tensor -> max |x|, optional) only feeds ``dq_peaks``. Scales are
+    float32 here; converting the rest of the graph to FP16 afterwards turns them
+    into FP16 scales, so pass ``scale_floor=FP16_SCALE_FLOOR`` in that case.
+    """
+    missing = [t for t in plan.activation_tensors if t not in amax]
+    if missing:
+        raise CalibrationError(
+            f"no calibrated amax for {len(missing)} tensor(s) to quantize, e.g. {missing[:3]}; "
+            "calibrate these tensors (the calibration cache may be for another model)"
+        )
+    bad = [t for t in plan.activation_tensors if not np.isfinite(amax[t]) or amax[t] < 0]
+    if bad:
+        raise CalibrationError(
+            f"calibrated amax of {bad[0]!r} is {amax[bad[0]]}; the calibration data gives "
+            "non-finite activations there: check the data"
+        )
+    graph = gs.import_onnx(model)
+    tensors = graph.tensors()
+    nodes = {n.name: n for n in graph.nodes}
+    report = Int8Report(skipped=list(plan.skipped))
+    ranges = ranges or {}
+    zero = np.zeros((), np.int8)
+
+    for name, uses in plan.activations.items():
+        tensor = tensors[name]
+        value = float(amax[name])
+        scale = value / 127.0
+        if scale < scale_floor:
+            report.floored_scales.append(name)
+            scale = scale_floor
+        q = gs.Variable(f"{name}__q", np.int8, tensor.shape)
+        dq = gs.Variable(f"{name}__dq", np.float32, tensor.shape)
+        scale_c = gs.Constant(f"{name}__scale", np.array(scale, np.float32))
+        zp = gs.Constant(f"{name}__zero_point", zero)
+        graph.nodes.append(gs.Node("QuantizeLinear", f"{name}__Q", inputs=[tensor, scale_c, zp], outputs=[q]))
+        graph.nodes.append(gs.Node("DequantizeLinear", f"{name}__DQ", inputs=[q, scale_c, zp], outputs=[dq]))
+        for node_name, index in uses:
+            nodes[node_name].inputs[index] = dq
+        report.dq_peaks[dq.name] = float(ranges.get(name, value))
+        report.quantized_activations += 1
+        report.q_nodes += 1
+        report.dq_nodes += 1
+
+    shared: dict[tuple[str, int], gs.Variable] = {}
+    for node_name, index, axis in plan.weights:
+        node = nodes[node_name]
+        weight = node.inputs[index]
+        key = (weight.name, axis)
+        if key not in shared:
+            shared[key] = _quantized_weight(graph, weight, axis, scale_floor, report)
+            report.quantized_weights += 1
+            report.dq_nodes += 1
+        node.inputs[index] = shared[key]
+
+    graph.cleanup().toposort()
+    out = check_model(gs.export_onnx(graph))
+    logger.info(
+        "int8: %d activations and %d weights quantized (%d Q, %d DQ); %d weighted ops left in float",
+        report.quantized_activations,
+        report.quantized_weights,
+        report.q_nodes,
+        report.dq_nodes,
+        sum(1 for k in report.skipped if k.op in WEIGHTED_OPS),
+    )
+    return out, report
+
+
+def _quantized_weight(
+    graph: gs.Graph, weight: gs.Constant, axis: int, scale_floor: float, report: Int8Report
+) -> gs.Variable:
+    """INT8 initializer + per-channel DequantizeLinear standing in for ``weight``."""
+    values = np.asarray(weight.values, np.float32)
+    reduce = tuple(d for d in range(values.ndim) if d != axis)
+    peak = np.max(np.abs(values), axis=reduce)
+    scale = (peak / 127.0).astype(np.float32)
+    if np.any(scale < scale_floor):
+        report.floored_scales.append(weight.name)
+        scale = np.maximum(scale, np.float32(scale_floor))
+    shape = [1] * values.ndim
+    shape[axis] = -1
+    q = np.clip(np.rint(values / scale.reshape(shape)), -127, 127).astype(np.int8)
+    dq = gs.Variable(f"{weight.name}__dq", np.float32, list(values.shape))
+    graph.nodes.append(
+        gs.Node(
+            "DequantizeLinear",
+            f"{weight.name}__DQ",
+            {"axis": axis},
+            [
+                gs.Constant(f"{weight.name}__int8", q),
+                gs.Constant(f"{weight.name}__scale", scale),
+                gs.Constant(f"{weight.name}__zero_point", np.zeros(scale.shape, np.int8)),
+            ],
+            [dq],
+        )
+    )
+    report.dq_peaks[dq.name] = float(peak.max()) if peak.size else 0.0
+    return dq

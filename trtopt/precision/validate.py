@@ -1,0 +1,143 @@
+"""Check Q/DQ nodes against the TensorRT ONNX parser's rules before TensorRT sees them.
+
+TensorRT rejects, or silently mis-builds, graphs whose quantization it does not
+support (DESIGN.md §3): zero points must be INT8 zeros, scales constant and
+positive, per-channel scales only on weights and along the weight's
+output-channel axis, and the opset new enough for what is used. Failing here
+names the node; failing inside TensorRT names a layer it invented.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import GraphError
+from .int8 import weight_axis
+
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+PER_AXIS_OPSET = 13
+FP16_SCALE_OPSET = 19
+
+
+def _constant(tensor: gs.Tensor | None) -> np.ndarray | None:
+    """The value of an initializer or a Constant node's output, else None."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        value = tensor.inputs[0].attrs.get("value")
+        return np.asarray(value.values) if isinstance(value, gs.Constant) else None
+    return None
+
+
+def _is_weight(tensor: gs.Tensor) -> bool:
+    """A constant, or a DequantizeLinear/QuantizeLinear of a constant (stored INT8 weights)."""
+    if _constant(tensor) is not None:
+        return True
+    producer = tensor.inputs[0] if isinstance(tensor, gs.Variable) and tensor.inputs else None
+    return producer is not None and producer.op in QDQ_OPS and _is_weight(producer.inputs[0])
+
+
+def _weight_users(dq_output: gs.Tensor) -> list[tuple[gs.Node, int]]:
+    """(consumer, input index) pairs reading ``dq_output``, looking through a DQ after a Q."""
+    users = []
+    for consumer in dq_output.outputs:
+        if consumer.op == "DequantizeLinear" and consumer.inputs[0] is dq_output:
+            users += _weight_users(consumer.outputs[0])
+        else:
+            users += [(consumer, i) for i, t in enumerate(consumer.inputs) if t is dq_output]
+    return users
+
+
+def validate_qdq(model: onnx.ModelProto) -> int:
+    """Raise ``GraphError`` naming the first Q/DQ node TensorRT would refuse; return the Q/DQ count."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    graph = gs.import_onnx(model)
+    count = 0
+    for node in graph.nodes:
+        if node.op not in QDQ_OPS:
+            continue
+        count += 1
+        where = f"{node.op} node {node.name!r}"
+        if len(node.inputs) < 2:
+            raise GraphError(f"{where} has no scale input")
+        data, scale_t = node.inputs[0], node.inputs[1]
+        scale = _constant(scale_t)
+        if scale is None:
+            raise GraphError(
+                f"{where}: scale {scale_t.name!r} is computed at run time; TensorRT needs a constant "
+                "scale (an initializer)"
+            )
+        if scale.dtype not in (np.float32, np.float16):
+            raise GraphError(f"{where}: scale has dtype {scale.dtype}; use float32 or float16")
+        if scale.dtype == np.float16 and opset < FP16_SCALE_OPSET:
+            raise GraphError(
+                f"{where}: FP16 scales need opset {FP16_SCALE_OPSET} or newer but the model has opset "
+                f"{opset}; export with opset={FP16_SCALE_OPSET}"
+            )
+        if scale.size == 0 or not np.all(np.isfinite(scale)) or not np.all(scale > 0):
+            raise GraphError(
+                f"{where}: scales must be finite and positive, got min {scale.min() if scale.size else 'none'}"
+            )
+        zero_point = node.inputs[2] if len(node.inputs) > 2 else None
+        if zero_point is not None:
+            zp = _constant(zero_point)
+            if zp is None:
+                raise GraphError(f"{where}: zero point {zero_point.name!r} must be a constant")
+            if zp.dtype != np.int8:
+                raise GraphError(
+                    f"{where}: zero point has dtype {zp.dtype}; TensorRT's INT8 is symmetric and "
+                    "signed, use an int8 zero point of 0"
+                )
+            if np.any(zp != 0):
+                raise GraphError(
+                    f"{where}: zero point is {zp.ravel()[:4].tolist()}; TensorRT supports only "
+                    "symmetric quantization (zero point 0)"
+                )
+            if zp.shape != scale.shape:
+                raise GraphError(f"{where}: zero point shape {zp.shape} differs from scale shape {scale.shape}")
+        elif node.op == "QuantizeLinear":
+            raise GraphError(
+                f"{where} has no zero point, so it produces uint8; add an int8 zero point of 0"
+            )
+        elif data.dtype is not None and np.dtype(data.dtype) != np.int8:
+            raise GraphError(f"{where} dequantizes {np.dtype(data.dtype)}; TensorRT needs int8")
+        if scale.size == 1:
+            continue  # per-tensor
+        _check_per_channel(node, where, scale, opset)
+    return count
+
+
+def _check_per_channel(node: gs.Node, where: str, scale: np.ndarray, opset: int) -> None:
+    if opset < PER_AXIS_OPSET:
+        raise GraphError(f"{where}: per-channel scales need opset {PER_AXIS_OPSET} or newer (model has {opset})")
+    if scale.ndim != 1:
+        raise GraphError(f"{where}: per-channel scales must be 1-D, got shape {scale.shape}")
+    data = node.inputs[0]
+    if not _is_weight(data):
+        raise GraphError(
+            f"{where}: per-channel scales on activation {data.name!r}; TensorRT allows them only on "
+            "constant weights, so quantize activations per-tensor (one scale)"
+        )
+    value = _constant(data)
+    rank = value.ndim if value is not None else len(data.shape or ())
+    axis = int(node.attrs.get("axis", 1))
+    axis = axis + rank if axis < 0 else axis
+    output = node.outputs[0]
+    for consumer, index in _weight_users(output):
+        expected = weight_axis(consumer) if index == 1 else None
+        if expected is None:
+            raise GraphError(
+                f"{where}: per-channel weight feeds input {index} of {consumer.op} node "
+                f"{consumer.name!r}, where TensorRT expects no per-channel scale"
+            )
+        if axis != expected:
+            raise GraphError(
+                f"{where}: per-channel axis {axis} but {consumer.op} node {consumer.name!r} needs the "
+                f"output-channel axis {expected} of its weight"
+            )
+    if value is not None and value.shape[axis] != scale.size:
+        raise GraphError(
+            f"{where}: {scale.size} scales for axis {axis} of a weight of shape {value.shape}"
+        )

@@ -1,0 +1,459 @@
+"""Run a serialized TensorRT engine: the ``tensorrt`` backend of ``CompiledModule``.
+
+Same interface as ``backends.onnxruntime.OnnxRuntimeBackend``: ``run(feeds,
+profile_index) -> list[torch.Tensor]`` in ``spec.outputs`` order. The module
+has already checked names, dtypes, ranks and chosen the optimization profile
+that holds the shapes; this class only moves data and runs.
+
+Two data paths:
+- torch CUDA tensors are used in place (no copy; a misaligned view is cloned,
+  TensorRT wants 256-byte aligned addresses) and the engine runs on the
+  caller's current torch stream; outputs are new torch CUDA tensors from
+  torch's caching allocator, so a returned tensor is never overwritten by a
+  later call.
+- numpy arrays and CPU tensors go through pinned host buffers
+  (``pycuda.driver.pagelocked_empty``) and device buffers (``mem_alloc``) on a
+  pycuda stream; both kinds of buffer are kept per tensor name and reused
+  while they are large enough (so calls of the same shape allocate nothing);
+  outputs are copied out into fresh CPU tensors.
+
+With ``cuda_graph=True`` (CUDA tensors, or CPU tensors when torch has CUDA)
+the first call of a given set of shapes captures the engine's launch into a
+CUDA graph (after one plain launch: TensorRT does deferred set-up on the first
+launch after a shape change) and later calls of the same shapes replay it;
+a call with other shapes captures again. Meant for static shapes.
+
+Threads: an ``IExecutionContext`` must not be used by two threads at once, so
+each thread gets its own execution context, buffers, pycuda stream and CUDA
+graph (thread-local state, created on the thread's first call), while the
+engine is shared. Calls from several threads therefore run concurrently and
+never share buffers; each extra thread costs one context's activation memory.
+
+All pycuda work happens with the device's *primary* context pushed, the same
+context torch and TensorRT's runtime API use, so device pointers are valid
+across the three.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import statistics
+import threading
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _deps
+from .builder import current_device_index, format_errors, tensorrt_logger
+from .errors import EngineError, InputError
+from .module import _NUMPY_TO_TORCH, _TORCH_TO_NUMPY, ModuleSpec
+
+logger = logging.getLogger(__name__)
+
+# TensorRT DataType member name -> numpy dtype name (the spec's dtype language); torch via module.py.
+TRT_TO_NUMPY: dict[str, str] = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "BF16": "bfloat16",
+    "INT8": "int8",
+    "UINT8": "uint8",
+    "INT32": "int32",
+    "INT64": "int64",
+    "BOOL": "bool",
+}
+ALIGNMENT = 256  # bytes; TensorRT's requirement for I/O tensor addresses
+
+
+def numpy_dtype_name(trt_dtype: Any) -> str:
+    """The numpy dtype name of a ``trt.DataType`` (or an EngineError for types with no equivalent)."""
+    name = getattr(trt_dtype, "name", str(trt_dtype))
+    if name not in TRT_TO_NUMPY:
+        raise EngineError(
+            f"the engine has an input or output of TensorRT type {name}, which has no torch/numpy "
+            "equivalent here (FP8/INT4/FP4 must stay inside the graph); cast it to float at the graph's edge"
+        )
+    return TRT_TO_NUMPY[name]
+
+
+def torch_dtype(trt_dtype: Any) -> torch.dtype:
+    return _NUMPY_TO_TORCH[numpy_dtype_name(trt_dtype)]
+
+
+def engine_io(trt: ModuleType, cuda_engine: Any) -> tuple[dict[str, torch.dtype], dict[str, torch.dtype]]:
+    """The engine's input and output tensors by name, with their torch dtypes."""
+    inputs: dict[str, torch.dtype] = {}
+    outputs: dict[str, torch.dtype] = {}
+    for index in range(cuda_engine.num_io_tensors):
+        name = cuda_engine.get_tensor_name(index)
+        dtype = torch_dtype(cuda_engine.get_tensor_dtype(name))
+        if cuda_engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+            inputs[name] = dtype
+        else:
+            outputs[name] = dtype
+    return inputs, outputs
+
+
+def make_profiler(trt: ModuleType) -> Any:
+    """Create a ``trt.IProfiler`` that collects each layer's time (ms) per run; never raises."""
+
+    class LayerTimes(trt.IProfiler):  # type: ignore[name-defined,misc]
+        def __init__(self) -> None:
+            trt.IProfiler.__init__(self)
+            self.times: dict[str, list[float]] = defaultdict(list)
+
+        def report_layer_time(self, layer_name: str, ms: float) -> None:
+            try:
+                self.times[str(layer_name)].append(float(ms))
+            except BaseException:  # noqa: BLE001 - nothing may propagate into TensorRT's C++
+                pass
+
+    return LayerTimes()
+
+
+class BufferPool:
+    """Device and pinned host buffers per tensor name, reused while large enough, grown otherwise."""
+
+    def __init__(self, cuda: ModuleType) -> None:
+        self._cuda = cuda
+        self.device: dict[str, tuple[Any, int]] = {}
+        self.host: dict[str, np.ndarray] = {}
+
+    def device_buffer(self, name: str, nbytes: int) -> Any:
+        current = self.device.get(name)
+        if current is None or current[1] < nbytes:
+            size = max(nbytes, 1)
+            self.device[name] = (self._cuda.mem_alloc(size), size)
+        return self.device[name][0]
+
+    def host_buffer(self, name: str, nbytes: int) -> np.ndarray:
+        """A pinned uint8 view of exactly ``nbytes`` bytes."""
+        current = self.host.get(name)
+        if current is None or current.nbytes < nbytes:
+            current = self._cuda.pagelocked_empty(max(nbytes, 1), np.uint8)
+            self.host[name] = current
+        return current[:nbytes]
+
+
+@dataclass
+class CapturedGraph:
+    key: tuple[Any, ...]
+    graph: Any  # torch.cuda.CUDAGraph
+    inputs: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor]
+
+
+class ExecutionState:
+    """One execution context and what it runs with; used by one thread only."""
+
+    def __init__(self, context: Any, buffers: BufferPool) -> None:
+        self.context = context
+        self.buffers = buffers
+        self.profile_index: int | None = None
+        self.stream: Any = None  # pycuda stream, for host inputs
+        self.graph: CapturedGraph | None = None
+        self.profiler: Any = None
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+class TensorRTBackend:
+    """Backend over a deserialized TensorRT engine; see the module docstring for the rules."""
+
+    name = "tensorrt"
+
+    def __init__(
+        self,
+        engine: bytes,
+        spec: ModuleSpec,
+        *,
+        cuda_graph: bool = False,
+        allow_host_code: bool = False,
+        device_index: int | None = None,
+    ) -> None:
+        self._trt = _deps.tensorrt()
+        self._cuda = _deps.cuda()
+        self.spec = spec
+        self.cuda_graph = cuda_graph
+        self.device_index = current_device_index() if device_index is None else device_index
+        self._primary_context = self._cuda.Device(self.device_index).retain_primary_context()
+        self._bridge = tensorrt_logger(self._trt)
+        with self.activated():
+            self._runtime = self._trt.Runtime(self._bridge)
+            if allow_host_code:  # version-compatible engines embed the lean runtime's host code
+                self._runtime.engine_host_code_allowed = True
+            with self._bridge.errors.capture() as errors:
+                cuda_engine = self._runtime.deserialize_cuda_engine(bytes(engine))
+        if cuda_engine is None:
+            raise EngineError(
+                f"TensorRT {self._trt.__version__} could not load this engine. An engine runs only "
+                "with the TensorRT version that built it (unless built with version_compatible=True, "
+                "which also needs allow_host_code=True here) and on the GPU model it was built for "
+                "(unless built with hardware_compatibility). Rebuild it on this machine: compile "
+                "again, or trtopt.load the module file, which rebuilds from the ONNX graph it holds. "
+                + format_errors(errors, self._bridge.errors.recent)
+            )
+        self._engine = cuda_engine
+        self.inputs, self.outputs = engine_io(self._trt, cuda_engine)
+        self._check_spec()
+        self.num_profiles = int(cuda_engine.num_optimization_profiles)
+        self._output_order = [t.name for t in spec.outputs]
+        self._local = threading.local()
+        self._create_lock = threading.Lock()
+        self.contexts_created = 0
+
+    # --------------------------------------------------------------- set-up
+    def _check_spec(self) -> None:
+        expected_in = {t.name: t.dtype for t in self.spec.inputs}
+        expected_out = {t.name: t.dtype for t in self.spec.outputs}
+        found_in = {n: _TORCH_TO_NUMPY[d] for n, d in self.inputs.items()}
+        found_out = {n: _TORCH_TO_NUMPY[d] for n, d in self.outputs.items()}
+        if found_in != expected_in or found_out != expected_out:
+            raise EngineError(
+                f"the engine's inputs {found_in} and outputs {found_out} do not match the module's "
+                f"inputs {expected_in} and outputs {expected_out}; the engine was built from another "
+                "model: rebuild it from this module's ONNX graph"
+            )
+
+    @contextlib.contextmanager
+    def activated(self) -> Iterator[None]:
+        """Make the device's primary CUDA context current in this thread for the block."""
+        self._primary_context.push()
+        try:
+            yield
+        finally:
+            self._cuda.Context.pop()
+
+    def _new_state(self, profiler: Any = None) -> ExecutionState:
+        # Creating contexts is rare (once per thread); serialise it rather than rely on the engine.
+        with self._create_lock, self._bridge.errors.capture() as errors:
+            context = self._engine.create_execution_context()
+            self.contexts_created += 1
+        if context is None:
+            raise EngineError(
+                "TensorRT could not create an execution context (often: out of GPU memory). "
+                + format_errors(errors)
+            )
+        state = ExecutionState(context, BufferPool(self._cuda))
+        if profiler is not None:
+            context.profiler = profiler
+            state.profiler = profiler  # TensorRT holds only a raw pointer to it
+        return state
+
+    def _state(self) -> ExecutionState:
+        state = getattr(self._local, "state", None)
+        if state is None:
+            state = self._new_state()
+            self._local.state = state
+        return state
+
+    # ------------------------------------------------------------------ run
+    def run(self, feeds: Mapping[str, torch.Tensor], profile_index: int = 0) -> list[torch.Tensor]:
+        """Run one batch with this thread's execution context; outputs in ``spec.outputs`` order."""
+        with self.activated():
+            return self._run(self._state(), feeds, profile_index)
+
+    def _run(
+        self,
+        state: ExecutionState,
+        feeds: Mapping[str, torch.Tensor],
+        profile_index: int,
+        use_graph: bool | None = None,
+    ) -> list[torch.Tensor]:
+        if not 0 <= profile_index < self.num_profiles:
+            raise EngineError(
+                f"optimization profile {profile_index} does not exist; the engine has {self.num_profiles}"
+            )
+        use_graph = self.cuda_graph if use_graph is None else use_graph
+        on_device = any(t.is_cuda for t in feeds.values())
+        if on_device or (use_graph and torch.cuda.is_available()):
+            return self._run_device(state, feeds, profile_index, use_graph)
+        return self._run_host(state, feeds, profile_index)
+
+    def _select_profile(self, state: ExecutionState, profile_index: int, stream_handle: int) -> None:
+        if state.profile_index == profile_index:
+            return
+        with self._bridge.errors.capture() as errors:
+            ok = state.context.set_optimization_profile_async(profile_index, stream_handle)
+        if not ok:
+            raise EngineError(f"TensorRT could not select optimization profile {profile_index}. " + format_errors(errors))
+        state.profile_index = profile_index
+
+    def _set_input(self, state: ExecutionState, name: str, shape: tuple[int, ...], address: int) -> None:
+        with self._bridge.errors.capture() as errors:
+            ok = state.context.set_input_shape(name, shape)
+        if not ok:
+            raise EngineError(
+                f"TensorRT rejected shape {shape} for input {name!r} in profile {state.profile_index}. "
+                + format_errors(errors)
+            )
+        state.context.set_tensor_address(name, address)
+
+    def _output_shapes(self, state: ExecutionState) -> dict[str, tuple[int, ...]]:
+        shapes = {}
+        for name in self._output_order:
+            shape = tuple(int(d) for d in state.context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise EngineError(
+                    f"output {name!r} has a data-dependent shape {shape}; the TensorRT runtime here "
+                    "needs output shapes that follow from the input shapes. Use backend='onnxruntime' "
+                    "for this model."
+                )
+            shapes[name] = shape
+        return shapes
+
+    def _execute(self, state: ExecutionState, stream_handle: int) -> None:
+        with self._bridge.errors.capture() as errors:
+            ok = state.context.execute_async_v3(stream_handle)
+        if not ok:
+            raise EngineError("TensorRT failed to run the engine. " + format_errors(errors, self._bridge.errors.recent))
+
+    # ------------------------------------------------------- host (pycuda) path
+    def _run_host(
+        self, state: ExecutionState, feeds: Mapping[str, torch.Tensor], profile_index: int
+    ) -> list[torch.Tensor]:
+        cuda = self._cuda
+        if state.stream is None:
+            state.stream = cuda.Stream()
+        stream = state.stream
+        self._select_profile(state, profile_index, stream.handle)
+        for name in self.inputs:
+            tensor = feeds[name].detach().cpu().contiguous()
+            nbytes = _nbytes(tensor)
+            host = state.buffers.host_buffer(name, nbytes)
+            host[:] = tensor.reshape(-1).view(torch.uint8).numpy()
+            device = state.buffers.device_buffer(name, nbytes)
+            if nbytes:
+                cuda.memcpy_htod_async(device, host, stream)
+            self._set_input(state, name, tuple(tensor.shape), int(device))
+        shapes = self._output_shapes(state)
+        sizes = {
+            name: int(np.prod(shape, dtype=np.int64)) * _element_size(self.outputs[name])
+            for name, shape in shapes.items()
+        }
+        for name, nbytes in sizes.items():
+            state.context.set_tensor_address(name, int(state.buffers.device_buffer(name, nbytes)))
+        self._execute(state, stream.handle)
+        hosts = {}
+        for name, nbytes in sizes.items():
+            hosts[name] = state.buffers.host_buffer(name, nbytes)
+            if nbytes:
+                cuda.memcpy_dtoh_async(hosts[name], state.buffers.device_buffer(name, nbytes), stream)
+        stream.synchronize()
+        # Copy out of the reused pinned buffers: a returned tensor must not change on the next call.
+        return [
+            torch.from_numpy(hosts[name].copy()).view(self.outputs[name]).reshape(shapes[name])
+            for name in self._output_order
+        ]
+
+    # ------------------------------------------------------- device (torch) path
+    def _device_inputs(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        device = torch.device("cuda", self.device_index)
+        tensors = {}
+        for name in self.inputs:
+            tensor = feeds[name].detach()
+            if tensor.is_cuda and tensor.device != device:
+                raise InputError(
+                    f"input {name!r} is on {tensor.device} but the engine runs on {device}; "
+                    f"move it with .to('{device}')"
+                )
+            tensor = tensor.to(device).contiguous()
+            if tensor.data_ptr() % ALIGNMENT:
+                tensor = tensor.clone()
+            tensors[name] = tensor
+        return tensors
+
+    def _bind_device(
+        self, state: ExecutionState, tensors: Mapping[str, torch.Tensor], profile_index: int, stream_handle: int
+    ) -> dict[str, torch.Tensor]:
+        self._select_profile(state, profile_index, stream_handle)
+        for name, tensor in tensors.items():
+            self._set_input(state, name, tuple(tensor.shape), tensor.data_ptr())
+        device = torch.device("cuda", self.device_index)
+        outputs = {}
+        for name, shape in self._output_shapes(state).items():
+            outputs[name] = torch.empty(shape, dtype=self.outputs[name], device=device)
+            state.context.set_tensor_address(name, outputs[name].data_ptr())
+        return outputs
+
+    def _run_device(
+        self, state: ExecutionState, feeds: Mapping[str, torch.Tensor], profile_index: int, use_graph: bool
+    ) -> list[torch.Tensor]:
+        tensors = self._device_inputs(feeds)
+        stream = torch.cuda.current_stream(torch.device("cuda", self.device_index))
+        if use_graph:
+            return self._run_graph(state, tensors, profile_index, stream)
+        outputs = self._bind_device(state, tensors, profile_index, stream.cuda_stream)
+        self._execute(state, stream.cuda_stream)
+        return [outputs[name] for name in self._output_order]
+
+    def _run_graph(
+        self, state: ExecutionState, tensors: Mapping[str, torch.Tensor], profile_index: int, stream: Any
+    ) -> list[torch.Tensor]:
+        key = (profile_index, tuple((name, tuple(t.shape)) for name, t in tensors.items()))
+        if state.graph is None or state.graph.key != key:
+            if state.graph is not None:
+                logger.debug("CUDA graph: input shapes changed, capturing again")
+            state.graph = None
+            state.graph = self._capture(state, tensors, profile_index, key)
+        captured = state.graph
+        for name, tensor in tensors.items():
+            captured.inputs[name].copy_(tensor)
+        captured.graph.replay()  # on the current stream, after the copies
+        return [captured.outputs[name].clone() for name in self._output_order]
+
+    def _capture(
+        self, state: ExecutionState, tensors: Mapping[str, torch.Tensor], profile_index: int, key: tuple[Any, ...]
+    ) -> CapturedGraph:
+        device = torch.device("cuda", self.device_index)
+        static_inputs = {name: t.clone() for name, t in tensors.items()}
+        capture_stream = torch.cuda.Stream(device)
+        capture_stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(capture_stream):
+            outputs = self._bind_device(state, static_inputs, profile_index, capture_stream.cuda_stream)
+            # One plain launch first: TensorRT's deferred set-up after a shape change must not be captured.
+            self._execute(state, capture_stream.cuda_stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=capture_stream, capture_error_mode="thread_local"):
+                self._execute(state, capture_stream.cuda_stream)
+        torch.cuda.current_stream(device).wait_stream(capture_stream)
+        return CapturedGraph(key, graph, static_inputs, outputs)
+
+    # ------------------------------------------------------------- insight
+    def profile_layers(
+        self, feeds: Mapping[str, torch.Tensor], profile_index: int = 0, runs: int = 10
+    ) -> list[tuple[str, float]]:
+        """Median time per layer (ms) over ``runs`` runs, slowest first.
+
+        Uses a separate execution context with a ``trt.IProfiler`` attached, so
+        the thread's own context keeps running unprofiled (profiling adds a
+        synchronisation after every layer).
+        """
+        profiler = make_profiler(self._trt)
+        with self.activated():
+            state = self._new_state(profiler)
+            for _ in range(max(1, runs)):
+                self._run(state, feeds, profile_index, use_graph=False)  # per-layer timing needs plain launches
+            if torch.cuda.is_available():
+                torch.cuda.synchronize(self.device_index)
+        medians = [(name, statistics.median(ms)) for name, ms in profiler.times.items()]
+        return sorted(medians, key=lambda item: item[1], reverse=True)
+
+    def layer_information(self) -> dict[str, Any]:
+        """The engine inspector's description of every layer (TensorRT's JSON, parsed)."""
+        with self.activated():
+            inspector = self._engine.create_engine_inspector()
+            text = inspector.get_engine_information(self._trt.LayerInformationFormat.JSON)
+        return json.loads(text)
