@@ -114,6 +114,18 @@ def test_entropy_edge_cases_give_sensible_ranges():
     assert 2.5 < amax(DISTRIBUTIONS["gaussian"]) <= np.abs(DISTRIBUTIONS["gaussian"]).max()
 
 
+def test_exact_zeros_do_not_drag_the_entropy_range_down():
+    """Bin 0 takes bin 1's count before the search (as NVIDIA's pytorch-quantization does), so
+    the zeros a ReLU produces do not dominate the KL: the range equals that of the positives."""
+    values = DISTRIBUTIONS["half_normal_after_relu"].astype(np.float32)
+    with_zeros, positives = HistogramObserver("entropy"), HistogramObserver("entropy")
+    with_zeros.update(values)
+    positives.update(values[values > 0])
+    assert with_zeros.amax() == positives.amax()
+    raw_cut = entropy_cut(with_zeros.histogram.counts())  # the search without that rule
+    assert raw_cut * with_zeros.histogram.width < 0.6 * with_zeros.amax()
+
+
 # ------------------------------------------------------------------------- histograms
 
 
