@@ -207,23 +207,21 @@ def test_cache_hex_is_big_endian_float32_of_the_scale():
 
 def test_cache_round_trip_is_bit_exact(tmp_path):
     rng = np.random.default_rng(9)
-    amax = {f"/layer{i}/Conv_output_0": float(a) for i, a in enumerate(rng.uniform(1e-4, 1000, 50))}
-    amax["(Unnamed Layer* 3) [Convolution]_output"] = 0.5  # TensorRT-style name with spaces
-    amax["all_zero"] = 0.0
-    path = write_cache(tmp_path / "calib.cache", amax, "entropy")
+    scales = {f"/layer{i}/Conv_output_0": float(s) for i, s in enumerate(rng.uniform(1e-6, 10, 50))}
+    scales["(Unnamed Layer* 3) [Convolution]_output"] = 0.0039380  # TensorRT-style name with spaces
+    scales["all_zero"] = 0.0
+    path = write_cache(tmp_path / "calib.cache", scales, "EntropyCalibration2")
     text = path.read_text()
     assert text.splitlines()[0] == "TRT-100300-EntropyCalibration2"
     cache = read_cache(path)
     assert cache.algorithm == "EntropyCalibration2" and cache.version == "100300"
-    assert list(cache.scales) == list(amax)
-    for name, value in amax.items():
-        assert cache.scales[name] == float(np.float32(value / 127))  # the float32 scale, bit for bit
-    assert text.splitlines()[51] == "(Unnamed Layer* 3) [Convolution]_output: " + scale_to_hex(0.5 / 127)
-    # file -> amax -> file reproduces every digit, also through CalibrationResult.scales().
+    assert list(cache.scales) == list(scales)
+    for name, scale in scales.items():
+        assert cache.scales[name] == float(np.float32(scale))  # float32 precision, bit for bit
+    # amax -> scale -> file -> scale -> amax -> scale loses nothing.
     result = CalibrationResult(cache.amax(), "entropy", 0, True)
-    write_cache(tmp_path / "again.cache", result.amax, "entropy")
+    write_cache(tmp_path / "again.cache", result.scales(), "EntropyCalibration2")
     assert (tmp_path / "again.cache").read_text() == text
-    assert all(result.scales()[n] == cache.scales[n] for n in amax)
 
 
 def test_cache_reads_tensorrt_written_files(tmp_path):
@@ -408,13 +406,13 @@ def test_valid_cache_skips_calibration(tmp_path):
 def test_mismatching_cache_is_reported_and_replaced(tmp_path, caplog, case):
     path = tmp_path / "calib.cache"
     if case == "other_method":
-        write_cache(path, {n: 127.0 for n in SMALL_TENSORS}, "minmax")
+        write_cache(path, {n: 1.0 for n in SMALL_TENSORS}, "MinMaxCalibration")
         method, expected_header = "entropy", "EntropyCalibration2"
     elif case == "missing_tensors":
-        write_cache(path, {"a": 127.0, "y": 127.0}, "entropy")
+        write_cache(path, {"a": 1.0, "y": 1.0}, "EntropyCalibration2")
         method, expected_header = "entropy", "EntropyCalibration2"
     else:
-        write_cache(path, {n: 127.0 for n in SMALL_TENSORS}, "percentile", percentile=99.9)
+        write_cache(path, {n: 1.0 for n in SMALL_TENSORS}, "Percentile99.9Calibration")
         method, expected_header = "percentile", "Percentile99.99Calibration"
     batches = _small_batches(4)
     with caplog.at_level(logging.WARNING, logger="trtopt.calibrators"):
@@ -426,7 +424,7 @@ def test_mismatching_cache_is_reported_and_replaced(tmp_path, caplog, case):
         assert "lacks 3 of the 5 tensors" in warning and "'s'" in warning
     cache = read_cache(path)
     assert cache.algorithm == expected_header and set(cache.scales) == set(SMALL_TENSORS)
-    assert cache.scales["a"] != 1.0  # the stale scale (amax 127) was replaced
+    assert cache.scales["a"] != 1.0
 
 
 def test_a_file_that_is_not_a_cache_is_not_overwritten(tmp_path):

@@ -18,16 +18,11 @@ The entry point the precision pass calls::
     ) -> CalibrationResult          # .amax {name: float}, .method, .num_batches, .from_cache,
                                     # .scales() -> {name: amax / 127}
 
-    write_cache(path, amax, method="entropy", *, percentile=99.99, version="100300") -> Path
-    read_cache(path) -> CalibrationCache    # .version, .algorithm, .scales {name: amax / 127}, .amax()
-
 * Methods (``observers``): ``entropy`` is TensorRT's EntropyCalibration2 search
   over a 2048-bin histogram of |x| (DESIGN.md §5), ``minmax`` is max |x|,
   ``percentile`` the given percentile of |x| from the same histogram.
 * Histograms grow as TensorRT's do: the range doubles and bins merge pairwise
-  (``histogram``), exactly, in constant memory; they collect 8x finer and are
-  resampled onto 2048 bins over [0, max |x|] for the search, so a late doubling
-  does not leave half the bins empty.
+  (``histogram``); counts stay exact and memory constant.
 * ``calibration_data`` (``data``): an iterable of batches (DataLoader, list,
   generator) whose batches are tensors/arrays, tuples mapped positionally onto
   the inputs (extra elements such as labels ignored) or dicts keyed by input

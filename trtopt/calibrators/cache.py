@@ -100,30 +100,19 @@ def read_cache(path: str | os.PathLike[str]) -> CalibrationCache:
 
 def write_cache(
     path: str | os.PathLike[str],
-    amax: Mapping[str, float],
-    method: str = "entropy",
-    *,
-    percentile: float = 99.99,
+    scales: Mapping[str, float],
+    algorithm: str = "EntropyCalibration2",
     version: str = DEFAULT_TRT_VERSION,
 ) -> Path:
-    """Write per-tensor ``amax`` as a TensorRT calibration cache (scale = amax / 127), atomically.
-
-    ``method`` is trtopt's calibration method ("entropy", "minmax", "percentile" or a
-    CalibratorKind); it picks the header's algorithm name (``percentile`` for
-    "percentile"). Ranges read with ``read_cache(...).amax()`` write back bit for bit.
-    """
+    """Write ``scales`` (amax / 127 per tensor) as a TensorRT calibration cache, atomically."""
     path = Path(path)
-    method = getattr(method, "value", method)
-    algorithm = algorithm_name(method, percentile)
-    if not re.fullmatch(r"\d+", str(version)):
-        raise CalibrationError(f"version={version!r} must be TensorRT's version number, e.g. {DEFAULT_TRT_VERSION}")
+    if not _HEADER.match(f"TRT-{version}-{algorithm}"):
+        raise CalibrationError(f"cannot write a cache header from version={version!r}, algorithm={algorithm!r}")
     lines = [f"TRT-{version}-{algorithm}"]
-    for name, value in amax.items():
+    for name, scale in scales.items():
         if "\n" in name or "\r" in name:
             raise CalibrationError(f"tensor name {name!r} contains a line break; the cache format cannot hold it")
-        if not value >= 0.0:  # also catches NaN
-            raise CalibrationError(f"amax of {name!r} is {value!r}; a range must be a finite number >= 0")
-        lines.append(f"{name}: {scale_to_hex(value / 127.0)}")
+        lines.append(f"{name}: {scale_to_hex(scale)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

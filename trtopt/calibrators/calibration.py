@@ -123,5 +123,5 @@ def calibrate(
     result = CalibrationResult(amax, method, count)
     logger.info("calibration: %s ranges for %d tensors from %d batches", method, len(names), count)
     if path is not None:
-        write_cache(path, result.amax, method, percentile=percentile)
+        write_cache(path, result.scales(), algorithm)
     return result
