@@ -414,18 +414,10 @@ def find_units_to_keep_high(
     ``plan_options`` are ``plan_int8``'s keywords (the user's exclusions); the
     units kept high are added to its ``exclude_nodes``.
     """
-    from .int8 import FP32_SCALE_FLOOR, plan_int8, quantize_int8
-
-    base_excludes = tuple(plan_options.get("exclude_nodes", ()))
-    full_plan = plan_int8(model, **plan_options)
-    ops = {node.name: node.op_type for node in model.graph.node}
-    units = {name: ops[name] for name, _, _ in full_plan.weights}
-    units = dict(sorted(units.items(), key=lambda kv: list(ops).index(kv[0])))  # graph order
+    units = quantized_units(model, plan_options)
 
     def build(kept: frozenset[str]) -> onnx.ModelProto:
-        options = {**plan_options, "exclude_nodes": base_excludes + tuple(unit_pattern(u) for u in sorted(kept))}
-        plan = plan_int8(model, **options)
-        return quantize_int8(model, plan, amax, scale_floor=FP32_SCALE_FLOOR)[0]
+        return build_int8(model, amax, plan_options, kept)
 
     def run(graph: onnx.ModelProto) -> list[np.ndarray]:
         return run_outputs(graph, validation)
@@ -437,6 +429,25 @@ def find_units_to_keep_high(
     return search(
         units=units, build=build, run=run, reference=reference, labels=labels, budget=budget, cache=cache
     )
+
+
+def quantized_units(model: onnx.ModelProto, plan_options: Mapping[str, Any]) -> dict[str, str]:
+    """The weighted ops ``plan_int8`` quantizes (name -> op type), in graph order."""
+    from .int8 import plan_int8
+
+    quantized = {name for name, _, _ in plan_int8(model, **plan_options).weights}
+    return {node.name: node.op_type for node in model.graph.node if node.name in quantized}
+
+
+def build_int8(
+    model: onnx.ModelProto, amax: Mapping[str, float], plan_options: Mapping[str, Any], kept: Iterable[str]
+) -> onnx.ModelProto:
+    """The INT8 graph with the units in ``kept`` left in float (FP32 float part, for the analysis)."""
+    from .int8 import FP32_SCALE_FLOOR, plan_int8, quantize_int8
+
+    excludes = tuple(plan_options.get("exclude_nodes", ())) + tuple(unit_pattern(u) for u in sorted(kept))
+    plan = plan_int8(model, **{**plan_options, "exclude_nodes": excludes})
+    return quantize_int8(model, plan, amax, scale_floor=FP32_SCALE_FLOOR)[0]
 
 
 def default_cache_dir() -> Path:
