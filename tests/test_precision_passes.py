@@ -127,6 +127,13 @@ def test_fp16_exclusions_and_oversized_weights_are_reported():
     assert np.allclose(out, 1 / (1 + np.exp(-np.maximum(data, 0))), atol=2e-3)
 
 
+def test_fp16_without_calibration_data_converts_without_a_keep_list(energy):
+    _, graph, _, _ = energy
+    converted, report = to_fp16(graph, None)
+    assert report.kept == [] and report.converted_nodes > 0
+    assert TensorProto.FLOAT16 in {i.data_type for i in converted.graph.initializer}
+
+
 def test_compile_fp16_reports_kept_nodes(energy):
     model, _, _, x = energy
     calibration = list(torch.randn(64, 8).split(16))
@@ -249,6 +256,22 @@ def test_int8_missing_amax_is_a_calibration_error(mixed):
     _, graph, _, _, _ = mixed
     with pytest.raises(CalibrationError, match="no calibrated amax"):
         quantize_int8(graph, plan_int8(graph), {})
+
+
+def test_compile_int8_passes_the_options_through(mixed):
+    model, _, _, _, x = mixed
+    fast = trtopt.compile(
+        model, (x[:4],), precision="int8", calibration_data=list(x.split(4)), backend="onnxruntime",
+        calibrator="minmax", int8_keep_first_last=True, exclude_op_types=["ConvTranspose"],
+        int8_float_precision="fp32",
+    )
+    report = fast.precision_report
+    assert report["calibrator"] == "minmax" and report["float_precision"] == "fp32"
+    assert sorted(k["op"] for k in report["not_quantized"]) == ["Conv", "ConvTranspose", "Gemm"]
+    assert report["quantized_weights"] == 2 and "kept_fp32" not in report
+    assert TensorProto.FLOAT16 not in {i.data_type for i in fast.onnx_model.graph.initializer}
+    expected = model(x[:4]).detach()
+    assert (fast(x[:4]) - expected).abs().max() / expected.abs().max() < 0.05
 
 
 def test_compile_int8_without_calibration_data_says_what_to_pass():
