@@ -252,6 +252,22 @@ def test_int8_rest_of_graph_precision(mixed, float_precision):
     assert np.abs(run(quantized, x) - expected).max() / np.abs(expected).max() < 0.05
 
 
+def test_int8_dequantize_follows_a_consumer_kept_fp32(mixed):
+    model, graph, batches, ranges, x = mixed
+    plan = plan_int8(graph)
+    amax = {t: ranges[t] for t in plan.activation_tensors}
+    # A threshold this low keeps most float nodes FP32, quantized ones included.
+    quantized, _, fp16_report = to_int8(graph, plan, amax, batches, threshold=1.0)  # validates
+    kept = {k.name: k.reason for k in fp16_report.kept}
+    conv1 = next(n for n in quantized.graph.node if n.op_type == "Conv" and n.input[1].startswith("conv1"))
+    assert conv1.name in kept
+    producers = {o: n for n in quantized.graph.node for o in n.output}
+    assert producers[conv1.input[1]].op_type == "DequantizeLinear"  # no Cast in between
+    assert kept[producers[conv1.input[1]].name] == "feeds only nodes kept in FP32"
+    expected = model(x).detach().numpy()
+    assert np.abs(run(emulate_fp16(quantized), x) - expected).max() / np.abs(expected).max() < 0.05
+
+
 def test_int8_missing_amax_is_a_calibration_error(mixed):
     _, graph, _, _, _ = mixed
     with pytest.raises(CalibrationError, match="no calibrated amax"):
