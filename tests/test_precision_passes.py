@@ -142,7 +142,7 @@ def test_compile_fp16_reports_kept_nodes(energy):
         dynamic_shapes={"x": {0: (1, 8, 64)}}, backend="onnxruntime",
     )
     report = fast.precision_report
-    assert report["precision"] == "fp16" and report["qdq_nodes"] == 0
+    assert report["precision"] == "fp16" and report["qdq_nodes"] == 0 and report["overflow_checked"]
     assert {k["op"] for k in report["kept_fp32"]} >= {"Mul", "ReduceSum"}
     out = fast(x)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
