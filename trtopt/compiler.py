@@ -292,7 +292,8 @@ def _apply_precision(
         onnx_model, fp16_report = passes.to_fp16(
             onnx_model, batches, threshold=config.fp16_threshold, **excluded
         )
-        return onnx_model, {"precision": "fp16", "qdq_nodes": 0, **fp16_report.to_json()}
+        report = {"precision": "fp16", "qdq_nodes": 0, "overflow_checked": batches is not None}
+        return onnx_model, {**report, **fp16_report.to_json()}
 
     _check_calibration_source(config, calibration_data)
     plan = passes.plan_int8(
@@ -347,7 +348,10 @@ def _apply_precision(
         "precision": "int8",
         "calibrator": config.calibrator.value,
         "calibration_seconds": round(seconds, 3),
+        "calibration_batches": calibration.num_batches,
+        "calibration_from_cache": calibration.from_cache,
         "float_precision": config.int8_float_precision.value,
+        "overflow_checked": batches is not None and fp16_report is not None,
         **({"percentile": config.percentile} if config.calibrator.value == "percentile" else {}),
         **int8_report.to_json(),
     }
