@@ -93,7 +93,7 @@ def test_a_budget_even_fp32_misses_is_reported_without_a_search(setup, tmp_path)
     graph, amax, validation, _ = setup
     labels = np.random.default_rng(0).integers(0, 8, size=sum(len(v["x"]) for v in validation))
     report = find_units_to_keep_high(
-        graph, amax, validation, labels, AccuracyBudget("accuracy", 1.0), plan_options={}, cache_dir=None
+        graph, amax, validation, labels, AccuracyBudget("accuracy", 1.0), plan_options={}, cache_dir=tmp_path
     )
     assert not report.met and report.no_int8 < 1.0
     assert report.units == [] and report.evaluations == 2 and len(report.kept_high) == 4

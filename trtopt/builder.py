@@ -219,6 +219,10 @@ def build_engine(
     The model is written to a temporary directory and parsed from the file, so
     models with external weights (over protobuf's 2 GB) work too.
     """
+    from .precision import validate_qdq
+
+    # The ONNX parser's Q/DQ rules, checked here with messages that name the node and the fix.
+    validate_qdq(onnx_model)
     trt = _deps.tensorrt()
     cache = EngineCache.from_config(config)
     with tempfile.TemporaryDirectory(prefix="trtopt-build-") as workdir:
