@@ -1,0 +1,303 @@
+"""The ``trtopt`` command line, in process through ``trtopt.cli.main`` plus a subprocess smoke test."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from trtopt import ConfigError, bench, cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+FACTORY = textwrap.dedent(
+    """
+    import torch
+
+    class Small(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.head = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+    def make():
+        torch.manual_seed(0)
+        return Small().eval(), (torch.randn(2, 3, 8, 8),)
+
+    def make_wrong():
+        return torch.nn.Identity()
+    """
+)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 1
+    errors = [line for line in err.splitlines() if line.startswith("trtopt: error: ")]
+    assert len(errors) == 1, err
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def factory(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("factory") / "models.py"
+    path.write_text(FACTORY)
+    return f"{path}:make"
+
+
+@pytest.fixture(scope="module")
+def compiled(factory, tmp_path_factory) -> Path:
+    """One module compiled through the CLI with a dynamic batch 1..4, shared by the tests below."""
+    out = tmp_path_factory.mktemp("compiled") / "small.trtopt"
+    code = cli.main(["-q", "compile", factory, "--shapes", "x:1x3x8x8,2x3x8x8,4x3x8x8",
+                     "--backend", "onnxruntime", "-o", str(out)])
+    assert code == 0
+    return out
+
+
+# ------------------------------------------------------------------ help
+
+
+def test_help_in_a_subprocess():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "trtopt.cli", "--help"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for command in ("compile", "bench", "inspect", "export-triton"):
+        assert command in proc.stdout
+
+
+def test_python_dash_m_trtopt(monkeypatch, capsys):
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["trtopt", "--version"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("trtopt", run_name="__main__")
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("trtopt ")
+
+
+def test_subcommand_help_documents_shapes(capsys):
+    code, out, _ = run_cli(capsys, "compile", "--help")
+    assert code == 0
+    assert "NAME:MIN,OPT,MAX" in out and "k-th --shapes belongs to profile k" in out
+
+
+def test_usage_errors_exit_2(capsys):
+    assert run_cli(capsys, "compile", "m.onnx", "--precision", "fp64")[0] == 2
+    assert run_cli(capsys)[0] == 2  # no subcommand
+    assert run_cli(capsys, "bench", "m.trtopt", "--batch-sizes", "0,x")[0] == 2
+
+
+# ---------------------------------------------------------------- shapes
+
+
+def test_parse_shape_option():
+    assert cli.parse_shape_option("x:1x3x224x224,8x3x224x224,32x3x224x224") == (
+        "x", ((1, 3, 224, 224), (8, 3, 224, 224), (32, 3, 224, 224))
+    )
+    assert cli.parse_shape_option("input:0:1x4") == ("input:0", ((1, 4),) * 3)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("1x3x224x224", "NAME:MIN,OPT,MAX"),
+        ("x:1x3,2x3", "gives 2 shapes"),
+        ("x:1x3,2x3x4,4x3", "same rank"),
+        ("x:1xAx3", "not a shape"),
+        ("x:0x3", "not a shape"),
+        ("x:", "not a shape"),
+    ],
+)
+def test_parse_shape_option_rejects(text, message):
+    with pytest.raises(ConfigError, match=message):
+        cli.parse_shape_option(text)
+
+
+def test_shapes_to_profiles_groups_repeats_into_profiles():
+    profiles = cli.shapes_to_profiles(["x:1x3,2x3,4x3", "m:1x5", "x:5x3,8x3,16x3"])
+    assert len(profiles) == 2
+    assert profiles[0]["x"] == ((1, 3), (2, 3), (4, 3)) and profiles[1]["x"] == ((5, 3), (8, 3), (16, 3))
+    assert profiles[0]["m"] == profiles[1]["m"] == ((1, 5),) * 3
+    with pytest.raises(ConfigError, match="once .* or 3 times"):
+        cli.shapes_to_profiles(["x:1x3", "x:2x3", "x:3x3", "m:1x5", "m:2x5"])
+
+
+def test_dynamic_shapes_from_profiles():
+    reference = {"x": [2, 3, 224, 224]}
+    one = cli.shapes_to_profiles(["x:1x3x224x224,8x3x224x224,32x3x224x224"])
+    assert cli.dynamic_shapes_from_profiles(one, reference, "model") == {"x": {0: (1, 8, 32)}}
+    two = cli.shapes_to_profiles(["x:1x3x224x224,2x3x224x224,4x3x224x224", "x:8x3x224x224,8x3x224x224,8x3x224x224"])
+    # Batch is dynamic in profile 0, so profile 1 gets a (fixed) range for it too.
+    assert cli.dynamic_shapes_from_profiles(two, reference, "model") == [
+        {"x": {0: (1, 2, 4)}},
+        {"x": {0: (8, 8, 8)}},
+    ]
+    # A symbolic dim in an ONNX file is dynamic even when MIN = MAX.
+    assert cli.dynamic_shapes_from_profiles(
+        cli.shapes_to_profiles(["x:4x3x224x224"]), {"x": ["N", 3, 224, 224]}, "ONNX file"
+    ) == {"x": {0: (4, 4, 4)}}
+    with pytest.raises(ConfigError, match="inputs \\['x'\\]"):
+        cli.dynamic_shapes_from_profiles(cli.shapes_to_profiles(["y:1x3"]), reference, "model")
+    with pytest.raises(ConfigError, match="rank 2"):
+        cli.dynamic_shapes_from_profiles(cli.shapes_to_profiles(["x:1x3"]), reference, "model")
+    with pytest.raises(ConfigError, match="dim 2 at 256"):
+        cli.dynamic_shapes_from_profiles(cli.shapes_to_profiles(["x:2x3x256x224"]), reference, "model")
+
+
+# --------------------------------------------------------------- compile
+
+
+def test_compile_from_a_factory(compiled, capsys):
+    code, out, _ = run_cli(capsys, "inspect", compiled, "--json")
+    assert code == 0
+    desc = json.loads(out)
+    assert desc["precision"] == "fp32"
+    assert desc["inputs"][0]["name"] == "x" and isinstance(desc["inputs"][0]["shape"][0], str)
+    assert desc["profiles"][0]["x"] == {"min": [1, 3, 8, 8], "opt": [2, 3, 8, 8], "max": [4, 3, 8, 8], "dynamic": [0]}
+
+
+def test_compile_bad_input_gives_one_line_errors(factory, tmp_path, capsys):
+    path = factory.rpartition(":")[0]
+    cases = [
+        (["compile", tmp_path / "missing.onnx"], "does not exist"),
+        (["compile", "no_such_module_xyz:make"], "cannot import 'no_such_module_xyz'"),
+        (["compile", f"{path}:nothing"], "no function 'nothing'"),
+        (["compile", f"{path}:make_wrong"], "must return (model, example_inputs)"),
+        (["compile", "model.txt"], "neither an .onnx file nor a MODULE:FUNCTION"),
+        (["compile", factory, "--shapes", "x:1x3x9x8,2x3x9x8,4x3x9x8"], "dim 2 at 9"),
+        (["compile", factory, "--shapes", "x:4x3x8x8,2x3x8x8,1x3x8x8"], "min <= opt <= max"),
+        (["compile", factory, "--calib", tmp_path / "none.npz", "--precision", "int8"], "calibration file"),
+    ]
+    for argv, message in cases:
+        code, _, err = run_cli(capsys, *argv)
+        assert_one_line_error(code, err, message)
+
+
+def test_compile_from_an_onnx_file(compiled, tmp_path, capsys):
+    import trtopt
+    from trtopt.graph import save_model
+
+    onnx_path = save_model(trtopt.load(compiled).onnx_model, tmp_path / "small.onnx")
+    out = tmp_path / "from_onnx.trtopt"
+    code, stdout, err = run_cli(capsys, "compile", onnx_path, "--shapes", "x:1x3x8x8,2x3x8x8,4x3x8x8",
+                                "--backend", "onnxruntime", "-o", out)
+    assert code == 0, err
+    assert stdout.strip() == str(out)
+    assert f"trtopt: compiling {onnx_path} at fp32" in err  # progress on stderr at the default verbosity
+    code, _, err = run_cli(capsys, "-q", "compile", onnx_path, "--shapes", "x:1x3x8x8,2x3x8x8,4x3x8x8",
+                           "--backend", "onnxruntime", "-o", out)
+    assert code == 0 and "compiling" not in err
+    assert trtopt.load(out).profiles[0]["x"].max == (4, 3, 8, 8)
+
+
+def test_compile_int8_with_calibration_file(factory, tmp_path, capsys):
+    import numpy as np
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((3, 2, 3, 8, 8)).astype(np.float32))  # 3 batches
+    out = tmp_path / "int8.trtopt"
+    code, _, err = run_cli(capsys, "compile", factory, "--precision", "int8", "--calib", calib,
+                           "--calibrator", "minmax", "--calib-batches", "2", "--backend", "onnxruntime", "-o", out)
+    assert code == 0, err
+    code, stdout, _ = run_cli(capsys, "inspect", out, "--json")
+    desc = json.loads(stdout)
+    assert desc["precision"] == "int8" and desc["graph"]["quantize_dequantize_nodes"] > 0
+    assert "int8" in desc["graph"]["weight_bytes_by_dtype"]
+
+
+# ----------------------------------------------------------------- bench
+
+
+def test_bench_a_saved_module(compiled, tmp_path, capsys):
+    report_path = tmp_path / "bench.json"
+    code, out, _ = run_cli(capsys, "bench", compiled, "--batch-sizes", "1,4", "--iterations", "3",
+                           "--warmup", "1", "--backend", "onnxruntime", "--json", report_path)
+    assert code == 0
+    assert "| small | trtopt | fp32 | onnxruntime |" in out
+    report = bench.BenchReport.from_json(json.loads(report_path.read_text()))
+    (row,) = report.results
+    assert [s.batch_size for s in row.latency] == [1, 4] and row.latency[0].iterations == 3
+    assert row.artifact_bytes == compiled.stat().st_size
+
+
+def test_bench_a_factory_against_torch(factory, capsys):
+    code, out, _ = run_cli(capsys, "-q", "bench", factory, "--batch-sizes", "1,2", "--iterations", "2",
+                           "--warmup", "1", "--backend", "onnxruntime", "--json", "-")
+    assert code == 0
+    data = json.loads(out[out.index("{"):])
+    rows = {(r["runtime"], r["precision"]): r for r in data["results"]}
+    assert set(rows) == {("torch-eager", "fp32"), ("trtopt", "fp32")}
+    assert rows[("trtopt", "fp32")]["accuracy"]["max_abs_error"] < 1e-4
+
+
+def test_bench_bad_input(compiled, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "bench", compiled, "--batch-sizes", "8", "--iterations", "1",
+                           "--warmup", "1", "--backend", "onnxruntime")
+    assert_one_line_error(code, err, "dimension 0 is 8", "1..4")
+    code, _, err = run_cli(capsys, "bench", tmp_path / "model.onnx")
+    assert_one_line_error(code, err, "compile", "first")
+    code, _, err = run_cli(capsys, "bench", tmp_path / "missing.trtopt")
+    assert_one_line_error(code, err, "does not exist")
+
+
+# --------------------------------------------------------------- inspect
+
+
+def test_inspect_text(compiled, capsys):
+    code, out, _ = run_cli(capsys, "inspect", compiled)
+    assert code == 0
+    assert "precision fp32" in out and "no TensorRT engine" in out
+    assert "  x: float32 [x_dim0, 3, 8, 8]" in out
+    assert "[0] x: min 1x3x8x8  opt 2x3x8x8  max 4x3x8x8" in out
+    assert "Quantize/DequantizeLinear" in out and "float32" in out
+
+
+def test_inspect_bad_file(tmp_path, capsys):
+    junk = tmp_path / "junk.trtopt"
+    junk.write_bytes(b"not a zip file")
+    code, _, err = run_cli(capsys, "inspect", junk)
+    assert_one_line_error(code, err, "not a trtopt module file")
+
+
+# --------------------------------------------------------- export-triton
+
+
+def test_export_triton_without_the_feature_is_a_clear_error(compiled, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "trtopt.triton", None)  # as on a trtopt without trtopt/triton.py
+    code, _, err = run_cli(capsys, "export-triton", compiled, tmp_path / "repo", "--name", "small")
+    assert_one_line_error(code, err, "export-triton is not available")
+
+
+def test_export_triton(compiled, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    code, out, err = run_cli(capsys, "export-triton", compiled, repo, "--name", "small", "--backend", "onnxruntime")
+    assert code == 0, err
+    assert out.strip() == str(repo / "small")
+    config = (repo / "small" / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in config and "max_batch_size: 4" in config  # the profile's max
+    assert (repo / "small" / "1" / "model.onnx").is_file()
+    code, _, err = run_cli(capsys, "export-triton", compiled, repo, "--name", "small")
+    assert_one_line_error(code, err, "overwrite")
+    code, _, err = run_cli(capsys, "export-triton", compiled, repo, "--name", "small", "--overwrite",
+                           "--max-batch-size", "2", "--no-dynamic-batching")
+    assert code == 0, err
+    config = (repo / "small" / "config.pbtxt").read_text()
+    assert "max_batch_size: 2" in config and "dynamic_batching" not in config
+    code, _, err = run_cli(capsys, "export-triton", tmp_path / "missing.trtopt", repo, "--name", "x")
+    assert_one_line_error(code, err, "does not exist")

@@ -1,0 +1,586 @@
+"""The ``trtopt`` command line: compile, bench, inspect, export-triton.
+
+Every subcommand is a thin layer over the library (``trtopt.compile``,
+``trtopt.bench``, ``CompiledModule``); errors trtopt raises on purpose are
+printed as one line, ``trtopt: error: ...``, with exit status 1 (argparse's
+usage errors exit with 2). Progress goes to stderr through ``logging``
+(``-v`` for debug detail, ``-q`` for warnings only); results go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, InputError, TrtoptError
+
+logger = logging.getLogger(__name__)
+
+SHAPES_HELP = """\
+shapes (--shapes NAME:MIN,OPT,MAX), trtexec's dims notation:
+  --shapes x:1x3x224x224,8x3x224x224,32x3x224x224
+      input x takes batch 1..32 (optimised for 8): the dims that differ
+      between MIN and MAX are the dynamic ones.
+  --shapes x:1x3x224x224
+      one shape: MIN = OPT = MAX (a static input, or a fixed size for a
+      dimension the ONNX file leaves dynamic).
+  Several inputs: repeat --shapes, once per input.
+  Several optimization profiles: repeat --shapes for the same input; its
+  k-th --shapes belongs to profile k. An input given once gets the same range
+  in every profile. E.g. two profiles, small and large batches:
+      --shapes x:1x3x224x224,4x3x224x224,8x3x224x224 \\
+      --shapes x:9x3x224x224,32x3x224x224,64x3x224x224
+  Unlike trtexec, MIN,OPT,MAX are one option (trtexec has --minShapes,
+  --optShapes, --maxShapes, and separates inputs with commas).
+"""
+
+SOURCE_HELP = """\
+SOURCE is an ONNX file (model.onnx) or a Python factory MODULE:FUNCTION that
+returns (model, example_inputs), e.g. mypkg.models:make_resnet or
+./models.py:make_resnet (the current directory is importable).
+"""
+
+
+# ------------------------------------------------------------------ shapes
+
+
+def parse_dims(text: str, context: str) -> tuple[int, ...]:
+    """``1x3x224x224`` -> ``(1, 3, 224, 224)``."""
+    parts = text.strip().lower().split("x")
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        dims = ()
+    if not text.strip() or not dims or any(d < 1 for d in dims):
+        raise ConfigError(
+            f"{context}: {text!r} is not a shape; write positive dims joined by 'x', e.g. 1x3x224x224"
+        )
+    return dims
+
+
+def parse_shape_option(text: str) -> tuple[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """``name:min,opt,max`` (or ``name:shape``) -> ``(name, (min, opt, max))``.
+
+    The name is split at the last ``:`` because ONNX input names may contain
+    one (``input:0``) while shapes never do.
+    """
+    name, sep, spec = text.rpartition(":")
+    if not sep or not name:
+        raise ConfigError(
+            f"--shapes {text!r}: write NAME:MIN,OPT,MAX, e.g. x:1x3x224x224,8x3x224x224,32x3x224x224"
+        )
+    shapes = [parse_dims(s, f"--shapes {text!r}") for s in spec.split(",")]
+    if len(shapes) == 1:
+        shapes *= 3
+    if len(shapes) != 3:
+        raise ConfigError(
+            f"--shapes {text!r} gives {len(shapes)} shapes; give one (static) or three (MIN,OPT,MAX)"
+        )
+    if len({len(s) for s in shapes}) != 1:
+        raise ConfigError(f"--shapes {text!r}: MIN, OPT and MAX must have the same rank")
+    return name, (shapes[0], shapes[1], shapes[2])
+
+
+def shapes_to_profiles(options: Sequence[str]) -> list[dict[str, tuple[tuple[int, ...], ...]]]:
+    """Group repeated ``--shapes`` into optimization profiles (the k-th mention of an input -> profile k)."""
+    per_input: dict[str, list[tuple[tuple[int, ...], ...]]] = {}
+    for option in options:
+        name, triple = parse_shape_option(option)
+        per_input.setdefault(name, []).append(triple)
+    count = max((len(v) for v in per_input.values()), default=0)
+    for name, triples in per_input.items():
+        if len(triples) not in (1, count):
+            raise ConfigError(
+                f"--shapes gives input {name!r} {len(triples)} times but another input {count} times; "
+                f"give each input once (same range in every profile) or {count} times (one per profile)"
+            )
+    return [{name: triples[k if len(triples) > 1 else 0] for name, triples in per_input.items()} for k in range(count)]
+
+
+def dynamic_shapes_from_profiles(
+    profiles: Sequence[Mapping[str, tuple[tuple[int, ...], ...]]],
+    reference: Mapping[str, Sequence[int | str]],
+    source: str,
+) -> dict[str, dict[int, tuple[int, int, int]]] | list[dict[str, dict[int, tuple[int, int, int]]]] | None:
+    """Turn full min/opt/max shapes into trtopt's ``dynamic_shapes``.
+
+    ``reference`` gives each input's dims as the model has them (the example
+    input's size, or an ONNX file's dim: an int, or a symbol for a dynamic
+    dim). A dim is dynamic when its min and max differ in any profile, or when
+    the ONNX file leaves it symbolic; every other dim must match the model.
+    """
+    if not profiles:
+        return None
+    dynamic: dict[str, set[int]] = {}
+    for profile in profiles:
+        for name, (lo, opt, hi) in profile.items():
+            if name not in reference:
+                raise ConfigError(
+                    f"--shapes names input {name!r}, but the {source} has inputs {list(reference)}"
+                )
+            dims = reference[name]
+            if len(lo) != len(dims):
+                raise ConfigError(
+                    f"--shapes gives input {name!r} rank {len(lo)}, but the {source} has rank {len(dims)} "
+                    f"({'x'.join(str(d) for d in dims)})"
+                )
+            dyn = dynamic.setdefault(name, set())
+            dyn.update(d for d in range(len(dims)) if lo[d] != hi[d] or isinstance(dims[d], str))
+    for profile in profiles:
+        for name, (lo, opt, hi) in profile.items():
+            for d, model_dim in enumerate(reference[name]):
+                if d not in dynamic[name] and lo[d] != model_dim:
+                    raise ConfigError(
+                        f"--shapes fixes input {name!r} dim {d} at {lo[d]}, but the {source} has "
+                        f"{model_dim} there; use {model_dim}, or give a MIN,OPT,MAX range for that dim"
+                    )
+    specs = [
+        {
+            name: {d: (lo[d], opt[d], hi[d]) for d in sorted(dynamic[name])}
+            for name, (lo, opt, hi) in profile.items()
+            if dynamic[name]
+        }
+        for profile in profiles
+    ]
+    return specs[0] if len(specs) == 1 else specs
+
+
+# ----------------------------------------------------------------- sources
+
+
+def is_onnx_file(source: str) -> bool:
+    return source.lower().endswith(".onnx")
+
+
+def load_factory(source: str) -> tuple[Any, tuple[Any, ...]]:
+    """Call a ``module:function`` factory; return ``(model, example_inputs)``."""
+    module_name, sep, func_name = source.rpartition(":")
+    if not sep or not module_name or not func_name:
+        raise ConfigError(
+            f"{source!r} is neither an .onnx file nor a MODULE:FUNCTION factory, e.g. mypkg.models:make_model"
+        )
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise ConfigError(f"factory file {path} does not exist")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    else:
+        if "" not in sys.path:
+            sys.path.insert(0, "")  # like `python -m`: modules in the current directory import
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            raise ConfigError(
+                f"cannot import {module_name!r} for factory {source!r} ({exc}); check the name and PYTHONPATH"
+            ) from None
+    factory = getattr(module, func_name, None)
+    if not callable(factory):
+        raise ConfigError(f"{module_name!r} has no function {func_name!r} (factory {source!r})")
+    made = factory()
+    if not isinstance(made, (tuple, list)) or len(made) != 2:
+        raise InputError(
+            f"factory {source!r} returned a {type(made).__name__}; it must return (model, example_inputs)"
+        )
+    model, examples = made
+    import torch
+
+    examples = (examples,) if isinstance(examples, torch.Tensor) else tuple(examples)
+    return model, examples
+
+
+def reference_shapes(source: str, model: Any, examples: Sequence[Any]) -> tuple[dict[str, list[int | str]], str]:
+    """The dims ``--shapes`` is checked against: the ONNX file's inputs or the example inputs."""
+    if model is None:
+        import onnx
+
+        from .graph import graph_input_shapes
+
+        try:
+            proto = onnx.load(source, load_external_data=False)
+        except Exception as exc:  # onnx raises DecodeError, OSError, ...
+            raise ConfigError(f"cannot read ONNX file {source}: {exc}") from None
+        return graph_input_shapes(proto), "ONNX file"
+    from .export import forward_input_names
+
+    names = forward_input_names(model, len(examples))
+    return {n: list(t.shape) for n, t in zip(names, examples)}, "model"
+
+
+def _check_file(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist")
+    return p
+
+
+# ------------------------------------------------------------- subcommands
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    import trtopt
+
+    if is_onnx_file(args.source):
+        _check_file(args.source, "ONNX file")
+        model, examples = None, None
+    else:
+        model, examples = load_factory(args.source)
+    dynamic = None
+    if args.shapes:
+        reference, what = reference_shapes(args.source, model, examples or ())
+        dynamic = dynamic_shapes_from_profiles(shapes_to_profiles(args.shapes), reference, what)
+    overrides: dict[str, Any] = {}
+    calibration = None
+    if args.calib:
+        calibration = str(_check_file(args.calib, "calibration file"))
+        if not calibration.endswith(".npz"):
+            raise ConfigError(f"--calib {calibration}: give a .npz file of arrays keyed by input name")
+    for option, setting in (("calibrator", "calibrator"), ("calib_batches", "calibration_batches"),
+                            ("calib_cache", "calibration_cache")):
+        value = getattr(args, option)
+        if value is not None:
+            overrides[setting] = value
+    logger.info("compiling %s at %s", args.source, args.precision)
+    module = trtopt.compile(
+        str(Path(args.source)) if model is None else model,
+        examples,
+        precision=args.precision,
+        backend=args.backend,
+        dynamic_shapes=dynamic,
+        calibration_data=calibration,
+        **overrides,
+    )
+    out = Path(args.output) if args.output else Path(Path(args.source.split(":")[-1]).stem + ".trtopt")
+    module.save(out)
+    logger.info("wrote %s (%s)", out, _size(out.stat().st_size))
+    print(out)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import trtopt
+
+    from . import bench
+    from .export import _resize as resize_dim  # repeats samples: realistic values at any batch
+
+    batch_sizes = args.batch_sizes
+    if args.source.endswith(".trtopt"):
+        _check_file(args.source, "module file")
+        module = trtopt.load(args.source, backend=args.backend)
+        batches = batch_sizes or [module.profiles[0][module.input_names[0]].opt[0]]
+        candidates = [
+            bench.compiled_candidate(Path(args.source).stem, module, artifact_bytes=Path(args.source).stat().st_size)
+        ]
+
+        def make_inputs(batch: int) -> list[Any]:
+            return bench.inputs_for_spec(module.spec, batch)
+
+    elif is_onnx_file(args.source):
+        raise ConfigError(
+            f"trtopt bench takes a .trtopt file or a MODULE:FUNCTION factory; compile {args.source} "
+            "first with `trtopt compile`"
+        )
+    else:
+        model, examples = load_factory(args.source)
+        name = args.source.rpartition(":")[2]
+        reference_names = list(reference_shapes(args.source, model, examples)[0])
+        batches = batch_sizes or [int(examples[0].shape[0])]
+
+        def make_inputs(batch: int) -> list[Any]:
+            return [resize_dim(t, 0, batch) for t in examples]
+
+        dynamic = None
+        if len(set(batches) | {int(examples[0].shape[0])}) > 1:
+            lo, hi = min(batches), max(batches)
+            dynamic = {n: {0: (lo, hi, hi)} for n in reference_names}  # dim 0 is the batch
+        reference = bench.torch_reference(model, examples, max(batches))
+        candidates = [bench.torch_candidate(name, model)]
+        for precision in args.precision:
+            logger.info("compiling %s at %s", name, precision)
+            candidates.append(
+                bench.trtopt_candidate(
+                    name,
+                    model,
+                    make_inputs(max(batches)),
+                    precision=precision,
+                    backend=args.backend,
+                    dynamic_shapes=dynamic,
+                    eval_inputs=examples,
+                    reference=reference,
+                    eval_chunk=max(batches),
+                )
+            )
+    logger.info("timing batch sizes %s, %d iterations", ",".join(map(str, batches)), args.iterations)
+    results = bench.run_side_by_side(candidates, make_inputs, batches, warmup=args.warmup, iterations=args.iterations)
+    report = bench.BenchReport(
+        results=results,
+        settings={"source": args.source, "batch_sizes": batch_sizes, "warmup": args.warmup,
+                  "iterations": args.iterations, "backend": args.backend},
+    )
+    print(report.markdown())
+    if args.json == "-":
+        print(json.dumps(report.to_json(), indent=1))
+    elif args.json:
+        logger.info("wrote %s", report.write_json(args.json))
+    return 0 if all(r.status != "failed" for r in results) else 1
+
+
+def describe_module(path: str) -> dict[str, Any]:
+    """What ``trtopt inspect`` shows, as a JSON-serialisable dict."""
+    from collections import Counter
+
+    from .module import read_module_file
+
+    onnx_model, spec, engine = read_module_file(path)
+    from onnx import numpy_helper
+
+    ops = Counter(node.op_type for node in onnx_model.graph.node)
+    weights: Counter[str] = Counter()
+    for init in onnx_model.graph.initializer:
+        array = numpy_helper.to_array(init)
+        weights[array.dtype.name] += array.nbytes
+    return {
+        "file": str(path),
+        "bytes": Path(path).stat().st_size,
+        "precision": spec.precision,
+        "engine_bytes": len(engine) if engine is not None else None,
+        "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.inputs],
+        "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.outputs],
+        "profiles": [p.to_json() for p in spec.profiles],
+        "graph": {
+            "nodes": len(onnx_model.graph.node),
+            "quantize_dequantize_nodes": ops["QuantizeLinear"] + ops["DequantizeLinear"],
+            "cast_nodes": ops["Cast"],
+            "weight_bytes_by_dtype": dict(weights),
+            "op_types": dict(ops.most_common()),
+        },
+        "info": spec.info,
+    }
+
+
+def _dims(shape: Sequence[int | str]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    desc = describe_module(_check_file(args.module, "module file").as_posix())
+    if args.json:
+        print(json.dumps(desc, indent=1))
+        return 0
+    g = desc["graph"]
+    lines = [
+        f"{desc['file']}: {_size(desc['bytes'])}, precision {desc['precision']}, "
+        + (f"TensorRT engine {_size(desc['engine_bytes'])}" if desc["engine_bytes"] else "no TensorRT engine (ONNX graph only)"),
+        "inputs:",
+        *(f"  {t['name']}: {t['dtype']} [{', '.join(map(str, t['shape']))}]" for t in desc["inputs"]),
+        "outputs:",
+        *(f"  {t['name']}: {t['dtype']} [{', '.join(map(str, t['shape']))}]" for t in desc["outputs"]),
+        f"optimization profiles: {len(desc['profiles'])}",
+    ]
+    for index, profile in enumerate(desc["profiles"]):
+        for name, r in profile.items():
+            lines.append(f"  [{index}] {name}: min {_dims(r['min'])}  opt {_dims(r['opt'])}  max {_dims(r['max'])}")
+    weights = ", ".join(f"{k} {_size(v)}" for k, v in sorted(g["weight_bytes_by_dtype"].items()))
+    lines += [
+        "precision summary:",
+        f"  {g['nodes']} nodes; {g['quantize_dequantize_nodes']} Quantize/DequantizeLinear; {g['cast_nodes']} Cast",
+        f"  weights: {weights or 'none'}",
+    ]
+    for key, value in (desc["info"].get("precision") or {}).items():
+        if isinstance(value, (list, tuple)):  # node names: count, and the first few
+            shown = ", ".join(str(v) for v in value[:4]) + (", ..." if len(value) > 4 else "")
+            value = f"{len(value)}" + (f" ({shown})" if value else "")
+        elif isinstance(value, dict):
+            value = json.dumps(value)
+        lines.append(f"  {key}: {value}")
+    for key in ("exporter", "opset", "cleanup"):
+        if key in desc["info"]:
+            lines.append(f"{key}: {desc['info'][key]}")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_export_triton(args: argparse.Namespace) -> int:
+    import trtopt
+
+    try:
+        from .triton import export_triton
+    except ModuleNotFoundError as exc:
+        if exc.name != "trtopt.triton":
+            raise
+        raise ConfigError("export-triton is not available in this version of trtopt") from None
+    module = trtopt.load(_check_file(args.module, "module file"), backend=args.backend)
+    path = export_triton(
+        module,
+        args.repo,
+        args.name,
+        version=args.version,
+        max_batch_size=args.max_batch_size,
+        dynamic_batching=not args.no_dynamic_batching,
+        instances=args.instances,
+        overwrite=args.overwrite,
+    )
+    logger.info("wrote Triton model %s", path)
+    print(path)
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers separated by commas, e.g. 1,8,32")
+    return values
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive integer")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .config import Backend, CalibratorKind, Precision
+
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="trtopt",
+        description="Compile PyTorch and ONNX models into fast TensorRT engines (ONNX Runtime on machines "
+        "without a GPU), benchmark them, and inspect or serve the result.",
+        epilog="Run `trtopt COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"trtopt {__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug output on stderr")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    backends = [b.value for b in Backend]
+
+    def shared(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--backend", choices=backends, default="auto",
+                       help="auto: TensorRT where it and a GPU are available, else ONNX Runtime (default)")
+
+    def shapes(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--shapes", action="append", default=[], metavar="NAME:MIN,OPT,MAX",
+                       help="input shape range in trtexec's 1x3x224x224 notation; repeatable (see below)")
+
+    p = sub.add_parser("compile", help="compile an ONNX file or a PyTorch factory to a .trtopt file",
+                       description="Compile a model into a .trtopt module file.\n\n" + SOURCE_HELP,
+                       epilog=SHAPES_HELP + "\nexample:\n  trtopt compile model.onnx --precision int8 "
+                       "--calib calib.npz --shapes x:1x3x224x224,8x3x224x224,32x3x224x224 -o model.trtopt",
+                       formatter_class=raw)
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("--precision", choices=[v.value for v in Precision], default="fp32")
+    p.add_argument("--calib", metavar="DATA.npz",
+                   help="calibration data for int8 (and the fp16 keep-list): a .npz with one array per input, "
+                   "keyed by input name, each a stack of batches along axis 0")
+    p.add_argument("--calibrator", choices=[v.value for v in CalibratorKind],
+                   help="int8 range algorithm (default: entropy)")
+    p.add_argument("--calib-batches", type=_positive, metavar="N", help="use at most N calibration batches")
+    p.add_argument("--calib-cache", metavar="PATH", help="TensorRT calibration cache to read, or write")
+    shapes(p)
+    shared(p)
+    p.add_argument("-o", "--output", metavar="OUT.trtopt", help="output file (default: SOURCE's name + .trtopt)")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("bench", help="measure latency, throughput, accuracy and memory",
+                       description="Benchmark a saved .trtopt module, or a factory MODULE:FUNCTION returning "
+                       "(model, example_inputs); a factory is compared with torch eager, side by side.\n"
+                       "For several batch sizes dim 0 of every input is taken as the batch.",
+                       formatter_class=raw)
+    p.add_argument("source", metavar="SOURCE", help="a .trtopt file or MODULE:FUNCTION")
+    p.add_argument("--batch-sizes", type=_int_list, metavar="B1,B2,...",
+                   help="default: the profile's opt batch (module) or the example's batch (factory)")
+    p.add_argument("--precision", type=lambda s: [v.strip() for v in s.split(",") if v.strip()], default=["fp32"],
+                   metavar="P1,P2", help="factory only: precisions to compile at, e.g. fp32,fp16,int8 (default fp32)")
+    p.add_argument("--iterations", type=_positive, default=50, help="timed calls per batch size (default 50)")
+    p.add_argument("--warmup", type=_positive, default=5, help="untimed calls per batch size (default 5)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-': stdout)")
+    shared(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("inspect", help="show a .trtopt file's inputs, outputs, profiles and precision",
+                       description="Show what a .trtopt file holds, without running it.")
+    p.add_argument("module", metavar="MODULE.trtopt")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("export-triton", help="write a Triton Inference Server model repository",
+                       description="Write <REPO>/<NAME>/<VERSION>/model.plan (or model.onnx) and config.pbtxt "
+                       "for NVIDIA Triton Inference Server.")
+    p.add_argument("module", metavar="MODULE.trtopt")
+    p.add_argument("repo", metavar="REPO", help="model repository directory (created if missing)")
+    p.add_argument("--name", required=True, help="model name in the repository")
+    p.add_argument("--version", type=_positive, default=1, help="model version (default 1)")
+    p.add_argument("--max-batch-size", type=int, metavar="N",
+                   help="default: the profile's largest batch, or 0 when the batch dim is static")
+    p.add_argument("--no-dynamic-batching", action="store_true", help="leave Triton's dynamic batcher off")
+    p.add_argument("--instances", type=_positive, default=1, help="model instances per GPU (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing version directory")
+    shared(p)
+    p.set_defaults(func=cmd_export_triton)
+    return parser
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    root = logging.getLogger("trtopt")
+    for handler in list(root.handlers):
+        if getattr(handler, "_trtopt_cli", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._trtopt_cli = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s" if verbose else "trtopt: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``trtopt`` command; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors
+        return int(exc.code or 0)
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        return args.func(args)
+    except TrtoptError as exc:
+        message = " ".join(str(exc).split())  # one line, whatever the exception held
+        print(f"trtopt: error: {message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"trtopt: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("trtopt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
