@@ -373,11 +373,15 @@ def split_validation(
 
     if validation_data is None:
         if isinstance(calibration_data, (str, os.PathLike)) or hasattr(calibration_data, "shape"):
-            raise ConfigError(
-                "accuracy_budget with calibration data given as one array or a .npz file: pass "
-                "validation_data too, or give calibration_data as a list of batches to hold some back"
-            )
-        batches = list(calibration_data)
+            # A .npz file or a stacked array: its batches, as the calibrator would read them.
+            batches = [feed for _, feed in iter_batches(calibration_data, input_specs)]
+            if len(batches) == 1:  # one batch of samples: hold back its last samples instead
+                (only,) = batches
+                rows = min(len(a) for a in only.values())
+                cut = rows - max(1, round(rows * HELD_BACK))
+                batches = [{n: a[:cut] for n, a in only.items()}, {n: a[cut:] for n, a in only.items()}]
+        else:
+            batches = list(calibration_data)
         if len(batches) < 2:
             raise ConfigError(
                 f"accuracy_budget needs validation data: calibration_data has {len(batches)} batch(es), "
