@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import statistics
 import subprocess
@@ -136,6 +137,13 @@ def modelopt_int8(graph: onnx.ModelProto, calibration: list[np.ndarray], workdir
     return onnx.load(target), seconds
 
 
+def modelopt_version() -> str | None:
+    done = subprocess.run(
+        [sys.executable, "-c", "import modelopt; print(modelopt.__version__)"], capture_output=True, text=True
+    )
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
 def modelopt_available() -> str | None:
     done = subprocess.run(
         [sys.executable, "-c", "import modelopt.onnx.quantization"], capture_output=True, text=True
@@ -216,7 +224,7 @@ def markdown(report: dict[str, object]) -> str:
         f"Command: `{report['command']}`  ",
         f"Top-1: mean over models trained from seeds {report['seeds']} (the worst seed's change from FP32 "
         f"in brackets); time: median of {report['repeats']} runs per seed, then over seeds. ONNX Runtime "
-        f"{report['onnxruntime']} on the CPU ({report['machine']}).",
+        f"{report['onnxruntime']} on the CPU ({report['machine']}); ModelOpt {report['modelopt'] or 'not installed'}.",
         "",
     ]
     for entry in report["models"]:
@@ -252,7 +260,10 @@ def main() -> None:
     for noisy in ("trtopt", "modelopt", "root"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     report = {
-        "command": " ".join(["PYTHONPATH=. python benchmarks/int8_accuracy.py", *sys.argv[1:]]),
+        "command": " ".join(
+            [f"PYTHONPATH={os.environ.get('PYTHONPATH', '.')}", "python benchmarks/int8_accuracy.py", *sys.argv[1:]]
+        ),
+        "modelopt": modelopt_version(),
         "repeats": args.repeats,
         "seeds": args.seeds,
         "onnxruntime": onnxruntime.__version__,

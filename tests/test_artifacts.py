@@ -77,3 +77,45 @@ def test_the_exported_graph_compiles_again_on_the_target(compiled, tmp_path):
     tokens, mask = torch.randn(5, 20, 32), padding_mask(5, 20)
     for a, b in zip(flat(target(tokens, mask)), flat(compiled(tokens, mask))):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def int8_cnn():
+    from tests._models import ResidualCNN
+
+    torch.manual_seed(0)
+    model = ResidualCNN().eval()
+    calibration = [torch.randn(8, 3, 16, 16) for _ in range(4)]
+    compiled = trtopt.compile(
+        model, (torch.randn(2, 3, 16, 16),), precision="int8", calibration_data=calibration,
+        dynamic_shapes={"x": {0: (1, 4, 8)}}, backend="onnxruntime",
+    )
+    return model, compiled
+
+
+def test_int8_export_carries_qdq_and_a_calibration_cache(int8_cnn, tmp_path):
+    from trtopt.calibrators import read_cache
+    from trtopt.precision import validate_qdq
+
+    _, compiled = int8_cnn
+    paths = compiled.export_onnx(tmp_path / "cnn.onnx")
+    import onnx
+
+    assert validate_qdq(onnx.load(paths["onnx"])) == compiled.precision_report["qdq_nodes"] > 0
+    cache = read_cache(paths["calibration_cache"])
+    amax = compiled.precision_report["activation_amax"]
+    assert cache.algorithm == "EntropyCalibration2" and set(cache.scales) == set(amax)
+    for name, scale in cache.scales.items():
+        assert scale == pytest.approx(amax[name] / 127, rel=1e-6)
+    assert json.loads(paths["manifest"].read_text())["precision_summary"]["qdq_nodes"] > 0
+
+
+def test_target_builds_the_int8_export_without_recalibrating(int8_cnn, tmp_path, caplog):
+    _, compiled = int8_cnn
+    paths = compiled.export_onnx(tmp_path / "cnn.onnx")
+    with caplog.at_level("INFO", logger="trtopt"):
+        target = trtopt.compile(paths["onnx"], precision="int8", dynamic_shapes={"x": {0: (1, 4, 8)}})
+    assert target.precision == "int8" and target.precision_report["from_graph"]
+    assert not any("calibrat" in r.getMessage().lower() for r in caplog.records if r.name.startswith("trtopt.calibrators"))
+    x = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(target(x), compiled(x), rtol=1e-5, atol=1e-5)

@@ -93,7 +93,7 @@ def test_a_budget_even_fp32_misses_is_reported_without_a_search(setup, tmp_path)
     graph, amax, validation, _ = setup
     labels = np.random.default_rng(0).integers(0, 8, size=sum(len(v["x"]) for v in validation))
     report = find_units_to_keep_high(
-        graph, amax, validation, labels, AccuracyBudget("accuracy", 1.0), plan_options={}, cache_dir=None
+        graph, amax, validation, labels, AccuracyBudget("accuracy", 1.0), plan_options={}, cache_dir=tmp_path
     )
     assert not report.met and report.no_int8 < 1.0
     assert report.units == [] and report.evaluations == 2 and len(report.kept_high) == 4
@@ -130,3 +130,13 @@ def test_measurement_cache_survives_a_restart(tmp_path):
     cache = MeasurementCache(tmp_path, "k")
     cache.put(frozenset({"b", "a"}), 0.5)
     assert MeasurementCache(tmp_path, "k").get(frozenset({"a", "b"})) == 0.5
+
+
+def test_a_npz_file_is_split_into_calibration_and_validation_batches(tmp_path):
+    specs = [type("Spec", (), {"name": "x", "dtype": "float32", "shape": ("n", 4)})()]
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=np.arange(40 * 4, dtype=np.float32).reshape(40, 4))
+    calibration, validation, labels = split_validation(str(path), None, specs)
+    total = sum(len(b["x"]) for b in calibration) + sum(len(v["x"]) for v in validation)
+    assert total == 40 and len(validation) >= 1 and labels is None
+    assert validation[-1]["x"][-1, -1] == 159.0  # the last samples are the ones held back

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import trtopt
 from trtopt import ConfigError, bench, cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,6 +220,31 @@ def test_compile_int8_with_calibration_file(factory, tmp_path, capsys):
     desc = json.loads(stdout)
     assert desc["precision"] == "int8" and desc["graph"]["quantize_dequantize_nodes"] > 0
     assert "int8" in desc["graph"]["weight_bytes_by_dtype"]
+
+
+def test_compile_with_an_accuracy_budget_and_emit_onnx(factory, tmp_path, capsys):
+    import numpy as np
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((5, 2, 3, 8, 8)).astype(np.float32))
+    out, onnx_path = tmp_path / "budget.trtopt", tmp_path / "deploy" / "small.onnx"
+    code, _, err = run_cli(capsys, "compile", factory, "--precision", "int8", "--calib", calib,
+                           "--accuracy-budget", "cosine>=0.99", "--emit-onnx", onnx_path,
+                           "--shapes", "x:1x3x8x8,2x3x8x8,4x3x8x8", "--backend", "onnxruntime", "-o", out)
+    assert code == 0, err
+    assert "Accuracy budget: cosine >= 0.99" in err
+    report = trtopt.load(out).precision_report["accuracy_budget"]
+    assert report["met"] and report["final"] >= 0.99
+    for suffix in (".onnx", ".json", ".build.sh", ".calib.cache"):
+        assert onnx_path.with_suffix(suffix).is_file()
+    assert "--minShapes=x:1x3x8x8" in onnx_path.with_suffix(".build.sh").read_text()
+
+
+def test_compile_budget_errors_are_one_line(factory, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "compile", factory, "--accuracy-budget", "cosine<=0.9", "--backend", "onnxruntime")
+    assert_one_line_error(code, err, "higher-is-better")
+    code, _, err = run_cli(capsys, "compile", factory, "--accuracy-budget", "cosine>=0.9", "--backend", "onnxruntime")
+    assert_one_line_error(code, err, "accuracy_budget applies to precision='int8'")
 
 
 # ----------------------------------------------------------------- bench

@@ -36,6 +36,11 @@ ENGINE_SETTING_CHANGES = {
     "optimization_level": 4,
     "version_compatible": True,
     "hardware_compatibility": "ampere_plus",
+    "exclude_nodes": ("*attn*",),
+    "exclude_op_types": ("Softmax",),
+    "int8_keep_first_last": True,
+    "int8_float_precision": "fp32",
+    "fp16_threshold": 4096.0,
 }
 
 

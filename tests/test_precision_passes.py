@@ -127,6 +127,13 @@ def test_fp16_exclusions_and_oversized_weights_are_reported():
     assert np.allclose(out, 1 / (1 + np.exp(-np.maximum(data, 0))), atol=2e-3)
 
 
+def test_fp16_without_calibration_data_converts_without_a_keep_list(energy):
+    _, graph, _, _ = energy
+    converted, report = to_fp16(graph, None)
+    assert report.kept == [] and report.converted_nodes > 0
+    assert TensorProto.FLOAT16 in {i.data_type for i in converted.graph.initializer}
+
+
 def test_compile_fp16_reports_kept_nodes(energy):
     model, _, _, x = energy
     calibration = list(torch.randn(64, 8).split(16))
@@ -135,7 +142,7 @@ def test_compile_fp16_reports_kept_nodes(energy):
         dynamic_shapes={"x": {0: (1, 8, 64)}}, backend="onnxruntime",
     )
     report = fast.precision_report
-    assert report["precision"] == "fp16" and report["qdq_nodes"] == 0
+    assert report["precision"] == "fp16" and report["qdq_nodes"] == 0 and report["overflow_checked"]
     assert {k["op"] for k in report["kept_fp32"]} >= {"Mul", "ReduceSum"}
     out = fast(x)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
@@ -245,10 +252,42 @@ def test_int8_rest_of_graph_precision(mixed, float_precision):
     assert np.abs(run(quantized, x) - expected).max() / np.abs(expected).max() < 0.05
 
 
+def test_int8_dequantize_follows_a_consumer_kept_fp32(mixed):
+    model, graph, batches, ranges, x = mixed
+    plan = plan_int8(graph)
+    amax = {t: ranges[t] for t in plan.activation_tensors}
+    # A threshold this low keeps most float nodes FP32, quantized ones included.
+    quantized, _, fp16_report = to_int8(graph, plan, amax, batches, threshold=1.0)  # validates
+    kept = {k.name: k.reason for k in fp16_report.kept}
+    conv1 = next(n for n in quantized.graph.node if n.op_type == "Conv" and n.input[1].startswith("conv1"))
+    assert conv1.name in kept
+    producers = {o: n for n in quantized.graph.node for o in n.output}
+    assert producers[conv1.input[1]].op_type == "DequantizeLinear"  # no Cast in between
+    assert kept[producers[conv1.input[1]].name] == "feeds only nodes kept in FP32"
+    expected = model(x).detach().numpy()
+    assert np.abs(run(emulate_fp16(quantized), x) - expected).max() / np.abs(expected).max() < 0.05
+
+
 def test_int8_missing_amax_is_a_calibration_error(mixed):
     _, graph, _, _, _ = mixed
     with pytest.raises(CalibrationError, match="no calibrated amax"):
         quantize_int8(graph, plan_int8(graph), {})
+
+
+def test_compile_int8_passes_the_options_through(mixed):
+    model, _, _, _, x = mixed
+    fast = trtopt.compile(
+        model, (x[:4],), precision="int8", calibration_data=list(x.split(4)), backend="onnxruntime",
+        calibrator="minmax", int8_keep_first_last=True, exclude_op_types=["ConvTranspose"],
+        int8_float_precision="fp32",
+    )
+    report = fast.precision_report
+    assert report["calibrator"] == "minmax" and report["float_precision"] == "fp32"
+    assert sorted(k["op"] for k in report["not_quantized"]) == ["Conv", "ConvTranspose", "Gemm"]
+    assert report["quantized_weights"] == 2 and "kept_fp32" not in report
+    assert TensorProto.FLOAT16 not in {i.data_type for i in fast.onnx_model.graph.initializer}
+    expected = model(x[:4]).detach()
+    assert (fast(x[:4]) - expected).abs().max() / expected.abs().max() < 0.05
 
 
 def test_compile_int8_without_calibration_data_says_what_to_pass():

@@ -27,6 +27,7 @@ from .errors import (
     TrtoptError,
 )
 from .module import CompiledModule
+from .precision.budget import AccuracyBudget, AccuracyBudgetError
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -35,6 +36,8 @@ __all__ = [
     "compile",
     "load",
     "CompiledModule",
+    "AccuracyBudget",
+    "AccuracyBudgetError",
     "BuildConfig",
     "Precision",
     "Backend",

@@ -124,11 +124,12 @@ def export_onnx(module: CompiledModule, path: str | os.PathLike[str]) -> dict[st
         lines.append(trtexec_command(path.name, profiles, engine))
     written["build_script"] = atomic_write(path.with_suffix(".build.sh"), "\n".join(lines) + "\n")
     os.chmod(written["build_script"], 0o755)
-    amax = module.spec.info.get("precision", {}).get("activation_amax")
-    if amax:
-        from .calibrators import write_cache
+    report = module.precision_report
+    if report.get("activation_amax"):
+        from .calibrators.cache import algorithm_name, write_cache
 
-        method = module.spec.info["precision"].get("calibrator", "entropy")
-        written["calibration_cache"] = write_cache(path.with_suffix(".calib.cache"), amax, method)
+        scales = {name: amax / 127.0 for name, amax in report["activation_amax"].items()}
+        algorithm = algorithm_name(report.get("calibrator", "entropy"), report.get("percentile", 99.99))
+        written["calibration_cache"] = write_cache(path.with_suffix(".calib.cache"), scales, algorithm)
     logger.info("exported %s", ", ".join(str(p) for p in written.values()))
     return written

@@ -35,7 +35,8 @@ import onnx
 
 from . import _deps
 from .config import BuildConfig, InputRange, ShapeProfile
-from .engine_cache import EngineCache, atomic_write_bytes, engine_key_fields, files_digest
+from ._io import atomic_write
+from .engine_cache import EngineCache, engine_key_fields, files_digest
 from .errors import BuildError
 from .graph import save_model
 
@@ -218,6 +219,10 @@ def build_engine(
     The model is written to a temporary directory and parsed from the file, so
     models with external weights (over protobuf's 2 GB) work too.
     """
+    from .precision import validate_qdq
+
+    # The ONNX parser's Q/DQ rules, checked here with messages that name the node and the fix.
+    validate_qdq(onnx_model)
     trt = _deps.tensorrt()
     cache = EngineCache.from_config(config)
     with tempfile.TemporaryDirectory(prefix="trtopt-build-") as workdir:
@@ -440,5 +445,5 @@ def save_timing_cache(builder_config: Any, path: Path) -> None:
     if timing_cache is None:
         return
     data = bytes(timing_cache.serialize())
-    atomic_write_bytes(path, data)
+    atomic_write(path, data)
     logger.info("timing cache: saved %s (%d bytes)", path, len(data))

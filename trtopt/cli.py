@@ -248,6 +248,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
         value = getattr(args, option)
         if value is not None:
             overrides[setting] = value
+    budget = None
+    if args.accuracy_budget:
+        budget = trtopt.AccuracyBudget.parse(args.accuracy_budget, best_effort=args.best_effort)
+    validation = None
+    if args.validation:
+        if not args.accuracy_budget:
+            raise ConfigError("--validation is only used with --accuracy-budget")
+        validation = str(_check_file(args.validation, "validation file"))
     logger.info("compiling %s at %s", args.source, args.precision)
     module = trtopt.compile(
         str(Path(args.source)) if model is None else model,
@@ -256,11 +264,20 @@ def cmd_compile(args: argparse.Namespace) -> int:
         backend=args.backend,
         dynamic_shapes=dynamic,
         calibration_data=calibration,
+        accuracy_budget=budget,
+        validation_data=validation,
         **overrides,
     )
     out = Path(args.output) if args.output else Path(Path(args.source.split(":")[-1]).stem + ".trtopt")
     module.save(out)
     logger.info("wrote %s (%s)", out, _size(out.stat().st_size))
+    if budget is not None:
+        from .precision.budget import BudgetReport
+
+        print(BudgetReport(**module.precision_report["accuracy_budget"]).table(), file=sys.stderr)
+    if args.emit_onnx:
+        for kind, path in module.export_onnx(args.emit_onnx).items():
+            logger.info("wrote %s: %s", kind, path)
     print(out)
     return 0
 
@@ -503,6 +520,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8 range algorithm (default: entropy)")
     p.add_argument("--calib-batches", type=_positive, metavar="N", help="use at most N calibration batches")
     p.add_argument("--calib-cache", metavar="PATH", help="TensorRT calibration cache to read, or write")
+    p.add_argument("--accuracy-budget", metavar="METRIC>=BOUND",
+                   help="int8: keep the fewest layers out of INT8 that meet this budget, e.g. 'cosine>=0.999', "
+                   "'top1>=0.995', 'max_abs<=0.05' (judged on --validation, else on the last fifth of --calib)")
+    p.add_argument("--validation", metavar="DATA.npz", help="validation data for --accuracy-budget (.npz, like --calib)")
+    p.add_argument("--best-effort", action="store_true",
+                   help="with --accuracy-budget: return the closest module when the budget cannot be met")
+    p.add_argument("--emit-onnx", metavar="OUT.onnx",
+                   help="also write the final graph with its manifest, build script (trtexec) and calibration "
+                   "cache, to build the engine on another machine")
     shapes(p)
     shared(p)
     p.add_argument("-o", "--output", metavar="OUT.trtopt", help="output file (default: SOURCE's name + .trtopt)")

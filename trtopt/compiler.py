@@ -138,6 +138,8 @@ def compile(  # noqa: A001 - the public name the design card fixes
     calibration_data: Any = None,
     backend: Backend | str | None = None,
     config: BuildConfig | None = None,
+    accuracy_budget: Any = None,
+    validation_data: Any = None,
     **overrides: Any,
 ) -> CompiledModule:
     """Compile a model into a fast callable.
@@ -151,6 +153,10 @@ def compile(  # noqa: A001 - the public name the design card fixes
     any other ``BuildConfig`` field may be given as a keyword override.
     ``dynamic_shapes`` maps an input name (forward argument, or ONNX graph input) to
     ``{dim: (min, opt, max)}``; a list of such dicts gives several optimization profiles.
+    ``accuracy_budget`` (INT8 only: an ``AccuracyBudget`` or a string such as
+    ``"cosine>=0.99"``) keeps the fewest weighted layers out of INT8 that meet it,
+    judged on ``validation_data`` (default: the last fifth of the calibration batches,
+    held back from calibration).
     """
     config = config or BuildConfig()
     if precision is not None:
@@ -158,8 +164,9 @@ def compile(  # noqa: A001 - the public name the design card fixes
     if backend is not None:
         overrides["backend"] = backend
     config = config.replace(**overrides)
-    _check_calibration_source(config, calibration_data)
     source = load_source(model)
+    if not (isinstance(source, onnx.ModelProto) and _carried_precision(source)):
+        _check_calibration_source(config, calibration_data)
     kind = select_backend(config.backend)
 
     start = time.perf_counter()
@@ -189,7 +196,9 @@ def compile(  # noqa: A001 - the public name the design card fixes
         )
     profiles = tuple(ShapeProfile(tuple(p[n] for n in graph_shapes)) for p in profiles)
     check_profiles_against_graph(profiles, graph_shapes)
-    onnx_model, precision_report = _apply_precision(onnx_model, config, calibration_data, profiles)
+    onnx_model, precision_report = _apply_precision(
+        onnx_model, config, calibration_data, accuracy_budget, validation_data
+    )
 
     graph_inputs = {t.name: t for t in tensor_specs(onnx_model.graph.input)}
     spec = ModuleSpec(
@@ -197,7 +206,7 @@ def compile(  # noqa: A001 - the public name the design card fixes
         outputs=tensor_specs(onnx_model.graph.output),
         output_structure=structure,
         profiles=profiles,
-        precision=config.precision.value,
+        precision=precision_report.get("precision", config.precision.value),
         info={
             "exporter": exporter,
             "opset": config.opset,
@@ -232,7 +241,8 @@ def _apply_precision(
     onnx_model: onnx.ModelProto,
     config: BuildConfig,
     calibration_data: Any,
-    profiles: Sequence[ShapeProfile],
+    accuracy_budget: Any = None,
+    validation_data: Any = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Write the requested precision into the graph (TensorRT 11 reads it only from there).
 
@@ -240,16 +250,35 @@ def _apply_precision(
     (optional; without it only weights and exclusions decide, and nothing is
     checked for Inf/NaN). INT8: Q/DQ pairs with scales from the calibrator
     (needs ``calibration_data`` or an existing ``calibration_cache``), the rest
-    in ``config.int8_float_precision``. Returns the graph and the report that
+    in ``config.int8_float_precision``; with ``accuracy_budget``, the units the
+    search keeps high stay out of INT8. Returns the graph and the report that
     ``CompiledModule.precision_report`` shows.
     """
     from . import precision as passes
 
+    if accuracy_budget is not None and config.precision is not Precision.INT8:
+        raise ConfigError(
+            f"accuracy_budget applies to precision='int8' (it chooses which layers leave INT8), "
+            f"not to precision={config.precision.value!r}"
+        )
+    carried = _carried_precision(onnx_model)
+    if carried is not None:
+        # A graph exported by export_onnx (or quantized elsewhere): build it as it is, no recalibration.
+        from .precision import validate_qdq
+
+        logger.info("the graph already carries its precision (%s); not applying precision passes", carried)
+        return onnx_model, {"precision": carried, "from_graph": True, "qdq_nodes": validate_qdq(onnx_model)}
     if config.precision is Precision.FP32:
         if calibration_data is not None:
             logger.info("calibration_data is ignored at fp32")
         return onnx_model, {}
     inputs = tensor_specs(onnx_model.graph.input)
+    budget = None
+    if accuracy_budget is not None:
+        from .precision.budget import AccuracyBudget, split_validation
+
+        budget = accuracy_budget if isinstance(accuracy_budget, AccuracyBudget) else AccuracyBudget.parse(str(accuracy_budget))
+        calibration_data, validation, labels = split_validation(calibration_data, validation_data, inputs)
     batches = None
     if calibration_data is not None:
         calibration_data, batches = passes.feed_batches(calibration_data, inputs, config.calibration_batches)
@@ -263,7 +292,8 @@ def _apply_precision(
         onnx_model, fp16_report = passes.to_fp16(
             onnx_model, batches, threshold=config.fp16_threshold, **excluded
         )
-        return onnx_model, {"precision": "fp16", "qdq_nodes": 0, **fp16_report.to_json()}
+        report = {"precision": "fp16", "qdq_nodes": 0, "overflow_checked": batches is not None}
+        return onnx_model, {**report, **fp16_report.to_json()}
 
     _check_calibration_source(config, calibration_data)
     plan = passes.plan_int8(
@@ -284,6 +314,27 @@ def _apply_precision(
         progress=logger.isEnabledFor(logging.INFO),
     )
     seconds = time.perf_counter() - start
+    fp32_model = onnx_model
+    budget_report = None
+    if budget is not None:
+        from .precision.budget import find_units_to_keep_high, unit_pattern
+
+        budget_report = find_units_to_keep_high(
+            onnx_model,
+            calibration.amax,
+            validation,
+            labels,
+            budget,
+            plan_options={"keep_first_last": config.int8_keep_first_last, **excluded},
+            cache_dir=config.sensitivity_cache_dir,
+        )
+        if budget_report.kept_high:
+            plan = passes.plan_int8(
+                onnx_model,
+                keep_first_last=config.int8_keep_first_last,
+                exclude_nodes=config.exclude_nodes + tuple(unit_pattern(u) for u in budget_report.kept_high),
+                exclude_op_types=config.exclude_op_types,
+            )
     onnx_model, int8_report, fp16_report = passes.to_int8(
         onnx_model,
         plan,
@@ -297,12 +348,38 @@ def _apply_precision(
         "precision": "int8",
         "calibrator": config.calibrator.value,
         "calibration_seconds": round(seconds, 3),
+        "calibration_batches": calibration.num_batches,
+        "calibration_from_cache": calibration.from_cache,
         "float_precision": config.int8_float_precision.value,
+        "overflow_checked": batches is not None and fp16_report is not None,
+        **({"percentile": config.percentile} if config.calibrator.value == "percentile" else {}),
         **int8_report.to_json(),
     }
     if fp16_report is not None:
         report.update(fp16_report.to_json())
+    # Kept so that export_onnx can write TensorRT's calibration cache next to the graph.
+    report["activation_amax"] = dict(calibration.amax)
+    if budget_report is not None:
+        from .precision.budget import check_final
+
+        check_final(budget_report, onnx_model, fp32_model, validation, labels, budget)
+        report["accuracy_budget"] = budget_report.to_json()
     return onnx_model, report
+
+
+def _carried_precision(model: onnx.ModelProto) -> str | None:
+    """'int8' for a graph with Q/DQ nodes, 'fp16' for one computing in FP16, else None."""
+    ops = {node.op_type for node in model.graph.node}
+    if ops & {"QuantizeLinear", "DequantizeLinear"}:
+        return "int8"
+    half = onnx.TensorProto.FLOAT16
+    casts_to_half = any(
+        node.op_type == "Cast" and any(a.name == "to" and a.i == half for a in node.attribute)
+        for node in model.graph.node
+    )
+    if casts_to_half or any(t.data_type == half for t in model.graph.initializer):
+        return "fp16"
+    return None
 
 
 def load(path: str | os.PathLike[str], *, backend: Backend | str = "auto") -> CompiledModule:

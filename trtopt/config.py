@@ -70,6 +70,9 @@ class BuildConfig:
     engine_cache_max_bytes: int = 8 << 30
     # TensorRT runtime settings (not part of the engine).
     cuda_graph: bool = False  # replay a captured CUDA graph for repeated input shapes
+    # Accuracy-budget search: per-unit measurements, so another budget re-measures nothing.
+    # None: $XDG_CACHE_HOME/trtopt/sensitivity (~/.cache/trtopt/sensitivity).
+    sensitivity_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", _coerce_enum(Precision, self.precision, "precision"))

@@ -27,13 +27,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._io import atomic_write
 from ._version import __version__
 from .config import ENGINE_SETTINGS, BuildConfig, ShapeProfile
 
@@ -41,23 +41,6 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "trtopt-engine-cache-entry"
 MANIFEST_VERSION = 1
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def files_digest(paths: Sequence[Path]) -> str:
@@ -183,8 +166,8 @@ class EngineCache:
             "engine_sha256": hashlib.sha256(engine).hexdigest(),
             "fields": dict(fields),
         }
-        atomic_write_bytes(plan_path, engine)
-        atomic_write_bytes(manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        atomic_write(plan_path, engine)
+        atomic_write(manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
         self.evict(keep=key)
         return plan_path
 

@@ -59,7 +59,7 @@ _TORCH_TO_NUMPY = {
     torch.bool: "bool",
 }
 _NUMPY_TO_TORCH = {v: k for k, v in _TORCH_TO_NUMPY.items()}
-_CONVERT_HINT = {
+CONVERT_HINT = {
     "float32": "x.float() / x.astype(np.float32)",
     "float16": "x.half() / x.astype(np.float16)",
     "int64": "x.long() / x.astype(np.int64)",
@@ -247,7 +247,7 @@ class CompiledModule:
                 f"input {name!r} is a {type(value).__name__}; pass a torch.Tensor or a numpy array"
             )
         if dtype != spec.dtype or tensor is None:
-            hint = _CONVERT_HINT.get(spec.dtype, f"convert to {spec.dtype}")
+            hint = CONVERT_HINT.get(spec.dtype, f"convert to {spec.dtype}")
             raise InputError(
                 f"input {name!r} has dtype {dtype} but the model expects {spec.dtype}; convert it ({hint})"
             )

@@ -18,6 +18,10 @@ The entry point the precision pass calls::
     ) -> CalibrationResult          # .amax {name: float}, .method, .num_batches, .from_cache,
                                     # .scales() -> {name: amax / 127}
 
+    write_cache(path, scales, algorithm="EntropyCalibration2", version="100300") -> Path
+        # scales = amax / 127 per tensor; algorithm from cache.algorithm_name(method, percentile)
+    read_cache(path) -> CalibrationCache    # .version, .algorithm, .scales {name: amax / 127}, .amax()
+
 * Methods (``observers``): ``entropy`` is TensorRT's EntropyCalibration2 search
   over a 2048-bin histogram of |x| (DESIGN.md §5), ``minmax`` is max |x|,
   ``percentile`` the given percentile of |x| from the same histogram.

@@ -23,11 +23,11 @@ from __future__ import annotations
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._io import atomic_write
 from ..errors import CalibrationError
 
 # NV_TENSORRT_VERSION of TensorRT 10.3 (major * 10000 + minor * 100 + patch); the header's
@@ -113,15 +113,4 @@ def write_cache(
         if "\n" in name or "\r" in name:
             raise CalibrationError(f"tensor name {name!r} contains a line break; the cache format cannot hold it")
         lines.append(f"{name}: {scale_to_hex(scale)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write("\n".join(lines) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, "\n".join(lines) + "\n")

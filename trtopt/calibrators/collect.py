@@ -1,17 +1,20 @@
 """Statistics collection: run the graph under ONNX Runtime and stream activations into observers.
 
 The tensors to measure become the graph's only outputs (ONNX Runtime then
-skips whatever they do not need), one batch runs at a time, and each output
-goes straight into its observer and is dropped. Memory therefore stays at one
-batch's activations plus 2048 counters per tensor, however many batches run,
-unlike onnxruntime.quantization's calibrators, which keep every output of every
-batch until the end.
+skips whatever they do not need), and each output goes straight into its
+observer and is dropped. While the observers digest batch k, ONNX Runtime
+already runs batch k+1 on a worker thread (both release the GIL), so at most two
+batches' activations are alive: memory stays constant however many batches
+run, unlike onnxruntime.quantization's calibrators, which keep every output of
+every batch until the end.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 import numpy as np
@@ -95,23 +98,41 @@ def collect(
     from ..backends.onnxruntime import make_session
 
     measured, outputs = measurement_model(model, list(observers))
-    session = make_session(measured) if measured is not None else None
+    # One core digests batch k while the others run batch k+1 (on 2 cores, 1 ORT thread is also
+    # faster per batch than 2 threads contending with the observers).
+    threads = max(1, (os.cpu_count() or 2) - 1)
+    session = make_session(measured, intra_op_threads=threads) if measured is not None else None
     input_tensors = [n for n in observers if n not in outputs]
     graph_inputs = {i.name for i in session.get_inputs()} if session is not None else set()
-    done = 0
-    for index, feeds in batches:
+
+    def run(feeds: dict[str, np.ndarray]) -> list[Any]:
+        if session is None:
+            return []
+        return session.run(outputs, {k: v for k, v in feeds.items() if k in graph_inputs})
+
+    def digest(index: int, feeds: dict[str, np.ndarray], future: Future[list[Any]]) -> None:
         for name in input_tensors:
             _observe(observers[name], name, feeds[name], index)
-        if session is not None:
-            try:
-                values: list[Any] = session.run(outputs, {k: v for k, v in feeds.items() if k in graph_inputs})
-            except Exception as exc:  # onnxruntime raises its own exception types
-                raise CalibrationError(f"ONNX Runtime failed on calibration batch {index}: {exc}") from exc
-            for name, value in zip(outputs, values):
-                _observe(observers[name], name, value, index)
-            del values  # keep nothing between batches
-        done += 1
-        progress.update(done)
+        try:
+            values = future.result()
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise CalibrationError(f"ONNX Runtime failed on calibration batch {index}: {exc}") from exc
+        for name, value in zip(outputs, values):
+            _observe(observers[name], name, value, index)
+
+    done = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trtopt-calibration") as pool:
+        pending = None
+        for index, feeds in batches:
+            future = pool.submit(run, feeds)  # runs while the previous batch is digested
+            if pending is not None:
+                digest(*pending)
+                done += 1
+                progress.update(done)
+            pending = (index, feeds, future)
+        if pending is not None:
+            digest(*pending)
+            done += 1
     progress.close(done)
     return done
 

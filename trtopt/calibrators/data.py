@@ -32,19 +32,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import CalibrationError
+from ..module import CONVERT_HINT
 
 if TYPE_CHECKING:
     from ..module import TensorSpec
 
 logger = logging.getLogger(__name__)
 
-_CONVERT_HINT = {
-    "float32": "x.float() / x.astype(np.float32)",
-    "float16": "x.half() / x.astype(np.float16)",
-    "int64": "x.long() / x.astype(np.int64)",
-    "int32": "x.int() / x.astype(np.int32)",
-    "bool": "x.bool() / x.astype(bool)",
-}
 
 
 def _is_tensor(value: Any) -> bool:
@@ -121,7 +115,7 @@ def check_batch(batch: Any, index: int, specs: Sequence[TensorSpec]) -> dict[str
         array = _to_numpy(values[spec.name], index, spec.name)
         where = f"calibration batch {index}, input {spec.name!r}"
         if array.dtype.name != spec.dtype:
-            hint = _CONVERT_HINT.get(spec.dtype, f"convert to {spec.dtype}")
+            hint = CONVERT_HINT.get(spec.dtype, f"convert to {spec.dtype}")
             raise CalibrationError(
                 f"{where} has dtype {array.dtype.name} but the model expects {spec.dtype}; convert it ({hint})"
             )

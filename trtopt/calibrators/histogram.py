@@ -6,8 +6,9 @@ non-zero value sets ``range = max|x|``. When a later batch holds a larger
 value, the range doubles (as often as needed) and adjacent bins are summed
 pairwise, as TensorRT's own calibrator grows its histogram ("the histogram
 range is increased by a power of two", TensorRT developer guide). Those counts
-stay exact: bins are right-closed, ``((k-1) w, k w]`` (zero in bin 0), so the
-bin of ``x`` at width ``2^j w`` is ``(its bin at width w) >> j``, and the
+stay exact: bin ``k`` holds ``[k w, (k+1) w)`` and one extra slot holds values
+equal to the range's top, so the bin of ``x`` at width ``2^j w`` is
+``floor(x / w) >> j`` (scaling a float by a power of two is exact), and the
 streamed counts equal, bit for bit, one pass over all the data on the final
 grid (tested).
 
@@ -40,7 +41,8 @@ class StreamingHistogram:
             raise ValueError(f"num_bins * oversample = {fine} must be a power of two")
         self.num_bins = num_bins
         self.fine_bins = fine
-        self.fine_counts = np.zeros(fine, dtype=np.int64)
+        # One slot more than bins: fine_counts[fine] counts values exactly at the range's top.
+        self.fine_counts = np.zeros(fine + 1, dtype=np.int64)
         self.range = 0.0 if range_ is None else float(range_)  # 0: no non-zero value seen yet
         self.max = 0.0  # the exact max |x| seen
         self.total = 0
@@ -61,7 +63,9 @@ class StreamingHistogram:
             out = np.zeros(self.num_bins)
             out[0] = self.total
             return out
-        cumulative = np.concatenate(([0.0], np.cumsum(self.fine_counts, dtype=np.float64)))
+        fine = self.fine_counts[:-1].astype(np.float64)
+        fine[-1] += self.fine_counts[-1]  # the top of the range belongs to the last bin
+        cumulative = np.concatenate(([0.0], np.cumsum(fine)))
         fine_edges = np.arange(self.fine_bins + 1, dtype=np.float64) * self.fine_width
         edges = np.arange(self.num_bins + 1, dtype=np.float64) * self.width
         out = np.diff(np.interp(edges, fine_edges, cumulative))
@@ -94,11 +98,12 @@ class StreamingHistogram:
         if scale > _FLOAT32_SAFE_SCALE:
             a = a.astype(np.float64)
         np.multiply(a, scale, out=a)
-        np.ceil(a, out=a)
-        index = a.astype(np.int64)
-        index -= 1  # right-closed bins: x in ((k-1)w, kw] goes to bin k-1; 0 gives -1 -> bin 0
-        np.clip(index, 0, self.fine_bins - 1, out=index)  # also catches rounding at the top edge
-        self.fine_counts += np.bincount(index, minlength=self.fine_bins)
+        # Truncation is floor here (a >= 0); a <= range, so the index is at most fine_bins (the top slot).
+        counts = np.bincount(a.astype(np.intp), minlength=self.fine_bins + 1)
+        if counts.size > self.fine_bins + 1:  # float rounding past the top: still the top
+            counts[self.fine_bins] += counts[self.fine_bins + 1 :].sum()
+            counts = counts[: self.fine_bins + 1]
+        self.fine_counts += counts
         return batch_max
 
     def _grow(self, needed: float) -> None:
@@ -108,7 +113,9 @@ class StreamingHistogram:
             new_range *= 2.0
             doublings += 1
         # Bin k at the old width lies inside bin k >> doublings at the new one.
-        target = np.arange(self.fine_bins) >> doublings
-        self.fine_counts = np.bincount(target, weights=self.fine_counts, minlength=self.fine_bins).astype(np.int64)
+        target = np.arange(self.fine_bins + 1) >> doublings  # the top slot lands inside the new range
+        self.fine_counts = np.bincount(target, weights=self.fine_counts, minlength=self.fine_bins + 1).astype(
+            np.int64
+        )
         self.range = new_range
         self.growths += doublings

@@ -12,8 +12,13 @@
     to level ``floor(128 b / i)``), each level's mass spread evenly over its
     non-empty source bins (empty bins stay empty);
   - both normalised; the cut with the least KL(P || Q) wins (the first, on a
-    tie), and amax = ``i * bin width``, the top of the kept range (capped at
-    max |x|, which only matters when the top bins are empty).
+    tie), and amax = ``i * bin width``, the top of the kept range (the
+    histogram spans exactly [0, max |x|], so ``i = 2048`` gives max |x|).
+
+  Before the search, bin 0 takes bin 1's count, as NVIDIA's reference
+  implementation (pytorch-quantization's ``_compute_amax_entropy``) does: the
+  exact zeros a ReLU produces (half of its output) would otherwise dominate the
+  KL and clip the range far too low.
 
   Where bin ``i-1`` is empty but outliers are folded into it, Q is 0 where P is
   not and KL is infinite: that cut is never chosen. The cut ``i = 2048`` always

@@ -373,11 +373,15 @@ def split_validation(
 
     if validation_data is None:
         if isinstance(calibration_data, (str, os.PathLike)) or hasattr(calibration_data, "shape"):
-            raise ConfigError(
-                "accuracy_budget with calibration data given as one array or a .npz file: pass "
-                "validation_data too, or give calibration_data as a list of batches to hold some back"
-            )
-        batches = list(calibration_data)
+            # A .npz file or a stacked array: its batches, as the calibrator would read them.
+            batches = [feed for _, feed in iter_batches(calibration_data, input_specs)]
+            if len(batches) == 1:  # one batch of samples: hold back its last samples instead
+                (only,) = batches
+                rows = min(len(a) for a in only.values())
+                cut = rows - max(1, round(rows * HELD_BACK))
+                batches = [{n: a[:cut] for n, a in only.items()}, {n: a[cut:] for n, a in only.items()}]
+        else:
+            batches = list(calibration_data)
         if len(batches) < 2:
             raise ConfigError(
                 f"accuracy_budget needs validation data: calibration_data has {len(batches)} batch(es), "
@@ -414,28 +418,83 @@ def find_units_to_keep_high(
     ``plan_options`` are ``plan_int8``'s keywords (the user's exclusions); the
     units kept high are added to its ``exclude_nodes``.
     """
-    from ..backends.onnxruntime import make_session
-    from .int8 import FP32_SCALE_FLOOR, plan_int8, quantize_int8
-
-    base_excludes = tuple(plan_options.get("exclude_nodes", ()))
-    full_plan = plan_int8(model, **plan_options)
-    ops = {node.name: node.op_type for node in model.graph.node}
-    units = {name: ops[name] for name, _, _ in full_plan.weights}
-    units = dict(sorted(units.items(), key=lambda kv: list(ops).index(kv[0])))  # graph order
+    units = quantized_units(model, plan_options)
 
     def build(kept: frozenset[str]) -> onnx.ModelProto:
-        options = {**plan_options, "exclude_nodes": base_excludes + tuple(unit_pattern(u) for u in sorted(kept))}
-        plan = plan_int8(model, **options)
-        return quantize_int8(model, plan, amax, scale_floor=FP32_SCALE_FLOOR)[0]
+        return build_int8(model, amax, plan_options, kept)
 
     def run(graph: onnx.ModelProto) -> list[np.ndarray]:
-        session = make_session(graph)
-        names = [o.name for o in session.get_outputs()]
-        per_batch = [session.run(names, feed) for feed in validation]
-        return [np.concatenate([b[i] for b in per_batch]) for i in range(len(names))]
+        return run_outputs(graph, validation)
 
     reference = run(model)
-    cache = MeasurementCache(cache_dir, analysis_key(model, amax, validation, labels, budget, plan_options))
+    cache = MeasurementCache(
+        cache_dir or default_cache_dir(), analysis_key(model, amax, validation, labels, budget, plan_options)
+    )
     return search(
         units=units, build=build, run=run, reference=reference, labels=labels, budget=budget, cache=cache
     )
+
+
+def quantized_units(model: onnx.ModelProto, plan_options: Mapping[str, Any]) -> dict[str, str]:
+    """The weighted ops ``plan_int8`` quantizes (name -> op type), in graph order."""
+    from .int8 import plan_int8
+
+    quantized = {name for name, _, _ in plan_int8(model, **plan_options).weights}
+    return {node.name: node.op_type for node in model.graph.node if node.name in quantized}
+
+
+def build_int8(
+    model: onnx.ModelProto, amax: Mapping[str, float], plan_options: Mapping[str, Any], kept: Iterable[str]
+) -> onnx.ModelProto:
+    """The INT8 graph with the units in ``kept`` left in float (FP32 float part, for the analysis)."""
+    from .int8 import FP32_SCALE_FLOOR, plan_int8, quantize_int8
+
+    excludes = tuple(plan_options.get("exclude_nodes", ())) + tuple(unit_pattern(u) for u in sorted(kept))
+    plan = plan_int8(model, **{**plan_options, "exclude_nodes": excludes})
+    return quantize_int8(model, plan, amax, scale_floor=FP32_SCALE_FLOOR)[0]
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "trtopt" / "sensitivity"
+
+
+def run_outputs(graph: onnx.ModelProto, validation: Sequence[Mapping[str, np.ndarray]]) -> list[np.ndarray]:
+    """The graph's outputs on every validation batch, concatenated per output (ONNX Runtime, CPU)."""
+    from ..backends.onnxruntime import make_session
+    from .probe import emulate_fp16
+
+    # FP16 tensors rounded as TensorRT stores them (ORT's CPU kernels would compute them in FP32).
+    session = make_session(emulate_fp16(graph))
+    names = [o.name for o in session.get_outputs()]
+    per_batch = [session.run(names, dict(feed)) for feed in validation]
+    return [np.concatenate([b[i] for b in per_batch]) for i in range(len(names))]
+
+
+def check_final(
+    report: BudgetReport,
+    final_graph: onnx.ModelProto,
+    fp32_graph: onnx.ModelProto,
+    validation: Sequence[Mapping[str, np.ndarray]],
+    labels: np.ndarray | None,
+    budget: AccuracyBudget,
+) -> None:
+    """Measure the module as built (with its FP16 float part) and hold it to the budget.
+
+    Raises AccuracyBudgetError when it misses, unless the budget is best-effort.
+    """
+    value = budget.evaluate(run_outputs(final_graph, validation), run_outputs(fp32_graph, validation), labels)
+    report.final, report.met = value, budget.met(value)
+    logger.info(
+        "accuracy budget %s: final module %.6g with %d unit(s) kept high -> %s",
+        budget.describe(), value, len(report.kept_high), "met" if report.met else "NOT met",
+    )
+    if not report.met and not budget.best_effort:
+        ceiling = f"; with no unit in INT8 it is {report.no_int8:.6g}" if not math.isnan(report.no_int8) else ""
+        raise AccuracyBudgetError(
+            f"INT8 cannot meet the accuracy budget {budget.describe()}: the best module reaches "
+            f"{value:.6g} with {len(report.kept_high)} of {len(report.units) or len(report.kept_high)} "
+            f"unit(s) kept high{ceiling}. Loosen the budget, use precision='fp16', or pass "
+            "AccuracyBudget(..., best_effort=True) to get the closest module",
+            report,
+        )

@@ -197,6 +197,12 @@ def convert_to_fp16(
     for name, reason in (keep or {}).items():
         if name in by_name and name not in kept:
             kept[name] = KeptNode(name, by_name[name].op, reason)
+    # A DequantizeLinear takes its consumers' precision: no Cast may separate it from the op
+    # it feeds, or TensorRT cannot fuse the pair (and per-channel weights lose their op).
+    for node in graph.nodes:
+        users = node.outputs[0].outputs if node.op == "DequantizeLinear" else []
+        if users and node.name not in kept and all(u.name in kept for u in users):
+            kept[node.name] = KeptNode(node.name, node.op, "feeds only nodes kept in FP32")
 
     half_nodes = [
         n
