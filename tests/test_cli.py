@@ -262,14 +262,21 @@ def test_bench_a_saved_module(compiled, tmp_path, capsys):
     assert row.artifact_bytes == compiled.stat().st_size
 
 
-def test_bench_a_factory_against_torch(factory, capsys):
+def test_bench_a_factory_against_torch(factory, tmp_path, capsys):
+    import numpy as np
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((2, 2, 3, 8, 8)).astype(np.float32))
     code, out, _ = run_cli(capsys, "-q", "bench", factory, "--batch-sizes", "1,2", "--iterations", "2",
-                           "--warmup", "1", "--backend", "onnxruntime", "--json", "-")
+                           "--warmup", "1", "--precision", "fp32,int8", "--calib", calib,
+                           "--backend", "onnxruntime", "--json", "-")
     assert code == 0
     data = json.loads(out[out.index("{"):])
     rows = {(r["runtime"], r["precision"]): r for r in data["results"]}
-    assert set(rows) == {("torch-eager", "fp32"), ("trtopt", "fp32")}
+    assert set(rows) == {("torch-eager", "fp32"), ("trtopt", "fp32"), ("trtopt", "int8")}
+    assert all(r["status"] == "ok" and [s["batch_size"] for s in r["latency"]] == [1, 2] for r in rows.values())
     assert rows[("trtopt", "fp32")]["accuracy"]["max_abs_error"] < 1e-4
+    assert rows[("trtopt", "int8")]["accuracy"]["cosine_similarity"] > 0.9
 
 
 def test_bench_bad_input(compiled, tmp_path, capsys):
@@ -280,6 +287,13 @@ def test_bench_bad_input(compiled, tmp_path, capsys):
     assert_one_line_error(code, err, "compile", "first")
     code, _, err = run_cli(capsys, "bench", tmp_path / "missing.trtopt")
     assert_one_line_error(code, err, "does not exist")
+
+
+def test_bench_a_failed_row_exits_1(factory, capsys):
+    code, out, err = run_cli(capsys, "bench", factory, "--precision", "int8", "--iterations", "1",
+                             "--warmup", "1", "--backend", "onnxruntime")
+    assert_one_line_error(code, err, "1 of 2 variants failed")
+    assert "failed [1]" in out and "needs activation ranges" in out
 
 
 # --------------------------------------------------------------- inspect

@@ -319,6 +319,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             lo, hi = min(batches), max(batches)
             dynamic = {n: {0: (lo, hi, hi)} for n in reference_names}  # dim 0 is the batch
         reference = bench.torch_reference(model, examples, max(batches))
+        calibration = str(_check_file(args.calib, "calibration file")) if args.calib else None
         candidates = [bench.torch_candidate(name, model)]
         for precision in args.precision:
             logger.info("compiling %s at %s", name, precision)
@@ -330,6 +331,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     precision=precision,
                     backend=args.backend,
                     dynamic_shapes=dynamic,
+                    calibration_data=calibration if precision != "fp32" else None,
                     eval_inputs=examples,
                     reference=reference,
                     eval_chunk=max(batches),
@@ -347,7 +349,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(), indent=1))
     elif args.json:
         logger.info("wrote %s", report.write_json(args.json))
-    return 0 if all(r.status != "failed" for r in results) else 1
+    failed = sum(r.status == "failed" for r in results)
+    if failed:
+        print(f"trtopt: error: {failed} of {len(results)} variants failed; the notes under the table say why",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def describe_module(path: str) -> dict[str, Any]:
@@ -536,7 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="measure latency, throughput, accuracy and memory",
                        description="Benchmark a saved .trtopt module, or a factory MODULE:FUNCTION returning "
-                       "(model, example_inputs); a factory is compared with torch eager, side by side.\n"
+                       "(model, example_inputs); a factory is compared with torch eager, side by side, and its "
+                       "accuracy measured on the example inputs.\n"
                        "For several batch sizes dim 0 of every input is taken as the batch.",
                        formatter_class=raw)
     p.add_argument("source", metavar="SOURCE", help="a .trtopt file or MODULE:FUNCTION")
@@ -544,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the profile's opt batch (module) or the example's batch (factory)")
     p.add_argument("--precision", type=lambda s: [v.strip() for v in s.split(",") if v.strip()], default=["fp32"],
                    metavar="P1,P2", help="factory only: precisions to compile at, e.g. fp32,fp16,int8 (default fp32)")
+    p.add_argument("--calib", metavar="DATA.npz", help="factory only: calibration data for fp16 and int8 (as for compile)")
     p.add_argument("--iterations", type=_positive, default=50, help="timed calls per batch size (default 50)")
     p.add_argument("--warmup", type=_positive, default=5, help="untimed calls per batch size (default 5)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-': stdout)")
