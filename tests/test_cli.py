@@ -318,12 +318,6 @@ def test_inspect_bad_file(tmp_path, capsys):
 # --------------------------------------------------------- export-triton
 
 
-def test_export_triton_without_the_feature_is_a_clear_error(compiled, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "trtopt.triton", None)  # as on a trtopt without trtopt/triton.py
-    code, _, err = run_cli(capsys, "export-triton", compiled, tmp_path / "repo", "--name", "small")
-    assert_one_line_error(code, err, "export-triton is not available")
-
-
 def test_export_triton(compiled, tmp_path, capsys):
     repo = tmp_path / "repo"
     code, out, err = run_cli(capsys, "export-triton", compiled, repo, "--name", "small", "--backend", "onnxruntime")

@@ -297,11 +297,11 @@ def measure_side_by_side(
     calls are split into ``rounds`` blocks; each round runs one block of every
     callable (the starting callable rotating). Load from other processes and
     clock drift then fall on every callable alike, so the ratios between them
-    stay fair on a busy machine. Each block starts with one untimed call,
-    because thread pools of the previous callable (ONNX Runtime and OpenMP
-    threads spin for a while after their work) would otherwise slow the first
-    call down. Peak memory is taken per callable around its warm-up calls; the
-    largest over the batch sizes is kept. Returns ``(stats, memory)``, one
+    stay fair on a busy machine. Each block starts with one untimed call: the
+    previous callable's thread pool (ONNX Runtime and OpenMP threads spin for
+    a while after their work) may still hold a core, and caches are cold.
+    Peak memory is taken per callable around its warm-up calls; the batch
+    size whose calls grew RSS most is kept. Returns ``(stats, memory)``, one
     entry per callable.
     """
     if warmup < 1:

@@ -442,15 +442,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_export_triton(args: argparse.Namespace) -> int:
     import trtopt
 
-    try:
-        from .triton import export_triton
-    except ModuleNotFoundError as exc:
-        if exc.name != "trtopt.triton":
-            raise
-        raise ConfigError("export-triton is not available in this version of trtopt") from None
     module = trtopt.load(_check_file(args.module, "module file"), backend=args.backend)
-    path = export_triton(
-        module,
+    path = module.export_triton(  # trtopt.triton is imported there, only when used
         args.repo,
         args.name,
         version=args.version,
