@@ -30,5 +30,6 @@ def test_profiling_notebook_executes(monkeypatch):
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "ms of kernel time per run" in text
     markdown = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
-    assert "| resnet18 | torch-eager |" in markdown and "| resnet18 | trtopt | fp32 |" in markdown
+    for row in ("| torch-eager | fp32 |", "| trtopt | fp32 |", "| trtopt | fp16 |", "| trtopt | int8 |"):
+        assert f"| resnet18 {row}" in markdown
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # the layer and precision plots
