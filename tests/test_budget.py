@@ -95,7 +95,7 @@ def test_a_budget_even_fp32_misses_is_reported_without_a_search(setup, tmp_path)
     report = find_units_to_keep_high(
         graph, amax, validation, labels, AccuracyBudget("accuracy", 1.0), plan_options={}, cache_dir=tmp_path
     )
-    assert not report.met and report.no_int8 < 1.0
+    assert not report.met and report.all_units_high < 1.0
     assert report.units == [] and report.evaluations == 2 and len(report.kept_high) == 4
 
 
@@ -140,3 +140,39 @@ def test_a_npz_file_is_split_into_calibration_and_validation_batches(tmp_path):
     total = sum(len(b["x"]) for b in calibration) + sum(len(v["x"]) for v in validation)
     assert total == 40 and len(validation) >= 1 and labels is None
     assert validation[-1]["x"][-1, -1] == 159.0  # the last samples are the ones held back
+
+
+class DownsampleBlock(nn.Module):
+    """A ResNet block with a strided 1x1 Conv on the skip path: the Add has a Conv on both inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.downsample = nn.Conv2d(3, 8, 1, stride=2)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv2(torch.relu(self.conv1(x))) + self.downsample(x))
+        return self.head(y.mean(dim=(2, 3)))
+
+
+def test_keeping_a_conv_high_keeps_the_other_qdq_where_they_were(tmp_path):
+    """Leaving a Conv in float must not move Q/DQ onto tensors that were never calibrated."""
+    torch.manual_seed(0)
+    profiles = build_profiles({"x": {0: (1, 4, 8)}}, {"x": (4, 3, 16, 16)})
+    graph, _ = cleanup(export(DownsampleBlock().eval(), (torch.randn(4, 3, 16, 16),), profiles, opset=19).model)
+    specs = tensor_specs(graph.graph.input)
+    batches = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    plan = plan_int8(graph)
+    amax = calibrate(graph, plan.activation_tensors, batches, input_specs=specs, method="minmax", progress=False).amax
+    validation = [{"x": b.numpy()} for b in batches]
+    probe = find_units_to_keep_high(
+        graph, amax, validation, None, AccuracyBudget("cosine", 0.0), plan_options={}, cache_dir=None
+    )
+    # A bound just under "every unit high" makes the search try every unit, alone and accumulated.
+    bound = probe.all_units_high - 1e-9
+    report = find_units_to_keep_high(
+        graph, amax, validation, None, AccuracyBudget("cosine", bound), plan_options={}, cache_dir=tmp_path
+    )
+    assert len(report.units) == len(plan.weights) == 4 and report.steps and report.met

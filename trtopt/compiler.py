@@ -317,7 +317,7 @@ def _apply_precision(
     fp32_model = onnx_model
     budget_report = None
     if budget is not None:
-        from .precision.budget import find_units_to_keep_high, unit_pattern
+        from .precision.budget import find_units_to_keep_high, keep_high
 
         budget_report = find_units_to_keep_high(
             onnx_model,
@@ -328,13 +328,8 @@ def _apply_precision(
             plan_options={"keep_first_last": config.int8_keep_first_last, **excluded},
             cache_dir=config.sensitivity_cache_dir,
         )
-        if budget_report.kept_high:
-            plan = passes.plan_int8(
-                onnx_model,
-                keep_first_last=config.int8_keep_first_last,
-                exclude_nodes=config.exclude_nodes + tuple(unit_pattern(u) for u in budget_report.kept_high),
-                exclude_op_types=config.exclude_op_types,
-            )
+        ops = {node.name: node.op_type for node in onnx_model.graph.node}
+        plan = keep_high(plan, budget_report.kept_high, ops)
     onnx_model, int8_report, fp16_report = passes.to_int8(
         onnx_model,
         plan,

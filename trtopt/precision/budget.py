@@ -19,7 +19,6 @@ second run with another budget re-measures nothing.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -189,7 +188,7 @@ class BudgetReport:
     units: list[dict[str, Any]] = field(default_factory=list)  # ranked: unit, op, kept_high, gain
     steps: list[dict[str, Any]] = field(default_factory=list)  # unit, before, after, kept_high
     all_int8: float = float("nan")
-    no_int8: float = float("nan")
+    all_units_high: float = float("nan")
     kept_high: list[str] = field(default_factory=list)
     final: float = float("nan")
     met: bool = False
@@ -204,7 +203,7 @@ class BudgetReport:
         """A readable markdown summary: the ranking, the greedy steps, the result."""
         lines = [
             f"Accuracy budget: {self.budget}",
-            f"all units INT8: {self.all_int8:.6g}; no unit INT8: {self.no_int8:.6g}; "
+            f"all units INT8: {self.all_int8:.6g}; every unit high: {self.all_units_high:.6g}; "
             f"final ({len(self.kept_high)} kept high): {self.final:.6g} -> {'met' if self.met else 'NOT met'}",
             "",
             "| rank | unit | op | metric with unit kept high | gain |",
@@ -224,11 +223,6 @@ class BudgetReport:
 
 
 # ------------------------------------------------------------------ search
-
-
-def unit_pattern(name: str) -> str:
-    """An exclude_nodes glob matching exactly this node name."""
-    return glob.escape(name)
 
 
 def _digest_arrays(parts: Iterable[np.ndarray]) -> str:
@@ -291,16 +285,16 @@ def search(
 
     everything = frozenset(units)
     report.all_int8 = measure(frozenset())
-    report.no_int8 = measure(everything)
+    report.all_units_high = measure(everything)
     logger.info(
         "accuracy budget %s: all %d units INT8 -> %.6g, none -> %.6g",
-        budget.describe(), len(units), report.all_int8, report.no_int8,
+        budget.describe(), len(units), report.all_int8, report.all_units_high,
     )
-    if budget.met(report.all_int8) or not budget.met(report.no_int8):
-        # Nothing to search: INT8 everywhere already fits, or even no INT8 at all does not.
+    if budget.met(report.all_int8) or not budget.met(report.all_units_high):
+        # Nothing to search: INT8 everywhere already fits, or even every unit high does not.
         report.met = budget.met(report.all_int8)
         report.kept_high = [] if report.met else list(units)
-        report.final = report.all_int8 if report.met else report.no_int8
+        report.final = report.all_int8 if report.met else report.all_units_high
         report.seconds = time.perf_counter() - start
         return report
 
@@ -443,14 +437,38 @@ def quantized_units(model: onnx.ModelProto, plan_options: Mapping[str, Any]) -> 
     return {node.name: node.op_type for node in model.graph.node if node.name in quantized}
 
 
+def keep_high(plan: Any, kept: Iterable[str], ops: Mapping[str, str]) -> Any:
+    """``plan`` without the Q/DQ inputs of the units in ``kept``.
+
+    Removing uses from the full plan (instead of planning again with more
+    exclusions) keeps every remaining Q/DQ where it was, so the ranges of the one
+    calibration of the full plan cover every assignment the search tries.
+    """
+    from .fp16 import KeptNode
+    from .int8 import Int8Plan
+
+    kept = set(kept)
+    activations = {}
+    for tensor, uses in plan.activations.items():
+        remaining = [(node, index) for node, index in uses if node not in kept]
+        if remaining:
+            activations[tensor] = remaining
+    return Int8Plan(
+        activations=activations,
+        weights=[w for w in plan.weights if w[0] not in kept],
+        skipped=list(plan.skipped)
+        + [KeptNode(name, ops.get(name, ""), "kept high by the accuracy budget") for name in sorted(kept)],
+    )
+
+
 def build_int8(
     model: onnx.ModelProto, amax: Mapping[str, float], plan_options: Mapping[str, Any], kept: Iterable[str]
 ) -> onnx.ModelProto:
     """The INT8 graph with the units in ``kept`` left in float (FP32 float part, for the analysis)."""
     from .int8 import FP32_SCALE_FLOOR, plan_int8, quantize_int8
 
-    excludes = tuple(plan_options.get("exclude_nodes", ())) + tuple(unit_pattern(u) for u in sorted(kept))
-    plan = plan_int8(model, **{**plan_options, "exclude_nodes": excludes})
+    ops = {node.name: node.op_type for node in model.graph.node}
+    plan = keep_high(plan_int8(model, **plan_options), kept, ops)
     return quantize_int8(model, plan, amax, scale_floor=FP32_SCALE_FLOOR)[0]
 
 
@@ -490,7 +508,7 @@ def check_final(
         budget.describe(), value, len(report.kept_high), "met" if report.met else "NOT met",
     )
     if not report.met and not budget.best_effort:
-        ceiling = f"; with no unit in INT8 it is {report.no_int8:.6g}" if not math.isnan(report.no_int8) else ""
+        ceiling = f"; with every unit kept high it is {report.all_units_high:.6g}" if not math.isnan(report.all_units_high) else ""
         raise AccuracyBudgetError(
             f"INT8 cannot meet the accuracy budget {budget.describe()}: the best module reaches "
             f"{value:.6g} with {len(report.kept_high)} of {len(report.units) or len(report.kept_high)} "
