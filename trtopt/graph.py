@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ._io import default_permissions
+from ._io import atomic_path
 from .errors import GraphError
 
 logger = logging.getLogger(__name__)
@@ -124,32 +123,23 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
     """Write ``model`` atomically; weights go to ``<name>.data`` beside it above ~2 GB."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     external = initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if external:
-            data_name = f"{path.name}.data"
             # onnx.save_model moves the weights out of the proto it is given (raw_data cleared,
             # pointing at the file); save a copy so the caller's model keeps its weights.
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
             onnx.save_model(
                 copy,
-                tmp,
+                str(tmp),
                 save_as_external_data=True,
                 all_tensors_to_one_file=True,
-                location=data_name,
+                location=f"{path.name}.data",
                 size_threshold=0,
             )
         else:
-            onnx.save_model(model, tmp)
-        default_permissions(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            onnx.save_model(model, str(tmp))
     return path
 
 
