@@ -119,3 +119,23 @@ def test_target_builds_the_int8_export_without_recalibrating(int8_cnn, tmp_path,
     assert not any("calibrat" in r.getMessage().lower() for r in caplog.records if r.name.startswith("trtopt.calibrators"))
     x = torch.randn(3, 3, 16, 16)
     torch.testing.assert_close(target(x), compiled(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_quantized_graph_refuses_another_precision_or_a_budget(int8_cnn, tmp_path):
+    _, compiled = int8_cnn
+    paths = compiled.export_onnx(tmp_path / "cnn.onnx")
+    spec = {"x": {0: (1, 4, 8)}}
+    with pytest.raises(trtopt.ConfigError, match="already carries its precision \\(int8"):
+        trtopt.compile(paths["onnx"], precision="fp16", dynamic_shapes=spec)
+    with pytest.raises(trtopt.ConfigError, match="with an accuracy_budget"):
+        trtopt.compile(paths["onnx"], precision="int8", dynamic_shapes=spec, accuracy_budget="cosine>=0.9")
+
+
+def test_a_dynamic_dim_fixed_to_one_size_still_gets_its_shapes(compiled, tmp_path):
+    fixed = {"tokens": {0: (4, 4, 4), 1: (12, 12, 12)}, "padding_mask": {0: (4, 4, 4), 1: (12, 12, 12)}}
+    onnx_path = compiled.export_onnx(tmp_path / "encoder.onnx")["onnx"]
+    again = trtopt.compile(onnx_path, dynamic_shapes=fixed, backend="onnxruntime")
+    line = next(l for l in again.export_onnx(tmp_path / "again.onnx")["build_script"].read_text().splitlines()
+                if l.startswith("trtexec"))
+    # The graph's dims stay symbolic; without shapes trtexec would build them at size 1.
+    assert "--minShapes=tokens:4x12x32,padding_mask:4x12" in line and "--maxShapes=tokens:4x12x32" in line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -176,3 +177,43 @@ def test_keeping_a_conv_high_keeps_the_other_qdq_where_they_were(tmp_path):
         graph, amax, validation, None, AccuracyBudget("cosine", bound), plan_options={}, cache_dir=tmp_path
     )
     assert len(report.units) == len(plan.weights) == 4 and report.steps and report.met
+
+
+def test_cosine_of_a_collapsed_output_is_zero_not_perfect():
+    from trtopt.precision.budget import cosine
+
+    assert cosine([np.zeros((2, 3))], [np.ones((2, 3))]) == 0.0
+    assert cosine([np.zeros((2, 3))], [np.zeros((2, 3))]) == 1.0
+    with pytest.raises(ConfigError, match="'0.9.9' is not a number"):
+        AccuracyBudget.parse("cosine>=0.9.9")
+
+
+def test_held_back_validation_reads_only_what_calibration_needs():
+    specs = [type("Spec", (), {"name": "x", "dtype": "float32", "shape": ("n", 4)})()]
+    read = []
+
+    def loader():
+        for i in range(200):
+            read.append(i)
+            yield np.full((2, 4), i, np.float32)
+
+    calibration, validation, _ = split_validation(loader(), None, specs, max_batches=5)
+    assert len(read) == 6 and len(calibration) == 5 and len(validation) == 1
+    with pytest.raises(ConfigError, match="pass validation_data"):
+        split_validation(None, None, specs)
+
+
+def test_a_fixed_batch_is_not_split_into_rows(tmp_path):
+    specs = [type("Spec", (), {"name": "x", "dtype": "float32", "shape": (8, 4)})()]
+    with pytest.raises(ConfigError, match="too few to hold one back"):
+        split_validation(np.zeros((8, 4), np.float32), None, specs)
+
+
+def test_callable_metrics_never_share_cached_measurements():
+    from trtopt.precision.budget import analysis_key
+
+    graph = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []))
+    first = AccuracyBudget(lambda out, ref: 1.0, 0.5)
+    second = AccuracyBudget(lambda out, ref: 2.0, 0.5)
+    keys = {analysis_key(graph, {}, [], None, b, {}) for b in (first, second)}
+    assert len(keys) == 2

@@ -111,3 +111,19 @@ def test_an_engine_in_the_file_survives_loading_on_onnxruntime(compiled, tmp_pat
     loaded = trtopt.load(with_engine.save(tmp_path / "m.trtopt"), backend="onnxruntime")
     assert loaded.backend_name == "onnxruntime"
     assert loaded.engine == b"serialized engine bytes"
+
+
+def test_load_keeps_the_engine_settings_and_takes_overrides(tmp_path):
+    model = TwoInputsDictOut().eval()
+    compiled = trtopt.compile(
+        model, (torch.randn(2, 6), torch.randn(2, 3)), backend="onnxruntime",
+        optimization_level=5, workspace_bytes=1 << 30, exclude_op_types=["Tanh"],
+    )
+    stored = compiled.spec.info["build_config"]
+    assert stored["optimization_level"] == 5 and stored["workspace_bytes"] == 1 << 30
+    assert stored["exclude_op_types"] == ["Tanh"] and stored["precision"] == "fp32"
+    path = compiled.save(tmp_path / "m.trtopt")
+    loaded = trtopt.load(path, backend="onnxruntime", cuda_graph=True)
+    assert loaded.spec.info["build_config"] == stored
+    with pytest.raises(trtopt.ConfigError, match="unknown setting"):
+        trtopt.load(path, backend="onnxruntime", warp_speed=1)

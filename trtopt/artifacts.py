@@ -36,7 +36,7 @@ def trtexec_shapes(profile: ShapeProfile, which: str) -> str:
     """trtexec's ``name:1x3x224x224,other:1x16`` notation for the inputs with a dynamic dim."""
     parts = []
     for r in profile.inputs:
-        if r.min != r.max:
+        if r.dynamic or r.min != r.max:  # a dynamic dim fixed to one size still needs its shape
             parts.append(f"{r.name}:{'x'.join(str(d) for d in getattr(r, which))}")
     return ",".join(parts)
 
@@ -60,7 +60,7 @@ def polygraphy_command(onnx_path: str, profiles: Sequence[ShapeProfile], engine_
     args = ["polygraphy", "convert", onnx_path, "--convert-to", "trt", "--strongly-typed", "-o", engine_path]
     for profile in profiles:
         for r in profile.inputs:
-            if r.min == r.max:
+            if not r.dynamic and r.min == r.max:
                 continue
             for flag, shape in (("--trt-min-shapes", r.min), ("--trt-opt-shapes", r.opt), ("--trt-max-shapes", r.max)):
                 args += [flag, f"{r.name}:[{','.join(str(d) for d in shape)}]"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from enum import Enum
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,15 @@ import onnx
 import torch
 
 from . import _deps
-from .config import Backend, BuildConfig, Precision, ShapeProfile, build_profiles, check_profiles_against_graph
+from .config import (
+    ENGINE_SETTINGS,
+    Backend,
+    BuildConfig,
+    Precision,
+    ShapeProfile,
+    build_profiles,
+    check_profiles_against_graph,
+)
 from .errors import CalibrationError, ConfigError, InputError, first_line
 from .export import check_example_inputs, export, forward_input_names
 from .graph import cleanup, graph_input_shapes
@@ -209,9 +218,10 @@ def compile(  # noqa: A001 - the public name the design card fixes
         precision=precision_report.get("precision", config.precision.value),
         info={
             "exporter": exporter,
-            "opset": config.opset,
+            "opset": next((o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx")), None),
             "cleanup": report.summary(),
             "precision": precision_report,
+            "build_config": _engine_config_json(config),
         },
     )
     backend_obj, engine = make_backend(kind, onnx_model, spec, config)
@@ -263,6 +273,13 @@ def _apply_precision(
         )
     carried = _carried_precision(onnx_model)
     if carried is not None:
+        if accuracy_budget is not None or config.precision.value not in ("fp32", carried):
+            raise ConfigError(
+                f"the graph already carries its precision ({carried}: it has "
+                f"{'Q/DQ nodes' if carried == 'int8' else 'FP16 casts or weights'}), so precision="
+                f"{config.precision.value!r}{' with an accuracy_budget' if accuracy_budget is not None else ''} "
+                "cannot be applied to it; compile the FP32 model instead, or this graph without those settings"
+            )
         # A graph exported by export_onnx (or quantized elsewhere): build it as it is, no recalibration.
         from .precision import validate_qdq
 
@@ -278,7 +295,9 @@ def _apply_precision(
         from .precision.budget import AccuracyBudget, split_validation
 
         budget = accuracy_budget if isinstance(accuracy_budget, AccuracyBudget) else AccuracyBudget.parse(str(accuracy_budget))
-        calibration_data, validation, labels = split_validation(calibration_data, validation_data, inputs)
+        calibration_data, validation, labels = split_validation(
+            calibration_data, validation_data, inputs, config.calibration_batches
+        )
     batches = None
     if calibration_data is not None:
         calibration_data, batches = passes.feed_batches(calibration_data, inputs, config.calibration_batches)
@@ -295,7 +314,6 @@ def _apply_precision(
         report = {"precision": "fp16", "qdq_nodes": 0, "overflow_checked": batches is not None}
         return onnx_model, {**report, **fp16_report.to_json()}
 
-    _check_calibration_source(config, calibration_data)
     plan = passes.plan_int8(
         onnx_model, keep_first_last=config.int8_keep_first_last, **excluded
     )
@@ -377,14 +395,28 @@ def _carried_precision(model: onnx.ModelProto) -> str | None:
     return None
 
 
-def load(path: str | os.PathLike[str], *, backend: Backend | str = "auto") -> CompiledModule:
+# What a rebuild on another machine needs besides the graph (kept in the module file).
+RUNTIME_SETTINGS = ("cuda_graph", "timing_cache", "engine_cache_dir", "engine_cache_max_bytes")
+
+
+def _engine_config_json(config: BuildConfig) -> dict[str, Any]:
+    values = {name: getattr(config, name) for name in (*ENGINE_SETTINGS, *RUNTIME_SETTINGS)}
+    return {k: v.value if isinstance(v, Enum) else list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+def load(path: str | os.PathLike[str], *, backend: Backend | str = "auto", **overrides: Any) -> CompiledModule:
     """Load a module written by ``CompiledModule.save``.
 
     The file holds the final ONNX graph and, when it was built, the TensorRT
     engine; with ``backend="auto"`` the engine is used where TensorRT can run,
-    otherwise the graph runs under ONNX Runtime.
+    otherwise the graph runs under ONNX Runtime. An engine this machine cannot
+    load is rebuilt with the engine settings it was compiled with; ``overrides``
+    (``BuildConfig`` fields such as ``cuda_graph=True`` or ``engine_cache_dir``)
+    change them.
     """
     onnx_model, spec, engine = read_module_file(path)
+    stored = spec.info.get("build_config", {"precision": spec.precision})
+    config = BuildConfig().replace(**{**stored, **overrides})
     kind = select_backend(backend)
-    backend_obj, engine = make_backend(kind, onnx_model, spec, BuildConfig(precision=spec.precision), engine)
+    backend_obj, engine = make_backend(kind, onnx_model, spec, config, engine)
     return CompiledModule(onnx_model, spec, backend_obj, engine)

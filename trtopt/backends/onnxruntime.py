@@ -7,7 +7,9 @@ per-call state, so one backend may serve several threads at once.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from ..errors import EngineError
+from ..errors import EngineError, first_line
 from ..graph import EXTERNAL_DATA_THRESHOLD, initializer_bytes, save_model
 
 logger = logging.getLogger(__name__)
@@ -34,12 +36,18 @@ def make_session(
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
-    if initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
-        # Over protobuf's 2 GB limit the model must go through a file with external data.
-        workdir = tempfile.mkdtemp(prefix="trtopt-ort-")
-        path = save_model(model, Path(workdir) / "model.onnx")
-        return ort.InferenceSession(str(path), options, providers=list(providers))
-    return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+    try:
+        if initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
+            # Over protobuf's 2 GB limit the model must go through a file with external data;
+            # the copy is deleted with the session.
+            workdir = tempfile.mkdtemp(prefix="trtopt-ort-")
+            path = save_model(model, Path(workdir) / "model.onnx")
+            session = ort.InferenceSession(str(path), options, providers=list(providers))
+            weakref.finalize(session, shutil.rmtree, workdir, ignore_errors=True)
+            return session
+        return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise EngineError(f"ONNX Runtime cannot load the graph: {first_line(exc)}") from exc
 
 
 class OnnxRuntimeBackend:

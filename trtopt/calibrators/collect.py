@@ -121,19 +121,21 @@ def collect(
             _observe(observers[name], name, value, index)
 
     done = 0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trtopt-calibration") as pool:
-        pending = None
-        for index, feeds in batches:
-            future = pool.submit(run, feeds)  # runs while the previous batch is digested
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trtopt-calibration") as pool:
+            pending = None
+            for index, feeds in batches:
+                future = pool.submit(run, feeds)  # runs while the previous batch is digested
+                if pending is not None:
+                    digest(*pending)
+                    done += 1
+                    progress.update(done)
+                pending = (index, feeds, future)
             if pending is not None:
                 digest(*pending)
                 done += 1
-                progress.update(done)
-            pending = (index, feeds, future)
-        if pending is not None:
-            digest(*pending)
-            done += 1
-    progress.close(done)
+    finally:
+        progress.close(done)  # ends the progress line even when a batch is rejected
     return done
 
 

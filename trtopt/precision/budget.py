@@ -20,6 +20,7 @@ second run with another budget re-measures nothing.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ import numpy as np
 import onnx
 
 from .._io import atomic_write
+from .._version import __version__
 from ..errors import ConfigError, TrtoptError
 
 logger = logging.getLogger(__name__)
@@ -56,8 +58,10 @@ def cosine(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = Non
     worst = 1.0
     for a, b in zip(outputs, reference):
         a, b = _per_sample(a), _per_sample(b)
-        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        sims = np.where(norms > 0, (a * b).sum(axis=1) / np.maximum(norms, 1e-30), 1.0)
+        norm_a, norm_b = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+        sims = (a * b).sum(axis=1) / np.maximum(norm_a * norm_b, 1e-30)
+        # Both zero: identical. One zero: nothing in common (a collapsed output must not pass).
+        sims = np.where((norm_a == 0) & (norm_b == 0), 1.0, np.where((norm_a == 0) | (norm_b == 0), 0.0, sims))
         worst = min(worst, float(sims.mean()))
     return worst
 
@@ -143,7 +147,13 @@ class AccuracyBudget:
                 "'cosine>=0.99' or 'accuracy_drop<=0.002'"
             )
         name, op, bound = match.groups()
-        budget = cls(name, float(bound), best_effort=best_effort)
+        try:
+            value = float(bound)
+        except ValueError:
+            raise ConfigError(
+                f"accuracy budget {text!r}: {bound!r} is not a number; write e.g. 'cosine>=0.99'"
+            ) from None
+        budget = cls(name, value, best_effort=best_effort)
         if (op == ">=") != budget.higher_is_better:
             raise ConfigError(
                 f"{name} is {'higher' if budget.higher_is_better else 'lower'}-is-better; write "
@@ -336,7 +346,12 @@ def analysis_key(
     h.update(_digest_arrays(a for feed in validation for _, a in sorted(feed.items())).encode())
     if labels is not None:
         h.update(_digest_arrays([labels]).encode())
-    h.update(budget.name.encode())
+    h.update(__version__.encode())  # the quantization code itself may change what a unit costs
+    if isinstance(budget.metric, str):
+        h.update(budget.metric.encode())
+    else:  # a callable: its code, so two lambdas or an edited function never share results
+        code = getattr(budget.metric, "__code__", None)
+        h.update(budget.name.encode() + (code.co_code + repr(code.co_consts).encode() if code else b""))
     h.update(json.dumps(plan_options, sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
 
@@ -355,27 +370,41 @@ def _labels_of(batch: Any, n_inputs: int) -> Any:
 
 
 def split_validation(
-    calibration_data: Any, validation_data: Any, input_specs: Sequence[Any]
+    calibration_data: Any,
+    validation_data: Any,
+    input_specs: Sequence[Any],
+    max_batches: int | None = None,
 ) -> tuple[Any, list[dict[str, np.ndarray]], np.ndarray | None]:
     """Return (data to calibrate on, validation feeds, validation labels or None).
 
     Without ``validation_data`` the last ``HELD_BACK`` share of the calibration
     batches is held back (at least one), so the budget is never judged on the
-    batches the ranges were calibrated on.
+    batches the ranges were calibrated on. With ``max_batches`` (the
+    calibration limit) only that many batches, plus the share held back, are read.
     """
     from ..calibrators.data import iter_batches
 
     if validation_data is None:
+        if calibration_data is None:
+            raise ConfigError(
+                "accuracy_budget needs data to judge the budget on: pass validation_data (or "
+                "calibration_data, of which a fifth is held back)"
+            )
+        limit = None
+        if max_batches is not None:
+            limit = max_batches + max(1, round(max_batches * HELD_BACK / (1 - HELD_BACK)))
         if isinstance(calibration_data, (str, os.PathLike)) or hasattr(calibration_data, "shape"):
             # A .npz file or a stacked array: its batches, as the calibrator would read them.
-            batches = [feed for _, feed in iter_batches(calibration_data, input_specs)]
-            if len(batches) == 1:  # one batch of samples: hold back its last samples instead
+            batches = [feed for _, feed in iter_batches(calibration_data, input_specs, limit)]
+            dynamic_batch = all(spec.shape and not isinstance(spec.shape[0], int) for spec in input_specs)
+            rows = min(len(a) for a in batches[0].values())
+            if len(batches) == 1 and dynamic_batch and rows >= 2:
+                # One batch of samples: hold back its last samples instead.
                 (only,) = batches
-                rows = min(len(a) for a in only.values())
                 cut = rows - max(1, round(rows * HELD_BACK))
                 batches = [{n: a[:cut] for n, a in only.items()}, {n: a[cut:] for n, a in only.items()}]
         else:
-            batches = list(calibration_data)
+            batches = list(itertools.islice(calibration_data, limit))
         if len(batches) < 2:
             raise ConfigError(
                 f"accuracy_budget needs validation data: calibration_data has {len(batches)} batch(es), "
