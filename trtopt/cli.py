@@ -426,8 +426,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"  weights: {weights or 'none'}",
     ]
     for key, value in (desc["info"].get("precision") or {}).items():
-        if isinstance(value, (list, tuple)):  # node names: count, and the first few
-            shown = ", ".join(str(v) for v in value[:4]) + (", ..." if len(value) > 4 else "")
+        if key == "activation_amax":  # one range per quantized tensor: a count is what a reader wants
+            value = f"{len(value)} calibrated tensors (--json lists them)"
+        elif key == "accuracy_budget":
+            kept = value.get("kept_high", [])
+            value = (
+                f"{value.get('budget')}: {'met' if value.get('met') else 'NOT met'}, final {value.get('final'):.6g}, "
+                f"{len(kept)} unit(s) kept high" + (f" ({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''})" if kept else "")
+            )
+        elif isinstance(value, (list, tuple)):  # nodes: count, and the first few
+            shown = ", ".join(_node_entry(v) for v in value[:4]) + (", ..." if len(value) > 4 else "")
             value = f"{len(value)}" + (f" ({shown})" if value else "")
         elif isinstance(value, dict):
             value = json.dumps(value)
@@ -437,6 +445,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             lines.append(f"{key}: {desc['info'][key]}")
     print("\n".join(lines))
     return 0
+
+
+def _node_entry(value: Any) -> str:
+    """``node (op): reason`` for the precision report's node records, the value itself otherwise."""
+    if isinstance(value, dict) and "node" in value:
+        return f"{value['node']} ({value.get('op', '?')}): {value.get('reason', '')}".rstrip(": ")
+    if isinstance(value, dict) and "name" in value:
+        return f"{value['name']} ({value.get('op', '?')}): {value.get('reason', '')}".rstrip(": ")
+    return str(value)
 
 
 def cmd_export_triton(args: argparse.Namespace) -> int:
