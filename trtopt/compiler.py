@@ -228,7 +228,7 @@ def compile(  # noqa: A001 - the public name the design card fixes
     logger.info(
         "compiled %s: %s, %s, %.1f s",
         type(source).__name__,
-        config.precision.value,
+        spec.precision,
         backend_obj.name,
         time.perf_counter() - start,
     )
