@@ -286,8 +286,10 @@ def main() -> None:
         "summary": summary,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "calibration.json").write_text(json.dumps(report, indent=1))
-    (args.out / "calibration.md").write_text(markdown(report))
+    from trtopt._io import atomic_write
+
+    atomic_write(args.out / "calibration.json", json.dumps(report, indent=1))
+    atomic_write(args.out / "calibration.md", markdown(report))
     print(markdown(report))
 
 

@@ -271,8 +271,10 @@ def main() -> None:
         "models": [run_model(name, args.seeds, args.repeats) for name in args.models],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "int8_accuracy.json").write_text(json.dumps(report, indent=1))
-    (args.out / "int8_accuracy.md").write_text(markdown(report))
+    from trtopt._io import atomic_write
+
+    atomic_write(args.out / "int8_accuracy.json", json.dumps(report, indent=1))
+    atomic_write(args.out / "int8_accuracy.md", markdown(report))
     print(markdown(report))
 
 

@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._io import atomic_write
+from ._io import atomic_path, atomic_write
 from ._version import __version__
 from .errors import ConfigError, DependencyError, InputError, TrtoptError
 
@@ -611,8 +611,8 @@ def plot_latency_vs_accuracy(report: BenchReport, path: str | os.PathLike[str] |
     right.set_title("max abs error: lower is closer", fontsize=10)
     fig.tight_layout(rect=(0, 0, 0.86, 0.95))
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
     return fig
 
 
