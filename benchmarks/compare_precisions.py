@@ -42,6 +42,7 @@ import torch
 
 import trtopt
 from trtopt import bench
+from trtopt._io import atomic_write
 from trtopt.export import forward_input_names
 
 logger = logging.getLogger("compare_precisions")
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     json_path = report.write_json(out / f"{STEM}.json")
     md = report.markdown()
-    bench.write_text(out / f"{STEM}.md", md)
+    atomic_write(out / f"{STEM}.md", md)
     bench.plot_latency_vs_accuracy(report, out / f"{STEM}.png")
     print(md)
     logger.info("wrote %s, %s.md and %s.png", json_path, STEM, STEM)

@@ -484,11 +484,6 @@ class BenchReport:
         return markdown_table(self)
 
 
-def write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Atomic text write (for the markdown table next to the JSON)."""
-    return atomic_write(path, text)
-
-
 # --------------------------------------------------------------------- tables
 
 

@@ -332,11 +332,11 @@ def _apply_precision(
         progress=logger.isEnabledFor(logging.INFO),
     )
     seconds = time.perf_counter() - start
-    fp32_model = onnx_model
     budget_report = None
     if budget is not None:
-        from .precision.budget import find_units_to_keep_high, keep_high
+        from .precision.budget import find_units_to_keep_high, keep_high, run_outputs
 
+        reference = run_outputs(onnx_model, validation)  # FP32 outputs: the search and the final check
         budget_report = find_units_to_keep_high(
             onnx_model,
             calibration.amax,
@@ -345,6 +345,7 @@ def _apply_precision(
             budget,
             plan_options={"keep_first_last": config.int8_keep_first_last, **excluded},
             cache_dir=config.sensitivity_cache_dir,
+            reference=reference,
         )
         ops = {node.name: node.op_type for node in onnx_model.graph.node}
         plan = keep_high(plan, budget_report.kept_high, ops)
@@ -375,7 +376,7 @@ def _apply_precision(
     if budget_report is not None:
         from .precision.budget import check_final
 
-        check_final(budget_report, onnx_model, fp32_model, validation, labels, budget)
+        check_final(budget_report, onnx_model, reference, validation, labels, budget)
         report["accuracy_budget"] = budget_report.to_json()
     return onnx_model, report
 

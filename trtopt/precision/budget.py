@@ -435,11 +435,13 @@ def find_units_to_keep_high(
     *,
     plan_options: Mapping[str, Any],
     cache_dir: str | os.PathLike[str] | None,
+    reference: list[np.ndarray] | None = None,
 ) -> BudgetReport:
     """Drive ``search`` on ONNX Runtime for an FP32 ``model`` with calibrated ``amax``.
 
-    ``plan_options`` are ``plan_int8``'s keywords (the user's exclusions); the
-    units kept high are added to its ``exclude_nodes``.
+    ``plan_options`` are ``plan_int8``'s keywords (the user's exclusions); a unit
+    kept high loses its Q/DQ from that plan (``keep_high``). ``reference`` is
+    ``model``'s own outputs on ``validation`` when the caller has them already.
     """
     units = quantized_units(model, plan_options)
 
@@ -449,7 +451,8 @@ def find_units_to_keep_high(
     def run(graph: onnx.ModelProto) -> list[np.ndarray]:
         return run_outputs(graph, validation)
 
-    reference = run(model)
+    if reference is None:
+        reference = run(model)
     cache = MeasurementCache(
         cache_dir or default_cache_dir(), analysis_key(model, amax, validation, labels, budget, plan_options)
     )
@@ -521,16 +524,17 @@ def run_outputs(graph: onnx.ModelProto, validation: Sequence[Mapping[str, np.nda
 def check_final(
     report: BudgetReport,
     final_graph: onnx.ModelProto,
-    fp32_graph: onnx.ModelProto,
+    reference: list[np.ndarray],
     validation: Sequence[Mapping[str, np.ndarray]],
     labels: np.ndarray | None,
     budget: AccuracyBudget,
 ) -> None:
-    """Measure the module as built (with its FP16 float part) and hold it to the budget.
+    """Measure the module as built (with its FP16 float part) against the FP32 ``reference``
+    outputs and hold it to the budget.
 
     Raises AccuracyBudgetError when it misses, unless the budget is best-effort.
     """
-    value = budget.evaluate(run_outputs(final_graph, validation), run_outputs(fp32_graph, validation), labels)
+    value = budget.evaluate(run_outputs(final_graph, validation), reference, labels)
     report.final, report.met = value, budget.met(value)
     logger.info(
         "accuracy budget %s: final module %.6g with %d unit(s) kept high -> %s",
