@@ -103,14 +103,30 @@ def test_compare_outputs_nested_and_not_a_classifier():
         bench.compare_outputs((torch.zeros(2),), (torch.zeros(2), torch.zeros(2)))
 
 
+PEAK_MEMORY_CHECK = """
+import numpy as np
+from trtopt import bench
+
+with bench.PeakMemory() as memory:
+    block = np.ones(64 * 1024 * 1024 // 8)  # 64 MiB, pages touched
+u = memory.usage
+assert u is not None and u.peak_rss_bytes >= block.nbytes, u
+assert u.rss_scope in ("window", "process"), u
+assert u.peak_cuda_bytes is None, u
+if u.rss_scope == "window":  # Linux: the growth is the block, give or take the allocator
+    assert u.growth_bytes >= block.nbytes * 0.9, u
+print("ok")
+"""
+
+
 def test_peak_memory_sees_an_allocation_inside_the_window():
-    with bench.PeakMemory() as memory:
-        block = np.ones(64 * 1024 * 1024 // 8)  # 64 MiB, pages touched
-    assert memory.usage is not None and memory.usage.peak_rss_bytes >= block.nbytes
-    assert memory.usage.rss_scope in ("window", "process")
-    assert memory.usage.peak_cuda_bytes is None
-    if memory.usage.rss_scope == "window":  # Linux: the growth is the block, give or take the allocator
-        assert memory.usage.growth_bytes >= block.nbytes * 0.9
+    # A fresh process: in a long test run the block can land in memory an earlier test
+    # freed but the allocator kept resident, and then RSS rightly does not grow.
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", PEAK_MEMORY_CHECK], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
 # ---------------------------------------------------------------- result schema
