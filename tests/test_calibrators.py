@@ -19,7 +19,14 @@ from trtopt.calibrators.cache import hex_to_scale, scale_to_hex
 from trtopt.calibrators.collect import collect
 from trtopt.calibrators.data import Progress, iter_batches
 from trtopt.calibrators.histogram import StreamingHistogram
-from trtopt.calibrators.observers import HistogramObserver, MinMaxObserver, entropy_cut, entropy_divergences
+from trtopt.calibrators.observers import (
+    AUTO_MAX_CLIPPED,
+    HistogramObserver,
+    entropy_cut,
+    entropy_divergences,
+    mse_cut,
+    quantization_errors,
+)
 from trtopt.errors import CalibrationError
 from trtopt.module import TensorSpec, tensor_specs
 
@@ -88,15 +95,153 @@ DISTRIBUTIONS = {
 }
 
 
+CONTINUOUS = ["gaussian", "laplace_with_outliers", "half_normal_after_relu", "bimodal"]
+
+
 @pytest.mark.parametrize("name", list(DISTRIBUTIONS))
 def test_vectorized_entropy_search_matches_the_published_algorithm(name):
     counts = _histogram(DISTRIBUTIONS[name])
     reference = np.array(reference_divergences(counts))
     vectorized = entropy_divergences(counts)
-    assert entropy_cut(counts) == reference_cut(counts)
     finite = np.isfinite(reference)
     assert np.array_equal(finite, np.isfinite(vectorized))
     np.testing.assert_allclose(vectorized[finite], reference[finite], rtol=1e-9, atol=1e-12)
+    if name in CONTINUOUS:  # a clear minimum: the tie rule changes nothing
+        assert entropy_cut(counts) == reference_cut(counts)
+
+
+def nvidia_entropy_cut(hist: np.ndarray, levels: int = LEVELS) -> int:
+    """NVIDIA's ``_compute_amax_entropy`` (pytorch-quantization; ModelOpt 0.47 is the same),
+    transcribed one cut at a time: bin 0 takes bin 1's count; bin b of cut i goes to level
+    ``digitize(b, linspace(0, i, 129)) - 1``; empty bins get no mass; scipy's ``entropy``
+    (normalises both, inf where Q is 0 and P is not); the LAST cut of least KL wins.
+    The inner Python loops over bins are written with numpy; the arithmetic is the same."""
+    from scipy.stats import entropy
+
+    bins = np.array(hist, dtype=np.float64)
+    bins[0] = bins[1]
+    divergences = []
+    for i in range(levels, len(bins) + 1):
+        space = np.linspace(0, i, levels + 1)
+        digitized = np.digitize(range(i), space) - 1
+        digitized[bins[:i] == 0] = -1
+        used = digitized != -1
+        density = np.bincount(digitized[used], weights=bins[:i][used], minlength=levels)
+        members = np.bincount(digitized[used], minlength=levels)
+        density = np.divide(density, members, out=np.zeros(levels), where=members > 0)
+        new_density = np.where(used, density[np.maximum(digitized, 0)], 0.0)
+        reference = bins[:i].copy()
+        reference[-1] += bins[i:].sum()
+        with np.errstate(invalid="ignore"):  # a cut holding only the emptied bin 0: 0/0, as in NVIDIA's code
+            divergences.append(entropy(reference / reference.sum(), new_density / new_density.sum()))
+    divergences = np.array(divergences)
+    last_argmin = len(divergences) - 1 - int(np.argmin(divergences[::-1]))
+    return levels + last_argmin
+
+
+@pytest.mark.parametrize("name", CONTINUOUS)
+def test_entropy_agrees_with_nvidias_code_within_one_bin_on_continuous_data(name):
+    observer = HistogramObserver("entropy")
+    observer.update(DISTRIBUTIONS[name].astype(np.float32))
+    width = observer.histogram.width
+    nvidia = nvidia_entropy_cut(observer.histogram.counts())
+    assert abs(observer.amax() - nvidia * width) <= width * 1.0001
+
+
+def _uint8_imagenet(rng: np.random.Generator) -> np.ndarray:
+    """uint8 RGB pixels normalised as torchvision does for ImageNet: 3 x 256 levels, |x| <= 2.64."""
+    pixels = rng.integers(0, 256, (20_000, 3)) / 255.0
+    return ((pixels - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]).ravel()
+
+
+_D = np.random.default_rng(99)
+DISCRETE = {
+    "two_levels": _D.choice([0.0, 1.0], 50_000),
+    "three_levels": _D.choice([0.0, 0.5, 1.0], 50_000),
+    # A 4-bit image scaled to [-1, 1], most pixels background (-1): the case that put a trained CNN at chance.
+    "17_levels_mostly_background": np.where(_D.random(50_000) < 0.7, -1.0, _D.integers(0, 17, 50_000) / 8 - 1),
+    "mostly_one_value": np.where(_D.random(50_000) < 0.99, 0.7, 1.0),
+    "one_hot": np.eye(10)[_D.integers(0, 10, 5_000)].ravel(),
+    "binary_mask": np.where(_D.random(50_000) < 0.8, 0.0, 1.0),
+    "additive_mask": np.where(_D.random(50_000) < 0.8, 0.0, -10_000.0),
+    "uint8_imagenet": _uint8_imagenet(_D),
+    "constant": np.full(50_000, -0.3),
+}
+# Where NVIDIA's code collapses through float noise (KL ~1e-16 at the full range, 0 at a tiny cut).
+NVIDIA_COLLAPSES = {"three_levels": 0.5, "17_levels_mostly_background": 0.125}
+
+
+@pytest.mark.parametrize("name", list(DISCRETE))
+def test_entropy_never_clips_discrete_data(name):
+    values = DISCRETE[name].astype(np.float32)
+    observer = HistogramObserver("entropy")
+    observer.update(values)
+    assert observer.amax() == float(np.abs(values).max())
+    assert observer.check().clipped == 0.0
+    if name in NVIDIA_COLLAPSES:
+        nvidia = nvidia_entropy_cut(observer.histogram.counts()) * observer.histogram.width
+        assert nvidia == pytest.approx(NVIDIA_COLLAPSES[name], rel=1e-3)
+
+
+def test_entropy_ties_go_to_the_widest_cut():
+    """Two spikes: KL is zero, up to rounding, at the cut holding only the first and at the
+    full range. The tie rule takes the full range whichever of the two rounds lower."""
+    counts = np.zeros(2048)
+    counts[[300, 2047]] = [1000.0, 10.0]
+    kl = entropy_divergences(counts)
+    assert kl[301 - LEVELS] < 1e-12 and kl[-1] < 1e-12
+    assert entropy_cut(counts) == 2048
+
+
+def test_is_discrete_tells_spikes_from_densities():
+    for name in CONTINUOUS:
+        observer = HistogramObserver("entropy")
+        observer.update(DISTRIBUTIONS[name].astype(np.float32))
+        assert not observer.histogram.is_discrete(), name
+    for name in DISCRETE:
+        observer = HistogramObserver("entropy")
+        observer.update(DISCRETE[name].astype(np.float32))
+        assert observer.histogram.is_discrete(), name
+
+
+def test_mse_search_finds_the_least_error_of_a_full_sweep():
+    for name in CONTINUOUS:
+        counts = _histogram(DISTRIBUTIONS[name])
+        width = np.abs(DISTRIBUTIONS[name]).max() / 2048
+        cuts = np.arange(LEVELS, 2049)
+        errors = quantization_errors(counts, width, cuts * width)
+        found = quantization_errors(counts, width, np.array([mse_cut(counts, width) * width]))[0]
+        assert found <= errors.min() * 1.01, name
+
+
+def test_quantization_error_matches_fake_quantized_samples():
+    """The histogram's expected error equals numpy's on the samples, within the bin-centre error."""
+    values = np.abs(DISTRIBUTIONS["gaussian"]).astype(np.float32)
+    observer = HistogramObserver("mse")
+    observer.update(values)
+    check = observer.check()
+    scale = check.amax / 127
+    direct = np.minimum(np.rint(values / scale), 127) * scale - values
+    expected = np.sqrt(np.mean(direct**2) / np.mean(values.astype(np.float64) ** 2))
+    assert check.error == pytest.approx(expected, rel=0.05)
+    assert check.clipped == pytest.approx(np.mean(values > check.amax), abs=1e-5)
+
+
+def test_auto_picks_the_least_error_range_that_clips_little():
+    rng = np.random.default_rng(5)
+    for values in (DISTRIBUTIONS["gaussian"], DISTRIBUTIONS["laplace_with_outliers"], DISCRETE["three_levels"],
+                   # 0.5% outliers far out: the least-error cut clips them; auto keeps them in range.
+                   np.where(rng.random(200_000) < 0.005, rng.normal(-40, 1, 200_000), rng.normal(0, 1, 200_000))):
+        auto = HistogramObserver("auto")
+        auto.update(values.astype(np.float32))
+        chosen = auto.check()
+        assert chosen.clipped <= AUTO_MAX_CLIPPED
+        for method in ("entropy", "percentile", "mse", "minmax"):
+            other = HistogramObserver(method)
+            other.update(values.astype(np.float32))
+            if other.check().clipped <= AUTO_MAX_CLIPPED:
+                assert chosen.error <= other.check().error + 1e-12
+        assert chosen.method.startswith("auto:")
 
 
 def test_entropy_edge_cases_give_sensible_ranges():
@@ -172,9 +317,8 @@ def test_streaming_matches_one_pass(name):
     """
     values = np.random.default_rng(7).permutation(DISTRIBUTIONS[name]).astype(np.float32)
     batches = np.array_split(values, 50)
-    for method, bound in (("minmax", 0.0), ("percentile", None), ("entropy", 0.05)):
-        streamed = MinMaxObserver() if method == "minmax" else HistogramObserver(method)
-        one_pass = MinMaxObserver() if method == "minmax" else HistogramObserver(method)
+    for method, bound in (("minmax", 0.0), ("percentile", None), ("entropy", 0.05), ("mse", 0.05)):
+        streamed, one_pass = HistogramObserver(method), HistogramObserver(method)
         for batch in batches:
             streamed.update(batch)
         one_pass.update(values)

@@ -6,7 +6,8 @@ import logging
 import os
 import time
 from enum import Enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -292,11 +293,13 @@ def _apply_precision(
     inputs = tensor_specs(onnx_model.graph.input)
     budget = None
     if accuracy_budget is not None:
-        from .precision.budget import AccuracyBudget, split_validation
+        from .precision.budget import AccuracyBudget
 
         budget = accuracy_budget if isinstance(accuracy_budget, AccuracyBudget) else AccuracyBudget.parse(str(accuracy_budget))
-        calibration_data, validation, labels = split_validation(
-            calibration_data, validation_data, inputs, config.calibration_batches
+    held_out = None
+    if calibration_data is not None or validation_data is not None:
+        calibration_data, held_out = _hold_back(
+            onnx_model, calibration_data, validation_data, inputs, config.calibration_batches, required=budget is not None
         )
     batches = None
     if calibration_data is not None:
@@ -308,11 +311,14 @@ def _apply_precision(
                 "precision='fp16' without calibration_data: the FP32 keep-list only covers weights "
                 "and exclusions, and the graph is not checked for overflow; pass calibration_data"
             )
-        onnx_model, fp16_report = passes.to_fp16(
+        converted, fp16_report = passes.to_fp16(
             onnx_model, batches, threshold=config.fp16_threshold, **excluded
         )
-        report = {"precision": "fp16", "qdq_nodes": 0, "overflow_checked": batches is not None}
-        return onnx_model, {**report, **fp16_report.to_json()}
+        report = {"precision": "fp16", "qdq_nodes": 0, "overflow_checked": batches is not None, **fp16_report.to_json()}
+        if held_out is not None:
+            hints = ["Try exclude_nodes=[...] for the layers that overflow, a lower fp16_threshold, or precision='fp32'."]
+            report["accuracy"] = held_out.readout(converted, "fp16", hints)
+        return converted, report
 
     plan = passes.plan_int8(
         onnx_model, keep_first_last=config.int8_keep_first_last, **excluded
@@ -334,22 +340,21 @@ def _apply_precision(
     seconds = time.perf_counter() - start
     budget_report = None
     if budget is not None:
-        from .precision.budget import find_units_to_keep_high, keep_high, run_outputs
+        from .precision.budget import find_units_to_keep_high, keep_high
 
-        reference = run_outputs(onnx_model, validation)  # FP32 outputs: the search and the final check
         budget_report = find_units_to_keep_high(
             onnx_model,
             calibration.amax,
-            validation,
-            labels,
+            held_out.feeds,
+            held_out.labels,
             budget,
             plan_options={"keep_first_last": config.int8_keep_first_last, **excluded},
             cache_dir=config.sensitivity_cache_dir,
-            reference=reference,
+            reference=held_out.reference,
         )
         ops = {node.name: node.op_type for node in onnx_model.graph.node}
         plan = keep_high(plan, budget_report.kept_high, ops)
-    onnx_model, int8_report, fp16_report = passes.to_int8(
+    quantized, int8_report, fp16_report = passes.to_int8(
         onnx_model,
         plan,
         calibration.amax,
@@ -373,12 +378,84 @@ def _apply_precision(
         report.update(fp16_report.to_json())
     # Kept so that export_onnx can write TensorRT's calibration cache next to the graph.
     report["activation_amax"] = dict(calibration.amax)
+    if calibration.checks:
+        report["range_checks"] = {name: check.to_json() for name, check in calibration.checks.items()}
     if budget_report is not None:
         from .precision.budget import check_final
 
-        check_final(budget_report, onnx_model, reference, validation, labels, budget)
+        check_final(budget_report, quantized, held_out.reference, held_out.feeds, held_out.labels, budget)
         report["accuracy_budget"] = budget_report.to_json()
-    return onnx_model, report
+    if held_out is not None:
+        report["accuracy"] = held_out.readout(
+            quantized, "int8", lambda: _int8_hints(onnx_model, calibration, plan, held_out.feeds, inputs)
+        )
+    return quantized, report
+
+
+@dataclass
+class _HeldOut:
+    """Batches the ranges were not calibrated on, with the FP32 graph's outputs on them."""
+
+    feeds: list[dict[str, Any]]
+    labels: Any
+    reference: list[Any]
+    held_back: bool
+
+    def readout(self, graph: onnx.ModelProto, precision: str, hints: Any) -> dict[str, Any]:
+        """Measure ``graph`` against FP32, log the result; ``hints`` (a list, or a callable
+        that makes one, run only when the module drifts) go into the warning."""
+        from .precision.readout import log_readout, measure
+
+        readout = measure(graph, self.reference, self.feeds, held_back=self.held_back)
+        log_readout(readout, precision, [] if readout.ok else list(hints() if callable(hints) else hints))
+        return readout.to_json()
+
+
+def _hold_back(
+    onnx_model: onnx.ModelProto,
+    calibration_data: Any,
+    validation_data: Any,
+    inputs: Sequence[Any],
+    max_batches: int | None,
+    *,
+    required: bool,
+) -> tuple[Any, _HeldOut]:
+    """Split off the batches that judge the compiled module (the accuracy readout and budget).
+
+    ``validation_data`` when given, else the last fifth of the calibration batches.
+    Calibration data too small to split is used for both, and the readout says so,
+    unless an accuracy budget needs held-back data (then the error says what to pass).
+    """
+    from .calibrators.data import iter_batches
+    from .precision.budget import run_outputs, split_validation
+
+    if isinstance(calibration_data, Iterator):
+        calibration_data = list(calibration_data)  # read once: a failed split must not lose it
+    try:
+        calibration_data, feeds, labels = split_validation(calibration_data, validation_data, inputs, max_batches)
+        held_back = True
+    except ConfigError:
+        if required or validation_data is not None:
+            raise
+        feeds, labels, held_back = [feed for _, feed in iter_batches(calibration_data, inputs, max_batches)], None, False
+        logger.info("one calibration batch only: the accuracy readout is measured on it, none is held back")
+    return calibration_data, _HeldOut(feeds, labels, run_outputs(onnx_model, feeds), held_back)
+
+
+def _int8_hints(
+    model: onnx.ModelProto, calibration: Any, plan: Any, feeds: Sequence[Any], inputs: Sequence[Any]
+) -> list[str]:
+    """The worst ranges (measured now if they came from a cache) and what to try."""
+    from .calibrators import check_ranges
+
+    checks = calibration.checks or check_ranges(model, calibration.amax, feeds, input_specs=inputs)
+    worst = sorted(checks.items(), key=lambda item: (-item[1].clipped, -item[1].error))[:3]
+    shown = "; ".join(f"{name!r} clips {c.clipped:.1%} of its values (error {c.error:.3g})" for name, c in worst)
+    consumers = [node for name, _ in worst for node, _ in plan.activations.get(name, [])[:1]]
+    return [
+        f"Worst ranges ({calibration.method}{', from the calibration cache' if calibration.from_cache else ''}): {shown}.",
+        f"Try calibrator='auto' or 'minmax', accuracy_budget='cosine>=0.99', or exclude_nodes={consumers[:3]!r}.",
+    ]
 
 
 def _carried_precision(model: onnx.ModelProto) -> str | None:

@@ -29,9 +29,13 @@ class Backend(str, enum.Enum):
 
 
 class CalibratorKind(str, enum.Enum):
-    ENTROPY = "entropy"
-    MINMAX = "minmax"
-    PERCENTILE = "percentile"
+    """How an activation's INT8 range is chosen; see trtopt/calibrators/observers.py."""
+
+    ENTROPY = "entropy"  # TensorRT's EntropyCalibration2 KL search (ties to the widest cut)
+    MINMAX = "minmax"  # max |x|
+    PERCENTILE = "percentile"  # the given percentile of |x|
+    MSE = "mse"  # least expected quantization error over the histogram
+    AUTO = "auto"  # per tensor, the least-error of the four that clips at most 0.1% of values
 
 
 def _coerce_enum(enum_type: type[enum.Enum], value: Any, field: str) -> enum.Enum:

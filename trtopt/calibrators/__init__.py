@@ -44,6 +44,7 @@ The entry point the precision pass calls::
 """
 
 from .cache import CalibrationCache, read_cache, write_cache
-from .calibration import CalibrationResult, calibrate
+from .calibration import CalibrationResult, calibrate, check_ranges
+from .observers import RangeCheck
 
-__all__ = ["calibrate", "CalibrationResult", "CalibrationCache", "read_cache", "write_cache"]
+__all__ = ["calibrate", "check_ranges", "CalibrationResult", "RangeCheck", "CalibrationCache", "read_cache", "write_cache"]

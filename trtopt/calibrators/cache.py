@@ -12,10 +12,11 @@ big-endian IEEE float32. ``3b810a13`` is 0.0039380, i.e. amax about 0.5.
 trtexec ``--calib``, ModelOpt and TensorRT 10's calibrator interface read and
 write this format, so ranges move both ways between trtopt and those tools.
 
-TensorRT has no percentile calibrator; trtopt writes percentile caches with the
-algorithm ``Percentile<p>Calibration`` (e.g. ``Percentile99.99Calibration``), so
-they are reused only for the same method and percentile. Hand TensorRT tools an
-entropy or minmax cache.
+TensorRT has no percentile, MSE or auto calibrator; trtopt writes those caches
+with the algorithms ``Percentile<p>Calibration`` (e.g.
+``Percentile99.99Calibration``), ``MSECalibration`` and ``AutoCalibration``, so
+they are reused only for the same method (and percentile). Hand TensorRT tools
+an entropy or minmax cache.
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ from ..errors import CalibrationError
 # version is informational for the tools that read the cache.
 DEFAULT_TRT_VERSION = "100300"
 _HEADER = re.compile(r"^TRT-(\d+)-(\w[\w.]*)$")
-_ALGORITHMS = {"entropy": "EntropyCalibration2", "minmax": "MinMaxCalibration"}
+_ALGORITHMS = {
+    "entropy": "EntropyCalibration2",
+    "minmax": "MinMaxCalibration",
+    "mse": "MSECalibration",  # trtopt's own, like the percentile and auto names
+    "auto": "AutoCalibration",
+}
 
 
 def algorithm_name(method: str, percentile: float = 99.99) -> str:
@@ -45,7 +51,7 @@ def algorithm_name(method: str, percentile: float = 99.99) -> str:
         return _ALGORITHMS[method]
     except KeyError:
         raise CalibrationError(
-            f"unknown calibration method {method!r}; use 'entropy', 'minmax' or 'percentile'"
+            f"unknown calibration method {method!r}; use one of {', '.join(sorted({*_ALGORITHMS, 'percentile'}))}"
         ) from None
 
 

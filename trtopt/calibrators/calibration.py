@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +16,7 @@ from ..errors import CalibrationError
 from .cache import algorithm_name, read_cache, write_cache
 from .collect import collect
 from .data import Progress, expected_batches, iter_batches
-from .observers import make_observer
+from .observers import HistogramObserver, RangeCheck, make_observer
 
 if TYPE_CHECKING:
     from ..module import TensorSpec
@@ -26,12 +26,18 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CalibrationResult:
-    """Per-tensor ranges. ``num_batches`` is 0 when the ranges came from a cache."""
+    """Per-tensor ranges. ``num_batches`` is 0 when the ranges came from a cache.
+
+    ``checks`` holds, per tensor measured on data, the share of values its range
+    clips and its expected quantization error (empty for ranges from a cache).
+    """
 
     amax: dict[str, float]
     method: str
     num_batches: int
     from_cache: bool = False
+    checks: dict[str, RangeCheck] = field(default_factory=dict)
+
 
     def scales(self) -> dict[str, float]:
         """INT8 scale per tensor: amax / 127 (symmetric quantization, DESIGN.md §4)."""
@@ -113,15 +119,34 @@ def calibrate(
     batches = iter_batches(calibration_data, input_specs, max_batches)
     bar = Progress(expected_batches(calibration_data, max_batches), enabled=progress)
     count = collect(onnx_model, observers, batches, bar)
-    amax = {name: observer.amax() for name, observer in observers.items()}
+    checks = {name: observer.check() for name, observer in observers.items()}
+    amax = {name: check.amax for name, check in checks.items()}
     zero = [n for n, a in amax.items() if a == 0.0]
     if zero:
         logger.warning(
             "calibration: %d tensor(s) were exactly zero on every batch (amax 0): %s",
             len(zero), ", ".join(zero[:5]) + (" ..." if len(zero) > 5 else ""),
         )
-    result = CalibrationResult(amax, method, count)
+    result = CalibrationResult(amax, method, count, checks=checks)
     logger.info("calibration: %s ranges for %d tensors from %d batches", method, len(names), count)
     if path is not None:
         write_cache(path, result.scales(), algorithm)
     return result
+
+
+def check_ranges(
+    onnx_model: onnx.ModelProto,
+    amax: dict[str, float],
+    data: Any,
+    *,
+    input_specs: Sequence[TensorSpec],
+    method: str = "cache",
+) -> dict[str, RangeCheck]:
+    """What given ranges (from a calibration cache, say) clip and cost on ``data``.
+
+    One streaming pass, as ``calibrate``'s, that measures instead of choosing: it
+    explains a bad INT8 result when the ranges were not calibrated in this run.
+    """
+    observers = {name: HistogramObserver("minmax") for name in amax}
+    collect(onnx_model, observers, iter_batches(data, input_specs, None), Progress(None, enabled=False))
+    return {name: observer.check_range(amax[name], method) for name, observer in observers.items()}

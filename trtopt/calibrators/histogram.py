@@ -73,6 +73,30 @@ class StreamingHistogram:
         out[-1] += self.total - out.sum()
         return out
 
+    def clipped_share(self, amax: float) -> float:
+        """The share of the values seen whose |x| exceeds ``amax`` (interpolated inside a fine bin)."""
+        if self.total == 0 or amax >= self.max:
+            return 0.0
+        fine_edges = np.arange(self.fine_bins + 1, dtype=np.float64) * self.fine_width
+        below = np.interp(amax, fine_edges, np.concatenate(([0.0], np.cumsum(self.fine_counts[:-1]))))
+        return float(max(self.total - below, 0.0) / self.total)
+
+    def is_discrete(self) -> bool:
+        """True when most non-empty fine bins are isolated spikes (both neighbours empty).
+
+        That is what a few distinct values look like (images with 256 or fewer levels
+        normalised per channel, masks, one-hot, constants), and also a tensor seen in
+        too few values to form a density. A continuous density seen in enough values
+        fills runs of adjacent bins. Zeros (bin 0) are left out: a ReLU's zeros are a
+        spike beside a continuous density.
+        """
+        occupied = self.fine_counts[1:] > 0
+        if not occupied.any():
+            return True
+        padded = np.concatenate(([False], occupied, [False]))
+        isolated = occupied & ~padded[:-2] & ~padded[2:]
+        return int(isolated.sum()) * 2 > int(occupied.sum())
+
     def add(self, values: np.ndarray) -> float:
         """Add a batch; returns its max |x| (NaN if the batch holds a NaN, inf for an inf).
 

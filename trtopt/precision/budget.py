@@ -53,17 +53,18 @@ def _per_sample(a: np.ndarray) -> np.ndarray:
     return a.reshape(a.shape[0], -1).astype(np.float64) if a.ndim > 1 else a.reshape(-1, 1).astype(np.float64)
 
 
+def sample_cosines(output: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each sample (row along axis 0) of one output to its reference."""
+    a, b = _per_sample(output), _per_sample(reference)
+    norm_a, norm_b = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    sims = (a * b).sum(axis=1) / np.maximum(norm_a * norm_b, 1e-30)
+    # Both zero: identical. One zero: nothing in common (a collapsed output must not pass).
+    return np.where((norm_a == 0) & (norm_b == 0), 1.0, np.where((norm_a == 0) | (norm_b == 0), 0.0, sims))
+
+
 def cosine(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> float:
     """Mean per-sample cosine similarity, the worst over outputs."""
-    worst = 1.0
-    for a, b in zip(outputs, reference):
-        a, b = _per_sample(a), _per_sample(b)
-        norm_a, norm_b = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-        sims = (a * b).sum(axis=1) / np.maximum(norm_a * norm_b, 1e-30)
-        # Both zero: identical. One zero: nothing in common (a collapsed output must not pass).
-        sims = np.where((norm_a == 0) & (norm_b == 0), 1.0, np.where((norm_a == 0) | (norm_b == 0), 0.0, sims))
-        worst = min(worst, float(sims.mean()))
-    return worst
+    return min((float(sample_cosines(a, b).mean()) for a, b in zip(outputs, reference)), default=1.0)
 
 
 def max_abs(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> float:
