@@ -223,5 +223,5 @@ def test_gpu_fingerprint(fake_trt: FakeTensorRT) -> None:
 
 def test_build_without_tensorrt_says_what_to_install(monkeypatch) -> None:
     monkeypatch.setattr(_deps, "_import", lambda name: None)
-    with pytest.raises(trtopt.DependencyError, match=r"trtopt\[gpu\]"):
+    with pytest.raises(trtopt.DependencyError, match=r"trtopt\[gpu-cu12\]"):
         builder.build_engine(relu_model(), [profile()], BuildConfig())
