@@ -740,6 +740,7 @@ class FakeCuda(types.ModuleType):
         cls.leaks = []
         cls.freed = []
         cls.misalign = 0
+        FakeStream._registry.clear()  # streams of earlier tests may still hold work on freed memory
         _stack().clear()
         self.device_allocations = 0
         self.host_allocations = 0

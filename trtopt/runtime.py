@@ -69,7 +69,7 @@ import torch
 
 from . import _deps
 from .builder import current_device_index, format_errors, tensorrt_logger
-from .errors import EngineError, InputError, first_line
+from .errors import EngineError, InputError
 from .module import _NUMPY_TO_TORCH, _TORCH_TO_NUMPY, ModuleSpec
 
 logger = logging.getLogger(__name__)
@@ -301,6 +301,10 @@ class ExecutionState:
             self.release()
         except Exception as exc:  # noqa: BLE001 - a finalizer must not raise
             logger.debug("could not release a TensorRT execution state: %s", exc)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -681,11 +685,10 @@ class TensorRTBackend:
                 except EngineError as exc:
                     launch_error = exc  # let the capture end normally, then report this one
         except RuntimeError as exc:  # ending an invalidated capture raises (torch's cudaErrorStreamCapture*)
-            raise GraphCaptureError(first_line(launch_error) if launch_error else first_line(exc)) from (
-                launch_error or exc
-            )
+            cause = launch_error or exc
+            raise GraphCaptureError(_one_line(cause)) from cause
         if launch_error is not None:
-            raise GraphCaptureError(first_line(launch_error)) from launch_error
+            raise GraphCaptureError(_one_line(launch_error)) from launch_error
         return graph
 
     # ------------------------------------------------------------- insight
