@@ -426,7 +426,8 @@ class TensorRTBackend:
             state.profiler = profiler  # TensorRT holds only a raw pointer to it
         else:
             self._quiet_nvtx(context)
-        self._states.add(state)
+        with self._create_lock:
+            self._states.add(state)
         return state
 
     def _quiet_nvtx(self, context: Any) -> None:
@@ -452,7 +453,9 @@ class TensorRTBackend:
         creates fresh state. Without it, a thread's state is freed when the
         thread ends and the rest when the backend is collected.
         """
-        for state in list(self._states):
+        with self._create_lock:
+            states = list(self._states)
+        for state in states:
             state.release()
 
     # ------------------------------------------------------------------ run
