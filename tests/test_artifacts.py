@@ -59,13 +59,20 @@ def test_trtexec_line_names_every_dynamic_input(compiled, tmp_path):
     assert args["--maxShapes"] == "tokens:8x24x32,padding_mask:8x24"
 
 
-def test_several_profiles_get_a_polygraphy_line(tmp_path):
+def test_several_profiles_get_one_trtexec_line_with_every_profile(tmp_path):
+    """Issue 15: trtexec builds several profiles when each shape set follows --profile=N."""
     model = torch.nn.Linear(4, 2).eval()
     compiled = trtopt.compile(
         model, (torch.randn(2, 4),), dynamic_shapes=[{"input": {0: (1, 2, 4)}}, {"input": {0: (5, 16, 32)}}]
     )
     script = compiled.export_onnx(tmp_path / "linear")["build_script"].read_text()
-    polygraphy = next(l for l in script.splitlines() if l.startswith("polygraphy"))
+    (trtexec,) = [l for l in script.splitlines() if l.startswith("trtexec")]
+    flags = [a for a in shlex.split(trtexec)[1:] if a.startswith(("--profile", "--minShapes", "--optShapes", "--maxShapes"))]
+    assert flags == [
+        "--profile=0", "--minShapes=input:1x4", "--optShapes=input:2x4", "--maxShapes=input:4x4",
+        "--profile=1", "--minShapes=input:5x4", "--optShapes=input:16x4", "--maxShapes=input:32x4",
+    ]
+    polygraphy = next(l for l in script.splitlines() if l.startswith("# polygraphy"))  # the alternative
     assert polygraphy.count("--trt-min-shapes") == 2
     assert "input:[5,4]" in polygraphy and "input:[32,4]" in polygraphy
 

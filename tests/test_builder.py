@@ -22,7 +22,7 @@ from trtopt import _deps, builder, graph
 from trtopt.config import BuildConfig, InputRange, ShapeProfile
 from trtopt.errors import BuildError
 
-from .trt_doubles import FakeCuda, FakeTensorRT
+from .trt_doubles import FakeBuilder, FakeCuda, FakeTensorRT
 
 
 def relu_model(dims: tuple = ("batch", 4), op: str = "Relu") -> onnx.ModelProto:
@@ -106,8 +106,16 @@ def test_profiles_checked_against_network_inputs(fake_trt: FakeTensorRT, bad, me
 
 
 def test_profile_tensorrt_rejects_becomes_build_error(fake_trt: FakeTensorRT) -> None:
+    FakeTensorRT.reject_profiles = True  # add_optimization_profile returns -1
     with pytest.raises(BuildError, match=r"(?s)rejected optimization profile 0.*invalid profile for x"):
-        builder.build_engine(relu_model(), [profile(4, 2, 8)], BuildConfig())
+        builder.build_engine(relu_model(), [profile()], BuildConfig())
+
+
+def test_set_shape_raising_becomes_build_error(fake_trt: FakeTensorRT) -> None:
+    """Issue 15 (9): the real set_shape raises RuntimeError on an inconsistent range (opt < min
+    here); it used to escape as a bare RuntimeError."""
+    with pytest.raises(BuildError, match=r"(?s)input 'x' in optimization profile 1.*inconsistent dimensions"):
+        builder.build_engine(relu_model(), [profile(), profile(4, 2, 8)], BuildConfig())
 
 
 def test_failed_build_carries_tensorrt_errors(fake_trt: FakeTensorRT) -> None:
@@ -134,16 +142,48 @@ def test_timing_cache_loaded_updated_and_saved(fake_trt: FakeTensorRT, tmp_path:
     path = tmp_path / "sub" / "timing.cache"
     config = BuildConfig(timing_cache=str(path))
     builder.build_engine(relu_model(), [profile()], config)
-    assert path.read_bytes() == b"FAKE-TC fake-gpu 1"
+    assert path.read_bytes() == b"FAKE-TC fake-gpu b1"
     builder.build_engine(relu_model(), [profile()], config)
-    assert path.read_bytes() == b"FAKE-TC fake-gpu 2"  # loaded, used, updated
-    for content in (b"garbage", b"FAKE-TC other-gpu 7"):  # corrupt, and from another GPU
+    assert path.read_bytes() == b"FAKE-TC fake-gpu b1,b2"  # loaded, used, updated
+    for content in (b"garbage", b"FAKE-TC other-gpu x7"):  # corrupt, and from another GPU
         path.write_bytes(content)
         with caplog.at_level(logging.WARNING, logger="trtopt.builder"):
             builder.build_engine(relu_model(), [profile()], config)
         assert "starting a new one" in caplog.text
-        assert path.read_bytes() == b"FAKE-TC fake-gpu 1"
-    assert [p.name for p in path.parent.iterdir()] == ["timing.cache"]  # no temporary files left
+        assert path.read_bytes() == b"FAKE-TC fake-gpu b%d" % fake_trt.builds
+    # No temporary files left; the lock file stays, as Polygraphy's does.
+    assert sorted(p.name for p in path.parent.iterdir()) == ["timing.cache", "timing.cache.lock"]
+
+
+def test_concurrent_builds_keep_each_others_timing_cache_entries(fake_trt: FakeTensorRT, tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """Issue 15 (10): the save merges with the file's latest contents (under a lock) instead of
+    overwriting what another build saved since this one loaded the cache."""
+    path = tmp_path / "timing.cache"
+    path.write_bytes(b"FAKE-TC fake-gpu first")
+    real_build = FakeBuilder.build_serialized_network
+
+    def build_while_another_process_saves(self, network, config):
+        path.write_bytes(b"FAKE-TC fake-gpu first,other")  # saved by a concurrent build meanwhile
+        return real_build(self, network, config)
+
+    monkeypatch.setattr(FakeBuilder, "build_serialized_network", build_while_another_process_saves)
+    builder.build_engine(relu_model(), [profile()], BuildConfig(timing_cache=str(path)))
+    assert path.read_bytes() == b"FAKE-TC fake-gpu b1,first,other"
+
+
+def test_a_timing_cache_that_cannot_be_saved_keeps_the_engine(fake_trt: FakeTensorRT, tmp_path: Path,
+                                                              monkeypatch, caplog) -> None:
+    """Issue 15 (10): an OSError while saving the timing cache used to lose the built engine."""
+
+    def disk_full(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(builder, "atomic_write", disk_full)
+    with caplog.at_level(logging.WARNING, logger="trtopt.builder"):
+        engine = builder.build_engine(relu_model(), [profile()], BuildConfig(timing_cache=str(tmp_path / "tc")))
+    assert engine.startswith(b"FAKE-ENGINE")
+    assert "could not save" in caplog.text and "No space left" in caplog.text
 
 
 def test_logger_bridge_maps_levels_and_never_raises(fake_trt: FakeTensorRT, caplog) -> None:
@@ -223,5 +263,30 @@ def test_gpu_fingerprint(fake_trt: FakeTensorRT) -> None:
 
 def test_build_without_tensorrt_says_what_to_install(monkeypatch) -> None:
     monkeypatch.setattr(_deps, "_import", lambda name: None)
-    with pytest.raises(trtopt.DependencyError, match=r"trtopt\[gpu\]"):
+    with pytest.raises(trtopt.DependencyError, match=r"trtopt\[gpu-cu12\]"):
         builder.build_engine(relu_model(), [profile()], BuildConfig())
+
+
+def test_availability_probes_the_builder(monkeypatch, caplog) -> None:
+    """Issue 15 (4): with a driver too old for the installed TensorRT, tensorrt and pycuda import
+    but trt.Builder fails; backend='auto' must fall back (and tests/test_gpu.py skip) instead of
+    failing in the build."""
+    from trtopt import compiler
+    from trtopt.config import Backend
+
+    fake, cuda = FakeTensorRT(), FakeCuda()
+    monkeypatch.setattr(_deps, "_import", lambda name: {"tensorrt": fake, "pycuda.driver": cuda}.get(name))
+    _deps.tensorrt_unavailable_reason.cache_clear()
+    try:
+        assert _deps.tensorrt_unavailable_reason() is None
+        _deps.tensorrt_unavailable_reason.cache_clear()
+        FakeTensorRT.builder_error = "CUDA initialization failure with error: 35"
+        reason = _deps.tensorrt_unavailable_reason()
+        assert reason is not None and "cannot create a builder" in reason and "error: 35" in reason
+        with caplog.at_level(logging.INFO, logger="trtopt.compiler"):
+            assert compiler.select_backend("auto") is Backend.ONNXRUNTIME
+        assert "error: 35" in caplog.text
+        with pytest.raises(trtopt.DependencyError, match="driver is too old"):
+            compiler.select_backend("tensorrt")
+    finally:
+        _deps.tensorrt_unavailable_reason.cache_clear()

@@ -335,3 +335,13 @@ def test_export_triton(compiled, tmp_path, capsys):
     assert "max_batch_size: 2" in config and "dynamic_batching" not in config
     code, _, err = run_cli(capsys, "export-triton", tmp_path / "missing.trtopt", repo, "--name", "x")
     assert_one_line_error(code, err, "does not exist")
+
+
+@pytest.mark.parametrize("shapes", [(), ("--shapes", "x:1x3x8x8")])
+def test_compile_a_corrupt_onnx_file_names_it(tmp_path, capsys, shapes):
+    """Issue 15: a corrupt ONNX file ended in protobuf's DecodeError traceback."""
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"\x08\x07\x12\xff\xff\xff not protobuf")
+    code, _, err = run_cli(capsys, "compile", bad, *shapes, "--backend", "onnxruntime", "-o", tmp_path / "o.trtopt")
+    assert_one_line_error(code, err, str(bad), "not a readable ONNX model")
+    assert "Traceback" not in err

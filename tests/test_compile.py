@@ -145,5 +145,5 @@ def test_auto_backend_without_tensorrt_uses_onnxruntime(caplog):
 def test_forcing_tensorrt_without_it_says_what_to_install():
     if trtopt._deps.tensorrt_unavailable_reason() is None:
         pytest.skip("TensorRT and a GPU are present here")
-    with pytest.raises(trtopt.DependencyError, match=r"trtopt\[gpu\]"):
+    with pytest.raises(trtopt.DependencyError, match=r"trtopt\[gpu-cu12\].*trtopt\[gpu-cu13\]"):
         trtopt.compile(TwoInputsDictOut(), (torch.randn(2, 6), torch.randn(2, 3)), backend="tensorrt")

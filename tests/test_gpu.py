@@ -2,13 +2,17 @@
 NVIDIA GPU, TensorRT 10 or 11, pycuda and a CUDA build of torch; skipped with the reason elsewhere.
 
 Every test compiles real models through ``trtopt.compile(..., backend="tensorrt")`` and compares
-with the torch model on the same inputs.
+with the torch model on the same inputs, at FP32_RTOL (TF32 and tactic choice differ between
+builds). Outputs are compared more tightly only when they come from one engine (one build, or
+the engine cache); tests/test_gpu_setup.py checks that rule on a CPU.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
+import warnings
 
 import pytest
 import torch
@@ -29,6 +33,7 @@ def _unavailable() -> str | None:
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_unavailable() is not None, reason=f"{_unavailable()}")]
 
+FP32_RTOL = 5e-3  # TF32 may be used for FP32 math, and tactics differ between builds
 DYNAMIC = {"x": {0: (1, 4, 16)}}
 BATCHES = (1, 3, 4, 16)  # min, odd, opt, max of the profile
 
@@ -61,13 +66,13 @@ def test_fp32_matches_torch_across_the_profile(fp32, model, batch: int, device: 
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = fp32(x)
     assert fp32.backend_name == "tensorrt" and y.device.type == device
-    assert max_relative_error(y, reference(model, x)) < 5e-3  # TF32 may be used for FP32 math
+    assert max_relative_error(y, reference(model, x)) < FP32_RTOL
 
 
 def test_numpy_in_numpy_out(fp32, model) -> None:
     x = torch.randn(2, 3, 32, 32)
     y = fp32(x.numpy())
-    assert max_relative_error(torch.from_numpy(y), reference(model, x)) < 5e-3
+    assert max_relative_error(torch.from_numpy(y), reference(model, x)) < FP32_RTOL
 
 
 def test_fp16_engine(model) -> None:
@@ -102,15 +107,17 @@ def test_several_profiles(model) -> None:
                           dynamic_shapes=[{"x": {0: (1, 2, 4)}}, {"x": {0: (5, 8, 16)}}])
     for batch in (1, 4, 5, 16, 2, 9):  # switches profile back and forth
         x = torch.randn(batch, 3, 32, 32, device="cuda")
-        assert max_relative_error(fast(x), reference(model, x)) < 5e-3
+        assert max_relative_error(fast(x), reference(model, x)) < FP32_RTOL
     with pytest.raises(trtopt.ShapeError):
         fast(torch.randn(17, 3, 32, 32, device="cuda"))
 
 
-def test_cuda_graph_path_equals_plain_path(model) -> None:
+def test_cuda_graph_path_equals_plain_path(model, tmp_path) -> None:
     example = (torch.randn(4, 3, 32, 32),)
     plain = trtopt.compile(model, example, backend="tensorrt")
-    graphed = trtopt.compile(model, example, backend="tensorrt", cuda_graph=True)
+    # Built once: two builds may choose different tactics, and this compares at 1e-5.
+    graphed = trtopt.load(plain.save(tmp_path / "plain.trtopt"), cuda_graph=True)
+    assert graphed.engine == plain.engine
     first_x = torch.randn(4, 3, 32, 32, device="cuda")
     first = graphed(first_x)
     for _ in range(3):  # replays must read the new inputs
@@ -159,3 +166,44 @@ def test_layer_profile_and_inspector(fp32) -> None:
     assert times and all(ms >= 0 for _, ms in times)
     info = fp32.backend.layer_information()
     assert info["Layers"], info
+
+
+def test_calls_on_different_streams_in_turn(fp32, model) -> None:
+    """One thread's execution context, launched on two torch streams and the pycuda stream in turn
+    without synchronising in between: each launch waits for the previous one."""
+    xs = [torch.randn(4, 3, 32, 32, device="cuda") for _ in range(3)]
+    first = fp32(xs[0])  # the current stream, not synchronised
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())  # the inputs were made on the current stream
+    with torch.cuda.stream(side):
+        second = fp32(xs[1])
+    third = fp32(xs[2].cpu())  # the pycuda stream
+    side.synchronize()
+    for x, y in zip(xs, (first, second, third)):
+        assert max_relative_error(y.cpu(), reference(model, x)) < FP32_RTOL
+
+
+def test_a_finished_threads_pycuda_state_is_freed_without_warnings(fp32, model) -> None:
+    x = torch.randn(2, 3, 32, 32)
+    results = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        worker = threading.Thread(target=lambda: results.append(fp32(x)))  # CPU input: pycuda buffers
+        worker.start()
+        worker.join()
+        gc.collect()
+    assert max_relative_error(results[0], reference(model, x)) < FP32_RTOL
+    assert not [w for w in caught if "context" in str(w.message)], [str(w.message) for w in caught]
+
+
+class _NonZeroModel(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nonzero(x > 0)
+
+
+def test_data_dependent_output_falls_back_to_onnxruntime_under_auto(caplog) -> None:
+    x = torch.randn(4, 8)
+    with caplog.at_level(logging.INFO, logger="trtopt"):
+        module = trtopt.compile(_NonZeroModel().eval(), (x,), backend="auto")
+    assert module.backend_name == "onnxruntime" and "data-dependent" in caplog.text
+    torch.testing.assert_close(module(x), torch.nonzero(x > 0))

@@ -90,3 +90,11 @@ def test_unsupported_forms_name_the_supported_ones(tmp_path):
         trtopt.compile(tmp_path / "missing.onnx")
     with pytest.raises(trtopt.InputError, match="example_inputs is required"):
         trtopt.compile(ResidualCNN())
+
+
+def test_a_corrupt_onnx_file_is_a_graph_error_naming_it(tmp_path):
+    """Issue 15: trtopt.compile on a corrupt .onnx raised protobuf's DecodeError."""
+    bad = tmp_path / "truncated.onnx"
+    bad.write_bytes(b"\x08\x07\x12\xff\xff\xff not protobuf")
+    with pytest.raises(trtopt.GraphError, match=r"truncated\.onnx is not a readable ONNX model"):
+        trtopt.compile(str(bad), backend="onnxruntime")

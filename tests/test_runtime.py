@@ -4,12 +4,17 @@ What these check: dtype mapping, binding by tensor name, profile selection
 only when it changes, buffer reuse and growth, returned tensors never aliasing
 the reused buffers, failures translated into EngineError with TensorRT's
 messages, the primary CUDA context always popped, one execution context per
-thread, the layer profiler, the inspector, and the compile/load wiring.
-The CUDA-tensor and CUDA-graph paths need a GPU: tests/test_gpu.py.
+thread, per-thread pycuda state released with its context pushed, launches of
+one context ordered across streams, NVTX verbosity, CUDA-graph capture and its
+fallback, data-dependent output shapes refused at creation, the layer
+profiler, the inspector, and the compile/load wiring. The device path runs
+here through FakeTorchCuda; tests/test_gpu.py runs it on a real GPU.
 """
 
 from __future__ import annotations
 
+import gc
+import logging
 import threading
 
 import numpy as np
@@ -18,12 +23,13 @@ import torch
 
 from trtopt import _deps, compiler
 from trtopt.config import Backend, BuildConfig, InputRange, ShapeProfile
+from trtopt import runtime
 from trtopt.errors import EngineError, ShapeError
 from trtopt.module import CompiledModule, ModuleSpec, TensorSpec
-from trtopt.runtime import TRT_TO_NUMPY, TensorRTBackend, numpy_dtype_name, torch_dtype
+from trtopt.runtime import TRT_TO_NUMPY, DataDependentShapeError, TensorRTBackend, numpy_dtype_name, torch_dtype
 
 from .test_builder import relu_model
-from .trt_doubles import FakeCuda, FakeTensorRT
+from .trt_doubles import ContextOverlapError, FakeCuda, FakeLogicError, FakeTensorRT, FakeTorchCuda
 
 PROFILES = (
     ShapeProfile((InputRange("x", (1, 4), (4, 4), (8, 4), (0,)),)),
@@ -45,6 +51,14 @@ def fakes(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeTensorRT, FakeCuda]:
     monkeypatch.setattr(_deps, "tensorrt", lambda: trt)
     monkeypatch.setattr(_deps, "cuda", lambda: cuda)
     return trt, cuda
+
+
+@pytest.fixture()
+def gpu(fakes, monkeypatch: pytest.MonkeyPatch) -> FakeTorchCuda:
+    """The device path through FakeTorchCuda: "CUDA tensors", torch streams, events and graph capture."""
+    fake = FakeTorchCuda()
+    monkeypatch.setattr(runtime, "TorchCuda", lambda device_index: fake)
+    return fake
 
 
 def expected(x: torch.Tensor) -> torch.Tensor:
@@ -175,9 +189,11 @@ def test_one_execution_context_per_thread(fakes) -> None:
 
 def test_layer_profiler_and_inspector(fakes) -> None:
     backend = TensorRTBackend(ENGINE, SPEC)
+    created = backend.contexts_created
     times = backend.profile_layers({"x": torch.ones(2, 4)}, 0, runs=3)
     assert times == [("fake_conv", 0.25), ("fake_relu", 0.05)]
-    assert backend.contexts_created == 1  # a separate context, not this thread's
+    assert backend.contexts_created == created + 1  # a separate context, not this thread's
+    assert backend._state().profiler is None
     assert backend.layer_information() == {"Layers": ["fake_conv", "fake_relu"], "format": "JSON"}
 
 
@@ -207,3 +223,213 @@ def test_load_uses_the_saved_engine(fakes, tmp_path, monkeypatch) -> None:
     assert loaded.backend_name == "tensorrt" and loaded.engine == ENGINE and trt.builds == 0
     x = torch.rand(3, 4)
     torch.testing.assert_close(loaded(x), expected(x))
+
+
+# ------------------------------------------------------------- issue 15: GPU path hardening
+def _run_in_thread(target) -> None:
+    errors: list[BaseException] = []
+
+    def wrapped() -> None:
+        try:
+            target()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=wrapped)
+    thread.start()
+    thread.join()
+    gc.collect()
+    if errors:
+        raise errors[0]
+
+
+def test_the_double_refuses_off_thread_frees_without_the_context(fakes) -> None:
+    """What pycuda does, so the tests below mean something: an allocation made under a context
+    retained on one thread cannot be freed on another thread without that context pushed."""
+    _, cuda = fakes
+    context = cuda.Device(0).retain_primary_context()
+    context.push()
+    allocation = cuda.mem_alloc(16)
+    cuda.Context.pop()
+    with pytest.raises(FakeLogicError, match="out-of-thread"):
+        _run_in_thread(allocation.free)
+    allocation.free()  # on the context's own thread pycuda activates it itself
+
+
+def test_a_finished_threads_buffers_and_stream_are_released_with_the_context_pushed(fakes) -> None:
+    """Issue 15 (1): a worker's thread-local state used to be dropped as the thread ended, with no
+    context current, so pycuda leaked its pinned memory, device memory and stream."""
+    backend = TensorRTBackend(ENGINE, SPEC)
+    x = torch.rand(3, 4)
+    _run_in_thread(lambda: torch.testing.assert_close(backend.run({"x": x}, 0)[0], expected(x)))
+    assert FakeCuda.leaks == []
+    assert sorted(set(FakeCuda.freed)) == ["device memory", "pinned host memory", "stream"]
+    assert FakeCuda.depth == 0
+
+
+def test_profile_layers_off_the_creating_thread_frees_its_buffers(fakes) -> None:
+    backend = TensorRTBackend(ENGINE, SPEC)
+    times: list = []
+    _run_in_thread(lambda: times.extend(backend.profile_layers({"x": torch.ones(2, 4)}, 0, runs=2)))
+    assert times and FakeCuda.leaks == []
+    assert "stream" in FakeCuda.freed
+
+
+def test_close_releases_every_state_and_a_later_call_starts_afresh(fakes) -> None:
+    backend = TensorRTBackend(ENGINE, SPEC)
+    backend.run({"x": torch.ones(2, 4)}, 0)
+    backend.close()
+    assert FakeCuda.freed.count("device memory") == 2 and FakeCuda.freed.count("stream") == 1
+    x = torch.rand(2, 4)
+    torch.testing.assert_close(backend.run({"x": x}, 0)[0], expected(x))
+    del backend
+    gc.collect()
+    assert FakeCuda.leaks == []
+
+
+def test_device_path_runs_on_the_current_stream_and_completes_only_at_synchronisation(gpu) -> None:
+    backend = TensorRTBackend(ENGINE, SPEC)
+    x = gpu.tensor(torch.rand(3, 4))
+    (y,) = backend.run({"x": x}, 0)
+    assert gpu.is_device_tensor(y)
+    assert not torch.equal(y, expected(x))  # still queued on the stream: a real GPU has not run it yet
+    gpu.current_stream().synchronize()
+    torch.testing.assert_close(y, expected(x))
+
+
+def test_one_context_is_ordered_across_streams(gpu) -> None:
+    """Issue 15 (2): a call on another torch stream, or with CPU inputs on the pycuda stream, while
+    the previous launch may still run, overlapped two launches of one execution context."""
+    backend = TensorRTBackend(ENGINE, SPEC)
+    x1, x2 = gpu.tensor(torch.rand(2, 4)), gpu.tensor(torch.rand(2, 4))
+    (y1,) = backend.run({"x": x1}, 0)  # on the default stream, not synchronised
+    side = gpu.new_stream()
+    with gpu.use_stream(side):
+        (y2,) = backend.run({"x": x2}, 0)
+    x3 = torch.rand(2, 4)
+    with gpu.use_stream(gpu.new_stream()):
+        (y_side,) = backend.run({"x": gpu.tensor(x3)}, 0)
+    (y3,) = backend.run({"x": x3}, 0)  # CPU input: the pycuda stream
+    assert FakeTensorRT.overlaps == []
+    side.synchronize()
+    torch.testing.assert_close(y1, expected(x1))  # the side stream waited for the first launch
+    torch.testing.assert_close(y2, expected(x2))
+    torch.testing.assert_close(y3, expected(x3))
+
+
+def test_the_double_reports_overlapping_launches(gpu) -> None:
+    """The double's check itself: without an event, a second stream overlaps the first launch."""
+    backend = TensorRTBackend(ENGINE, SPEC)
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(backend, "_wait_for_last_launch", lambda state, stream: None)
+    try:
+        backend.run({"x": gpu.tensor(torch.rand(2, 4))}, 0)
+        with gpu.use_stream(gpu.new_stream()), pytest.raises(ContextOverlapError):
+            backend.run({"x": gpu.tensor(torch.rand(2, 4))}, 0)
+    finally:
+        monkey.undo()
+
+
+def test_contexts_that_do_not_profile_have_quiet_nvtx(fakes) -> None:
+    """Issue 15 (5): DETAILED NVTX adds enqueue latency; only profiling contexts keep it."""
+    trt, _ = fakes
+    backend = TensorRTBackend(ENGINE, SPEC)
+    backend.run({"x": torch.ones(2, 4)}, 0)
+    assert backend._state().context.nvtx_verbosity == trt.ProfilingVerbosity.LAYER_NAMES_ONLY
+    profiling = backend._new_state(runtime.make_profiler(trt))
+    assert profiling.context.nvtx_verbosity == trt.ProfilingVerbosity.DETAILED
+    profiling.release()
+
+
+def _graph_backend(plan_extras: dict | None = None) -> TensorRTBackend:
+    engine = ENGINE
+    if plan_extras:
+        engine = ENGINE[:-1] + b", " + __import__("json").dumps(plan_extras)[1:].encode()
+    return TensorRTBackend(engine, SPEC, cuda_graph=True)
+
+
+def test_cuda_graph_captures_once_and_replays_new_inputs(gpu) -> None:
+    backend = _graph_backend()
+    xs = [torch.rand(4, 4) for _ in range(3)]
+    outs = [backend.run({"x": gpu.tensor(x)}, 0)[0] for x in xs]
+    gpu.synchronize()
+    for x, y in zip(xs, outs):
+        torch.testing.assert_close(y, expected(x))
+    assert gpu.captures == 1 and backend._state().graph.graph.replays == 3
+    assert FakeTensorRT.overlaps == []
+
+
+def test_a_failed_capture_falls_back_to_plain_launches(gpu, caplog) -> None:
+    """Issue 15 (6): an engine with a loop cannot be captured; the capture's own error used to
+    escape (masking TensorRT's) and every call failed."""
+    backend = _graph_backend({"uncapturable": True})
+    x = torch.rand(4, 4)
+    with caplog.at_level(logging.WARNING, logger="trtopt.runtime"):
+        (y,) = backend.run({"x": gpu.tensor(x)}, 0)
+    gpu.synchronize()
+    torch.testing.assert_close(y, expected(x))
+    warning = next(r.getMessage() for r in caplog.records if r.name == "trtopt.runtime")
+    assert "cannot be captured" in warning and "has a loop" in warning  # TensorRT's reason, not masked
+    (y2,) = backend.run({"x": gpu.tensor(x)}, 0)
+    gpu.synchronize()
+    torch.testing.assert_close(y2, expected(x))
+    assert gpu.captures == 1 and backend.graph_unsupported and FakeTensorRT.overlaps == []
+
+
+def test_data_dependent_outputs_are_refused_when_the_backend_is_created(fakes, caplog) -> None:
+    """Issue 15 (7): found at creation (not the first call), so backend='auto' can fall back."""
+    engine = ENGINE[:-1] + b', "data_dependent": ["x_out"]}'
+    with pytest.raises(DataDependentShapeError, match=r"x_out.*data-dependent"):
+        TensorRTBackend(engine, SPEC)
+    assert FakeCuda.depth == 0
+    spec = ModuleSpec(SPEC.inputs, SPEC.outputs, SPEC.output_structure, PROFILES, "fp32", {})
+    FakeTensorRT.plan_extras = {"data_dependent": ["x_out"]}
+    with pytest.raises(DataDependentShapeError):
+        compiler.make_backend(Backend.TENSORRT, relu_model(), spec, BuildConfig())
+    with caplog.at_level(logging.INFO, logger="trtopt.compiler"):
+        backend, _ = compiler.make_backend(Backend.TENSORRT, relu_model(), spec, BuildConfig(), allow_fallback=True)
+    assert backend.name == "onnxruntime" and "backend: onnxruntime" in caplog.text
+
+
+def test_a_rejected_tensor_address_is_an_engine_error(fakes) -> None:
+    """Issue 15 (8): set_tensor_address returns False (here: a misaligned buffer); it was ignored."""
+    backend = TensorRTBackend(ENGINE, SPEC)
+    FakeCuda.misalign = 64
+    with pytest.raises(EngineError, match=r"rejected address .* for tensor 'x'"):
+        backend.run({"x": torch.ones(2, 4)}, 0)
+    assert FakeCuda.depth == 0
+
+
+def test_a_rebuild_at_load_with_version_compatible_allows_host_code(fakes, tmp_path, monkeypatch) -> None:
+    """Issue 15 (11): the module was built without version_compatible; its engine is stale on this
+    TensorRT, so load(..., version_compatible=True) rebuilds it, and the new engine needs host code."""
+    trt, _ = fakes
+    monkeypatch.setattr(_deps, "tensorrt_unavailable_reason", lambda: None)
+    spec = ModuleSpec(SPEC.inputs, SPEC.outputs, SPEC.output_structure, PROFILES, "fp32", {})
+    backend, engine = compiler.make_backend(Backend.TENSORRT, relu_model(), spec, BuildConfig())
+    CompiledModule(relu_model(), spec, backend, engine).save(tmp_path / "m.trtopt")
+    FakeTensorRT.version = "10.100.0-fake"  # TensorRT upgraded: the saved engine no longer loads
+    loaded = compiler.load(tmp_path / "m.trtopt", version_compatible=True)
+    assert trt.builds == 2 and loaded.backend._runtime.engine_host_code_allowed
+    assert loaded.spec.info["tensorrt"] == {"version_compatible": True}
+    x = torch.rand(2, 4)
+    torch.testing.assert_close(loaded(x), expected(x))
+
+
+def test_machine_paths_are_not_saved_or_reused_by_load(fakes, tmp_path, monkeypatch) -> None:
+    """Issue 15 (10): the build machine's timing_cache and engine_cache_dir stay on that machine."""
+    trt, _ = fakes
+    monkeypatch.setattr(_deps, "tensorrt_unavailable_reason", lambda: None)
+    here = tmp_path / "build-machine"
+    config = BuildConfig(timing_cache=str(here / "tc"), engine_cache_dir=str(here / "engines"))
+    spec = ModuleSpec(SPEC.inputs, SPEC.outputs, SPEC.output_structure, PROFILES, "fp32",
+                      {"build_config": compiler._engine_config_json(config)})
+    backend, engine = compiler.make_backend(Backend.TENSORRT, relu_model(), spec, config)
+    assert not {"timing_cache", "engine_cache_dir"} & set(spec.info["build_config"])
+    # A file written before this fix still holds the paths; load must ignore them.
+    spec.info["build_config"].update(timing_cache=str(here / "tc2"), engine_cache_dir=str(here / "engines2"))
+    CompiledModule(relu_model(), spec, backend, b"stale").save(tmp_path / "m.trtopt")
+    compiler.load(tmp_path / "m.trtopt")  # rebuilds the stale engine
+    assert trt.builds == 2
+    assert trt.builders[-1].config.timing_cache is None
+    assert not (here / "tc2").exists() and not (here / "engines2").exists()

@@ -1,27 +1,62 @@
-"""Test doubles of TensorRT and pycuda.driver, for testing the logic around their calls on a CPU.
+"""Test doubles of TensorRT, pycuda.driver and the slice of torch.cuda the runtime uses.
 
-They implement only the calls trtopt makes, with the contracts DESIGN.md §3
-states (None/False/-1 on failure, errors reported through the logger). They
-check *our* logic: which calls we make, in what order, with what values, how
-we translate failures, how we reuse buffers. They say nothing about TensorRT
-itself: tests/test_gpu.py does that, and tests/test_trt_api_surface.py checks
+These are *doubles*, not TensorRT: they implement only the calls trtopt makes,
+with the contracts TensorRT and pycuda document, and they are strict where a
+mistake would be silent on a real GPU. They check *our* logic (which calls we
+make, in what order, on which stream and thread, how we translate failures,
+how we reuse and release buffers) and say nothing about TensorRT itself:
+tests/test_gpu.py does that on a GPU, and tests/test_trt_api_surface.py checks
 that every name we call exists in the real 10.x and 11.x bindings.
 
-The fake engine computes ``y = 2 * x + 1`` (float32) for every input ``x``,
-reading and writing FakeCuda's "device memory" at the addresses we bind, so a
-wrong address, size or copy shows up as a wrong number.
+What each double enforces, and why:
+
+- ``FakeEngine``/``FakeExecutionContext`` compute ``y = 2 * x + 1`` (float32)
+  for every input ``x``, reading and writing device memory at the addresses we
+  bind, so a wrong address, size or copy shows up as a wrong number.
+  ``set_tensor_address`` returns False for an unknown name or an address that
+  is not 256-byte aligned, as TensorRT does. Using one execution context on a
+  second stream while its launch on the first stream has not completed and is
+  not ordered before it by an event (undefined behaviour in TensorRT) raises
+  ``ContextOverlapError`` and is recorded in ``FakeTensorRT.overlaps``.
+- ``FakeOptimizationProfile.set_shape`` raises RuntimeError on an inconsistent
+  range (rank mismatch, or not 0 <= min <= opt <= max), like the real bindings.
+- ``FakeStream`` models a CUDA stream: enqueued work (copies, launches) runs
+  only when the stream is synchronised, or when an event recorded after it is
+  synchronised or waited for by another stream that is synchronised.
+  ``FakeEvent.record``/``FakeStream.wait_event`` order two streams.
+- pycuda context ownership per thread, as pycuda's C++ does it: a context
+  object belongs to the thread that created it (``retain_primary_context``);
+  allocating (``mem_alloc``, ``pagelocked_empty``, ``Stream()``) needs a
+  current context; freeing an allocation or a stream needs its context current
+  *or* to happen on the context's own thread (pycuda then activates it itself).
+  Otherwise ``free()`` raises ``LogicError("cannot activate out-of-thread
+  context")``, and a garbage-collected object is leaked with a warning, which
+  the double records in ``FakeCuda.leaks``.
+- ``FakeTorchCuda`` stands in for ``runtime.TorchCuda`` (torch.cuda): "device"
+  tensors are CPU tensors backed by FakeCuda memory, streams and events are
+  FakeStream/FakeEvent, and ``capture`` models CUDA-graph capture (a launch
+  TensorRT cannot capture invalidates it; ending an invalidated capture raises,
+  as torch does).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import enum
 import itertools
 import json
+import threading
 import types
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import onnx
+import torch
+
+ALIGNMENT = 256
 
 
 class _Severity(enum.Enum):
@@ -51,6 +86,10 @@ class FakeIProfiler:
 
 def _enum(name: str, *members: str) -> type[enum.Enum]:
     return enum.IntEnum(name, {m: i for i, m in enumerate(members)})
+
+
+class ContextOverlapError(RuntimeError):
+    """One execution context used on two streams at once: undefined behaviour in TensorRT."""
 
 
 class FakeParserError:
@@ -123,16 +162,28 @@ class FakeOptimizationProfile:
         self.shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
 
     def set_shape(self, name: str, lo: Any, opt: Any, hi: Any) -> None:
-        self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
+        """Like the bindings: an inconsistent range raises RuntimeError (it is not deferred to add_...)."""
+        lo, opt, hi = tuple(lo), tuple(opt), tuple(hi)
+        if not len(lo) == len(opt) == len(hi) or not all(0 <= a <= b <= c for a, b, c in zip(lo, opt, hi)):
+            raise RuntimeError(f"fake: inconsistent dimensions for {name}: min {lo}, opt {opt}, max {hi}")
+        self.shapes[name] = (lo, opt, hi)
 
 
 class FakeTimingCache:
-    def __init__(self, builds: int, device: str) -> None:
-        self.builds = builds
+    """Serialises as ``FAKE-TC <gpu> <entry,entry,...>``; each build adds one entry."""
+
+    def __init__(self, entries: set[str], device: str) -> None:
+        self.entries = set(entries)
         self.device = device
 
     def serialize(self) -> bytes:
-        return f"FAKE-TC {self.device} {self.builds}".encode()
+        return f"FAKE-TC {self.device} {','.join(sorted(self.entries)) or '-'}".encode()
+
+    def combine(self, other: FakeTimingCache, ignore_mismatch: bool) -> bool:
+        if other.device != self.device and not ignore_mismatch:
+            return False
+        self.entries |= other.entries
+        return True
 
 
 class FakeBuilderConfig:
@@ -155,7 +206,7 @@ class FakeBuilderConfig:
 
     def add_optimization_profile(self, profile: FakeOptimizationProfile) -> int:
         for name, (lo, opt, hi) in profile.shapes.items():
-            if not all(1 <= a <= b <= c for a, b, c in zip(lo, opt, hi)):
+            if not all(1 <= a <= b <= c for a, b, c in zip(lo, opt, hi)) or FakeTensorRT.reject_profiles:
                 self.logger.log(_Severity.ERROR, f"invalid profile for {name}: {lo} {opt} {hi}")
                 return -1
         self.profiles.append(profile)
@@ -163,11 +214,12 @@ class FakeBuilderConfig:
 
     def create_timing_cache(self, data: bytes) -> FakeTimingCache:
         if data == b"":
-            return FakeTimingCache(0, FakeTensorRT.gpu)
+            return FakeTimingCache(set(), FakeTensorRT.gpu)
         parts = bytes(data).split()
         if len(parts) != 3 or parts[0] != b"FAKE-TC":
             raise RuntimeError("corrupt timing cache")
-        return FakeTimingCache(int(parts[2]), parts[1].decode())
+        entries = {e for e in parts[2].decode().split(",") if e and e != "-"}
+        return FakeTimingCache(entries, parts[1].decode())
 
     def set_timing_cache(self, cache: FakeTimingCache, ignore_mismatch: bool) -> bool:
         if cache.device != FakeTensorRT.gpu and not ignore_mismatch:
@@ -181,6 +233,9 @@ class FakeBuilderConfig:
 
 class FakeBuilder:
     def __init__(self, logger: Any) -> None:
+        if FakeTensorRT.builder_error is not None:  # e.g. a driver too old for this TensorRT's CUDA
+            logger.log(_Severity.ERROR, FakeTensorRT.builder_error)
+            raise TypeError("pybind11::init(): factory function returned nullptr")
         self.logger = logger
         FakeTensorRT.builders.append(self)
 
@@ -203,11 +258,17 @@ class FakeBuilder:
         if FakeTensorRT.fail_build:
             self.logger.log(_Severity.ERROR, "fake: out of tactics for node X")
             return None
-        if config.timing_cache is not None:
-            config.timing_cache.builds += 1
         FakeTensorRT.builds += 1
+        if config.timing_cache is not None:
+            config.timing_cache.entries.add(f"b{FakeTensorRT.builds}")
         ranges = [{n: s for n, s in p.shapes.items()} for p in config.profiles]
-        plan = {"inputs": [t.name for t in network.inputs], "profiles": ranges or [{}]}
+        plan = {
+            "inputs": [t.name for t in network.inputs],
+            "profiles": ranges or [{}],
+            "version_compatible": FakeTensorRT.BuilderFlag.VERSION_COMPATIBLE in config.flags,
+            "built_by": FakeTensorRT.version,
+            **FakeTensorRT.plan_extras,
+        }
         return b"FAKE-ENGINE" + json.dumps(plan).encode()
 
 
@@ -221,12 +282,34 @@ class FakeExecutionContext:
         self.profile_switches: list[int] = []
         self.executions = 0
         self.profiler = None
+        self.nvtx_verbosity = FakeTensorRT.ProfilingVerbosity.DETAILED  # the engine's, as built
+        self._last_use: tuple[FakeStream, int] | None = None
+
+    def _use(self, handle: int, what: str) -> FakeStream:
+        """The stream behind ``handle``, after checking no launch of ours on another stream may overlap."""
+        stream = FakeStream.by_handle(handle)
+        if self._last_use is not None:
+            other, position = self._last_use
+            if other is not stream and not stream.ordered_after(other, position):
+                message = (
+                    f"fake: {what} on stream {stream.handle} while this context's work on stream "
+                    f"{other.handle} may still run (no event orders them)"
+                )
+                FakeTensorRT.overlaps.append(message)
+                raise ContextOverlapError(message)
+        return stream
+
+    def _mark(self, stream: FakeStream) -> None:
+        self._last_use = (stream, stream.enqueued)
 
     def set_optimization_profile_async(self, index: int, stream: int) -> bool:
+        target = self._use(stream, "set_optimization_profile_async")
         if not 0 <= index < self.engine.num_optimization_profiles:
             return False
         self.profile = index
         self.profile_switches.append(index)
+        target.enqueue(lambda: None)
+        self._mark(target)
         return True
 
     def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
@@ -238,27 +321,53 @@ class FakeExecutionContext:
         return True
 
     def set_tensor_address(self, name: str, address: int) -> bool:
+        if name not in self.engine.names or int(address) % ALIGNMENT:
+            self.engine.logger.log(_Severity.ERROR, f"fake: invalid address {int(address):#x} for tensor {name}")
+            return False
         self.addresses[name] = int(address)
         return True
 
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-        return self.shapes[self.engine.output_of[name]]
+        shape = self.shapes.get(self.engine.output_of[name], ())
+        if name in self.engine.plan.get("data_dependent", ()):
+            return (-1, *shape[1:])
+        return shape
 
     def execute_async_v3(self, stream: int) -> bool:
         if FakeTensorRT.fail_execute:
             self.engine.logger.log(_Severity.ERROR, "fake: illegal memory access")
             return False
-        memory = FakeCuda.memory
-        for out, inp in self.engine.output_of.items():
-            count = int(np.prod(self.shapes[inp]))
-            x = np.frombuffer(memory[self.addresses[inp]], np.float32, count)
-            y = 2 * x + 1
-            memory[self.addresses[out]][: y.nbytes] = y.tobytes()
+        target = FakeStream.by_handle(stream)
+        if target.capturing is not None:
+            if self.engine.plan.get("uncapturable"):
+                self.engine.logger.log(_Severity.ERROR, "fake: the engine has a loop, which cannot be captured")
+                target.capturing.invalid = True
+                return False
+            target.capturing.ops.append(self._launch())
+            return True
+        target = self._use(stream, "execute_async_v3")
+        target.enqueue(self._launch())
+        self._mark(target)
         self.executions += 1
         if self.profiler is not None:
             self.profiler.report_layer_time("fake_conv", 0.25)
             self.profiler.report_layer_time("fake_relu", 0.05)
         return True
+
+    def _launch(self) -> Callable[[], None]:
+        """The work of one launch: bindings are read now (at enqueue), memory when the stream runs."""
+        jobs = []
+        for out, inp in self.engine.output_of.items():
+            count = int(np.prod(self.shapes[inp]))
+            jobs.append((self.addresses[inp], self.addresses[out], count))
+
+        def run() -> None:
+            for source, dest, count in jobs:
+                x = np.frombuffer(FakeCuda.memory[source], np.float32, count)
+                y = 2 * x + 1
+                FakeCuda.memory[dest][: y.nbytes] = y.tobytes()
+
+        return run
 
 
 class FakeInspector:
@@ -306,7 +415,15 @@ class FakeRuntime:
         if not data.startswith(b"FAKE-ENGINE"):
             self.logger.log(_Severity.ERROR, "fake: serialization version mismatch")
             return None
-        return FakeEngine(json.loads(data[len(b"FAKE-ENGINE"):]), self.logger)
+        plan = json.loads(data[len(b"FAKE-ENGINE"):])
+        if plan.get("version_compatible"):
+            if not self.engine_host_code_allowed:  # TensorRT refuses to run a lean runtime's host code unasked
+                self.logger.log(_Severity.ERROR, "fake: engine host code is not allowed")
+                return None
+        elif plan.get("built_by", FakeTensorRT.version) != FakeTensorRT.version:
+            self.logger.log(_Severity.ERROR, "fake: serialization version mismatch")
+            return None
+        return FakeEngine(plan, self.logger)
 
 
 class FakeTensorRT(types.ModuleType):
@@ -315,9 +432,14 @@ class FakeTensorRT(types.ModuleType):
     unsupported_ops: set[str] = set()
     fail_build = False
     fail_execute = False
+    reject_profiles = False
+    builder_error: str | None = None
+    plan_extras: dict[str, Any] = {}
     builds = 0
     builders: list[FakeBuilder] = []
+    overlaps: list[str] = []
     gpu = "fake-gpu"
+    version = "10.99.0-fake"
     last_parsed_path = ""
 
     ILogger = FakeILogger
@@ -328,7 +450,7 @@ class FakeTensorRT(types.ModuleType):
     Runtime = FakeRuntime
     NetworkDefinitionCreationFlag = _enum("NetworkDefinitionCreationFlag", "STRONGLY_TYPED")
     MemoryPoolType = _enum("MemoryPoolType", "WORKSPACE")
-    ProfilingVerbosity = _enum("ProfilingVerbosity", "LAYER_NAMES_ONLY", "DETAILED")
+    ProfilingVerbosity = _enum("ProfilingVerbosity", "LAYER_NAMES_ONLY", "NONE", "DETAILED")
     BuilderFlag = _enum("BuilderFlag", "VERSION_COMPATIBLE")
     HardwareCompatibilityLevel = _enum("HardwareCompatibilityLevel", "NONE", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY")
     TensorIOMode = _enum("TensorIOMode", "NONE", "INPUT", "OUTPUT")
@@ -337,43 +459,241 @@ class FakeTensorRT(types.ModuleType):
 
     def __init__(self) -> None:
         super().__init__("tensorrt")
-        self.__version__ = "10.99.0-fake"
-        type(self).unsupported_ops = set()
-        type(self).fail_build = False
-        type(self).fail_execute = False
-        type(self).builds = 0
-        type(self).builders = []
+        cls = type(self)
+        cls.version = "10.99.0-fake"
+        self.__version__ = cls.version
+        cls.unsupported_ops = set()
+        cls.fail_build = False
+        cls.fail_execute = False
+        cls.reject_profiles = False
+        cls.builder_error = None
+        cls.plan_extras = {}
+        cls.builds = 0
+        cls.builders = []
+        cls.overlaps = []
 
 
-# ------------------------------------------------------------------ pycuda.driver
-class FakeDeviceAllocation:
-    def __init__(self, address: int) -> None:
-        self.address = address
-
-    def __int__(self) -> int:
-        return self.address
-
-
+# ------------------------------------------------------------------ streams and events
 class FakeStream:
-    handles = itertools.count(1000)
+    """A CUDA stream: work runs in order, and only when something waits for it (see the module docstring).
+
+    Speaks both pycuda's protocol (``handle``, ``wait_for_event``) and torch's
+    (``cuda_stream``, ``wait_event``, ``wait_stream``, ``query``).
+    """
+
+    _handles = itertools.count(1000)
+    _registry: weakref.WeakValueDictionary[int, FakeStream] = weakref.WeakValueDictionary()
+    _lock = threading.RLock()
 
     def __init__(self) -> None:
-        self.handle = next(self.handles)
+        self.handle = next(self._handles)
+        self.ops: list[Callable[[], None]] = []
+        self.enqueued = 0  # ops ever enqueued: positions are 1..enqueued
+        self.done = 0
         self.synchronized = 0
+        self.waits: dict[int, int] = {}  # other stream's handle -> position this stream waits for
+        self.capturing: FakeGraph | None = None
+        FakeStream._registry[self.handle] = self
+
+    @property
+    def cuda_stream(self) -> int:
+        return self.handle
+
+    @classmethod
+    def by_handle(cls, handle: int) -> FakeStream:
+        try:
+            return cls._registry[int(handle)]
+        except KeyError:
+            raise AssertionError(f"fake: no stream has handle {handle}") from None
+
+    def enqueue(self, op: Callable[[], None]) -> None:
+        with self._lock:
+            self.ops.append(op)
+            self.enqueued += 1
+
+    def run_until(self, position: int) -> None:
+        with self._lock:
+            while self.done < position:
+                op = self.ops[self.done]
+                self.done += 1
+                op()
 
     def synchronize(self) -> None:
         self.synchronized += 1
+        self.run_until(self.enqueued)
+
+    def is_done(self) -> bool:
+        return self.done == self.enqueued
+
+    query = is_done
+
+    def ordered_after(self, other: FakeStream, position: int) -> bool:
+        """True when work enqueued here from now on cannot start before ``other``'s first ``position`` ops end."""
+        return other.done >= position or self.waits.get(other.handle, 0) >= position
+
+    def wait_event(self, event: FakeEvent) -> None:
+        if event.stream is None:
+            return
+        source, position = event.stream, event.position
+        self.waits[source.handle] = max(self.waits.get(source.handle, 0), position)
+        self.enqueue(lambda: source.run_until(position))
+
+    wait_for_event = wait_event
+
+    def wait_stream(self, other: FakeStream) -> None:
+        event = FakeEvent()
+        event.record(other)
+        self.wait_event(event)
+
+
+class FakeEvent:
+    """A CUDA event (torch's protocol): marks a position in a stream's work."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.stream: FakeStream | None = None
+        self.position = 0
+
+    def record(self, stream: FakeStream | None = None) -> None:
+        stream = stream if stream is not None else FakeTorchCuda.active.current_stream()
+        self.stream, self.position = stream, stream.enqueued
+
+    def synchronize(self) -> None:
+        if self.stream is not None:
+            self.stream.run_until(self.position)
+
+    def query(self) -> bool:
+        return self.stream is None or self.stream.done >= self.position
+
+
+# ------------------------------------------------------------------ pycuda.driver
+class FakeLogicError(RuntimeError):
+    """pycuda.driver.LogicError."""
+
+
+_context_stacks = threading.local()
+
+
+def _stack() -> list[FakePrimaryContext]:
+    if not hasattr(_context_stacks, "stack"):
+        _context_stacks.stack = []
+    return _context_stacks.stack
+
+
+def _current_context() -> FakePrimaryContext | None:
+    stack = _stack()
+    return stack[-1] if stack else None
 
 
 class FakePrimaryContext:
+    """A retained primary context; like pycuda's ``context`` object it belongs to the thread that made it."""
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+
     def push(self) -> None:
-        FakeCuda.depth += 1
+        _stack().append(self)
+        with FakeStream._lock:
+            FakeCuda.depth += 1
 
 
 class FakeContextStack:
     @staticmethod
     def pop() -> None:
-        FakeCuda.depth -= 1
+        stack = _stack()
+        if not stack:
+            raise FakeLogicError("context::pop failed: cannot pop non-current context")
+        stack.pop()
+        with FakeStream._lock:
+            FakeCuda.depth -= 1
+
+
+def _owning_context() -> FakePrimaryContext:
+    context = _current_context()
+    if context is None:
+        raise FakeLogicError("explicit_context_dependent failed: invalid device context - no currently active context?")
+    return context
+
+
+def _release(owner: FakePrimaryContext, what: str) -> None:
+    """pycuda's scoped_context_activation: fine with the owner current or on the owner's thread."""
+    if _current_context() is not owner and threading.get_ident() != owner.thread:
+        raise FakeLogicError(f"cannot activate out-of-thread context (freeing {what})")
+
+
+class _ContextDependent:
+    """Freed explicitly with ``free()``, or on garbage collection, where an error becomes a recorded leak."""
+
+    what = "object"
+
+    def __init__(self) -> None:
+        self.owner = _owning_context()
+        self.freed = False
+
+    def free(self) -> None:
+        if self.freed:
+            return
+        _release(self.owner, self.what)
+        self.freed = True
+        self._on_free()
+        FakeCuda.freed.append(self.what)
+
+    def _on_free(self) -> None:
+        pass
+
+    def __del__(self) -> None:
+        try:
+            self.free()
+        except FakeLogicError as exc:  # pycuda prints a warning and leaks the memory
+            FakeCuda.leaks.append(f"{self.what}: {exc}")
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+class FakeDeviceAllocation(_ContextDependent):
+    what = "device memory"
+
+    def __init__(self, nbytes: int, misalign: int = 0) -> None:
+        super().__init__()
+        self.address, self.buffer = _device_block(nbytes, misalign)
+
+    def __int__(self) -> int:
+        return self.address
+
+    def _on_free(self) -> None:
+        FakeCuda.memory.pop(self.address, None)
+
+
+class FakeHostAllocation(np.ndarray):
+    """What ``pagelocked_empty(...).base`` is in pycuda: it owns the pinned memory and has ``free()``."""
+
+    _record: _HostRecord
+
+    def free(self) -> None:
+        self._record.free()
+
+
+class _HostRecord(_ContextDependent):
+    what = "pinned host memory"
+
+
+class FakePycudaStream(FakeStream, _ContextDependent):
+    what = "stream"
+
+    def __init__(self) -> None:
+        _ContextDependent.__init__(self)
+        FakeStream.__init__(self)
+
+
+def _device_block(nbytes: int, misalign: int = 0) -> tuple[int, memoryview]:
+    """A 256-byte aligned (plus ``misalign``) block registered in FakeCuda.memory under its real address."""
+    size = max(int(nbytes), 16)
+    raw = bytearray(size + 2 * ALIGNMENT)
+    base = ctypes.addressof((ctypes.c_char * len(raw)).from_buffer(raw))
+    pad = (-base) % ALIGNMENT + misalign
+    view = memoryview(raw)[pad : pad + size]
+    FakeCuda.memory[base + pad] = view
+    FakeCuda._keep.append(raw)
+    return base + pad, view
 
 
 class FakeDevice:
@@ -389,40 +709,159 @@ class FakeDevice:
     def retain_primary_context(self) -> FakePrimaryContext:
         return FakePrimaryContext()
 
+    @staticmethod
+    def count() -> int:
+        return 1
+
 
 class FakeCuda(types.ModuleType):
-    """Stands in for ``pycuda.driver``: device memory is a dict of bytearrays keyed by address."""
+    """Stands in for ``pycuda.driver``: device memory is a dict of buffers keyed by address."""
 
-    memory: dict[int, bytearray] = {}
+    memory: dict[int, Any] = {}
+    _keep: list[bytearray] = []
     depth = 0
     compute_capability = (8, 9)
+    leaks: list[str] = []
+    freed: list[str] = []
+    misalign = 0
 
     Device = FakeDevice
     Context = FakeContextStack
-    Stream = FakeStream
+    Stream = FakePycudaStream
+    LogicError = FakeLogicError
 
     def __init__(self) -> None:
         super().__init__("pycuda.driver")
-        type(self).memory = {}
-        type(self).depth = 0
-        type(self).compute_capability = (8, 9)
+        cls = type(self)
+        cls.memory = {}
+        cls._keep = []
+        cls.depth = 0
+        cls.compute_capability = (8, 9)
+        cls.leaks = []
+        cls.freed = []
+        cls.misalign = 0
+        FakeStream._registry.clear()  # streams of earlier tests may still hold work on freed memory
+        _stack().clear()
         self.device_allocations = 0
         self.host_allocations = 0
-        self._next = itertools.count(1 << 20, 1 << 16)
+
+    def init(self) -> None:
+        pass
 
     def mem_alloc(self, nbytes: int) -> FakeDeviceAllocation:
+        allocation = FakeDeviceAllocation(nbytes, FakeCuda.misalign)
         self.device_allocations += 1
-        address = next(self._next)
-        FakeCuda.memory[address] = bytearray(nbytes)
-        return FakeDeviceAllocation(address)
+        return allocation
 
     def pagelocked_empty(self, shape: Any, dtype: Any) -> np.ndarray:
+        owner = FakeHostAllocation(shape, dtype)
+        owner._record = _HostRecord()  # dies with the memory: a collected buffer is checked like pycuda's
         self.host_allocations += 1
-        return np.empty(shape, dtype)
+        return owner.view(np.ndarray)
 
     def memcpy_htod_async(self, dest: FakeDeviceAllocation, src: np.ndarray, stream: FakeStream) -> None:
-        data = np.ascontiguousarray(src).tobytes()
-        FakeCuda.memory[int(dest)][: len(data)] = data
+        def copy() -> None:  # reads the pinned buffer when the copy runs, not now
+            data = np.ascontiguousarray(src).tobytes()
+            FakeCuda.memory[int(dest)][: len(data)] = data
+
+        stream.enqueue(copy)
 
     def memcpy_dtoh_async(self, dest: np.ndarray, src: FakeDeviceAllocation, stream: FakeStream) -> None:
-        dest[:] = np.frombuffer(FakeCuda.memory[int(src)], np.uint8, dest.nbytes)
+        def copy() -> None:
+            dest[:] = np.frombuffer(FakeCuda.memory[int(src)], np.uint8, dest.nbytes)
+
+        stream.enqueue(copy)
+
+
+# ------------------------------------------------------------------ torch.cuda
+class FakeGraph:
+    def __init__(self) -> None:
+        self.ops: list[Callable[[], None]] = []
+        self.invalid = False
+        self.replays = 0
+
+    def replay(self) -> None:
+        stream = FakeTorchCuda.active.current_stream()
+        for op in self.ops:
+            stream.enqueue(op)
+        self.replays += 1
+
+
+class FakeTorchCuda:
+    """Stands in for ``runtime.TorchCuda``; "device" tensors are CPU tensors in FakeCuda memory.
+
+    ``active`` is the instance in use, for FakeEvent.record()/FakeGraph.replay()
+    without a stream (torch's current-stream default).
+    """
+
+    active: FakeTorchCuda
+
+    def __init__(self, device_index: int = 0) -> None:
+        self.device = torch.device("cpu")
+        self._default = FakeStream()
+        self._current = threading.local()
+        self.captures = 0
+        FakeTorchCuda.active = self
+
+    def available(self) -> bool:
+        return True
+
+    def is_device_tensor(self, tensor: torch.Tensor) -> bool:
+        return tensor.data_ptr() in FakeCuda.memory
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        numel = int(np.prod(shape, dtype=np.int64))
+        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+        _, view = _device_block(nbytes)
+        return torch.frombuffer(view, dtype=dtype, count=max(numel, 1))[:numel].view(shape)
+
+    def tensor(self, value: torch.Tensor) -> torch.Tensor:
+        """A "device" copy of ``value`` (for tests: what ``x.cuda()`` would give)."""
+        out = self.empty(tuple(value.shape), value.dtype)
+        out.copy_(value)
+        return out
+
+    def copy(self, dest: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """Stream-ordered like torch's: a device source is read when the stream runs, a host one now."""
+        if not self.is_device_tensor(source):
+            source = source.clone()
+        self.current_stream().enqueue(lambda: dest.copy_(source))
+        return dest
+
+    def current_stream(self) -> FakeStream:
+        return getattr(self._current, "stream", None) or self._default
+
+    def new_stream(self) -> FakeStream:
+        return FakeStream()
+
+    def new_event(self) -> FakeEvent:
+        return FakeEvent()
+
+    @contextlib.contextmanager
+    def use_stream(self, stream: FakeStream) -> Iterator[None]:
+        previous = getattr(self._current, "stream", None)
+        self._current.stream = stream
+        try:
+            yield
+        finally:
+            self._current.stream = previous
+
+    def new_graph(self) -> FakeGraph:
+        return FakeGraph()
+
+    @contextlib.contextmanager
+    def capture(self, graph: FakeGraph, stream: FakeStream) -> Iterator[None]:
+        """Like torch.cuda.graph: ending an invalidated capture raises, whatever happened inside."""
+        self.captures += 1
+        stream.capturing = graph
+        try:
+            with self.use_stream(stream):
+                yield
+        finally:
+            stream.capturing = None
+            if graph.invalid:
+                raise RuntimeError("fake CUDA error: operation failed due to a previous error during capture")
+
+    def synchronize(self) -> None:
+        for stream in list(FakeStream._registry.values()):
+            stream.synchronize()

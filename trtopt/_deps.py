@@ -16,8 +16,9 @@ from .errors import DependencyError
 logger = logging.getLogger(__name__)
 
 GPU_INSTALL_HINT = (
-    'install the GPU extra with `pip install "trtopt[gpu]"` (TensorRT 10 or 11 and '
-    "pycuda) on a machine with an NVIDIA GPU and driver"
+    'install the GPU extra for your driver\'s CUDA major version (`nvidia-smi` shows it): '
+    '`pip install "trtopt[gpu-cu12]"` or `pip install "trtopt[gpu-cu13]"` (TensorRT and pycuda), '
+    "on a machine with an NVIDIA GPU and driver"
 )
 
 
@@ -32,7 +33,8 @@ def _import(name: str) -> ModuleType | None:
 @functools.lru_cache(maxsize=None)
 def tensorrt_unavailable_reason() -> str | None:
     """Why the TensorRT backend cannot run here, or None when it can."""
-    if _import("tensorrt") is None:
+    trt = _import("tensorrt")
+    if trt is None:
         return "the tensorrt package is not installed"
     cuda = _import("pycuda.driver")
     if cuda is None:
@@ -43,7 +45,10 @@ def tensorrt_unavailable_reason() -> str | None:
             return "no CUDA device is visible"
     except Exception as exc:  # pycuda raises its own LogicError/RuntimeError family
         return f"the CUDA driver is not usable ({exc})"
-    return None
+    # Importing is not running: a driver too old for this TensorRT fails only here.
+    from .builder import builder_unavailable_reason
+
+    return builder_unavailable_reason(trt)
 
 
 def tensorrt() -> ModuleType:

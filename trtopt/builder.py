@@ -37,7 +37,7 @@ from . import _deps
 from .config import BuildConfig, InputRange, ShapeProfile
 from ._io import atomic_write
 from .engine_cache import EngineCache, engine_key_fields, files_digest
-from .errors import BuildError
+from .errors import BuildError, first_line
 from .graph import save_model
 
 logger = logging.getLogger(__name__)
@@ -195,6 +195,30 @@ def heartbeat(interval_s: float = PROGRESS_INTERVAL_S) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------- device facts
+def builder_unavailable_reason(trt: ModuleType) -> str | None:
+    """Why ``trt.Builder`` cannot be created here, or None when it can.
+
+    TensorRT imports even where it cannot run: with a driver older than its
+    CUDA version (the CUDA 13 build needs an r580+ driver) the failure comes
+    only when a builder is created. ``backend="auto"`` and the GPU tests probe
+    this so they fall back or skip instead of failing in the build.
+    """
+    bridge = tensorrt_logger(trt)
+    with bridge.errors.capture() as errors:
+        try:
+            builder = trt.Builder(bridge)
+        except Exception as exc:  # noqa: BLE001 - the bindings raise when the C++ factory returns null
+            errors.append(first_line(exc))
+            builder = None
+    if builder is not None:
+        return None
+    return (
+        f"TensorRT {getattr(trt, '__version__', '?')} cannot create a builder (often: the NVIDIA "
+        "driver is too old for this TensorRT's CUDA version; install the trtopt extra for your "
+        "driver's CUDA major version). " + format_errors(errors)
+    )
+
+
 def current_device_index() -> int:
     """The CUDA device torch uses (0 when torch has no CUDA); engines are built and run there."""
     import torch
@@ -297,7 +321,10 @@ def build_from_file(
             "shape ranges are valid; a larger workspace_bytes helps when tactics ran out of memory."
         )
     if timing_cache_path is not None:
-        save_timing_cache(builder_config, timing_cache_path)
+        try:
+            save_timing_cache(builder_config, timing_cache_path)
+        except OSError as exc:  # the engine is built: losing the cache only costs build time later
+            logger.warning("timing cache: could not save %s (%s); the engine is kept", timing_cache_path, exc)
     return bytes(serialized)
 
 
@@ -324,7 +351,9 @@ def configure(trt: ModuleType, builder_config: Any, config: BuildConfig) -> None
     if config.workspace_bytes is not None:
         builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_bytes))
     builder_config.builder_optimization_level = int(config.optimization_level)
-    # Layer names and tactics in the engine inspector's JSON; no effect on speed.
+    # Layer names and tactics in the engine inspector's JSON and for profile_layers. DETAILED also
+    # makes NVTX ranges detailed, which TensorRT says generally increases enqueue latency, so the
+    # runtime lowers each execution context's nvtx_verbosity unless it is profiling.
     builder_config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if config.version_compatible:
         builder_config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
@@ -354,6 +383,17 @@ def _check_range(index: int, name: str, network_shape: tuple[int, ...], span: In
                 f"the network but the profile gives {span.min[d]}..{span.max[d]}; "
                 "remove that dimension from dynamic_shapes"
             )
+
+
+def _set_shape(trt_profile: Any, index: int, name: str, span: InputRange) -> None:
+    """``set_shape``, whose bindings raise RuntimeError on an inconsistent range, as a BuildError."""
+    try:
+        trt_profile.set_shape(name, span.min, span.opt, span.max)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise BuildError(
+            f"TensorRT rejected the range of input {name!r} in optimization profile {index} "
+            f"{span.describe()}: {first_line(exc)}; each dimension needs 0 <= min <= opt <= max"
+        ) from exc
 
 
 def add_profiles(
@@ -395,7 +435,7 @@ def add_profiles(
         for name, shape in shapes.items():
             span = shape_profile[name]
             _check_range(index, name, shape, span)
-            trt_profile.set_shape(name, span.min, span.opt, span.max)
+            _set_shape(trt_profile, index, name, span)
         with bridge.errors.capture() as errors:
             assigned = builder_config.add_optimization_profile(trt_profile)
         if assigned < 0:
@@ -440,10 +480,59 @@ def attach_timing_cache(builder_config: Any, path: Path) -> Any:
 
 
 def save_timing_cache(builder_config: Any, path: Path) -> None:
-    """Write the build's (updated) timing cache atomically."""
+    """Merge the build's timing cache into the file's latest contents and write it atomically.
+
+    Under an exclusive lock on ``<path>.lock``, so concurrent builds (threads or
+    processes) sharing one cache keep each other's entries instead of the last
+    writer dropping them (Polygraphy's timing-cache save does the same).
+    """
     timing_cache = builder_config.get_timing_cache()
     if timing_cache is None:
         return
-    data = bytes(timing_cache.serialize())
-    atomic_write(path, data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(path.with_name(path.name + ".lock")):
+        _combine_with_file(builder_config, timing_cache, path)
+        data = bytes(timing_cache.serialize())
+        atomic_write(path, data)
     logger.info("timing cache: saved %s (%d bytes)", path, len(data))
+
+
+def _combine_with_file(builder_config: Any, timing_cache: Any, path: Path) -> None:
+    """Add the entries another build saved to ``path`` since this one loaded it; a bad file is skipped."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    if not data:
+        return
+    try:
+        on_disk = builder_config.create_timing_cache(data)
+        merged = on_disk is not None and timing_cache.combine(on_disk, False)
+    except Exception as exc:  # noqa: BLE001 - bindings raise various types for corrupt data
+        logger.debug("timing cache %s not merged: %s", path, exc)
+        merged = False
+    if not merged:
+        logger.debug("timing cache %s is from another GPU/TensorRT or corrupt; replacing it", path)
+
+
+_thread_locks: dict[str, threading.Lock] = {}
+_thread_locks_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def file_lock(lock_path: Path) -> Iterator[None]:
+    """An exclusive lock between threads (a lock per path) and processes (``flock`` where available)."""
+    with _thread_locks_guard:
+        thread_lock = _thread_locks.setdefault(str(lock_path), threading.Lock())
+    with thread_lock, open(lock_path, "a+b") as handle:
+        try:
+            import fcntl
+        except ImportError:  # Windows: threads of this process are still serialised
+            fcntl = None  # type: ignore[assignment]
+        if fcntl is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, InputError, TrtoptError
+from .errors import ConfigError, GraphError, InputError, TrtoptError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -205,9 +205,12 @@ def reference_shapes(source: str, model: Any, examples: Sequence[Any]) -> tuple[
         from .graph import graph_input_shapes
 
         try:
-            proto = onnx.load(source, load_external_data=False)
+            proto = onnx.load(source, load_external_data=False)  # only the inputs' shapes are needed
         except Exception as exc:  # onnx raises DecodeError, OSError, ...
-            raise ConfigError(f"cannot read ONNX file {source}: {exc}") from None
+            raise GraphError(
+                f"{source} is not a readable ONNX model ({type(exc).__name__}: {first_line(exc)}); "
+                "it may be truncated or corrupt, or not an ONNX file"
+            ) from None
         return graph_input_shapes(proto), "ONNX file"
     from .export import forward_input_names
 

@@ -24,7 +24,7 @@ from .config import (
     build_profiles,
     check_profiles_against_graph,
 )
-from .errors import CalibrationError, ConfigError, InputError, first_line
+from .errors import CalibrationError, ConfigError, GraphError, InputError, first_line
 from .export import check_example_inputs, export, forward_input_names
 from .graph import cleanup, graph_input_shapes
 from .module import CompiledModule, ModuleSpec, read_module_file, tensor_specs
@@ -54,33 +54,55 @@ def make_backend(
     spec: ModuleSpec,
     config: BuildConfig,
     engine: bytes | None = None,
+    *,
+    allow_fallback: bool = False,
 ) -> tuple[Any, bytes | None]:
     """Create the backend object; for TensorRT, build (or reuse) the engine first.
 
     A given engine (from a module file) that this machine's TensorRT or GPU
-    cannot load is rebuilt from the ONNX graph, with a warning.
+    cannot load is rebuilt from the ONNX graph, with a warning. With
+    ``allow_fallback`` (``backend="auto"``), an engine whose outputs have
+    data-dependent shapes runs under ONNX Runtime instead, with a log line.
     """
     if kind is Backend.TENSORRT:
-        from .builder import build_engine
-        from .errors import EngineError
-        from .runtime import TensorRTBackend
+        from .runtime import DataDependentShapeError
 
-        # Recorded at build time, so that loading a saved version-compatible engine allows its host code.
-        trt_info = spec.info.setdefault("tensorrt", {"version_compatible": config.version_compatible})
-        options = {"cuda_graph": config.cuda_graph, "allow_host_code": bool(trt_info["version_compatible"])}
-        if engine is not None:
-            try:
-                return TensorRTBackend(engine, spec, **options), engine
-            except EngineError as exc:
-                logger.warning("the saved engine cannot be used here, rebuilding it from the ONNX graph: %s", exc)
-        engine = build_engine(onnx_model, spec.profiles, config)
-        return TensorRTBackend(engine, spec, **options), engine
+        try:
+            return _tensorrt_backend(onnx_model, spec, config, engine)
+        except DataDependentShapeError as exc:
+            if not allow_fallback:
+                raise
+            logger.info("backend: onnxruntime on the CPU, because %s", first_line(exc))
     from .backends.onnxruntime import OnnxRuntimeBackend
     from .precision import emulate_fp16
 
     # ORT's CPU provider would run most FP16 ops in FP32; emulate TensorRT's FP16 tensors instead.
     # Keep an engine read from a file, so that saving or exporting the module again keeps it.
     return OnnxRuntimeBackend(emulate_fp16(onnx_model)), engine
+
+
+def _tensorrt_backend(
+    onnx_model: onnx.ModelProto, spec: ModuleSpec, config: BuildConfig, engine: bytes | None
+) -> tuple[Any, bytes]:
+    from .builder import build_engine
+    from .errors import EngineError
+    from .runtime import DataDependentShapeError, TensorRTBackend
+
+    # Recorded with the engine, so that loading a saved version-compatible engine allows its host code.
+    trt_info = spec.info.setdefault("tensorrt", {"version_compatible": config.version_compatible})
+    if engine is not None:
+        options = {"cuda_graph": config.cuda_graph, "allow_host_code": bool(trt_info["version_compatible"])}
+        try:
+            return TensorRTBackend(engine, spec, **options), engine
+        except DataDependentShapeError:
+            raise
+        except EngineError as exc:
+            logger.warning("the saved engine cannot be used here, rebuilding it from the ONNX graph: %s", exc)
+    engine = build_engine(onnx_model, spec.profiles, config)
+    # The engine is new: what it needs comes from the config it was just built with, not from the file.
+    spec.info["tensorrt"] = {"version_compatible": config.version_compatible}
+    options = {"cuda_graph": config.cuda_graph, "allow_host_code": config.version_compatible}
+    return TensorRTBackend(engine, spec, **options), engine
 
 
 def _example_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -106,7 +128,7 @@ def load_source(model: Any) -> Any:
         if not path.is_file():
             raise InputError(f"model path {path} does not exist")
         if path.suffix == ".onnx":
-            return onnx.load(str(path))  # external data is loaded from beside the file
+            return read_onnx_file(path)
         if path.suffix == ".pt2":
             return torch.export.load(str(path))
         try:
@@ -119,6 +141,18 @@ def load_source(model: Any) -> Any:
     if isinstance(model, (torch.nn.Module, torch.export.ExportedProgram, onnx.ModelProto)):
         return model
     raise InputError(f"model is a {type(model).__name__}; trtopt.compile takes {MODEL_FORMS}")
+
+
+def read_onnx_file(path: Path) -> onnx.ModelProto:
+    """Load an ONNX file (external data from beside it); a file that is not ONNX is a GraphError naming it."""
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # protobuf's DecodeError, OSError, onnx's ValidationError for missing data
+        raise GraphError(
+            f"{path} is not a readable ONNX model ({type(exc).__name__}: {first_line(exc)}); "
+            "it may be truncated or corrupt, or not an ONNX file. Export it again (torch.onnx.export) "
+            "or pass the torch model instead"
+        ) from exc
 
 
 def _onnx_source(
@@ -225,7 +259,9 @@ def compile(  # noqa: A001 - the public name the design card fixes
             "build_config": _engine_config_json(config),
         },
     )
-    backend_obj, engine = make_backend(kind, onnx_model, spec, config)
+    backend_obj, engine = make_backend(
+        kind, onnx_model, spec, config, allow_fallback=Backend(config.backend) is Backend.AUTO
+    )
     logger.info(
         "compiled %s: %s, %s, %.1f s",
         type(source).__name__,
@@ -473,8 +509,11 @@ def _carried_precision(model: onnx.ModelProto) -> str | None:
     return None
 
 
-# What a rebuild on another machine needs besides the graph (kept in the module file).
-RUNTIME_SETTINGS = ("cuda_graph", "timing_cache", "engine_cache_dir", "engine_cache_max_bytes")
+# What a rebuild on another machine needs besides the graph (kept in the module file). Paths
+# (timing_cache, engine_cache_dir) are the build machine's: they are not kept, and load() ignores
+# them in files written before, so a rebuild elsewhere never writes there unasked.
+RUNTIME_SETTINGS = ("cuda_graph",)
+MACHINE_SETTINGS = ("timing_cache", "engine_cache_dir", "engine_cache_max_bytes")
 
 
 def _engine_config_json(config: BuildConfig) -> dict[str, Any]:
@@ -493,8 +532,11 @@ def load(path: str | os.PathLike[str], *, backend: Backend | str = "auto", **ove
     change them.
     """
     onnx_model, spec, engine = read_module_file(path)
-    stored = spec.info.get("build_config", {"precision": spec.precision})
+    stored = dict(spec.info.get("build_config", {"precision": spec.precision}))
+    for name in MACHINE_SETTINGS:
+        stored.pop(name, None)
     config = BuildConfig().replace(**{**stored, **overrides})
     kind = select_backend(backend)
-    backend_obj, engine = make_backend(kind, onnx_model, spec, config, engine)
+    allow_fallback = Backend(backend.value if isinstance(backend, Backend) else backend) is Backend.AUTO
+    backend_obj, engine = make_backend(kind, onnx_model, spec, config, engine, allow_fallback=allow_fallback)
     return CompiledModule(onnx_model, spec, backend_obj, engine)

@@ -15,13 +15,16 @@ Two data paths:
   (``pycuda.driver.pagelocked_empty``) and device buffers (``mem_alloc``) on a
   pycuda stream; both kinds of buffer are kept per tensor name and reused
   while they are large enough (so calls of the same shape allocate nothing);
-  outputs are copied out into fresh CPU tensors.
+  outputs are copied out into fresh CPU tensors. This path ends with a
+  stream synchronisation.
 
 With ``cuda_graph=True`` (CUDA tensors, or CPU tensors when torch has CUDA)
 the first call of a given set of shapes captures the engine's launch into a
 CUDA graph (after one plain launch: TensorRT does deferred set-up on the first
 launch after a shape change) and later calls of the same shapes replay it;
-a call with other shapes captures again. Meant for static shapes.
+a call with other shapes captures again. Meant for static shapes. Engines
+that cannot be captured (loops, conditionals, data-dependent shapes) fall
+back to plain launches, with one warning, as trtexec does.
 
 Threads: an ``IExecutionContext`` must not be used by two threads at once, so
 each thread gets its own execution context, buffers, pycuda stream and CUDA
@@ -29,18 +32,32 @@ graph (thread-local state, created on the thread's first call), while the
 engine is shared. Calls from several threads therefore run concurrently and
 never share buffers; each extra thread costs one context's activation memory.
 
-All pycuda work happens with the device's *primary* context pushed, the same
-context torch and TensorRT's runtime API use, so device pointers are valid
-across the three.
+Streams: one thread's context can still be launched on several streams (the
+caller's torch stream, which may change between calls, the pycuda stream for
+CPU inputs, the stream a CUDA graph is captured on). TensorRT calls two
+overlapping launches of one context undefined behaviour, so every launch
+records an event, and a launch on another stream first makes that stream
+wait for it.
+
+pycuda objects: all pycuda work happens with the device's *primary* context
+pushed, the same context torch and TensorRT's runtime API use, so device
+pointers are valid across the three. pycuda frees an allocation or a stream
+only with its context current or on the thread that retained the context;
+anywhere else it warns and leaks it. A thread's buffers and stream are
+therefore released explicitly with the context pushed: when the thread's
+state is dropped (its thread ended), by ``close()``, and after
+``profile_layers``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import statistics
 import threading
+import weakref
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -69,6 +86,10 @@ TRT_TO_NUMPY: dict[str, str] = {
     "BOOL": "bool",
 }
 ALIGNMENT = 256  # bytes; TensorRT's requirement for I/O tensor addresses
+
+
+class DataDependentShapeError(EngineError):
+    """The engine has outputs whose shape depends on input values (NonZero, NMS); this runtime cannot size them."""
 
 
 def numpy_dtype_name(trt_dtype: Any) -> str:
@@ -117,6 +138,51 @@ def make_profiler(trt: ModuleType) -> Any:
     return LayerTimes()
 
 
+class TorchCuda:
+    """The slice of ``torch.cuda`` the device path uses, for one device.
+
+    Kept in one small class so the device path reads plainly and so
+    tests/trt_doubles.py can stand in for it on a machine without CUDA.
+    """
+
+    def __init__(self, device_index: int) -> None:
+        self.device = torch.device("cuda", device_index)
+
+    def available(self) -> bool:
+        return torch.cuda.is_available()
+
+    def is_device_tensor(self, tensor: torch.Tensor) -> bool:
+        return tensor.is_cuda
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def copy(self, dest: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """``dest.copy_(source)``, ordered on the current stream."""
+        return dest.copy_(source)
+
+    def current_stream(self) -> Any:
+        return torch.cuda.current_stream(self.device)
+
+    def new_stream(self) -> Any:
+        return torch.cuda.Stream(self.device)
+
+    def new_event(self) -> Any:
+        return torch.cuda.Event()
+
+    def use_stream(self, stream: Any) -> contextlib.AbstractContextManager[Any]:
+        return torch.cuda.stream(stream)
+
+    def new_graph(self) -> Any:
+        return torch.cuda.CUDAGraph()
+
+    def capture(self, graph: Any, stream: Any) -> contextlib.AbstractContextManager[Any]:
+        return torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local")
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+
 class BufferPool:
     """Device and pinned host buffers per tensor name, reused while large enough, grown otherwise."""
 
@@ -128,6 +194,8 @@ class BufferPool:
     def device_buffer(self, name: str, nbytes: int) -> Any:
         current = self.device.get(name)
         if current is None or current[1] < nbytes:
+            if current is not None:
+                current[0].free()  # now, with the context current, rather than whenever it is collected
             size = max(nbytes, 1)
             self.device[name] = (self._cuda.mem_alloc(size), size)
         return self.device[name][0]
@@ -136,9 +204,37 @@ class BufferPool:
         """A pinned uint8 view of exactly ``nbytes`` bytes."""
         current = self.host.get(name)
         if current is None or current.nbytes < nbytes:
+            if current is not None:
+                _free_pinned(current)
             current = self._cuda.pagelocked_empty(max(nbytes, 1), np.uint8)
             self.host[name] = current
         return current[:nbytes]
+
+    def free(self) -> None:
+        """Free every buffer now; the caller has the buffers' CUDA context current."""
+        for allocation, _ in self.device.values():
+            allocation.free()
+        for array in self.host.values():
+            _free_pinned(array)
+        self.device.clear()
+        self.host.clear()
+
+
+def _free_pinned(array: np.ndarray) -> None:
+    # pycuda.driver.pagelocked_empty returns an array whose .base owns the pinned memory.
+    free = getattr(array.base, "free", None)
+    if free is not None:
+        free()
+
+
+@contextlib.contextmanager
+def pushed(primary_context: Any, cuda: ModuleType) -> Iterator[None]:
+    """Make ``primary_context`` current in this thread for the block (pycuda's context stack)."""
+    primary_context.push()
+    try:
+        yield
+    finally:
+        cuda.Context.pop()
 
 
 @dataclass
@@ -150,15 +246,65 @@ class CapturedGraph:
 
 
 class ExecutionState:
-    """One execution context and what it runs with; used by one thread only."""
+    """One execution context and what it runs with; used by one thread only.
 
-    def __init__(self, context: Any, buffers: BufferPool) -> None:
+    Holds pycuda objects, so it must be released with the primary context
+    pushed: ``release()`` does that, and so does ``__del__`` when a thread ends
+    and its thread-local state is dropped (on that thread, where pycuda would
+    otherwise refuse to activate a context retained by another thread).
+    """
+
+    def __init__(self, context: Any, buffers: BufferPool, activate: Any) -> None:
         self.context = context
         self.buffers = buffers
         self.profile_index: int | None = None
         self.stream: Any = None  # pycuda stream, for host inputs
         self.graph: CapturedGraph | None = None
         self.profiler: Any = None
+        # The last launch's completion event (torch) and its stream's handle, while it may still run.
+        self.pending_event: Any = None
+        self.pending_stream: int | None = None
+        self._event: Any = None
+        self._activate = activate  # a context manager factory: the primary context pushed
+        self.released = False
+
+    def launched(self, stream: Any, new_event: Any) -> None:
+        """Record that work on ``stream`` (a torch stream) uses this context."""
+        if self._event is None:
+            self._event = new_event()
+        self._event.record(stream)
+        self.pending_event, self.pending_stream = self._event, int(stream.cuda_stream)
+
+    def completed(self) -> None:
+        """All work of this context has finished (the caller synchronised its stream)."""
+        self.pending_event, self.pending_stream = None, None
+
+    def release(self) -> None:
+        """Free the pycuda buffers and stream now, with the primary context pushed; idempotent."""
+        if self.released:
+            return
+        self.released = True
+        with self._activate():
+            if self.pending_event is not None:
+                self.pending_event.synchronize()  # never free memory a launch may still use
+            if self.stream is not None:
+                self.stream.synchronize()
+            self.buffers.free()
+            # Dropped here so their destructors run with the context current.
+            self.stream = None
+            self.graph = None
+            self.context = None
+            self.pending_event = self._event = None
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception as exc:  # noqa: BLE001 - a finalizer must not raise
+            logger.debug("could not release a TensorRT execution state: %s", exc)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -187,7 +333,9 @@ class TensorRTBackend:
         self._cuda = _deps.cuda()
         self.spec = spec
         self.cuda_graph = cuda_graph
+        self.graph_unsupported = False  # set when a capture failed: the engine cannot be captured
         self.device_index = current_device_index() if device_index is None else device_index
+        self._gpu = TorchCuda(self.device_index)
         self._primary_context = self._cuda.Device(self.device_index).retain_primary_context()
         self._bridge = tensorrt_logger(self._trt)
         with self.activated():
@@ -212,7 +360,9 @@ class TensorRTBackend:
         self._output_order = [t.name for t in spec.outputs]
         self._local = threading.local()
         self._create_lock = threading.Lock()
+        self._states: weakref.WeakSet[ExecutionState] = weakref.WeakSet()
         self.contexts_created = 0
+        self._refuse_data_dependent_outputs()
 
     # --------------------------------------------------------------- set-up
     def _check_spec(self) -> None:
@@ -227,14 +377,36 @@ class TensorRTBackend:
                 "model: rebuild it from this module's ONNX graph"
             )
 
-    @contextlib.contextmanager
-    def activated(self) -> Iterator[None]:
+    def _refuse_data_dependent_outputs(self) -> None:
+        """Raise DataDependentShapeError now, not at the first call, for outputs sized by input values.
+
+        Probed on this thread's first execution context (kept for its first
+        call): a context that is the engine's first uses profile 0, and once
+        every input has profile 0's opt shape, an output dim still -1 depends on
+        input *values*.
+        """
+        if not self.spec.profiles:
+            return
+        profile = self.spec.profiles[0]
+        with self.activated():
+            context = self._state().context
+            for name in self.inputs:
+                if not context.set_input_shape(name, tuple(profile[name].opt)):
+                    return  # not probeable here; the call-time check still applies
+            unknown = [
+                name for name in self._output_order if any(int(d) < 0 for d in context.get_tensor_shape(name))
+            ]
+        if unknown:
+            self.close()
+            raise DataDependentShapeError(
+                f"the engine's output(s) {unknown} have a data-dependent shape (NonZero, "
+                "NonMaxSuppression and the like); trtopt's TensorRT runtime needs output shapes that "
+                "follow from the input shapes. Use backend='onnxruntime' (backend='auto' falls back to it)."
+            )
+
+    def activated(self) -> contextlib.AbstractContextManager[None]:
         """Make the device's primary CUDA context current in this thread for the block."""
-        self._primary_context.push()
-        try:
-            yield
-        finally:
-            self._cuda.Context.pop()
+        return pushed(self._primary_context, self._cuda)
 
     def _new_state(self, profiler: Any = None) -> ExecutionState:
         # Creating contexts is rare (once per thread); serialise it rather than rely on the engine.
@@ -246,18 +418,45 @@ class TensorRTBackend:
                 "TensorRT could not create an execution context (often: out of GPU memory). "
                 + format_errors(errors)
             )
-        state = ExecutionState(context, BufferPool(self._cuda))
+        # The state gets the context and pycuda, not the backend: no reference cycle delays its release.
+        activate = functools.partial(pushed, self._primary_context, self._cuda)
+        state = ExecutionState(context, BufferPool(self._cuda), activate)
         if profiler is not None:
             context.profiler = profiler
             state.profiler = profiler  # TensorRT holds only a raw pointer to it
+        else:
+            self._quiet_nvtx(context)
+        with self._create_lock:
+            self._states.add(state)
         return state
+
+    def _quiet_nvtx(self, context: Any) -> None:
+        # Engines are built with DETAILED profiling verbosity for the inspector and profile_layers;
+        # at DETAILED, NVTX ranges carry every layer's details and TensorRT says that generally adds
+        # enqueue latency. Layer names are enough to read an Nsight timeline.
+        try:
+            context.nvtx_verbosity = self._trt.ProfilingVerbosity.LAYER_NAMES_ONLY
+        except Exception as exc:  # noqa: BLE001 - an engine built at a lower verbosity refuses it; harmless
+            logger.debug("cannot lower the NVTX verbosity: %s", exc)
 
     def _state(self) -> ExecutionState:
         state = getattr(self._local, "state", None)
-        if state is None:
+        if state is None or state.released:
             state = self._new_state()
             self._local.state = state
         return state
+
+    def close(self) -> None:
+        """Free every thread's execution context, buffers and stream now (the engine stays loaded).
+
+        Call it when no other thread is running this module; a later call
+        creates fresh state. Without it, a thread's state is freed when the
+        thread ends and the rest when the backend is collected.
+        """
+        with self._create_lock:
+            states = list(self._states)
+        for state in states:
+            state.release()
 
     # ------------------------------------------------------------------ run
     def run(self, feeds: Mapping[str, torch.Tensor], profile_index: int = 0) -> list[torch.Tensor]:
@@ -277,8 +476,9 @@ class TensorRTBackend:
                 f"optimization profile {profile_index} does not exist; the engine has {self.num_profiles}"
             )
         use_graph = self.cuda_graph if use_graph is None else use_graph
-        on_device = any(t.is_cuda for t in feeds.values())
-        if on_device or (use_graph and torch.cuda.is_available()):
+        use_graph = use_graph and not self.graph_unsupported
+        on_device = any(self._gpu.is_device_tensor(t) for t in feeds.values())
+        if on_device or (use_graph and self._gpu.available()):
             return self._run_device(state, feeds, profile_index, use_graph)
         return self._run_host(state, feeds, profile_index)
 
@@ -299,14 +499,23 @@ class TensorRTBackend:
                 f"TensorRT rejected shape {shape} for input {name!r} in profile {state.profile_index}. "
                 + format_errors(errors)
             )
-        state.context.set_tensor_address(name, address)
+        self._set_address(state, name, address)
+
+    def _set_address(self, state: ExecutionState, name: str, address: int) -> None:
+        with self._bridge.errors.capture() as errors:
+            ok = state.context.set_tensor_address(name, address)
+        if not ok:
+            raise EngineError(
+                f"TensorRT rejected address {address:#x} for tensor {name!r} (it must be a device "
+                f"address aligned to {ALIGNMENT} bytes). " + format_errors(errors)
+            )
 
     def _output_shapes(self, state: ExecutionState) -> dict[str, tuple[int, ...]]:
         shapes = {}
         for name in self._output_order:
             shape = tuple(int(d) for d in state.context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
-                raise EngineError(
+                raise DataDependentShapeError(
                     f"output {name!r} has a data-dependent shape {shape}; the TensorRT runtime here "
                     "needs output shapes that follow from the input shapes. Use backend='onnxruntime' "
                     "for this model."
@@ -320,6 +529,18 @@ class TensorRTBackend:
         if not ok:
             raise EngineError("TensorRT failed to run the engine. " + format_errors(errors, self._bridge.errors.recent))
 
+    # ------------------------------------------------------- stream ordering
+    def _wait_for_last_launch(self, state: ExecutionState, stream: Any) -> None:
+        """Order this context's next use on torch ``stream`` after its previous launch on another stream."""
+        if state.pending_event is not None and state.pending_stream != int(stream.cuda_stream):
+            stream.wait_event(state.pending_event)
+
+    def _finish_last_launch(self, state: ExecutionState) -> None:
+        """Before the host path's pycuda stream uses the context: wait for a device-path launch (host side)."""
+        if state.pending_event is not None:
+            state.pending_event.synchronize()
+            state.completed()
+
     # ------------------------------------------------------- host (pycuda) path
     def _run_host(
         self, state: ExecutionState, feeds: Mapping[str, torch.Tensor], profile_index: int
@@ -328,6 +549,8 @@ class TensorRTBackend:
         if state.stream is None:
             state.stream = cuda.Stream()
         stream = state.stream
+        # This path blocks at its end anyway, so waiting on the host costs nothing extra.
+        self._finish_last_launch(state)
         self._select_profile(state, profile_index, stream.handle)
         for name in self.inputs:
             tensor = feeds[name].detach().cpu().contiguous()
@@ -344,7 +567,7 @@ class TensorRTBackend:
             for name, shape in shapes.items()
         }
         for name, nbytes in sizes.items():
-            state.context.set_tensor_address(name, int(state.buffers.device_buffer(name, nbytes)))
+            self._set_address(state, name, int(state.buffers.device_buffer(name, nbytes)))
         self._execute(state, stream.handle)
         hosts = {}
         for name, nbytes in sizes.items():
@@ -352,6 +575,7 @@ class TensorRTBackend:
             if nbytes:
                 cuda.memcpy_dtoh_async(hosts[name], state.buffers.device_buffer(name, nbytes), stream)
         stream.synchronize()
+        state.completed()
         # Copy out of the reused pinned buffers: a returned tensor must not change on the next call.
         return [
             torch.from_numpy(hosts[name].copy()).view(self.outputs[name]).reshape(shapes[name])
@@ -360,18 +584,19 @@ class TensorRTBackend:
 
     # ------------------------------------------------------- device (torch) path
     def _device_inputs(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        device = torch.device("cuda", self.device_index)
+        device = self._gpu.device
         tensors = {}
         for name in self.inputs:
             tensor = feeds[name].detach()
-            if tensor.is_cuda and tensor.device != device:
+            on_device = self._gpu.is_device_tensor(tensor)
+            if on_device and tensor.device != device:
                 raise InputError(
                     f"input {name!r} is on {tensor.device} but the engine runs on {device}; "
                     f"move it with .to('{device}')"
                 )
-            tensor = tensor.to(device).contiguous()
-            if tensor.data_ptr() % ALIGNMENT:
-                tensor = tensor.clone()
+            if not on_device or not tensor.is_contiguous() or tensor.data_ptr() % ALIGNMENT:
+                # Copied (on the current stream) into a fresh, aligned device tensor.
+                tensor = self._gpu.copy(self._gpu.empty(tuple(tensor.shape), tensor.dtype), tensor)
             tensors[name] = tensor
         return tensors
 
@@ -381,22 +606,28 @@ class TensorRTBackend:
         self._select_profile(state, profile_index, stream_handle)
         for name, tensor in tensors.items():
             self._set_input(state, name, tuple(tensor.shape), tensor.data_ptr())
-        device = torch.device("cuda", self.device_index)
         outputs = {}
         for name, shape in self._output_shapes(state).items():
-            outputs[name] = torch.empty(shape, dtype=self.outputs[name], device=device)
-            state.context.set_tensor_address(name, outputs[name].data_ptr())
+            outputs[name] = self._gpu.empty(shape, self.outputs[name])
+            self._set_address(state, name, outputs[name].data_ptr())
         return outputs
 
     def _run_device(
         self, state: ExecutionState, feeds: Mapping[str, torch.Tensor], profile_index: int, use_graph: bool
     ) -> list[torch.Tensor]:
         tensors = self._device_inputs(feeds)
-        stream = torch.cuda.current_stream(torch.device("cuda", self.device_index))
+        stream = self._gpu.current_stream()
         if use_graph:
             return self._run_graph(state, tensors, profile_index, stream)
+        return self._launch_plain(state, tensors, profile_index, stream)
+
+    def _launch_plain(
+        self, state: ExecutionState, tensors: Mapping[str, torch.Tensor], profile_index: int, stream: Any
+    ) -> list[torch.Tensor]:
+        self._wait_for_last_launch(state, stream)
         outputs = self._bind_device(state, tensors, profile_index, stream.cuda_stream)
         self._execute(state, stream.cuda_stream)
+        state.launched(stream, self._gpu.new_event)
         return [outputs[name] for name in self._output_order]
 
     def _run_graph(
@@ -407,29 +638,61 @@ class TensorRTBackend:
             if state.graph is not None:
                 logger.debug("CUDA graph: input shapes changed, capturing again")
             state.graph = None
-            state.graph = self._capture(state, tensors, profile_index, key)
+            try:
+                state.graph = self._capture(state, tensors, profile_index, key)
+            except GraphCaptureError as exc:
+                self.graph_unsupported = True
+                logger.warning(
+                    "this engine cannot be captured into a CUDA graph (%s); running it with plain "
+                    "launches from now on, as trtexec does",
+                    exc,
+                )
+                return self._launch_plain(state, tensors, profile_index, stream)
         captured = state.graph
+        self._wait_for_last_launch(state, stream)  # also protects the static inputs a replay reads
         for name, tensor in tensors.items():
-            captured.inputs[name].copy_(tensor)
+            self._gpu.copy(captured.inputs[name], tensor)
         captured.graph.replay()  # on the current stream, after the copies
-        return [captured.outputs[name].clone() for name in self._output_order]
+        state.launched(stream, self._gpu.new_event)
+        # Copies, so that a returned tensor is not overwritten by the next replay.
+        return [self._copy_of(captured.outputs[name]) for name in self._output_order]
+
+    def _copy_of(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._gpu.copy(self._gpu.empty(tuple(tensor.shape), tensor.dtype), tensor)
 
     def _capture(
         self, state: ExecutionState, tensors: Mapping[str, torch.Tensor], profile_index: int, key: tuple[Any, ...]
     ) -> CapturedGraph:
-        device = torch.device("cuda", self.device_index)
-        static_inputs = {name: t.clone() for name, t in tensors.items()}
-        capture_stream = torch.cuda.Stream(device)
-        capture_stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(capture_stream):
+        gpu = self._gpu
+        static_inputs = {name: self._copy_of(t) for name, t in tensors.items()}
+        capture_stream = gpu.new_stream()
+        capture_stream.wait_stream(gpu.current_stream())
+        self._wait_for_last_launch(state, capture_stream)
+        with gpu.use_stream(capture_stream):
             outputs = self._bind_device(state, static_inputs, profile_index, capture_stream.cuda_stream)
             # One plain launch first: TensorRT's deferred set-up after a shape change must not be captured.
             self._execute(state, capture_stream.cuda_stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=capture_stream, capture_error_mode="thread_local"):
-                self._execute(state, capture_stream.cuda_stream)
-        torch.cuda.current_stream(device).wait_stream(capture_stream)
+            state.launched(capture_stream, gpu.new_event)
+            graph = self._capture_launch(state, capture_stream)
+        gpu.current_stream().wait_stream(capture_stream)
         return CapturedGraph(key, graph, static_inputs, outputs)
+
+    def _capture_launch(self, state: ExecutionState, capture_stream: Any) -> Any:
+        """Capture one launch; a failure inside is reported, not masked by the capture's own error."""
+        graph = self._gpu.new_graph()
+        launch_error: EngineError | None = None
+        try:
+            with self._gpu.capture(graph, capture_stream):
+                try:
+                    self._execute(state, capture_stream.cuda_stream)
+                except EngineError as exc:
+                    launch_error = exc  # let the capture end normally, then report this one
+        except RuntimeError as exc:  # ending an invalidated capture raises (torch's cudaErrorStreamCapture*)
+            cause = launch_error or exc
+            raise GraphCaptureError(_one_line(cause)) from cause
+        if launch_error is not None:
+            raise GraphCaptureError(_one_line(launch_error)) from launch_error
+        return graph
 
     # ------------------------------------------------------------- insight
     def profile_layers(
@@ -439,15 +702,19 @@ class TensorRTBackend:
 
         Uses a separate execution context with a ``trt.IProfiler`` attached, so
         the thread's own context keeps running unprofiled (profiling adds a
-        synchronisation after every layer).
+        synchronisation after every layer). Its buffers are freed before this
+        returns, with the context pushed.
         """
         profiler = make_profiler(self._trt)
         with self.activated():
             state = self._new_state(profiler)
-            for _ in range(max(1, runs)):
-                self._run(state, feeds, profile_index, use_graph=False)  # per-layer timing needs plain launches
-            if torch.cuda.is_available():
-                torch.cuda.synchronize(self.device_index)
+            try:
+                for _ in range(max(1, runs)):
+                    self._run(state, feeds, profile_index, use_graph=False)  # per-layer timing needs plain launches
+                if self._gpu.available():
+                    self._gpu.synchronize()
+            finally:
+                state.release()
         medians = [(name, statistics.median(ms)) for name, ms in profiler.times.items()]
         return sorted(medians, key=lambda item: item[1], reverse=True)
 
@@ -457,3 +724,7 @@ class TensorRTBackend:
             inspector = self._engine.create_engine_inspector()
             text = inspector.get_engine_information(self._trt.LayerInformationFormat.JSON)
         return json.loads(text)
+
+
+class GraphCaptureError(EngineError):
+    """The engine's launch could not be captured into a CUDA graph."""
