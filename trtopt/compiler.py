@@ -361,6 +361,11 @@ def _apply_precision(
     )
     from .calibrators import calibrate
 
+    groups = {}
+    if config.smoothquant is not None:
+        from .precision.smoothquant import smoothable_groups
+
+        groups = smoothable_groups(onnx_model, plan)
     start = time.perf_counter()
     calibration = calibrate(
         onnx_model,
@@ -372,15 +377,24 @@ def _apply_precision(
         max_batches=config.calibration_batches,
         cache_path=config.calibration_cache,
         progress=logger.isEnabledFor(logging.INFO),
+        channel_max_for=list(groups),
     )
     seconds = time.perf_counter() - start
+    amax, smoothed, smoothed_ranges = dict(calibration.amax), [], {}
+    if groups:
+        from .precision.smoothquant import smooth
+
+        onnx_model, smoothed_ranges, smoothed = smooth(onnx_model, groups, calibration.channel_max, config.smoothquant)
+        amax.update(smoothed_ranges)
+        # The units now read the smoothed tensors: plan again, every other Q/DQ stays where it was.
+        plan = passes.plan_int8(onnx_model, keep_first_last=config.int8_keep_first_last, **excluded)
     budget_report = None
     if budget is not None:
         from .precision.budget import find_units_to_keep_high, keep_high
 
         budget_report = find_units_to_keep_high(
             onnx_model,
-            calibration.amax,
+            amax,
             held_out.feeds,
             held_out.labels,
             budget,
@@ -393,7 +407,7 @@ def _apply_precision(
     quantized, int8_report, fp16_report = passes.to_int8(
         onnx_model,
         plan,
-        calibration.amax,
+        amax,
         batches,
         float_precision=config.int8_float_precision.value,
         threshold=config.fp16_threshold,
@@ -413,9 +427,17 @@ def _apply_precision(
     if fp16_report is not None:
         report.update(fp16_report.to_json())
     # Kept so that export_onnx can write TensorRT's calibration cache next to the graph.
-    report["activation_amax"] = dict(calibration.amax)
-    if calibration.checks:
-        report["range_checks"] = {name: check.to_json() for name, check in calibration.checks.items()}
+    report["activation_amax"] = {name: amax[name] for name in plan.activation_tensors}
+    if smoothed:
+        report["smoothquant"] = {"alpha": config.smoothquant, "tensors": [t.to_json() for t in smoothed]}
+    # Checked ranges of the tensors quantized as calibrated (a smoothed tensor's range is max |x / s|).
+    checks = {
+        name: calibration.checks[name]
+        for name in plan.activation_tensors
+        if name in calibration.checks and name not in smoothed_ranges
+    }
+    if checks:
+        report["range_checks"] = {name: check.to_json() for name, check in checks.items()}
     if budget_report is not None:
         from .precision.budget import check_final
 
@@ -423,7 +445,7 @@ def _apply_precision(
         report["accuracy_budget"] = budget_report.to_json()
     if held_out is not None:
         report["accuracy"] = held_out.readout(
-            quantized, "int8", lambda: _int8_hints(onnx_model, calibration, plan, held_out.feeds, inputs)
+            quantized, "int8", lambda: _int8_hints(onnx_model, amax, checks, calibration, plan, held_out.feeds, inputs)
         )
     return quantized, report
 
@@ -479,12 +501,19 @@ def _hold_back(
 
 
 def _int8_hints(
-    model: onnx.ModelProto, calibration: Any, plan: Any, feeds: Sequence[Any], inputs: Sequence[Any]
+    model: onnx.ModelProto,
+    amax: Mapping[str, float],
+    checks: Mapping[str, Any],
+    calibration: Any,
+    plan: Any,
+    feeds: Sequence[Any],
+    inputs: Sequence[Any],
 ) -> list[str]:
-    """The worst ranges (measured now if they came from a cache) and what to try."""
+    """The worst ranges (those not checked at calibration measured now) and what to try."""
     from .calibrators import check_ranges
 
-    checks = calibration.checks or check_ranges(model, calibration.amax, feeds, input_specs=inputs)
+    unchecked = {name: amax[name] for name in plan.activation_tensors if name not in checks}
+    checks = {**checks, **(check_ranges(model, unchecked, feeds, input_specs=inputs) if unchecked else {})}
     worst = sorted(checks.items(), key=lambda item: (-item[1].clipped, -item[1].error))[:3]
     shown = "; ".join(f"{name!r} clips {c.clipped:.1%} of its values (error {c.error:.3g})" for name, c in worst)
     consumers = [node for name, _ in worst for node, _ in plan.activations.get(name, [])[:1]]

@@ -63,6 +63,8 @@ class BuildConfig:
     exclude_op_types: tuple[str, ...] = ()  # ONNX op types, e.g. ("Softmax", "LayerNormalization")
     int8_keep_first_last: bool = False  # first/last weighted layers not quantized (run in int8_float_precision)
     int8_float_precision: Precision = Precision.FP16  # what the non-quantized rest of an INT8 graph runs in
+    # SmoothQuant's migration strength alpha for MatMul/Gemm units (trtopt/precision/smoothquant.py); None: off.
+    smoothquant: float | None = 0.85
     fp16_threshold: float = 16384.0  # keep FP32 a node whose activations reach this on calibration data
     # TensorRT engine settings.
     workspace_bytes: int | None = None  # None: TensorRT's default (the device's memory)
@@ -107,6 +109,13 @@ class BuildConfig:
             )
         if not 0.0 < float(self.percentile) <= 100.0:
             raise ConfigError(f"percentile={self.percentile!r} must be in (0, 100], e.g. 99.99")
+        if self.smoothquant is not None and not (
+            isinstance(self.smoothquant, (int, float)) and not isinstance(self.smoothquant, bool) and 0.0 < self.smoothquant < 1.0
+        ):
+            raise ConfigError(
+                f"smoothquant={self.smoothquant!r} must be SmoothQuant's alpha, between 0 and 1 (default 0.85), "
+                "or None to turn it off"
+            )
         if self.calibration_batches is not None and self.calibration_batches < 1:
             raise ConfigError(
                 f"calibration_batches={self.calibration_batches!r} must be a positive integer or None"
@@ -145,6 +154,7 @@ ENGINE_SETTINGS: tuple[str, ...] = (
     "exclude_op_types",
     "int8_keep_first_last",
     "int8_float_precision",
+    "smoothquant",
     "fp16_threshold",
     "workspace_bytes",
     "optimization_level",

@@ -21,6 +21,8 @@ an entropy or minmax cache.
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import re
 import struct
@@ -28,8 +30,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .._io import atomic_write
 from ..errors import CalibrationError
+
+logger = logging.getLogger(__name__)
 
 # NV_TENSORRT_VERSION of TensorRT 10.3 (major * 10000 + minor * 100 + patch); the header's
 # version is informational for the tools that read the cache.
@@ -120,3 +126,32 @@ def write_cache(
             raise CalibrationError(f"tensor name {name!r} contains a line break; the cache format cannot hold it")
         lines.append(f"{name}: {scale_to_hex(scale)}")
     return atomic_write(path, "\n".join(lines) + "\n")
+
+
+def channel_path(cache_path: str | os.PathLike[str]) -> Path:
+    """Where the per-channel statistics of a cache live: ``<cache>.channels.npz`` beside it.
+
+    TensorRT's format holds one scale per tensor; SmoothQuant needs max |x| per
+    channel, so those go to a numpy file that TensorRT tools never read.
+    """
+    path = Path(cache_path)
+    return path.with_name(path.name + ".channels.npz")
+
+
+def write_channel_max(cache_path: str | os.PathLike[str], channel_max: Mapping[str, np.ndarray]) -> Path:
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: np.asarray(values, dtype=np.float64) for name, values in channel_max.items()})
+    return atomic_write(channel_path(cache_path), buffer.getvalue())
+
+
+def read_channel_max(cache_path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """The per-channel statistics beside a cache; empty when there are none or they are unreadable."""
+    path = channel_path(cache_path)
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError) as exc:  # truncated or not an npz: recalibrate
+        logger.warning("ignoring unreadable per-channel statistics %s: %s", path, exc)
+        return {}

@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx
 
 from ..config import CalibratorKind
 from ..errors import CalibrationError
-from .cache import algorithm_name, read_cache, write_cache
+from .cache import algorithm_name, channel_path, read_cache, read_channel_max, write_cache, write_channel_max
 from .collect import collect
 from .data import Progress, expected_batches, iter_batches
 from .observers import HistogramObserver, RangeCheck, make_observer
@@ -30,6 +31,8 @@ class CalibrationResult:
 
     ``checks`` holds, per tensor measured on data, the share of values its range
     clips and its expected quantization error (empty for ranges from a cache).
+    ``channel_max`` holds max |x| per channel of the last axis of the tensors
+    asked for with ``channel_max_for`` (SmoothQuant's statistic).
     """
 
     amax: dict[str, float]
@@ -37,6 +40,7 @@ class CalibrationResult:
     num_batches: int
     from_cache: bool = False
     checks: dict[str, RangeCheck] = field(default_factory=dict)
+    channel_max: dict[str, np.ndarray] = field(default_factory=dict)  # for channel_max_for
 
 
     def scales(self) -> dict[str, float]:
@@ -53,7 +57,7 @@ def _method_name(method: CalibratorKind | str) -> str:
 
 
 def _from_cache(
-    path: Path, names: Sequence[str], method: str, algorithm: str
+    path: Path, names: Sequence[str], method: str, algorithm: str, channel_names: Sequence[str]
 ) -> CalibrationResult | None:
     """The cached ranges when the cache fits this run; None (with a warning) when it does not."""
     cache = read_cache(path)  # a file that is no cache at all raises: never overwrite it
@@ -73,9 +77,18 @@ def _from_cache(
             path, len(missing), len(names), shown,
         )
         return None
+    channel_max = read_channel_max(path) if channel_names else {}
+    if any(n not in channel_max for n in channel_names):
+        logger.warning(
+            "calibration cache %s has no per-channel statistics (%s) for SmoothQuant; recalibrating and "
+            "overwriting it", path, channel_path(path).name,
+        )
+        return None
     amax = cache.amax()
     logger.info("calibration: using %d ranges from cache %s", len(names), path)
-    return CalibrationResult({n: amax[n] for n in names}, method, 0, from_cache=True)
+    return CalibrationResult(
+        {n: amax[n] for n in names}, method, 0, from_cache=True, channel_max={n: channel_max[n] for n in channel_names}
+    )
 
 
 def calibrate(
@@ -89,10 +102,13 @@ def calibrate(
     max_batches: int | None = None,
     cache_path: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    channel_max_for: Sequence[str] = (),
 ) -> CalibrationResult:
     """Measure the range (amax) of each tensor in ``tensor_names`` over ``calibration_data``.
 
-    See the package docstring for the accepted data forms and the cache rules.
+    ``channel_max_for`` (a subset of ``tensor_names``) also get max |x| per channel
+    of their last axis, in the same pass. See the package docstring for the
+    accepted data forms and the cache rules.
     """
     method = _method_name(method)
     if not 0.0 < float(percentile) <= 100.0:
@@ -111,11 +127,12 @@ def calibrate(
     algorithm = algorithm_name(method, percentile)
     path = Path(cache_path) if cache_path is not None else None
     if path is not None and path.exists():
-        cached = _from_cache(path, names, method, algorithm)
+        cached = _from_cache(path, names, method, algorithm, list(channel_max_for))
         if cached is not None:
             return cached
 
-    observers = {name: make_observer(method, percentile) for name in names}
+    per_channel = set(channel_max_for)
+    observers = {name: make_observer(method, percentile, channels=name in per_channel) for name in names}
     batches = iter_batches(calibration_data, input_specs, max_batches)
     bar = Progress(expected_batches(calibration_data, max_batches), enabled=progress)
     count = collect(onnx_model, observers, batches, bar)
@@ -127,10 +144,13 @@ def calibrate(
             "calibration: %d tensor(s) were exactly zero on every batch (amax 0): %s",
             len(zero), ", ".join(zero[:5]) + (" ..." if len(zero) > 5 else ""),
         )
-    result = CalibrationResult(amax, method, count, checks=checks)
+    channel_max = {n: observers[n].channel_max for n in names if observers[n].channel_max is not None}
+    result = CalibrationResult(amax, method, count, checks=checks, channel_max=channel_max)
     logger.info("calibration: %s ranges for %d tensors from %d batches", method, len(names), count)
     if path is not None:
         write_cache(path, result.scales(), algorithm)
+        if channel_max:
+            write_channel_max(path, channel_max)
     return result
 
 

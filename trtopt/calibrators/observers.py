@@ -205,12 +205,16 @@ class RangeCheck:
 class HistogramObserver:
     """Streams |x| into a 2048-bin histogram; amax by any method, and the check of that range."""
 
-    def __init__(self, method: str, percentile: float = 99.99, num_bins: int = NUM_BINS) -> None:
+    def __init__(
+        self, method: str, percentile: float = 99.99, num_bins: int = NUM_BINS, channels: bool = False
+    ) -> None:
         if method not in METHODS:
             raise CalibrationError(f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}")
         self.method = method
         self.percentile = float(percentile)
         self.histogram = StreamingHistogram(num_bins)
+        # max |x| per channel of the last axis (SmoothQuant's statistic), when asked for
+        self.channel_max: np.ndarray | None = np.zeros(0) if channels else None
         self._chosen: RangeCheck | None = None
 
     @property
@@ -219,7 +223,11 @@ class HistogramObserver:
 
     def update(self, values: np.ndarray) -> float:
         self._chosen = None
-        return self.histogram.add(values)
+        batch_max = self.histogram.add(values)
+        if self.channel_max is not None and np.isfinite(batch_max) and np.ndim(values) and np.size(values):
+            per_channel = np.abs(np.asarray(values).reshape(-1, np.shape(values)[-1])).max(axis=0).astype(np.float64)
+            self.channel_max = per_channel if self.channel_max.size == 0 else np.maximum(self.channel_max, per_channel)
+        return batch_max
 
     def amax(self) -> float:
         return self.check().amax
@@ -279,5 +287,5 @@ class HistogramObserver:
         return RangeCheck(method, float(amax), hist.clipped_share(amax), relative)
 
 
-def make_observer(method: str, percentile: float = 99.99) -> HistogramObserver:
-    return HistogramObserver(method, percentile)
+def make_observer(method: str, percentile: float = 99.99, channels: bool = False) -> HistogramObserver:
+    return HistogramObserver(method, percentile, channels=channels)
