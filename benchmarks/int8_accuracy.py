@@ -336,7 +336,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("trtopt", "modelopt", "root", "onnxscript", "onnx_ir", "torch"):
+    for noisy in ("trtopt", "modelopt", "onnxscript", "onnx_ir", "torch"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     skip_modelopt = modelopt_missing()
     models = []

@@ -220,6 +220,34 @@ def test_compile_int8_with_calibration_file(factory, tmp_path, capsys):
     desc = json.loads(stdout)
     assert desc["precision"] == "int8" and desc["graph"]["quantize_dequantize_nodes"] > 0
     assert "int8" in desc["graph"]["weight_bytes_by_dtype"]
+    precision = desc["info"]["precision"]
+    # 2 batches calibrate (--calib-batches), the third is held back to measure the module against FP32.
+    assert precision["calibration_batches"] == 2 and precision["accuracy"]["samples"] == 2
+    assert set(precision["range_checks"]) == set(precision["activation_amax"]) - {
+        t["tensor"] for t in precision["smoothquant"]["tensors"]
+    }
+    code, text, _ = run_cli(capsys, "inspect", out)
+    assert "  accuracy: cosine " in text and "held-back samples" in text
+    assert "ranges checked; worst: " in text and "(error " in text
+    assert "  smoothquant: alpha 0.85: 1 activation(s) smoothed" in text
+
+
+def test_compile_smoothquant_and_calibrator_flags(factory, tmp_path, capsys):
+    import numpy as np
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((3, 2, 3, 8, 8)).astype(np.float32))
+    out = tmp_path / "off.trtopt"
+    code, _, err = run_cli(capsys, "compile", factory, "--precision", "int8", "--calib", calib, "--smoothquant", "off",
+                           "--calibrator", "auto", "--backend", "onnxruntime", "-o", out)
+    assert code == 0, err
+    precision = trtopt.load(out).precision_report
+    assert "smoothquant" not in precision and precision["calibrator"] == "auto"
+    assert {c["method"].split(":")[0] for c in precision["range_checks"].values()} == {"auto"}
+    code, _, err = run_cli(capsys, "compile", factory, "--precision", "int8", "--calib", calib, "--smoothquant", "2")
+    assert code == 2 and "between 0 and 1" in err
+    code, _, err = run_cli(capsys, "compile", factory, "--validation", calib, "--backend", "onnxruntime")
+    assert_one_line_error(code, err, "not used at fp32")
 
 
 def test_compile_with_an_accuracy_budget_and_emit_onnx(factory, tmp_path, capsys):

@@ -254,10 +254,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
     budget = None
     if args.accuracy_budget:
         budget = trtopt.AccuracyBudget.parse(args.accuracy_budget, best_effort=args.best_effort)
+    if args.smoothquant is not None:  # not given: the config's default
+        overrides["smoothquant"] = None if args.smoothquant == "off" else args.smoothquant
     validation = None
     if args.validation:
-        if not args.accuracy_budget:
-            raise ConfigError("--validation is only used with --accuracy-budget")
+        if args.precision == "fp32":
+            raise ConfigError("--validation judges an fp16 or int8 module against FP32; it is not used at fp32")
         validation = str(_check_file(args.validation, "validation file"))
     logger.info("compiling %s at %s", args.source, args.precision)
     module = trtopt.compile(
@@ -431,6 +433,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for key, value in (desc["info"].get("precision") or {}).items():
         if key == "activation_amax":  # one range per quantized tensor: a count is what a reader wants
             value = f"{len(value)} calibrated tensors (--json lists them)"
+        elif key == "accuracy":
+            from .precision.readout import AccuracyReadout
+
+            readout = AccuracyReadout(**value)
+            value = readout.describe() + ("" if readout.ok else " -- drifts from FP32 (see docs/calibration.md)")
+        elif key == "range_checks":
+            worst = sorted(value.items(), key=lambda item: (-item[1]["clipped"], -item[1]["error"]))[:3]
+            value = f"{len(value)} ranges checked; worst: " + ", ".join(
+                f"{name} clips {c['clipped']:.2%} (error {c['error']:.3g}, {c['method']})" for name, c in worst
+            )
+        elif key == "smoothquant":
+            tensors = value.get("tensors", [])
+            folded = sum(t.get("folded_into") is not None for t in tensors)
+            value = f"alpha {value.get('alpha')}: {len(tensors)} activation(s) smoothed, {folded} folded into a LayerNormalization"
         elif key == "accuracy_budget":
             kept = value.get("kept_high", [])
             value = (
@@ -490,6 +506,19 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _alpha_or_off(text: str) -> float | str:
+    """``--smoothquant``: SmoothQuant's alpha in (0, 1), or ``"off"``."""
+    if text.lower() in ("off", "none", "0"):
+        return "off"
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give SmoothQuant's alpha between 0 and 1 (e.g. 0.85), or 'off'")
+    return value
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -502,7 +531,7 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .config import Backend, CalibratorKind, Precision
+    from .config import Backend, BuildConfig, CalibratorKind, Precision
 
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -537,13 +566,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration data for int8 (and the fp16 keep-list): a .npz with one array per input, "
                    "keyed by input name, each a stack of batches along axis 0")
     p.add_argument("--calibrator", choices=[v.value for v in CalibratorKind],
-                   help="int8 range algorithm (default: entropy)")
+                   help=f"int8 range algorithm (default: {BuildConfig().calibrator.value}; see docs/calibration.md)")
+    p.add_argument("--smoothquant", type=_alpha_or_off, metavar="ALPHA|off",
+                   help=f"int8: SmoothQuant's alpha for MatMul/Gemm layers (default {BuildConfig().smoothquant}), or off")
     p.add_argument("--calib-batches", type=_positive, metavar="N", help="use at most N calibration batches")
     p.add_argument("--calib-cache", metavar="PATH", help="TensorRT calibration cache to read, or write")
     p.add_argument("--accuracy-budget", metavar="METRIC>=BOUND",
                    help="int8: keep the fewest layers out of INT8 that meet this budget, e.g. 'cosine>=0.999', "
                    "'top1>=0.995', 'max_abs<=0.05' (judged on --validation, else on the last fifth of --calib)")
-    p.add_argument("--validation", metavar="DATA.npz", help="validation data for --accuracy-budget (.npz, like --calib)")
+    p.add_argument("--validation", metavar="DATA.npz",
+                   help="fp16/int8: data to measure the module against FP32 on, and to judge --accuracy-budget "
+                   "(.npz, like --calib; default: the last fifth of --calib, held back from calibration)")
     p.add_argument("--best-effort", action="store_true",
                    help="with --accuracy-budget: return the closest module when the budget cannot be met")
     p.add_argument("--emit-onnx", metavar="OUT.onnx",
