@@ -517,9 +517,11 @@ def _int8_hints(
     worst = sorted(checks.items(), key=lambda item: (-item[1].clipped, -item[1].error))[:3]
     shown = "; ".join(f"{name!r} clips {c.clipped:.1%} of its values (error {c.error:.3g})" for name, c in worst)
     consumers = [node for name, _ in worst for node, _ in plan.activations.get(name, [])[:1]]
+    others = " or ".join(repr(m) for m in ("auto", "minmax") if m != calibration.method)
+    retry = "delete the calibration cache to calibrate again, " if calibration.from_cache else ""
     return [
         f"Worst ranges ({calibration.method}{', from the calibration cache' if calibration.from_cache else ''}): {shown}.",
-        f"Try calibrator='auto' or 'minmax', accuracy_budget='cosine>=0.99', or exclude_nodes={consumers[:3]!r}.",
+        f"Try: {retry}calibrator={others}, accuracy_budget='cosine>=0.99', or exclude_nodes={consumers[:3]!r}.",
     ]
 
 

@@ -414,7 +414,7 @@ def split_validation(
         held = max(1, round(len(batches) * HELD_BACK))
         calibration_data, validation_data = batches[:-held], batches[-held:]
         logger.info(
-            "accuracy budget: calibrating on %d batches, validating on the %d held back",
+            "calibrating on %d batches; the last %d held back to measure the module against FP32",
             len(calibration_data), held,
         )
     raw = validation_data if isinstance(validation_data, (str, os.PathLike)) or hasattr(validation_data, "shape") else list(validation_data)
