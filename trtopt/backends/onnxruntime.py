@@ -13,6 +13,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
@@ -85,3 +86,10 @@ class OnnxRuntimeBackend:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise EngineError(f"ONNX Runtime failed to run the graph: {exc}") from exc
         return [torch.from_numpy(o) for o in outputs]
+
+    def run_numpy(self, arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run one batch of arrays the caller has checked (``CompiledModule``'s fast path)."""
+        try:
+            return self.session.run(self.output_names, arrays)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise EngineError(f"ONNX Runtime failed to run the graph: {exc}") from exc
