@@ -68,6 +68,16 @@ CONVERT_HINT = {
 }
 
 
+_SHAPE_CACHE_SIZE = 256
+
+
+def _numpy_dtype(name: str) -> np.dtype | None:
+    try:
+        return np.dtype(name)
+    except TypeError:  # bfloat16 has no numpy dtype: such inputs always take the full path
+        return None
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -179,6 +189,12 @@ class CompiledModule:
         self.backend = backend
         self.engine = engine  # serialized TensorRT engine, when built
         self._inputs = {t.name: t for t in spec.inputs}
+        self._names = tuple(t.name for t in spec.inputs)
+        # The fast path (see _fast_call): what each input must be, and the shapes already checked.
+        self._numpy_dtypes = tuple(_numpy_dtype(t.dtype) for t in spec.inputs)
+        self._torch_dtypes = tuple(_NUMPY_TO_TORCH.get(t.dtype) for t in spec.inputs)
+        self._checked_shapes: dict[tuple[tuple[int, ...], ...], int] = {}
+        self._single_tensor = spec.output_structure.get("type") == "tensor"
 
     # ------------------------------------------------------------ properties
     @property
@@ -258,10 +274,59 @@ class CompiledModule:
             )
         return tensor
 
+    def _fast_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The common call, checked in a few microseconds, or None to take the full path.
+
+        Every input by position, all numpy arrays or all CPU torch tensors, C-contiguous,
+        of the model's dtype, with shapes the full path has already accepted (a profile is
+        chosen once per shape combination). Those arrays go to the backend as they are, no
+        copy. Anything else returns None and the full path checks it, with its errors.
+        """
+        run_numpy = getattr(self.backend, "run_numpy", None)
+        if run_numpy is None or kwargs or len(args) != len(self._names):
+            return None
+        first = args[0]
+        if type(first) is np.ndarray:
+            for value, dtype in zip(args, self._numpy_dtypes):
+                if type(value) is not np.ndarray or value.dtype != dtype or not value.flags.c_contiguous:
+                    return None
+            arrays = args
+        elif type(first) is torch.Tensor:
+            for value, dtype in zip(args, self._torch_dtypes):
+                if (
+                    type(value) is not torch.Tensor
+                    or value.dtype != dtype
+                    or value.device.type != "cpu"
+                    or value.requires_grad
+                    or not value.is_contiguous()
+                ):
+                    return None
+            arrays = tuple(value.numpy() for value in args)  # shares the tensor's memory
+        else:
+            return None
+        if tuple(a.shape for a in arrays) not in self._checked_shapes:
+            return None
+        outputs = run_numpy(dict(zip(self._names, arrays)))
+        if type(first) is torch.Tensor:
+            outputs = [torch.from_numpy(o) for o in outputs]
+        if self._single_tensor:
+            return outputs[0]
+        return unflatten_outputs(self.spec.output_structure, outputs)
+
+    def _remember_shapes(self, shapes: tuple[tuple[int, ...], ...], index: int) -> None:
+        if len(self._checked_shapes) >= _SHAPE_CACHE_SIZE:
+            self._checked_shapes.clear()  # many distinct shapes: start over rather than grow
+        self._checked_shapes[shapes] = index
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        fast = self._fast_call(args, kwargs)
+        if fast is not None:
+            return fast
         values = self._collect(args, kwargs)
         feeds = {name: self._as_tensor(name, v) for name, v in values.items()}
         index = select_profile(self.profiles, {n: tuple(t.shape) for n, t in feeds.items()})
+        if not kwargs and len(args) == len(self._names):
+            self._remember_shapes(tuple(tuple(feeds[n].shape) for n in self._names), index)
         outputs = self.backend.run(feeds, index)
         if all(isinstance(v, np.ndarray) for v in values.values()):
             leaves: list[Any] = [o.cpu().numpy() for o in outputs]

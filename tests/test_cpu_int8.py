@@ -1,0 +1,172 @@
+"""TensorRT-faithful INT8 on the CPU backend: integer kernels, same numbers.
+
+The graph TensorRT gets is unchanged (symmetric INT8, FP16 float part); what
+ONNX Runtime runs is ``lower_qdq_for_cpu(emulate_fp16(graph))``. These tests pin
+that (1) the FP16 emulation leaves out the tensors TensorRT keeps inside fused
+INT8 kernels, (2) ONNX Runtime then fuses Conv into QLinearConv, (3) the rewrite
+itself is exact (only the integer kernels' rounding differs), and (4) on the
+trained digits models the fast path stays within the INT8 tolerance of the
+plain emulation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import trtopt
+from tests._digits import DigitsCNN, DigitsTransformer, load_digits, top1, train
+from trtopt.backends.onnxruntime import DISABLED_OPTIMIZERS, make_session
+from trtopt.backends.qdq_cpu import lower_qdq_for_cpu
+from trtopt.precision import emulate_fp16, validate_qdq
+from trtopt.precision.probe import fused_int8_tensors
+
+INT8_TOLERANCE = 1.0  # top-1 points, as in test_precision_digits
+
+
+def plain_session(
+    model: onnx.ModelProto, level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+) -> ort.InferenceSession:
+    """The reference: the emulated graph as it is, Q/DQ run as float ops (no QDQ fusions, which
+    on an x86 CPU without VNNI would saturate int8 x int8 products in the transformer)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = level
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"],
+        disabled_optimizers=list(DISABLED_OPTIMIZERS),
+    )
+
+
+def optimized_ops(model: onnx.ModelProto, tmp_path: Path) -> list[str]:
+    """The op types ONNX Runtime actually runs for ``model`` after its own fusions."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(
+        lower_qdq_for_cpu(model).SerializeToString(), options, providers=["CPUExecutionProvider"],
+        disabled_optimizers=list(DISABLED_OPTIMIZERS),
+    )
+    return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+@pytest.fixture(scope="module")
+def cnn_int8(digits):
+    model = train(DigitsCNN, digits, epochs=8)
+    module = trtopt.compile(
+        model, (digits.test_x[:4],), precision="int8", calibration_data=digits.calibration_batches(),
+        dynamic_shapes={"x": {0: (1, 64, 512)}}, backend="onnxruntime",
+    )
+    return model, module
+
+
+def test_the_tensorrt_graph_is_unchanged(cnn_int8):
+    _, module = cnn_int8
+    graph = module.onnx_model
+    assert validate_qdq(graph) > 0  # symmetric int8, zero point 0: TensorRT's rules
+    zero_points = [i for i in graph.graph.initializer if i.name.endswith("__zero_point")]
+    assert zero_points and {i.data_type for i in zero_points} == {onnx.TensorProto.INT8}
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.graph.initializer)
+
+
+def test_fp16_emulation_skips_tensors_inside_fused_int8_kernels(cnn_int8):
+    _, module = cnn_int8
+    graph = module.onnx_model
+    fused = fused_int8_tensors(graph)
+    producers = {o: n for n in graph.graph.node for o in n.output}
+    # Every Relu output that only feeds a Q, and every dequantized Conv/Gemm input, is fused.
+    relu_into_q = [n.output[0] for n in graph.graph.node if n.op_type == "Relu"
+                   and all(c.op_type == "QuantizeLinear" for c in graph.graph.node if n.output[0] in c.input)]
+    assert relu_into_q and set(relu_into_q) <= fused
+    emulated = emulate_fp16(graph)
+    rounded = {n.output[0] for n in emulated.graph.node if n.op_type == "Cast" and n.input[0].endswith("__as_fp16")}
+    assert rounded  # tensors TensorRT does store in FP16 are still rounded
+    assert not fused & rounded
+    # Conv/Gemm read their dequantized inputs unrounded, also where an Add reads the same tensor rounded.
+    emulated_producers = {o: n for n in emulated.graph.node for o in n.output}
+    for node in emulated.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            assert not {node.input[0], node.input[1]} & rounded, node.name
+            assert emulated_producers[node.input[1]].op_type == "DequantizeLinear"
+    assert any(t.endswith("__fp32") and emulated_producers[t].op_type == "DequantizeLinear"
+               for n in emulated.graph.node if n.op_type == "Conv" for t in n.input[:1])
+
+
+def test_onnxruntime_runs_the_convolutions_as_integer_kernels(cnn_int8, tmp_path):
+    _, module = cnn_int8
+    emulated = emulate_fp16(module.onnx_model)
+    ops = optimized_ops(emulated, tmp_path)
+    # The block's first conv (Conv -> Relu -> Q) and the head (Gemm on a non-negative mean) run
+    # as integer kernels. The others have a float output in the TensorRT graph (the residual Add,
+    # the mean) or a signed input (the image), and run in float with their weight dequantized once.
+    assert ops.count("QLinearConv") == 1 and ops.count("QGemm") == 1, ops
+    assert "DequantizeLinear" not in [o for o in ops if o == "Conv"]
+    # Without the CPU layout ONNX Runtime runs none of them as integer kernels.
+    plain = tmp_path / "plain.onnx"
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(plain)
+    ort.InferenceSession(emulated.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    assert "QLinearConv" not in [n.op_type for n in onnx.load(plain).graph.node]
+
+
+def test_the_rewrite_itself_is_exact(cnn_int8, digits):
+    """With ONNX Runtime's fusions off, the CPU layout computes what the emulated graph computes."""
+    _, module = cnn_int8
+    emulated = emulate_fp16(module.onnx_model)
+    x = digits.test_x[:64].numpy()
+    off = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    want = plain_session(emulated, off).run(None, {"x": x})[0]
+    got = plain_session(lower_qdq_for_cpu(emulated), off).run(None, {"x": x})[0]
+    # Only the int32 bias rounding (half of s_x * s_w at most) moves values, and rarely tips a
+    # later quantization step: no logit moves by more than 1% of the range, no class changes.
+    assert np.abs(got - want).max() <= 0.01 * np.abs(want).max()
+    assert np.array_equal(got.argmax(1), want.argmax(1))
+
+
+def test_fast_path_stays_within_int8_tolerance_on_digits(cnn_int8, digits):
+    model, module = cnn_int8
+    x = digits.test_x.numpy()
+    fast = module(x)
+    reference = plain_session(emulate_fp16(module.onnx_model)).run(None, {"x": x})[0]
+    assert abs(top1(fast, digits.test_y) - top1(reference, digits.test_y)) <= INT8_TOLERANCE
+    assert float(np.mean(fast.argmax(1) == reference.argmax(1))) >= 0.99
+    with torch.no_grad():
+        fp32 = top1(model(digits.test_x), digits.test_y)
+    assert fp32 - top1(fast, digits.test_y) <= INT8_TOLERANCE
+
+
+def test_transformer_fast_path_stays_within_int8_tolerance(digits):
+    model = train(DigitsTransformer, digits, rows=True, epochs=8)
+    x = digits.test_x[:, 0]
+    module = trtopt.compile(
+        model, (x[:4],), precision="int8", calibration_data=digits.calibration_batches(rows=True),
+        dynamic_shapes={"x": {0: (1, 64, 512)}}, backend="onnxruntime",
+    )
+    fast = module(x.numpy())
+    reference = plain_session(emulate_fp16(module.onnx_model)).run(None, {"x": x.numpy()})[0]
+    assert abs(top1(fast, digits.test_y) - top1(reference, digits.test_y)) <= INT8_TOLERANCE
+
+
+def test_a_graph_without_qdq_or_still_in_fp16_is_left_alone(cnn_int8):
+    _, module = cnn_int8
+    assert lower_qdq_for_cpu(module.onnx_model) is module.onnx_model  # FP16 initializers: not emulated
+    plain = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        )
+    )
+    assert lower_qdq_for_cpu(plain) is plain
+    make_session(plain)  # and a session still builds
