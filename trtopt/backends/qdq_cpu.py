@@ -93,6 +93,13 @@ def _nonnegative(tensor: gs.Tensor) -> bool:
             params = _qdq_params(producer)
             if params is None or np.any(params[1] != 0):
                 return False
+        elif producer.op == "Mul":  # by a non-negative constant, e.g. SmoothQuant's 1/s per channel
+            factors = [_constant(t) for t in producer.inputs]
+            variables = [t for t, f in zip(producer.inputs, factors) if f is None]
+            if len(variables) != 1 or any(f is not None and np.any(f < 0) for f in factors):
+                return False
+            tensor = variables[0]
+            continue
         elif producer.op not in _KEEPS_SIGN:
             return False
         tensor = producer.inputs[0]
