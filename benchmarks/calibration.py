@@ -6,6 +6,8 @@ same data with every configuration below, for 16, 64 and 256 batches:
 
 * ``trtopt-entropy``: ``trtopt.calibrators.calibrate(method="entropy")``
   (2048 bins, 128 levels, TensorRT's search),
+* ``trtopt-auto``: ``method="auto"``, the default (entropy, percentile, MSE and
+  minmax ranges from the one histogram, the least-error one that clips little),
 * ``trtopt-minmax``: max |x| (the reference that shows what a degenerate
   entropy search returns),
 * ``ort-entropy-default``: onnxruntime's entropy calibrator with its defaults
@@ -45,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-CONFIGS = ("trtopt-entropy", "trtopt-minmax", "ort-entropy-default", "ort-entropy-2048")
+CONFIGS = ("trtopt-entropy", "trtopt-auto", "trtopt-minmax", "ort-entropy-default", "ort-entropy-2048")
 ORT_OPTIONS = {
     "ort-entropy-default": {},
     "ort-entropy-2048": {"num_bins": 2048, "num_quantized_bins": 128},

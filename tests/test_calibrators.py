@@ -539,9 +539,9 @@ class FakeUnreadableData:
 
 def test_valid_cache_skips_calibration(tmp_path):
     path = tmp_path / "calib.cache"
-    first = calibrate(SMALL, SMALL_TENSORS, _small_batches(4), input_specs=SMALL_SPECS, cache_path=path)
+    first = calibrate(SMALL, SMALL_TENSORS, _small_batches(4), input_specs=SMALL_SPECS, cache_path=path, method="entropy")
     assert path.read_text().startswith("TRT-100300-EntropyCalibration2\n")
-    again = calibrate(SMALL, ["y", "a"], FakeUnreadableData(), input_specs=SMALL_SPECS, cache_path=path)
+    again = calibrate(SMALL, ["y", "a"], FakeUnreadableData(), input_specs=SMALL_SPECS, cache_path=path, method="entropy")
     assert again.from_cache and again.num_batches == 0 and again.method == "entropy"
     assert again.amax == {n: float(np.float32(first.amax[n] / 127)) * 127 for n in ("y", "a")}
 

@@ -38,6 +38,10 @@ class CalibratorKind(str, enum.Enum):
     AUTO = "auto"  # per tensor, the least-error of the four that clips at most 0.1% of values
 
 
+# The calibrator the INT8 evaluation suite (benchmarks/int8_accuracy.py) found best; docs/calibration.md.
+DEFAULT_CALIBRATOR = CalibratorKind.AUTO
+
+
 def _coerce_enum(enum_type: type[enum.Enum], value: Any, field: str) -> enum.Enum:
     try:
         return enum_type(value.value if isinstance(value, enum.Enum) else value)
@@ -54,7 +58,7 @@ class BuildConfig:
     backend: Backend = Backend.AUTO
     opset: int = 19  # 19 is the first opset with FP16 Q/DQ scales (DESIGN.md §4)
     # Calibration (INT8 and the FP16 keep-list).
-    calibrator: CalibratorKind = CalibratorKind.ENTROPY
+    calibrator: CalibratorKind = DEFAULT_CALIBRATOR
     percentile: float = 99.99
     calibration_batches: int | None = None  # None: use every batch given
     calibration_cache: str | None = None

@@ -10,7 +10,7 @@ The entry point the precision pass calls::
         calibration_data,           # see below
         *,
         input_specs,                # Sequence[trtopt.module.TensorSpec] of the graph inputs
-        method="entropy",           # "entropy" | "minmax" | "percentile" (or CalibratorKind)
+        method="auto",              # "auto" | "entropy" | "mse" | "minmax" | "percentile" (or CalibratorKind)
         percentile=99.99,           # for method="percentile"
         max_batches=None,           # None: every batch
         cache_path=None,            # str | Path: read if valid & matching, else calibrate and write
@@ -23,8 +23,11 @@ The entry point the precision pass calls::
     read_cache(path) -> CalibrationCache    # .version, .algorithm, .scales {name: amax / 127}, .amax()
 
 * Methods (``observers``): ``entropy`` is TensorRT's EntropyCalibration2 search
-  over a 2048-bin histogram of |x| (DESIGN.md §5), ``minmax`` is max |x|,
-  ``percentile`` the given percentile of |x| from the same histogram.
+  over a 2048-bin histogram of |x| (ties to the widest cut; discrete data keeps
+  its full range), ``mse`` the least expected quantization error, ``minmax``
+  max |x|, ``percentile`` the given percentile of |x|, all from the same
+  histogram; ``auto`` (the default) the least-error of those four that clips at
+  most 0.1% of the values. Each range comes with its check (``RangeCheck``).
 * Histograms grow as TensorRT's do: the range doubles and bins merge pairwise
   (``histogram``); counts stay exact and memory constant.
 * ``calibration_data`` (``data``): an iterable of batches (DataLoader, list,
