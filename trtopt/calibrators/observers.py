@@ -76,7 +76,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from ..errors import CalibrationError
 from .histogram import NUM_BINS, StreamingHistogram
@@ -129,8 +129,6 @@ def entropy_divergences(counts: np.ndarray, num_levels: int = NUM_LEVELS) -> np.
     return kl
 
 
-
-
 def entropy_cut(counts: np.ndarray, num_levels: int = NUM_LEVELS) -> int:
     """The number of bins ``i`` the entropy search keeps: the widest cut of least KL, up to ties."""
     kl = entropy_divergences(counts, num_levels)
@@ -170,8 +168,9 @@ def mse_cut(counts: np.ndarray, width: float) -> int:
     """The cut ``i`` (amax = i * width) of least expected quantization error; the widest on a tie.
 
     Coarse to fine: every 8th cut from 128 to 2048, then each cut within 8 of the best
-    one. The full sweep costs 8 times more for the same answer on every histogram in the
-    tests (the error curve is smooth at that scale on continuous data).
+    one. The full sweep costs 8 times more; on every histogram in the tests this one's
+    error is within 1% of the full sweep's least (the curve is smooth at that scale on
+    continuous data).
     """
     last = len(counts)
 
@@ -199,7 +198,7 @@ class RangeCheck:
     error: float
 
     def to_json(self) -> dict[str, float | str]:
-        return {"method": self.method, "amax": self.amax, "clipped": self.clipped, "error": self.error}
+        return asdict(self)
 
 
 class HistogramObserver:
