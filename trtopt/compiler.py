@@ -333,12 +333,34 @@ def _apply_precision(
     )
     seconds = time.perf_counter() - start
     budget_report = None
-    if budget is not None:
-        from .precision.budget import find_units_to_keep_high, keep_high, run_outputs
+    float_precision = config.int8_float_precision.value
+    source = onnx_model
+    built: dict[frozenset[str], tuple[Any, Any, Any]] = {}  # the latest module the search built
 
-        reference = run_outputs(onnx_model, validation)  # FP32 outputs: the search and the final check
+    def build(kept: frozenset[str] = frozenset()) -> tuple[Any, Any, Any]:
+        """The INT8 module as compiled, with the units in ``kept`` left out of INT8."""
+        from .precision.budget import keep_high
+
+        chosen = keep_high(plan, kept, {n.name: n.op_type for n in source.graph.node}) if kept else plan
+        result = passes.to_int8(
+            source, chosen, calibration.amax, batches,
+            float_precision=float_precision, threshold=config.fp16_threshold, **excluded,
+        )
+        built.clear()
+        built[kept] = result
+        return result
+
+    if budget is not None:
+        from .precision.budget import FinalModule, find_units_to_keep_high, run_outputs
+
+        reference = run_outputs(source, validation)  # FP32 outputs: the search and the final check
+        # The analysis measures INT8 with an FP32 float part; an FP16 float part adds its own error,
+        # so the search measures the module as built too, and keeps more units high if FP16 tips it.
+        final = None
+        if float_precision == "fp16":
+            final = FinalModule(f"fp16 threshold={config.fp16_threshold:g}", lambda kept: build(kept)[0])
         budget_report = find_units_to_keep_high(
-            onnx_model,
+            source,
             calibration.amax,
             validation,
             labels,
@@ -346,18 +368,12 @@ def _apply_precision(
             plan_options={"keep_first_last": config.int8_keep_first_last, **excluded},
             cache_dir=config.sensitivity_cache_dir,
             reference=reference,
+            final=final,
         )
-        ops = {node.name: node.op_type for node in onnx_model.graph.node}
-        plan = keep_high(plan, budget_report.kept_high, ops)
-    onnx_model, int8_report, fp16_report = passes.to_int8(
-        onnx_model,
-        plan,
-        calibration.amax,
-        batches,
-        float_precision=config.int8_float_precision.value,
-        threshold=config.fp16_threshold,
-        **excluded,
-    )
+        kept = frozenset(budget_report.kept_high)
+        onnx_model, int8_report, fp16_report = built[kept] if kept in built else build(kept)
+    else:
+        onnx_model, int8_report, fp16_report = build()
     report = {
         "precision": "int8",
         "calibrator": config.calibrator.value,
@@ -376,7 +392,8 @@ def _apply_precision(
     if budget_report is not None:
         from .precision.budget import check_final
 
-        check_final(budget_report, onnx_model, reference, validation, labels, budget)
+        # The search measured this very module (or its cached twin): no need to run it again.
+        check_final(budget_report, onnx_model, reference, validation, labels, budget, value=budget_report.final)
         report["accuracy_budget"] = budget_report.to_json()
     return onnx_model, report
 
