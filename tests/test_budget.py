@@ -329,3 +329,25 @@ def test_compile_meets_a_tight_then_a_looser_budget_on_one_cache(tmp_path):
         assert report["met"] and report["final"] >= float(bound.split(">=")[1])
         reports.append(report)
     assert reports[1]["final_evaluations"] >= 1 and len(reports[1]["kept_high"]) <= len(reports[0]["kept_high"])
+
+
+def test_the_switched_graph_gives_the_outputs_of_the_graph_built_for_each_set(setup):
+    """One session with a switch per unit replaces a graph and a session per measurement."""
+    import onnxruntime as ort
+
+    from trtopt.precision.budget import SwitchedInt8, build_int8, quantized_units
+
+    graph, amax, validation, sensitive = setup
+    units = quantized_units(graph, {})
+    switched = SwitchedInt8(graph, amax, {}, units)
+    options = ort.SessionOptions()
+    # Q/DQ as written: ONNX Runtime's fused INT8 kernels would round differently from both.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    for kept in (frozenset(), frozenset([sensitive]), frozenset(list(units)[:2]), frozenset(units)):
+        session = ort.InferenceSession(build_int8(graph, amax, {}, kept).SerializeToString(), options)
+        expected = np.concatenate([session.run(None, feed)[0] for feed in validation])
+        (got,) = switched.run(kept, validation)
+        assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max(), kept
+    assert len(switched.switches) == 4
+    with pytest.raises(ConfigError, match="not quantized units"):
+        switched.run(frozenset(["nope"]), validation)
