@@ -1,20 +1,23 @@
 """Accuracy-budgeted mixed precision: find the units INT8 hurts, keep only those high.
 
 A *unit* is one weighted op (Conv, ConvTranspose, Gemm, MatMul) with the Q/DQ
-pairs on its inputs. The search, all on ONNX Runtime:
+pairs on its inputs. The search (``search``), all on ONNX Runtime:
 
 1. measure the metric with every unit quantized, and with none (the ceiling);
 2. for each unit, the metric with that unit alone left in float: its gain;
-3. keep units in float, most harmful first, one at a time, re-measuring the
-   whole model after each, until the budget holds.
+3. keep units in float, most helpful first, re-measuring the whole model after
+   each, until the budget holds; then prune the kept units the others make
+   unnecessary;
+4. measure the module as really built (FP16 float part) and keep more units
+   while it misses, so the search ends met, or with every unit high.
 
 Ranges come from one calibration of the full plan (a smaller plan's
-activations are a subset), so no step recalibrates. The analysis builds its
-graphs with an FP32 float part, to measure INT8's error alone; the final module
-is built with the configured float precision and measured again, and that
-final number is the one reported and checked. Every measurement is cached on
-disk, keyed by the graph, the ranges, the validation data and the metric, so a
-second run with another budget re-measures nothing.
+activations are a subset), so no step recalibrates. Steps 1-3 measure INT8's
+error alone, with an FP32 float part, through one graph whose units each sit
+behind a switch input (``SwitchedInt8``): one session serves every measurement.
+Every measurement is cached on disk, keyed by the graph, the ranges, the
+validation data and the metric (and the float part, for the module as built),
+so a second run with another budget re-measures only what it has not seen.
 """
 
 from __future__ import annotations
