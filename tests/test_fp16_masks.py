@@ -36,8 +36,9 @@ def _softmax_input_types(model: onnx.ModelProto) -> set[int]:
 def attention_graph(masks: int = 1, extras: bool = False) -> onnx.ModelProto:
     """scores = x @ W; Softmax(scores + Where(pad, finfo.min, 0) [+ a second mask]).
 
-    With ``extras``, two large constants that are not masks: scores times -1e5
-    into a Softmax (a temperature) and scores plus -1e6 as a graph output.
+    With ``extras``, three large constants that are not masks: scores times -1e5
+    into a Softmax (a temperature), scores plus -1e6 as a graph output, and
+    finfo.min as the lower bound of a Clip before a Softmax.
     """
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
     pad = helper.make_tensor_value_info("pad", TensorProto.BOOL, ["n", 4])
@@ -72,15 +73,19 @@ def attention_graph(masks: int = 1, extras: bool = False) -> onnx.ModelProto:
         inits += [
             numpy_helper.from_array(np.array(-1e5, np.float32), "temperature"),
             numpy_helper.from_array(np.array(-1e6, np.float32), "shift"),
+            numpy_helper.from_array(np.array(F32_MIN, np.float32), "clip_min"),
         ]
         nodes += [
             helper.make_node("Mul", ["scores", "temperature"], ["hot"], name="temp_mul"),
             helper.make_node("Softmax", ["hot"], ["hot_probs"], name="temp_softmax", axis=-1),
             helper.make_node("Add", ["scores", "shift"], ["shifted"], name="shift_add"),
+            helper.make_node("Clip", ["scores", "clip_min"], ["clipped"], name="clip"),
+            helper.make_node("Softmax", ["clipped"], ["clipped_probs"], name="clip_softmax", axis=-1),
         ]
         outputs += [
             helper.make_tensor_value_info("hot_probs", TensorProto.FLOAT, ["n", 4]),
             helper.make_tensor_value_info("shifted", TensorProto.FLOAT, ["n", 4]),
+            helper.make_tensor_value_info("clipped_probs", TensorProto.FLOAT, ["n", 4]),
         ]
     graph = helper.make_graph(nodes, "attention", inputs, outputs, inits)
     return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]))
@@ -102,8 +107,9 @@ def test_only_the_mask_constant_is_rewritten_and_softmax_is_unchanged():
         ("neg_big", F32_MIN, MASK_VALUE, ("softmax",))
     ]
     inits = {i.name: numpy_helper.to_array(i) for i in safe.graph.initializer}
-    # The temperature (scores times -1e5) and the shifted graph output are not masks.
+    # The temperature (scores times -1e5), the shifted graph output and the Clip bound are not masks.
     assert inits["temperature"] == np.float32(-1e5) and inits["shift"] == np.float32(-1e6)
+    assert inits["clip_min"] == np.float32(F32_MIN)
     assert "neg_big" not in inits and inits["neg_big__fp16_safe"] == np.float32(MASK_VALUE)
     feeds = _feeds()
     before, after = _ort(model, feeds), _ort(safe, feeds)
@@ -262,3 +268,15 @@ def test_hugging_face_bert_attention_mask_runs_in_fp16():
     out, reference = fast(ids, mask), fp32(ids, mask)
     assert torch.isfinite(out).all()
     assert max_relative_error(out[5], reference[5]) < 5e-3
+
+
+def test_ranges_measured_before_the_rewrite_are_refused_with_the_fix():
+    from trtopt.errors import GraphError
+
+    model = attention_graph()
+    feeds = _feeds()
+    with pytest.raises(GraphError, match="make_masks_fp16_safe first"):
+        to_fp16(model, lambda: iter([feeds]), ranges=tensor_ranges(model, [feeds]))
+    safe, masks = make_masks_fp16_safe(model)
+    half, report = to_fp16(safe, lambda: iter([feeds]), ranges=tensor_ranges(safe, [feeds]), masks=masks)
+    assert report.kept == [] and report.masks == masks.rewrites

@@ -100,12 +100,13 @@ def to_fp16(
     ``batches`` only weights, exclusions and op support decide, and nothing is checked.
     """
     if masks is None:
-        if ranges is not None:
+        rewritten, masks = make_masks_fp16_safe(model)
+        if masks.rewrites and ranges is not None:
             raise GraphError(
-                "to_fp16 got ranges measured before the attention-mask rewrite; run "
+                "to_fp16 got ranges measured before the attention-mask rewrite changed the graph; run "
                 "make_masks_fp16_safe first, measure the ranges on its result, and pass its report as masks="
             )
-        model, masks = make_masks_fp16_safe(model)
+        model = rewritten
     if batches is None:
         return convert_to_fp16(
             model, ranges, threshold=threshold, exclude_nodes=exclude_nodes, exclude_op_types=exclude_op_types,
