@@ -354,9 +354,8 @@ def _apply_precision(
         from .precision.budget import FinalModule, find_units_to_keep_high, run_outputs
 
         reference = run_outputs(source, validation)  # FP32 outputs: the search and the final check
-        # The analysis measures INT8 alone (FP32 float part, Q/DQ emulated as written). The module
-        # as built adds its FP16 float part and ONNX Runtime's fused INT8 kernels, so the search
-        # measures it too, and keeps more units high while it misses.
+        # The analysis measures INT8's error alone (FP32 float part). The module as built adds its
+        # FP16 float part, so the search measures it too, and keeps more units high while it misses.
         final = FinalModule(f"{float_precision} threshold={config.fp16_threshold:g}", lambda kept: build(kept)[0])
         budget_report = find_units_to_keep_high(
             source,

@@ -28,9 +28,12 @@ def make_session(
     providers: Sequence[str] = ("CPUExecutionProvider",),
     intra_op_threads: int | None = None,
     profile_prefix: str | None = None,
+    optimization_level: ort.GraphOptimizationLevel | None = None,
 ) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only; ORT's warnings are about its own fusions
+    if optimization_level is not None:
+        options.graph_optimization_level = optimization_level
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
     if profile_prefix:
