@@ -348,13 +348,18 @@ def test_the_switched_graph_gives_the_outputs_of_the_graph_built_for_each_set(se
 
 
 def test_measurements_run_qdq_as_written_not_onnx_runtime_integer_kernels(setup):
-    """ONNX Runtime's fused u8*s8 kernels saturate on CPUs without VNNI; TensorRT does not."""
+    """Measurements follow ONNX's definition of the Q/DQ graph, not ONNX Runtime's fused kernels.
+
+    With its default optimizations ONNX Runtime's outputs on this graph differ from the
+    reference evaluator's by 3% of their range.
+    """
+    import onnx.reference
+
     from trtopt.precision.budget import build_int8, run_outputs
 
     graph, amax, validation, _ = setup
     quantized = build_int8(graph, amax, {}, frozenset())
     (got,) = run_outputs(quantized, validation)
-    # The same arithmetic in numpy-free form: every op of the graph run by the reference evaluator.
-    reference = onnx.reference.ReferenceEvaluator(quantized)
+    reference = onnx.reference.ReferenceEvaluator(quantized)  # every op as the ONNX standard defines it
     expected = np.concatenate([reference.run(None, feed)[0] for feed in validation])
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()

@@ -28,12 +28,18 @@ def make_session(
     providers: Sequence[str] = ("CPUExecutionProvider",),
     intra_op_threads: int | None = None,
     profile_prefix: str | None = None,
-    optimization_level: ort.GraphOptimizationLevel | None = None,
+    qdq_fusion: bool = True,
 ) -> ort.InferenceSession:
+    """An ONNX Runtime session; ``qdq_fusion=False`` runs Quantize/DequantizeLinear as written.
+
+    By default ONNX Runtime fuses Q/DQ around MatMul/Conv into its integer
+    kernels, which on x86 CPUs without VNNI can saturate (u8*s8 pairs summed
+    in 16 bits); turning only those transformers off keeps its other fusions.
+    """
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only; ORT's warnings are about its own fusions
-    if optimization_level is not None:
-        options.graph_optimization_level = optimization_level
+    if not qdq_fusion:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
     if profile_prefix:
