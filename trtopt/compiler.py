@@ -389,11 +389,31 @@ def _apply_precision(
         # The units now read the smoothed tensors: plan again, every other Q/DQ stays where it was.
         plan = passes.plan_int8(onnx_model, keep_first_last=config.int8_keep_first_last, **excluded)
     budget_report = None
-    if budget is not None:
-        from .precision.budget import find_units_to_keep_high, keep_high
+    float_precision = config.int8_float_precision.value
+    source = onnx_model
+    built: dict[frozenset[str], tuple[Any, Any, Any]] = {}  # the latest module the search built
 
+    def build(kept: frozenset[str] = frozenset()) -> tuple[Any, Any, Any]:
+        """The INT8 module as compiled, with the units in ``kept`` left out of INT8."""
+        from .precision.budget import keep_high
+
+        chosen = keep_high(plan, kept, {n.name: n.op_type for n in source.graph.node}) if kept else plan
+        result = passes.to_int8(
+            source, chosen, amax, batches,
+            float_precision=float_precision, threshold=config.fp16_threshold, **excluded,
+        )
+        built.clear()
+        built[kept] = result
+        return result
+
+    if budget is not None:
+        from .precision.budget import FinalModule, find_units_to_keep_high
+
+        # The analysis measures INT8's error alone (FP32 float part). The module as built adds its
+        # FP16 float part, so the search measures it too, and keeps more units high while it misses.
+        final = FinalModule(f"{float_precision} threshold={config.fp16_threshold:g}", lambda kept: build(kept)[0])
         budget_report = find_units_to_keep_high(
-            onnx_model,
+            source,
             amax,
             held_out.feeds,
             held_out.labels,
@@ -401,18 +421,12 @@ def _apply_precision(
             plan_options={"keep_first_last": config.int8_keep_first_last, **excluded},
             cache_dir=config.sensitivity_cache_dir,
             reference=held_out.reference,
+            final=final,
         )
-        ops = {node.name: node.op_type for node in onnx_model.graph.node}
-        plan = keep_high(plan, budget_report.kept_high, ops)
-    quantized, int8_report, fp16_report = passes.to_int8(
-        onnx_model,
-        plan,
-        amax,
-        batches,
-        float_precision=config.int8_float_precision.value,
-        threshold=config.fp16_threshold,
-        **excluded,
-    )
+        kept = frozenset(budget_report.kept_high)
+        quantized, int8_report, fp16_report = built[kept] if kept in built else build(kept)
+    else:
+        quantized, int8_report, fp16_report = build()
     report = {
         "precision": "int8",
         "calibrator": config.calibrator.value,
@@ -441,7 +455,8 @@ def _apply_precision(
     if budget_report is not None:
         from .precision.budget import check_final
 
-        check_final(budget_report, quantized, held_out.reference, held_out.feeds, held_out.labels, budget)
+        # The search measured this very module (or its cached twin): no need to run it again.
+        check_final(budget_report, quantized, held_out.reference, held_out.feeds, held_out.labels, budget, value=budget_report.final)
         report["accuracy_budget"] = budget_report.to_json()
     if held_out is not None:
         report["accuracy"] = held_out.readout(

@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import CalibrationError, GraphError
 from .fp16 import DEFAULT_FP16_THRESHOLD, FP16_MAX, Fp16Report, KeptNode, convert_to_fp16
+from .masks import MaskReport, MaskRewrite, make_masks_fp16_safe
 from .int8 import (
     FP16_SCALE_FLOOR,
     FP32_SCALE_FLOOR,
@@ -44,9 +45,12 @@ __all__ = [
     "Int8Plan",
     "Int8Report",
     "KeptNode",
+    "MaskReport",
+    "MaskRewrite",
     "convert_to_fp16",
     "emulate_fp16",
     "feed_batches",
+    "make_masks_fp16_safe",
     "plan_int8",
     "quantize_int8",
     "tensor_ranges",
@@ -83,17 +87,30 @@ def to_fp16(
     exclude_nodes: Iterable[str] = (),
     exclude_op_types: Iterable[str] = (),
     max_repairs: int = 8,
+    masks: MaskReport | None = None,
 ) -> tuple[onnx.ModelProto, Fp16Report]:
     """FP16-convert ``model`` and make sure the calibration data gives no Inf/NaN.
 
+    First the attention masks built from ``finfo(float32).min`` or ``-inf`` are
+    made FP16-safe (``make_masks_fp16_safe``), unless ``masks`` says that was
+    done already (then ``ranges`` must have been measured after it).
     ``ranges`` (max |x| per tensor) are measured on ``model`` when not given.
     After each conversion the data is run again; nodes where Inf/NaN first
     appears join the FP32 keep-list, up to ``max_repairs`` rounds. Without
     ``batches`` only weights, exclusions and op support decide, and nothing is checked.
     """
+    if masks is None:
+        rewritten, masks = make_masks_fp16_safe(model)
+        if masks.rewrites and ranges is not None:
+            raise GraphError(
+                "to_fp16 got ranges measured before the attention-mask rewrite changed the graph; run "
+                "make_masks_fp16_safe first, measure the ranges on its result, and pass its report as masks="
+            )
+        model = rewritten
     if batches is None:
         return convert_to_fp16(
-            model, ranges, threshold=threshold, exclude_nodes=exclude_nodes, exclude_op_types=exclude_op_types
+            model, ranges, threshold=threshold, exclude_nodes=exclude_nodes, exclude_op_types=exclude_op_types,
+            masks=masks,
         )
     if ranges is None:
         ranges = tensor_ranges(model, batches())
@@ -112,6 +129,7 @@ def to_fp16(
             exclude_nodes=exclude_nodes,
             exclude_op_types=exclude_op_types,
             keep=keep,
+            masks=masks,
         )
         after = tensor_ranges(emulate_fp16(converted), batches())
         bad = {n for n, v in after.items() if not math.isfinite(v)}
@@ -148,6 +166,9 @@ def to_int8(
     if float_precision not in ("fp16", "fp32"):
         raise GraphError(f"float_precision={float_precision!r}; use 'fp16' or 'fp32'")
     half = float_precision == "fp16"
+    masks = None
+    if half:  # before measuring: a finfo.min or -inf mask would read as an overflow
+        model, masks = make_masks_fp16_safe(model)
     ranges = tensor_ranges(model, batches()) if half and batches is not None else None
     quantized, int8_report = quantize_int8(
         model, plan, amax, ranges=ranges, scale_floor=FP16_SCALE_FLOOR if half else FP32_SCALE_FLOOR
@@ -161,6 +182,7 @@ def to_int8(
             threshold=threshold,
             exclude_nodes=exclude_nodes,
             exclude_op_types=exclude_op_types,
+            masks=masks,
         )
     validate_qdq(quantized)
     return quantized, int8_report, fp16_report

@@ -1,20 +1,23 @@
 """Accuracy-budgeted mixed precision: find the units INT8 hurts, keep only those high.
 
 A *unit* is one weighted op (Conv, ConvTranspose, Gemm, MatMul) with the Q/DQ
-pairs on its inputs. The search, all on ONNX Runtime:
+pairs on its inputs. The search (``search``), all on ONNX Runtime:
 
 1. measure the metric with every unit quantized, and with none (the ceiling);
 2. for each unit, the metric with that unit alone left in float: its gain;
-3. keep units in float, most harmful first, one at a time, re-measuring the
-   whole model after each, until the budget holds.
+3. keep units in float, most helpful first, re-measuring the whole model after
+   each, until the budget holds; then prune the kept units the others make
+   unnecessary;
+4. measure the module as really built (FP16 float part) and keep more units
+   while it misses, so the search ends met, or with every unit high.
 
 Ranges come from one calibration of the full plan (a smaller plan's
-activations are a subset), so no step recalibrates. The analysis builds its
-graphs with an FP32 float part, to measure INT8's error alone; the final module
-is built with the configured float precision and measured again, and that
-final number is the one reported and checked. Every measurement is cached on
-disk, keyed by the graph, the ranges, the validation data and the metric, so a
-second run with another budget re-measures nothing.
+activations are a subset), so no step recalibrates. Steps 1-3 measure INT8's
+error alone, with an FP32 float part, through one graph whose units each sit
+behind a switch input (``SwitchedInt8``): one session serves every measurement.
+Every measurement is cached on disk, keyed by the graph, the ranges, the
+validation data and the metric (and the float part, for the module as built),
+so a second run with another budget re-measures only what it has not seen.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import onnx
 
 from .._io import atomic_write
 from .._version import __version__
+from ..backends.onnxruntime import make_session
 from ..errors import ConfigError, TrtoptError
 
 logger = logging.getLogger(__name__)
@@ -197,14 +201,18 @@ class AccuracyBudgetError(TrtoptError):
 class BudgetReport:
     budget: str
     units: list[dict[str, Any]] = field(default_factory=list)  # ranked: unit, op, kept_high, gain
-    steps: list[dict[str, Any]] = field(default_factory=list)  # unit, before, after, kept_high
+    # phase (keep: greedy, prune: back to INT8, final: module as built), unit, before, after, kept_high
+    steps: list[dict[str, Any]] = field(default_factory=list)
     all_int8: float = float("nan")
     all_units_high: float = float("nan")
+    # Every unit high in the module as built (FP16 float part), when the search needed it.
+    all_units_high_final: float = float("nan")
     kept_high: list[str] = field(default_factory=list)
     final: float = float("nan")
     met: bool = False
-    evaluations: int = 0
+    evaluations: int = 0  # graphs built and run (the rest came from the cache)
     cached_evaluations: int = 0
+    final_evaluations: int = 0  # of all measurements, those of the module as built
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -225,9 +233,9 @@ class BudgetReport:
             for i, u in enumerate(self.units, 1)
         ]
         if self.steps:
-            lines += ["", "| step | unit kept high | before | after | kept so far |", "|---:|---|---:|---:|---:|"]
+            lines += ["", "| step | phase | unit | before | after | kept high |", "|---:|---|---|---:|---:|---:|"]
             lines += [
-                f"| {i} | {s['unit']} | {s['before']:.6g} | {s['after']:.6g} | {len(s['kept_high'])} |"
+                f"| {i} | {s['phase']} | {s['unit']} | {s['before']:.6g} | {s['after']:.6g} | {len(s['kept_high'])} |"
                 for i, s in enumerate(self.steps, 1)
             ]
         return "\n".join(lines)
@@ -246,7 +254,12 @@ def _digest_arrays(parts: Iterable[np.ndarray]) -> str:
 
 
 class MeasurementCache:
-    """Metric values by set of units kept high, persisted as one JSON file per analysis key."""
+    """Metric values by set of units kept high, persisted as one JSON file per analysis key.
+
+    ``tag`` separates measurements of differently built modules over the same
+    units (the analysis's FP32 float part has none; the final module's names
+    its float precision), so both live in one file and serve every budget.
+    """
 
     def __init__(self, directory: str | os.PathLike[str] | None, key: str) -> None:
         self.path = Path(directory) / f"{key}.json" if directory else None
@@ -257,13 +270,140 @@ class MeasurementCache:
             except (ValueError, OSError, AttributeError) as exc:
                 logger.warning("ignoring unreadable sensitivity cache %s (%s)", self.path, exc)
 
-    def get(self, kept: frozenset[str]) -> float | None:
-        return self.values.get("\n".join(sorted(kept)))
+    @staticmethod
+    def _key(kept: frozenset[str], tag: str) -> str:
+        names = "\n".join(sorted(kept))
+        return f"{tag}|{names}" if tag else names
 
-    def put(self, kept: frozenset[str], value: float) -> None:
-        self.values["\n".join(sorted(kept))] = value
+    def get(self, kept: frozenset[str], tag: str = "") -> float | None:
+        return self.values.get(self._key(kept, tag))
+
+    def put(self, kept: frozenset[str], value: float, tag: str = "") -> None:
+        self.values[self._key(kept, tag)] = value
         if self.path:
             atomic_write(self.path, json.dumps(self.values, indent=0))
+
+
+@dataclass(frozen=True)
+class FinalModule:
+    """How the module is really built, when its float part is not the analysis's FP32.
+
+    ``build(kept_high)`` returns that graph; ``tag`` (e.g. ``"fp16 threshold=16384"``)
+    keys its measurements in the cache.
+    """
+
+    tag: str
+    build: Callable[[frozenset[str]], onnx.ModelProto]
+
+
+class _Search:
+    """One budget search: measurements (cached), the report, and the phases of ``search``."""
+
+    def __init__(self, units: Mapping[str, str], build: Callable[[frozenset[str]], onnx.ModelProto],
+                 run: Callable[[onnx.ModelProto], list[np.ndarray]], reference: list[np.ndarray],
+                 labels: np.ndarray | None, budget: AccuracyBudget, cache: MeasurementCache,
+                 final: FinalModule | None) -> None:
+        self.units, self.build, self.run, self.reference = units, build, run, reference
+        self.labels, self.budget, self.cache, self.final = labels, budget, cache, final
+        self.report = BudgetReport(budget=budget.describe())
+
+    def _measure(self, kept: frozenset[str], tag: str, build: Callable[[frozenset[str]], onnx.ModelProto]) -> float:
+        cached = self.cache.get(kept, tag)
+        if cached is not None:
+            self.report.cached_evaluations += 1
+            return cached
+        value = self.budget.evaluate(self.run(build(kept)), self.reference, self.labels)
+        self.report.evaluations += 1
+        self.cache.put(kept, value, tag)
+        return value
+
+    def analysis(self, kept: frozenset[str]) -> float:
+        """The metric with ``kept`` in float and the rest INT8, the float part FP32."""
+        return self._measure(kept, "", self.build)
+
+    def module(self, kept: frozenset[str]) -> float:
+        """The metric of the module as built (its configured float precision)."""
+        if self.final is None:
+            return self.analysis(kept)
+        self.report.final_evaluations += 1
+        return self._measure(kept, self.final.tag, self.final.build)
+
+    def step(self, phase: str, unit: str, before: float, after: float, kept: Iterable[str]) -> None:
+        self.report.steps.append(
+            {"phase": phase, "unit": unit, "before": before, "after": after, "kept_high": list(kept)}
+        )
+        logger.info("%s %s: %.6g -> %.6g (%d kept)", phase, unit, before, after, len(self.report.steps[-1]["kept_high"]))
+
+    def rank(self) -> list[str]:
+        """Units by the gain of keeping each alone in float, most helpful first."""
+        if not self.report.units:
+            ranked = []
+            for index, (unit, op) in enumerate(self.units.items(), 1):
+                value = self.analysis(frozenset([unit]))
+                ranked.append({"unit": unit, "op": op, "kept_high": value,
+                               "gain": self.budget.gain(value, self.report.all_int8)})
+                logger.info("sensitivity %d/%d: %s (%s) kept high -> %.6g", index, len(self.units), unit, op, value)
+            # Stable on ties: graph order breaks them, so every budget sees the same ranking.
+            ranked.sort(key=operator.itemgetter("gain"), reverse=True)
+            self.report.units = ranked
+        return [u["unit"] for u in self.report.units]
+
+    def greedy(self, order: Sequence[str]) -> list[str]:
+        """Keep units high in ``order`` until the analysis metric meets the budget."""
+        kept: list[str] = []
+        current = self.report.all_int8
+        for unit in order:
+            kept.append(unit)
+            value = self.analysis(frozenset(kept))
+            self.step("keep", unit, current, value, kept)
+            current = value
+            if self.budget.met(value):
+                break
+        return kept
+
+    def prune(self, kept: list[str]) -> list[str]:
+        """Return units to INT8, least helpful first, while the analysis metric still meets the budget.
+
+        The greedy order follows each unit's gain alone; together some of them
+        overlap, and one kept early may be unnecessary once later ones are in.
+        """
+        current = self.analysis(frozenset(kept))
+        for unit in reversed(list(kept)):
+            if len(kept) == 1:
+                break
+            trial = [u for u in kept if u != unit]
+            value = self.analysis(frozenset(trial))
+            if self.budget.met(value):
+                self.step("prune", unit, current, value, trial)
+                kept, current = trial, value
+        return kept
+
+    def extend(self, kept: list[str], order: Sequence[str]) -> tuple[list[str], float]:
+        """Keep more units, in ``order``, until the module as built meets the budget.
+
+        The float part of the real module (FP16) adds its own error to INT8's,
+        so a set that meets the budget in the analysis can miss it. Every unit
+        high is tried first (when even that misses, no set can meet it); then a
+        bisection finds the shortest prefix of the remaining units that meets it,
+        in a handful of builds instead of one per unit.
+        """
+        rest = [u for u in order if u not in kept]
+        everything = kept + rest
+        ceiling = self.module(frozenset(everything))
+        self.report.all_units_high_final = ceiling
+        self.step("final", "(every unit high)", self.report.final, ceiling, everything)
+        if not self.budget.met(ceiling) or not rest:
+            return everything, ceiling
+        low, high, best = 0, len(rest), ceiling  # invariant: kept + rest[:high] meets the budget
+        while high - low > 1:
+            middle = (low + high) // 2
+            value = self.module(frozenset(kept + rest[:middle]))
+            self.step("final", rest[middle - 1], self.report.final, value, kept + rest[:middle])
+            if self.budget.met(value):
+                high, best = middle, value
+            else:
+                low = middle
+        return kept + rest[:high], best
 
 
 def search(
@@ -275,60 +415,51 @@ def search(
     labels: np.ndarray | None,
     budget: AccuracyBudget,
     cache: MeasurementCache,
+    final: FinalModule | None = None,
 ) -> BudgetReport:
-    """Rank ``units`` (name -> op type) by sensitivity and keep the fewest high that meet ``budget``.
+    """Rank ``units`` (name -> op type) by sensitivity and keep few high so that ``budget`` holds.
 
-    ``build(kept_high)`` returns the INT8 graph with those units left in float;
-    ``run(graph)`` its outputs on the validation data, concatenated per output.
+    ``build(kept_high)`` returns the INT8 graph with those units left in float
+    and an FP32 float part (INT8's error alone); ``run(graph)`` its outputs on
+    the validation data, concatenated per output. ``final`` builds the module as
+    it will really be (FP16 float part); without it the analysis graph is final.
+
+    The order: every unit INT8 and every unit high; each unit's gain alone;
+    keep units high greedily by gain until the analysis meets the budget; prune
+    those whose return to INT8 still meets it; then measure the module as built
+    and, while it misses, keep more (``_Search.extend``). So the search ends
+    either with the final module meeting the budget, or with every unit high
+    and ``met`` False. Every measurement is cached by set (and float part), so a
+    second budget on the same cache measures only what the first did not.
     """
     start = time.perf_counter()
-    report = BudgetReport(budget=budget.describe())
-
-    def measure(kept: frozenset[str]) -> float:
-        cached = cache.get(kept)
-        if cached is not None:
-            report.cached_evaluations += 1
-            return cached
-        value = budget.evaluate(run(build(kept)), reference, labels)
-        report.evaluations += 1
-        cache.put(kept, value)
-        return value
-
-    everything = frozenset(units)
-    report.all_int8 = measure(frozenset())
-    report.all_units_high = measure(everything)
+    s = _Search(units, build, run, reference, labels, budget, cache, final)
+    report = s.report
+    everything = list(units)
+    report.all_int8 = s.analysis(frozenset())
+    report.all_units_high = s.analysis(frozenset(everything))
     logger.info(
         "accuracy budget %s: all %d units INT8 -> %.6g, none -> %.6g",
         budget.describe(), len(units), report.all_int8, report.all_units_high,
     )
-    if budget.met(report.all_int8) or not budget.met(report.all_units_high):
-        # Nothing to search: INT8 everywhere already fits, or even every unit high does not.
-        report.met = budget.met(report.all_int8)
-        report.kept_high = [] if report.met else list(units)
-        report.final = report.all_int8 if report.met else report.all_units_high
-        report.seconds = time.perf_counter() - start
-        return report
-
-    ranked = []
-    for index, (unit, op) in enumerate(units.items(), 1):
-        value = measure(frozenset([unit]))
-        ranked.append({"unit": unit, "op": op, "kept_high": value, "gain": budget.gain(value, report.all_int8)})
-        logger.info("sensitivity %d/%d: %s (%s) kept high -> %.6g", index, len(units), unit, op, value)
-    ranked.sort(key=operator.itemgetter("gain"), reverse=True)
-    report.units = ranked
-
-    kept: list[str] = []
-    current = report.all_int8
-    for entry in ranked:
-        kept.append(entry["unit"])
-        value = measure(frozenset(kept))
-        report.steps.append({"unit": entry["unit"], "before": current, "after": value, "kept_high": list(kept)})
-        logger.info("keeping %s high: %.6g -> %.6g (%d kept)", entry["unit"], current, value, len(kept))
-        current = value
-        if budget.met(value):
-            break
-    report.kept_high = list(kept)
-    report.final, report.met = current, budget.met(current)
+    if budget.met(report.all_int8):
+        kept: list[str] = []
+    elif not budget.met(report.all_units_high):
+        kept = everything  # even the float graph misses (a task metric, say): nothing to search
+    else:
+        order = s.rank()
+        kept = s.prune(s.greedy(order))
+    report.final = s.module(frozenset(kept))
+    if not budget.met(report.final) and len(kept) < len(everything):
+        logger.info(
+            "accuracy budget %s: the module as built reaches %.6g with %d unit(s) kept high; keeping more",
+            budget.describe(), report.final, len(kept),
+        )
+        kept, report.final = s.extend(kept, s.rank() if len(units) > 1 else everything)
+    if len(kept) == len(everything):
+        report.all_units_high_final = report.final
+    report.kept_high = kept
+    report.met = budget.met(report.final)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -437,20 +568,25 @@ def find_units_to_keep_high(
     plan_options: Mapping[str, Any],
     cache_dir: str | os.PathLike[str] | None,
     reference: list[np.ndarray] | None = None,
+    final: FinalModule | None = None,
 ) -> BudgetReport:
     """Drive ``search`` on ONNX Runtime for an FP32 ``model`` with calibrated ``amax``.
 
     ``plan_options`` are ``plan_int8``'s keywords (the user's exclusions); a unit
     kept high loses its Q/DQ from that plan (``keep_high``). ``reference`` is
     ``model``'s own outputs on ``validation`` when the caller has them already.
+    ``final`` builds the module as it will really be (see ``search``).
     """
     units = quantized_units(model, plan_options)
+    switched = SwitchedInt8(model, amax, plan_options, units)
 
-    def build(kept: frozenset[str]) -> onnx.ModelProto:
-        return build_int8(model, amax, plan_options, kept)
+    def build(kept: frozenset[str]) -> frozenset[str]:
+        return kept  # one switched graph serves every assignment: nothing to build
 
-    def run(graph: onnx.ModelProto) -> list[np.ndarray]:
-        return run_outputs(graph, validation)
+    def run(graph: onnx.ModelProto | frozenset[str]) -> list[np.ndarray]:
+        if isinstance(graph, frozenset):
+            return switched.run(graph, validation)
+        return run_outputs(graph, validation)  # the final module, or the FP32 model
 
     if reference is None:
         reference = run(model)
@@ -458,8 +594,75 @@ def find_units_to_keep_high(
         cache_dir or default_cache_dir(), analysis_key(model, amax, validation, labels, budget, plan_options)
     )
     return search(
-        units=units, build=build, run=run, reference=reference, labels=labels, budget=budget, cache=cache
+        units=units, build=build, run=run, reference=reference, labels=labels, budget=budget, cache=cache,
+        final=final,
     )
+
+
+class SwitchedInt8:
+    """Every unit's Q/DQ in one graph, each unit's behind a switch: one session for the whole analysis.
+
+    Building an INT8 graph (plan, insert Q/DQ, shape inference, checker) and
+    an ONNX Runtime session for it took about 85% of each measurement on a
+    6-layer BERT; the search makes one per assignment of units. Here each input
+    a unit's Q/DQ feeds becomes ``Where(keep_high_k, float input, Q/DQ output)``,
+    where ``keep_high_k`` is a boolean scalar graph input, so an assignment is a
+    feed, not a graph. The outputs equal ``build_int8``'s graph for the same
+    set: keeping a unit high there removes exactly those Q/DQ uses (``keep_high``).
+    The graph and session are made on the first ``run``, so a fully cached
+    search builds nothing.
+    """
+
+    def __init__(
+        self, model: onnx.ModelProto, amax: Mapping[str, float], plan_options: Mapping[str, Any],
+        units: Mapping[str, str],
+    ) -> None:
+        self.model, self.amax, self.plan_options, self.units = model, amax, plan_options, list(units)
+        self._session: Any = None
+        self.switches: dict[str, str] = {}  # unit -> its switch input
+
+    def graph(self) -> onnx.ModelProto:
+        """The INT8 graph of every unit, with a switch input per unit (True: keep it high)."""
+        graph = build_int8(self.model, self.amax, self.plan_options, frozenset())
+        original = {node.name: list(node.input) for node in self.model.graph.node}
+        weights = {init.name: init for init in self.model.graph.initializer}
+        present = {init.name for init in graph.graph.initializer}
+        nodes = []
+        for node in graph.graph.node:
+            if node.name in original and node.name in self.units:
+                switch = f"trtopt_keep_high_{len(self.switches)}"
+                self.switches[node.name] = switch
+                for i, (now, before) in enumerate(zip(node.input, original[node.name])):
+                    if now == before:
+                        continue  # this input has no Q/DQ
+                    if before in weights and before not in present:
+                        graph.graph.initializer.append(weights[before])  # the float weight, for the switch
+                        present.add(before)
+                    picked = f"{node.name}__input{i}__switched"
+                    nodes.append(onnx.helper.make_node(
+                        "Where", [switch, before, now], [picked], name=f"{node.name}__switch{i}"
+                    ))
+                    node.input[i] = picked
+                graph.graph.input.append(onnx.helper.make_tensor_value_info(switch, onnx.TensorProto.BOOL, []))
+            nodes.append(node)
+        del graph.graph.node[:]
+        graph.graph.node.extend(nodes)
+        missing = set(self.units) - set(self.switches)
+        if missing:
+            raise TrtoptError(f"internal: units {sorted(missing)[:3]} not found in their INT8 graph")
+        return graph
+
+    def run(self, kept: frozenset[str], validation: Sequence[Mapping[str, np.ndarray]]) -> list[np.ndarray]:
+        """Outputs on ``validation`` with the units in ``kept`` in float and the rest INT8."""
+        if self._session is None:
+            self._session = make_session(self.graph())
+        unknown = kept - set(self.switches)
+        if unknown:
+            raise ConfigError(f"units {sorted(unknown)[:3]} are not quantized units of this graph")
+        switches = {s: np.array(unit in kept) for unit, s in self.switches.items()}
+        names = [o.name for o in self._session.get_outputs()]
+        per_batch = [self._session.run(names, {**feed, **switches}) for feed in validation]
+        return [np.concatenate([b[i] for b in per_batch]) for i in range(len(names))]
 
 
 def quantized_units(model: onnx.ModelProto, plan_options: Mapping[str, Any]) -> dict[str, str]:
@@ -512,11 +715,10 @@ def default_cache_dir() -> Path:
 
 def run_outputs(graph: onnx.ModelProto, validation: Sequence[Mapping[str, np.ndarray]]) -> list[np.ndarray]:
     """The graph's outputs on every validation batch, concatenated per output (ONNX Runtime, CPU)."""
-    from ..backends.onnxruntime import make_session
     from .probe import emulate_fp16
 
     # FP16 tensors rounded as TensorRT stores them (ORT's CPU kernels would compute them in FP32).
-    session = make_session(emulate_fp16(graph))
+    session = make_session(emulate_fp16(graph))  # Q/DQ as TensorRT computes it (see make_session)
     names = [o.name for o in session.get_outputs()]
     per_batch = [session.run(names, dict(feed)) for feed in validation]
     return [np.concatenate([b[i] for b in per_batch]) for i in range(len(names))]
@@ -529,24 +731,28 @@ def check_final(
     validation: Sequence[Mapping[str, np.ndarray]],
     labels: np.ndarray | None,
     budget: AccuracyBudget,
+    value: float | None = None,
 ) -> None:
-    """Measure the module as built (with its FP16 float part) against the FP32 ``reference``
-    outputs and hold it to the budget.
+    """Hold the module as built (with its FP16 float part) to the budget.
 
-    Raises AccuracyBudgetError when it misses, unless the budget is best-effort.
+    ``value`` is its metric when the search measured this very graph already;
+    otherwise it is run against the FP32 ``reference`` outputs here. Raises
+    AccuracyBudgetError when it misses, unless the budget is best-effort.
     """
-    value = budget.evaluate(run_outputs(final_graph, validation), reference, labels)
+    if value is None:
+        value = budget.evaluate(run_outputs(final_graph, validation), reference, labels)
     report.final, report.met = value, budget.met(value)
     logger.info(
         "accuracy budget %s: final module %.6g with %d unit(s) kept high -> %s",
         budget.describe(), value, len(report.kept_high), "met" if report.met else "NOT met",
     )
     if not report.met and not budget.best_effort:
-        ceiling = f"; with every unit kept high it is {report.all_units_high:.6g}" if not math.isnan(report.all_units_high) else ""
+        ceiling = report.all_units_high_final if not math.isnan(report.all_units_high_final) else report.all_units_high
+        said = f"; with every unit kept high it is {ceiling:.6g}" if not math.isnan(ceiling) else ""
         raise AccuracyBudgetError(
             f"INT8 cannot meet the accuracy budget {budget.describe()}: the best module reaches "
             f"{value:.6g} with {len(report.kept_high)} of {len(report.units) or len(report.kept_high)} "
-            f"unit(s) kept high{ceiling}. Loosen the budget, use precision='fp16', or pass "
+            f"unit(s) kept high{said}. Loosen the budget, use precision='fp16', or pass "
             "AccuracyBudget(..., best_effort=True) to get the closest module",
             report,
         )

@@ -34,6 +34,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..graph import check_model
+from .masks import MaskReport, MaskRewrite
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +64,15 @@ class Fp16Report:
     kept: list[KeptNode] = field(default_factory=list)
     converted_nodes: int = 0
     casts_added: int = 0
+    # Attention-mask constants made FP16-safe before conversion (``trtopt.precision.masks``).
+    masks: list[MaskRewrite] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
         return {
             "fp16_nodes": self.converted_nodes,
             "casts_added": self.casts_added,
             "kept_fp32": [{"node": k.name, "op": k.op, "reason": k.reason} for k in self.kept],
+            "fp16_safe_masks": [m.to_json() for m in self.masks],
         }
 
 
@@ -118,9 +122,16 @@ def fp16_keep_list(
     threshold: float = DEFAULT_FP16_THRESHOLD,
     exclude_nodes: Iterable[str] = (),
     exclude_op_types: Iterable[str] = (),
+    mask_offsets: Mapping[str, float] | None = None,
 ) -> dict[str, KeptNode]:
-    """Decide which float nodes stay FP32; ``ranges`` maps tensor name -> max |x| seen."""
+    """Decide which float nodes stay FP32; ``ranges`` maps tensor name -> max |x| seen.
+
+    ``mask_offsets`` (tensor -> magnitude of the FP16-safe attention mask it
+    carries) is taken off those tensors' ranges: the masked scores reach
+    32768 by design, and the mask was chosen so that they stay finite in FP16.
+    """
     ranges = ranges or {}
+    offsets = mask_offsets or {}
     exclude_nodes, exclude_op_types = tuple(exclude_nodes), tuple(exclude_op_types)
     kept: dict[str, KeptNode] = {}
     for node in graph.nodes:
@@ -134,7 +145,7 @@ def fp16_keep_list(
             over = [
                 (t.name, ranges[t.name])
                 for t in tensors
-                if _is_float32(t) and t.name in ranges and not ranges[t.name] < threshold
+                if _is_float32(t) and t.name in ranges and not ranges[t.name] - offsets.get(t.name, 0.0) < threshold
             ]
             if over:
                 name, value = max(over, key=lambda item: item[1])
@@ -176,12 +187,15 @@ def convert_to_fp16(
     exclude_nodes: Iterable[str] = (),
     exclude_op_types: Iterable[str] = (),
     keep: Mapping[str, str] | None = None,
+    masks: MaskReport | None = None,
 ) -> tuple[onnx.ModelProto, Fp16Report]:
     """Return an FP16 copy of ``model`` (FP32 I/O) and a report of the nodes kept FP32.
 
     ``ranges`` (tensor name -> max |x| on calibration data) drives the keep-list;
     without it only weights, exclusions and op support decide. ``keep`` adds
     nodes (name -> reason) to keep FP32, e.g. those the Inf/NaN repair found.
+    ``masks`` is what ``make_masks_fp16_safe`` did to ``model`` beforehand:
+    it is reported, and the tensors carrying those masks are judged without them.
     """
     opset = _opset(model)
     graph = gs.import_onnx(_with_types(model))
@@ -192,6 +206,7 @@ def convert_to_fp16(
         threshold=threshold,
         exclude_nodes=exclude_nodes,
         exclude_op_types=exclude_op_types,
+        mask_offsets=masks.offsets if masks else None,
     )
     by_name = {n.name: n for n in graph.nodes}
     for name, reason in (keep or {}).items():
@@ -209,7 +224,9 @@ def convert_to_fp16(
         for n in graph.nodes
         if n.name not in kept and any(_is_float32(t) for t in [*n.inputs, *n.outputs])
     ]
-    report = Fp16Report(kept=list(kept.values()), converted_nodes=len(half_nodes))
+    report = Fp16Report(
+        kept=list(kept.values()), converted_nodes=len(half_nodes), masks=list(masks.rewrites) if masks else []
+    )
     half_ids = {id(n) for n in half_nodes}
     converted: set[str] = set()  # activations turned from float32 into float16
     casts: dict[tuple[str, int], gs.Variable] = {}
