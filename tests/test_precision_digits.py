@@ -138,3 +138,18 @@ def test_transformer_int8_entropy_within_tolerance(transformer):
     assert accuracy(graph) - accuracy(int8) <= INT8_TOLERANCE
     assert validate_qdq(int8) == report.q_nodes + report.dq_nodes
     assert fp16_report is not None
+
+
+def test_transformer_int8_attention_option(transformer):
+    """int8_attention quantizes attention's Q.K^T and P.V inputs too (TensorRT's INT8 MHA placement)."""
+    graph, calibration, inputs, batches, accuracy, _ = transformer
+    default, with_attention = plan_int8(graph), plan_int8(graph, quantize_attention=True)
+    products = [k.name for k in default.skipped if k.op == "MatMul"]
+    assert len(products) == 4  # 2 layers x (Q.K^T, P.V)
+    assert not [k for k in with_attention.skipped if k.op == "MatMul"]
+    for name in products:
+        assert {(name, 0), (name, 1)} <= {use for uses in with_attention.activations.values() for use in uses}
+    amax = calibrate(graph, with_attention.activation_tensors, calibration, input_specs=inputs, progress=False).amax
+    int8, report, _ = to_int8(graph, with_attention, amax, batches)
+    assert validate_qdq(int8) == report.q_nodes + report.dq_nodes
+    assert accuracy(graph) - accuracy(int8) <= INT8_TOLERANCE

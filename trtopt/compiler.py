@@ -357,7 +357,7 @@ def _apply_precision(
         return converted, report
 
     plan = passes.plan_int8(
-        onnx_model, keep_first_last=config.int8_keep_first_last, **excluded
+        onnx_model, keep_first_last=config.int8_keep_first_last, quantize_attention=config.int8_attention, **excluded
     )
     from .calibrators import calibrate
 
@@ -387,7 +387,9 @@ def _apply_precision(
         onnx_model, smoothed_ranges, smoothed = smooth(onnx_model, groups, calibration.channel_max, config.smoothquant)
         amax.update(smoothed_ranges)
         # The units now read the smoothed tensors: plan again, every other Q/DQ stays where it was.
-        plan = passes.plan_int8(onnx_model, keep_first_last=config.int8_keep_first_last, **excluded)
+        plan = passes.plan_int8(
+            onnx_model, keep_first_last=config.int8_keep_first_last, quantize_attention=config.int8_attention, **excluded
+        )
     budget_report = None
     float_precision = config.int8_float_precision.value
     source = onnx_model
@@ -418,7 +420,7 @@ def _apply_precision(
             held_out.feeds,
             held_out.labels,
             budget,
-            plan_options={"keep_first_last": config.int8_keep_first_last, **excluded},
+            plan_options={"keep_first_last": config.int8_keep_first_last, "quantize_attention": config.int8_attention, **excluded},
             cache_dir=config.sensitivity_cache_dir,
             reference=held_out.reference,
             final=final,

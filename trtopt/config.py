@@ -67,6 +67,8 @@ class BuildConfig:
     exclude_op_types: tuple[str, ...] = ()  # ONNX op types, e.g. ("Softmax", "LayerNormalization")
     int8_keep_first_last: bool = False  # first/last weighted layers not quantized (run in int8_float_precision)
     int8_float_precision: Precision = Precision.FP16  # what the non-quantized rest of an INT8 graph runs in
+    # Quantize attention's activation-by-activation MatMuls too (TensorRT's INT8 attention fusion).
+    int8_attention: bool = False
     # SmoothQuant's migration strength alpha for MatMul/Gemm units (trtopt/precision/smoothquant.py); None: off.
     smoothquant: float | None = 0.85
     fp16_threshold: float = 16384.0  # keep FP32 a node whose activations reach this on calibration data
@@ -158,6 +160,7 @@ ENGINE_SETTINGS: tuple[str, ...] = (
     "exclude_op_types",
     "int8_keep_first_last",
     "int8_float_precision",
+    "int8_attention",
     "smoothquant",
     "fp16_threshold",
     "workspace_bytes",

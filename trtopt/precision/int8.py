@@ -55,6 +55,11 @@ def weight_axis(node: gs.Node) -> int | None:
     return None
 
 
+def _activation_product(node: gs.Node) -> bool:
+    """A MatMul of two computed tensors (attention's Q.K^T or P.V), not a layer with a weight."""
+    return node.op == "MatMul" and len(node.inputs) == 2 and all(isinstance(t, gs.Variable) for t in node.inputs)
+
+
 @dataclass
 class Int8Plan:
     """Where Q/DQ pairs go: decided from the graph alone, before any calibration.
@@ -86,8 +91,14 @@ def plan_int8(
     keep_first_last: bool = False,
     quantize_residual: bool = True,
     quantize_pooling: bool = True,
+    quantize_attention: bool = False,
 ) -> Int8Plan:
-    """Decide the Q/DQ placement for ``model`` (see the module docstring)."""
+    """Decide the Q/DQ placement for ``model`` (see the module docstring).
+
+    ``quantize_attention`` also quantizes both inputs of activation-by-activation
+    MatMuls (attention's Q.K^T and P.V, per tensor), the placement TensorRT's INT8
+    multi-head-attention fusion looks for; off, they stay in the float precision.
+    """
     graph = gs.import_onnx(model)
     graph.toposort()
     exclude_nodes, exclude_op_types = tuple(exclude_nodes), tuple(exclude_op_types)
@@ -100,6 +111,10 @@ def plan_int8(
         axis = weight_axis(node)
         weight = node.inputs[1] if len(node.inputs) > 1 else None
         reason = user_exclusion(node, exclude_nodes, exclude_op_types)
+        if reason is None and quantize_attention and _activation_product(node):
+            plan._use(node.inputs[0].name, node.name, 0)
+            plan._use(node.inputs[1].name, node.name, 1)
+            continue
         if reason is None and axis is None:
             reason = "grouped ConvTranspose: no single output-channel axis"
         if reason is None and not (
