@@ -217,6 +217,7 @@ def modelopt_missing() -> str | None:
 def quantizers() -> dict[str, Quantizer]:
     chosen = {f"trtopt {c}" + (" (default)" if c == DEFAULT else ""): trtopt_int8(calibrator=c) for c in CALIBRATORS}
     chosen[f"trtopt {DEFAULT}, SmoothQuant off"] = trtopt_int8(smoothquant=None)
+    chosen[f"trtopt {DEFAULT}, attention MatMuls in INT8"] = trtopt_int8(int8_attention=True)
     chosen["onnxruntime quantize_static"] = onnxruntime_int8
     chosen["modelopt 0.47 int8 entropy"] = modelopt_int8
     return chosen
