@@ -40,6 +40,8 @@ ENGINE_SETTING_CHANGES = {
     "exclude_op_types": ("Softmax",),
     "int8_keep_first_last": True,
     "int8_float_precision": "fp32",
+    "int8_attention": True,
+    "smoothquant": 0.5,
     "fp16_threshold": 4096.0,
 }
 
