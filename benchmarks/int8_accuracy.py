@@ -1,4 +1,5 @@
-"""INT8 evaluation suite: trtopt's calibrators against onnxruntime's quantize_static and NVIDIA ModelOpt.
+"""INT8 evaluation suite: trtopt's calibrators against onnxruntime's quantize_static and NVIDIA ModelOpt,
+with trtopt's FP8 (E4M3) beside them.
 
 Trained models on real data, each with a different input encoding, none of
 them the test suite's fixtures:
@@ -71,7 +72,8 @@ from trtopt.precision import emulate_fp16  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIBRATORS = ("entropy", "minmax", "percentile", "mse", "auto")
-DEFAULT = BuildConfig().calibrator.value
+DEFAULT = BuildConfig(precision="int8").calibration_method.value
+FP8_DEFAULT = BuildConfig(precision="fp8").calibration_method.value
 Feeds = dict[str, np.ndarray]
 
 
@@ -146,11 +148,11 @@ def minilm_task(seed: int) -> Task:
 Quantizer = Callable[[Task, Path], tuple[Any, float]]  # (something to score, seconds)
 
 
-def trtopt_int8(**settings: Any) -> Quantizer:
+def trtopt_int8(precision: str = "int8", **settings: Any) -> Quantizer:
     def quantize(task: Task, workdir: Path) -> tuple[Any, float]:
         start = time.perf_counter()
         module = trtopt.compile(
-            task.graph, precision="int8", dynamic_shapes=task.dynamic_shapes, backend="onnxruntime",
+            task.graph, precision=precision, dynamic_shapes=task.dynamic_shapes, backend="onnxruntime",
             calibration_data=task.calibration, validation_data=task.validation, **settings,
         )
         return module, time.perf_counter() - start
@@ -217,6 +219,8 @@ def modelopt_missing() -> str | None:
 def quantizers() -> dict[str, Quantizer]:
     chosen = {f"trtopt {c}" + (" (default)" if c == DEFAULT else ""): trtopt_int8(calibrator=c) for c in CALIBRATORS}
     chosen[f"trtopt {DEFAULT}, SmoothQuant off"] = trtopt_int8(smoothquant=None)
+    # FP8 E4M3 (TensorRT on compute capability 8.9+) at its defaults: the same Q/DQ pass and sessions.
+    chosen["trtopt fp8"] = trtopt_int8("fp8")
     chosen["onnxruntime quantize_static"] = onnxruntime_int8
     chosen["modelopt 0.47 int8 entropy"] = modelopt_int8
     return chosen
@@ -298,7 +302,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Command: `{report['command']}`  ",
         f"ONNX Runtime {report['onnxruntime']} on the CPU ({report['machine']}), FP16 tensors rounded as TensorRT "
-        f"stores them, for every quantizer. trtopt's default calibrator: `{report['default_calibrator']}`, "
+        f"stores them, for every quantizer. trtopt's default calibrator: `{report['default_calibrator']}` "
+        f"(`{report.get('fp8_default_calibrator', 'minmax')}` for `trtopt fp8`), "
         f"SmoothQuant alpha {report['smoothquant']}. Digits models: mean over seeds {report['seeds']}, the worst "
         "seed's drop in brackets. Time: the whole quantization call, calibration included (trtopt's includes its "
         "accuracy readout).",
@@ -348,6 +353,7 @@ def main() -> None:
     report = {
         "command": " ".join([f"PYTHONPATH={os.environ.get('PYTHONPATH', '.')}", "python benchmarks/int8_accuracy.py", *sys.argv[1:]]),
         "default_calibrator": DEFAULT,
+        "fp8_default_calibrator": FP8_DEFAULT,
         "smoothquant": BuildConfig().smoothquant,
         "seeds": args.seeds,
         "onnxruntime": onnxruntime.__version__,

@@ -32,7 +32,7 @@ from trtopt.backends.onnxruntime import OnnxRuntimeBackend, make_session
 from trtopt.backends.qdq_cpu import lower_qdq_for_cpu
 from trtopt.calibrators import calibrate
 from trtopt.config import BuildConfig, InputRange, ShapeProfile, build_profiles
-from trtopt.errors import BuildError, ConfigError, GraphError
+from trtopt.errors import ConfigError, DependencyError, GraphError
 from trtopt.export import export
 from trtopt.graph import cleanup
 from trtopt.module import tensor_specs
@@ -339,7 +339,7 @@ def profile() -> ShapeProfile:
 
 def test_builder_refuses_fp8_below_compute_capability_8_9(fake_trt, small_fp8_graph):
     FakeCuda.compute_capability = (8, 6)
-    with pytest.raises(BuildError) as error:
+    with pytest.raises(DependencyError) as error:
         builder.build_engine(small_fp8_graph, [profile()], BuildConfig())
     message = str(error.value)
     assert "Fake GPU 80GB" in message and "8.6" in message and "8.9" in message
@@ -360,5 +360,5 @@ def test_builder_refuses_fp8_on_a_tensorrt_without_it(fake_trt, small_fp8_graph,
     no_fp8 = enum.IntEnum("DataType", {m: i for i, m in enumerate(("FLOAT", "HALF", "INT8", "INT32", "BOOL"))})
     monkeypatch.setattr(FakeTensorRT, "DataType", no_fp8)
     FakeCuda.compute_capability = (9, 0)
-    with pytest.raises(BuildError, match="no FP8 support.*precision='fp16' or precision='int8'"):
+    with pytest.raises(DependencyError, match="no FP8 support.*precision='fp16' or precision='int8'"):
         builder.build_engine(small_fp8_graph, [profile()], BuildConfig())

@@ -122,6 +122,8 @@ def export_onnx(module: CompiledModule, path: str | os.PathLike[str]) -> dict[st
         "set -e",
         'cd "$(dirname "$0")"',
     ]
+    if module.spec.precision == "fp8":
+        lines.append("# FP8 (E4M3) Q/DQ: needs a GPU of compute capability 8.9+ (Ada, Hopper) and TensorRT 10+.")
     if len(profiles) > 1:
         lines += [
             f"# The module has {len(profiles)} optimization profiles, in this order (--profile=N).",

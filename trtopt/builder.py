@@ -38,7 +38,7 @@ from . import _deps
 from .config import BuildConfig, InputRange, ShapeProfile
 from ._io import atomic_write
 from .engine_cache import EngineCache, engine_key_fields, files_digest
-from .errors import BuildError, first_line
+from .errors import BuildError, DependencyError, first_line
 from .graph import save_model
 
 logger = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # Ada; Hopper is 9.0, Blackwell 10.x and 12
 
 
 def require_fp8_support(trt: ModuleType, device_index: int | None = None) -> None:
-    """Raise a BuildError unless this TensorRT and GPU can build FP8 (E4M3) Q/DQ.
+    """Raise a DependencyError unless this TensorRT and GPU can build FP8 (E4M3) Q/DQ.
 
     FP8 tensor cores start at compute capability 8.9 (Ada; Hopper is 9.0), and
     TensorRT names FP8 in ``DataType.FP8`` where it supports it (feature
@@ -247,14 +247,14 @@ def require_fp8_support(trt: ModuleType, device_index: int | None = None) -> Non
     TensorRT itself would fail late with a message about tactics.
     """
     if not hasattr(trt.DataType, "FP8"):
-        raise BuildError(
+        raise DependencyError(
             f"TensorRT {getattr(trt, '__version__', '?')} has no FP8 support (no DataType.FP8); install "
             "TensorRT 10 or newer, or compile with precision='fp16' or precision='int8'"
         )
     gpu = gpu_fingerprint(device_index)
     major, minor = (int(part) for part in gpu["compute_capability"].split(".")[:2])
     if (major, minor) < FP8_MIN_COMPUTE_CAPABILITY:
-        raise BuildError(
+        raise DependencyError(
             f"precision='fp8' needs a GPU of compute capability {'.'.join(map(str, FP8_MIN_COMPUTE_CAPABILITY))} "
             f"or newer (Ada, Hopper, Blackwell), but {gpu['name']} has compute capability {major}.{minor}; "
             "compile with precision='fp16' or precision='int8' for this GPU, or build this FP8 graph on an "

@@ -599,8 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_int_list, metavar="B1,B2,...",
                    help="default: the profile's opt batch (module) or the example's batch (factory)")
     p.add_argument("--precision", type=lambda s: [v.strip() for v in s.split(",") if v.strip()], default=["fp32"],
-                   metavar="P1,P2", help="factory only: precisions to compile at, e.g. fp32,fp16,int8 (default fp32)")
-    p.add_argument("--calib", metavar="DATA.npz", help="factory only: calibration data for fp16 and int8 (as for compile)")
+                   metavar="P1,P2", help="factory only: precisions to compile at, e.g. fp32,fp16,int8,fp8 (default fp32)")
+    p.add_argument("--calib", metavar="DATA.npz", help="factory only: calibration data for fp16, int8 and fp8 (as for compile)")
     p.add_argument("--iterations", type=_positive, default=50, help="timed calls per batch size (default 50)")
     p.add_argument("--warmup", type=_positive, default=5, help="untimed calls per batch size (default 5)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-': stdout)")
