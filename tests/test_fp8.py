@@ -362,3 +362,27 @@ def test_builder_refuses_fp8_on_a_tensorrt_without_it(fake_trt, small_fp8_graph,
     FakeCuda.compute_capability = (9, 0)
     with pytest.raises(DependencyError, match="no FP8 support.*precision='fp16' or precision='int8'"):
         builder.build_engine(small_fp8_graph, [profile()], BuildConfig())
+
+
+def test_compile_refuses_fp8_on_an_old_gpu_before_exporting(monkeypatch):
+    from trtopt import compiler
+
+    fake, cuda = FakeTensorRT(), FakeCuda()
+    FakeCuda.compute_capability = (8, 6)
+    monkeypatch.setattr(_deps, "_import", lambda name: {"tensorrt": fake, "pycuda.driver": cuda}.get(name))
+    monkeypatch.setattr(compiler, "export", lambda *a, **k: pytest.fail("exported before refusing FP8"))
+    _deps.tensorrt_unavailable_reason.cache_clear()
+    try:
+        model = torch.nn.Linear(32, 4).eval()
+        with pytest.raises(DependencyError, match="compute capability 8.6"):
+            trtopt.compile(model, (torch.randn(2, 32),), precision="fp8", backend="tensorrt",
+                           calibration_data=[torch.randn(2, 32)])
+    finally:
+        _deps.tensorrt_unavailable_reason.cache_clear()
+
+
+def test_fp8_plan_honours_exclusions(cnn_graph):
+    plan = plan_int8(cnn_graph, fmt="fp8", exclude_op_types=["Gemm"])
+    assert [k.op for k in plan.skipped].count("Gemm") == 1 and len(plan.weights) == 3
+    plan = plan_int8(cnn_graph, fmt="fp8", keep_first_last=True)
+    assert len(plan.weights) == 2  # the first and last of the four FP8 units stay high
