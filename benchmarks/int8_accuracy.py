@@ -188,25 +188,30 @@ _MODELOPT_SCRIPT = """
 import json, sys, time
 import numpy as np
 from modelopt.onnx.quantization import quantize
-source, data, target = sys.argv[1:4]
+source, data, target, mode, method = sys.argv[1:6]
 calibration = dict(np.load(data))
 start = time.perf_counter()
-quantize(source, quantize_mode="int8", calibration_data=calibration, calibration_method="entropy",
+quantize(source, quantize_mode=mode, calibration_data=calibration, calibration_method=method,
          calibration_eps=["cpu"], high_precision_dtype="fp16", output_path=target, log_level="ERROR")
 print(json.dumps({"seconds": time.perf_counter() - start}))
 """
 
 
-def modelopt_int8(task: Task, workdir: Path) -> tuple[Any, float]:
-    source, data, target = workdir / "fp32.onnx", workdir / "calibration.npz", workdir / "modelopt_int8.onnx"
-    onnx.save(task.graph, source)
-    np.savez(data, **{n: np.concatenate([b[n] for b in task.calibration]) for n in task.calibration[0]})
-    done = subprocess.run(
-        [sys.executable, "-c", _MODELOPT_SCRIPT, str(source), str(data), str(target)],
-        capture_output=True, text=True, check=True,
-    )
-    seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
-    return onnx.load(target), seconds
+def modelopt(mode: str, method: str) -> Quantizer:
+    """ModelOpt's ONNX quantizer: INT8 with entropy calibration, or FP8 with max (its FP8 recipe)."""
+
+    def quantize(task: Task, workdir: Path) -> tuple[Any, float]:
+        source, data, target = workdir / "fp32.onnx", workdir / "calibration.npz", workdir / f"modelopt_{mode}.onnx"
+        onnx.save(task.graph, source)
+        np.savez(data, **{n: np.concatenate([b[n] for b in task.calibration]) for n in task.calibration[0]})
+        done = subprocess.run(
+            [sys.executable, "-c", _MODELOPT_SCRIPT, str(source), str(data), str(target), mode, method],
+            capture_output=True, text=True, check=True,
+        )
+        seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+        return onnx.load(target), seconds
+
+    return quantize
 
 
 def modelopt_missing() -> str | None:
@@ -222,7 +227,8 @@ def quantizers() -> dict[str, Quantizer]:
     # FP8 E4M3 (TensorRT on compute capability 8.9+) at its defaults: the same Q/DQ pass and sessions.
     chosen["trtopt fp8"] = trtopt_int8("fp8")
     chosen["onnxruntime quantize_static"] = onnxruntime_int8
-    chosen["modelopt 0.47 int8 entropy"] = modelopt_int8
+    chosen["modelopt 0.47 int8 entropy"] = modelopt("int8", "entropy")
+    chosen["modelopt 0.47 fp8 max"] = modelopt("fp8", "max")
     return chosen
 
 
@@ -291,7 +297,7 @@ def run_task(make: Callable[[int], Task], seeds: list[int], skip_modelopt: str |
             }
         )
     if skip_modelopt:
-        rows.append({"quantizer": "modelopt 0.47 int8 entropy", "error": f"not installed ({skip_modelopt})"})
+        rows += [{"quantizer": label, "error": f"not installed ({skip_modelopt})"} for label in quantizers() if label.startswith("modelopt")]
     return {"model": task.name, "description": task.description, "seeds": seeds, "rows": rows,
             "evaluation_samples": len(next(iter(task.evaluation.values())))}
 
