@@ -1,4 +1,4 @@
-"""Compare torch eager with trtopt at FP32, FP16 and INT8 on real architectures.
+"""Compare torch eager with trtopt at FP32, FP16, INT8 and FP8 on real architectures.
 
 Every row is measured in the same process and run, on the same inputs:
 torch eager (the FP32 baseline) first, then trtopt at each precision. The
@@ -10,7 +10,9 @@ Models are torchvision's with random weights (no downloads): ResNet-18,
 ResNet-50, MobileNetV3 small and large, and ViT-B/16 (a transformer encoder).
 Accuracy is agreement with the FP32 torch model on structured synthetic images
 (``trtopt.bench.structured_images``); INT8 (and the FP16 overflow check) is
-calibrated on other images from the same generator. Random weights make degenerate classifiers, so
+calibrated on other images from the same generator. FP8 runs where the backend
+can run it: ONNX Runtime emulates its Q/DQ on any CPU, TensorRT needs a GPU of
+compute capability 8.9+ (elsewhere the row is "skipped" with the reason). Random weights make degenerate classifiers, so
 ``trtopt.bench.prepare_random_model`` re-estimates BatchNorm statistics first (see there).
 
 Each model's variants are timed interleaved, one call of each per round
@@ -65,7 +67,7 @@ MODELS: dict[str, Callable[[int], torch.nn.Module]] = {
     name: _torchvision(name)
     for name in ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "vit_b_16")
 }
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 
 
 def _int_list(text: str) -> list[int]:
@@ -91,7 +93,7 @@ def _choices(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="torch eager vs trtopt at fp32/fp16/int8: latency, accuracy, size, memory.",
+        description="torch eager vs trtopt at fp32/fp16/int8/fp8: latency, accuracy, size, memory.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--models", type=_choices(tuple(MODELS)), default=list(MODELS), help="comma-separated")
@@ -104,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per batch size")
     parser.add_argument("--image-size", type=int, default=224, help="ViT needs a multiple of 16")
     parser.add_argument("--eval-samples", type=int, default=32, help="images for the accuracy columns")
-    parser.add_argument("--calib-samples", type=int, default=32, help="images to calibrate INT8 with")
+    parser.add_argument("--calib-samples", type=int, default=32, help="images to calibrate INT8 and FP8 with")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings")

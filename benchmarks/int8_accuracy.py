@@ -1,4 +1,5 @@
-"""INT8 evaluation suite: trtopt's calibrators against onnxruntime's quantize_static and NVIDIA ModelOpt.
+"""INT8 evaluation suite: trtopt's calibrators against onnxruntime's quantize_static and NVIDIA ModelOpt,
+with trtopt's FP8 (E4M3) beside them.
 
 Trained models on real data, each with a different input encoding, none of
 them the test suite's fixtures:
@@ -71,7 +72,8 @@ from trtopt.precision import emulate_fp16  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIBRATORS = ("entropy", "minmax", "percentile", "mse", "auto")
-DEFAULT = BuildConfig().calibrator.value
+DEFAULT = BuildConfig(precision="int8").calibration_method.value
+FP8_DEFAULT = BuildConfig(precision="fp8").calibration_method.value
 Feeds = dict[str, np.ndarray]
 
 
@@ -146,11 +148,11 @@ def minilm_task(seed: int) -> Task:
 Quantizer = Callable[[Task, Path], tuple[Any, float]]  # (something to score, seconds)
 
 
-def trtopt_int8(**settings: Any) -> Quantizer:
+def trtopt_int8(precision: str = "int8", **settings: Any) -> Quantizer:
     def quantize(task: Task, workdir: Path) -> tuple[Any, float]:
         start = time.perf_counter()
         module = trtopt.compile(
-            task.graph, precision="int8", dynamic_shapes=task.dynamic_shapes, backend="onnxruntime",
+            task.graph, precision=precision, dynamic_shapes=task.dynamic_shapes, backend="onnxruntime",
             calibration_data=task.calibration, validation_data=task.validation, **settings,
         )
         return module, time.perf_counter() - start
@@ -186,25 +188,30 @@ _MODELOPT_SCRIPT = """
 import json, sys, time
 import numpy as np
 from modelopt.onnx.quantization import quantize
-source, data, target = sys.argv[1:4]
+source, data, target, mode, method = sys.argv[1:6]
 calibration = dict(np.load(data))
 start = time.perf_counter()
-quantize(source, quantize_mode="int8", calibration_data=calibration, calibration_method="entropy",
+quantize(source, quantize_mode=mode, calibration_data=calibration, calibration_method=method,
          calibration_eps=["cpu"], high_precision_dtype="fp16", output_path=target, log_level="ERROR")
 print(json.dumps({"seconds": time.perf_counter() - start}))
 """
 
 
-def modelopt_int8(task: Task, workdir: Path) -> tuple[Any, float]:
-    source, data, target = workdir / "fp32.onnx", workdir / "calibration.npz", workdir / "modelopt_int8.onnx"
-    onnx.save(task.graph, source)
-    np.savez(data, **{n: np.concatenate([b[n] for b in task.calibration]) for n in task.calibration[0]})
-    done = subprocess.run(
-        [sys.executable, "-c", _MODELOPT_SCRIPT, str(source), str(data), str(target)],
-        capture_output=True, text=True, check=True,
-    )
-    seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
-    return onnx.load(target), seconds
+def modelopt(mode: str, method: str) -> Quantizer:
+    """ModelOpt's ONNX quantizer: INT8 with entropy calibration, or FP8 with max (its FP8 recipe)."""
+
+    def quantize(task: Task, workdir: Path) -> tuple[Any, float]:
+        source, data, target = workdir / "fp32.onnx", workdir / "calibration.npz", workdir / f"modelopt_{mode}.onnx"
+        onnx.save(task.graph, source)
+        np.savez(data, **{n: np.concatenate([b[n] for b in task.calibration]) for n in task.calibration[0]})
+        done = subprocess.run(
+            [sys.executable, "-c", _MODELOPT_SCRIPT, str(source), str(data), str(target), mode, method],
+            capture_output=True, text=True, check=True,
+        )
+        seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+        return onnx.load(target), seconds
+
+    return quantize
 
 
 def modelopt_missing() -> str | None:
@@ -218,8 +225,11 @@ def quantizers() -> dict[str, Quantizer]:
     chosen = {f"trtopt {c}" + (" (default)" if c == DEFAULT else ""): trtopt_int8(calibrator=c) for c in CALIBRATORS}
     chosen[f"trtopt {DEFAULT}, SmoothQuant off"] = trtopt_int8(smoothquant=None)
     chosen[f"trtopt {DEFAULT}, attention MatMuls in INT8"] = trtopt_int8(int8_attention=True)
+    # FP8 E4M3 (TensorRT on compute capability 8.9+) at its defaults: the same Q/DQ pass and sessions.
+    chosen["trtopt fp8"] = trtopt_int8("fp8")
     chosen["onnxruntime quantize_static"] = onnxruntime_int8
-    chosen["modelopt 0.47 int8 entropy"] = modelopt_int8
+    chosen["modelopt 0.47 int8 entropy"] = modelopt("int8", "entropy")
+    chosen["modelopt 0.47 fp8 max"] = modelopt("fp8", "max")
     return chosen
 
 
@@ -296,7 +306,7 @@ def run_task(make: Callable[[int], Task], seeds: list[int], skip_modelopt: str |
             }
         )
     if skip_modelopt:
-        rows.append({"quantizer": "modelopt 0.47 int8 entropy", "error": f"not installed ({skip_modelopt})"})
+        rows += [{"quantizer": label, "error": f"not installed ({skip_modelopt})"} for label in quantizers() if label.startswith("modelopt")]
     return {"model": task.name, "description": task.description, "seeds": seeds, "rows": rows,
             "evaluation_samples": len(next(iter(task.evaluation.values())))}
 
@@ -307,7 +317,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Command: `{report['command']}`  ",
         f"ONNX Runtime {report['onnxruntime']} on the CPU ({report['machine']}), running every quantizer's Q/DQ graph "
-        "as written (graph optimizations off) with FP16 tensors rounded as TensorRT stores them. trtopt's default calibrator: `{report['default_calibrator']}`, "
+        "as written (graph optimizations off) with FP16 tensors rounded as TensorRT stores them. "
+        f"trtopt's default calibrator: `{report['default_calibrator']}` "
+        f"(`{report.get('fp8_default_calibrator', 'minmax')}` for `trtopt fp8`), "
         f"SmoothQuant alpha {report['smoothquant']}. Digits models: mean over seeds {report['seeds']}, the worst "
         "seed's drop in brackets. Time: the whole quantization call, calibration included (trtopt's includes its "
         "accuracy readout).",
@@ -357,6 +369,7 @@ def main() -> None:
     report = {
         "command": " ".join([f"PYTHONPATH={os.environ.get('PYTHONPATH', '.')}", "python benchmarks/int8_accuracy.py", *sys.argv[1:]]),
         "default_calibrator": DEFAULT,
+        "fp8_default_calibrator": FP8_DEFAULT,
         "smoothquant": BuildConfig().smoothquant,
         "seeds": args.seeds,
         "onnxruntime": onnxruntime.__version__,

@@ -24,19 +24,20 @@ def script():
 @pytest.mark.slow
 def test_tiny_run_writes_json_table_and_plot(script, tmp_path, capsys):
     code = script.main([
-        "--models", "resnet18", "--precisions", "fp32,int8", "--image-size", "32", "--batch-sizes", "1,2",
+        "--models", "resnet18", "--precisions", "fp32,int8,fp8", "--image-size", "32", "--batch-sizes", "1,2",
         "--iterations", "2", "--warmup", "1", "--eval-samples", "4", "--calib-samples", "4",
         "--backend", "onnxruntime", "--device", "cpu", "--out", str(tmp_path), "-q",
     ])
     assert code == 0
     report = bench.BenchReport.from_json(json.loads((tmp_path / "compare_precisions.json").read_text()))
     rows = [(r.runtime, r.precision, r.status) for r in report.results]
-    assert rows == [("torch-eager", "fp32", "ok"), ("trtopt", "fp32", "ok"), ("trtopt", "int8", "ok")]
+    assert rows == [("torch-eager", "fp32", "ok"), ("trtopt", "fp32", "ok"), ("trtopt", "int8", "ok"), ("trtopt", "fp8", "ok")]
     assert all([s.batch_size for s in r.latency] == [1, 2] for r in report.results)
     assert report.results[1].accuracy.samples == 4 and report.results[1].accuracy.top1_agreement == 1.0
     assert report.settings["command"].startswith("python benchmarks/compare_precisions.py")
     table = (tmp_path / "compare_precisions.md").read_text()
     assert "| resnet18 | trtopt | int8 | onnxruntime |" in table and table in capsys.readouterr().out
+    assert "| resnet18 | trtopt | fp8 | onnxruntime |" in table
     assert (tmp_path / "compare_precisions.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -7,6 +7,11 @@
   because the precision is already in the graph (valid on TensorRT 10 and 11),
 - ``<name>.calib.cache``: the TensorRT calibration cache, for INT8 modules whose
   precision report carries calibrated ranges (for tools that read one).
+
+FP8 modules get no calibration cache: TensorRT takes FP8 scales only from the
+graph's Q/DQ nodes (there is no FP8 calibrator, and the cache format holds INT8
+scales, amax / 127, for implicit INT8 builds, which TensorRT 11 removed). The
+manifest's precision summary still lists each tensor's calibrated amax.
 """
 
 from __future__ import annotations
@@ -117,6 +122,8 @@ def export_onnx(module: CompiledModule, path: str | os.PathLike[str]) -> dict[st
         "set -e",
         'cd "$(dirname "$0")"',
     ]
+    if module.spec.precision == "fp8":
+        lines.append("# FP8 (E4M3) Q/DQ: needs a GPU of compute capability 8.9+ (Ada, Hopper) and TensorRT 10+.")
     if len(profiles) > 1:
         lines += [
             f"# The module has {len(profiles)} optimization profiles, in this order (--profile=N).",
@@ -129,7 +136,7 @@ def export_onnx(module: CompiledModule, path: str | os.PathLike[str]) -> dict[st
     written["build_script"] = atomic_write(path.with_suffix(".build.sh"), "\n".join(lines) + "\n")
     os.chmod(written["build_script"], 0o755)
     report = module.precision_report
-    if report.get("activation_amax"):
+    if report.get("activation_amax") and module.spec.precision == "int8":  # FP8: see the module docstring
         from .calibrators.cache import algorithm_name, write_cache
 
         scales = {name: amax / 127.0 for name, amax in report["activation_amax"].items()}

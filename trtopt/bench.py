@@ -567,7 +567,7 @@ def plot_latency_vs_accuracy(report: BenchReport, path: str | os.PathLike[str] |
     ok = [r for r in report.results if r.status == "ok" and r.latency]
     if batch_size is None:
         batch_size = min((s.batch_size for r in ok for s in r.latency), default=1)
-    markers = {"torch-eager": "s", "fp32": "o", "fp16": "^", "int8": "D"}
+    markers = {"torch-eager": "s", "fp32": "o", "fp16": "^", "int8": "D", "fp8": "v"}
     models = sorted({r.model for r in ok})
     colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(models)}
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))

@@ -2,7 +2,8 @@
 
 One code path serves TensorRT 10.x and 11.x (DESIGN.md §3): the network is
 created with ``STRONGLY_TYPED`` only, so the precision is whatever the ONNX
-graph says (FP16 casts, INT8 Q/DQ); no weak-typing flag is ever touched.
+graph says (FP16 casts, INT8 or FP8 Q/DQ); no weak-typing flag is ever touched.
+FP8 graphs are refused up front where the GPU or TensorRT cannot run them.
 
 We call TensorRT directly here rather than through Polygraphy's loaders
 (``NetworkFromOnnxPath``, ``CreateConfig``, ``EngineBytesFromNetwork``) because
@@ -37,7 +38,7 @@ from . import _deps
 from .config import BuildConfig, InputRange, ShapeProfile
 from ._io import atomic_write
 from .engine_cache import EngineCache, engine_key_fields, files_digest
-from .errors import BuildError, first_line
+from .errors import BuildError, DependencyError, first_line
 from .graph import save_model
 
 logger = logging.getLogger(__name__)
@@ -234,6 +235,33 @@ def gpu_fingerprint(device_index: int | None = None) -> dict[str, str]:
     return {"name": str(device.name()), "compute_capability": f"{major}.{minor}"}
 
 
+FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # Ada; Hopper is 9.0, Blackwell 10.x and 12.x
+
+
+def require_fp8_support(trt: ModuleType, device_index: int | None = None) -> None:
+    """Raise a DependencyError unless this TensorRT and GPU can build FP8 (E4M3) Q/DQ.
+
+    FP8 tensor cores start at compute capability 8.9 (Ada; Hopper is 9.0), and
+    TensorRT names FP8 in ``DataType.FP8`` where it supports it (feature
+    detection, not a version comparison). Checked before the build, because
+    TensorRT itself would fail late with a message about tactics.
+    """
+    if not hasattr(trt.DataType, "FP8"):
+        raise DependencyError(
+            f"TensorRT {getattr(trt, '__version__', '?')} has no FP8 support (no DataType.FP8); install "
+            "TensorRT 10 or newer, or compile with precision='fp16' or precision='int8'"
+        )
+    gpu = gpu_fingerprint(device_index)
+    major, minor = (int(part) for part in gpu["compute_capability"].split(".")[:2])
+    if (major, minor) < FP8_MIN_COMPUTE_CAPABILITY:
+        raise DependencyError(
+            f"precision='fp8' needs a GPU of compute capability {'.'.join(map(str, FP8_MIN_COMPUTE_CAPABILITY))} "
+            f"or newer (Ada, Hopper, Blackwell), but {gpu['name']} has compute capability {major}.{minor}; "
+            "compile with precision='fp16' or precision='int8' for this GPU, or build this FP8 graph on an "
+            "FP8 GPU (export_onnx writes the trtexec line)"
+        )
+
+
 # ------------------------------------------------------------------------ build
 def build_engine(
     onnx_model: onnx.ModelProto, profiles: Sequence[ShapeProfile], config: BuildConfig
@@ -243,11 +271,13 @@ def build_engine(
     The model is written to a temporary directory and parsed from the file, so
     models with external weights (over protobuf's 2 GB) work too.
     """
-    from .precision import validate_qdq
+    from .precision import FP8, graph_format, validate_qdq
 
     # The ONNX parser's Q/DQ rules, checked here with messages that name the node and the fix.
     validate_qdq(onnx_model)
     trt = _deps.tensorrt()
+    if graph_format(onnx_model) is FP8:
+        require_fp8_support(trt)
     cache = EngineCache.from_config(config)
     with tempfile.TemporaryDirectory(prefix="trtopt-build-") as workdir:
         model_path = save_model(onnx_model, Path(workdir) / "model.onnx")

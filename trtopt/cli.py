@@ -259,7 +259,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     validation = None
     if args.validation:
         if args.precision == "fp32":
-            raise ConfigError("--validation judges an fp16 or int8 module against FP32; it is not used at fp32")
+            raise ConfigError("--validation judges an fp16, int8 or fp8 module against FP32; it is not used at fp32")
         validation = str(_check_file(args.validation, "validation file"))
     logger.info("compiling %s at %s", args.source, args.precision)
     module = trtopt.compile(
@@ -531,7 +531,7 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .config import Backend, BuildConfig, CalibratorKind, Precision
+    from .config import DEFAULT_CALIBRATORS, Backend, BuildConfig, CalibratorKind, Precision
 
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -563,25 +563,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--precision", choices=[v.value for v in Precision], default="fp32")
     p.add_argument("--calib", metavar="DATA.npz",
-                   help="calibration data for int8 (and the fp16 keep-list): a .npz with one array per input, "
+                   help="calibration data for int8/fp8 (and the fp16 keep-list): a .npz with one array per input, "
                    "keyed by input name, each a stack of batches along axis 0")
     p.add_argument("--calibrator", choices=[v.value for v in CalibratorKind],
-                   help=f"int8 range algorithm (default: {BuildConfig().calibrator.value}; see docs/calibration.md)")
+                   help="int8/fp8 range algorithm (default: "
+                   + ", ".join(f"{k.value} for {p.value}" for p, k in DEFAULT_CALIBRATORS.items())
+                   + "; see docs/calibration.md)")
     p.add_argument("--smoothquant", type=_alpha_or_off, metavar="ALPHA|off",
-                   help=f"int8: SmoothQuant's alpha for MatMul/Gemm layers (default {BuildConfig().smoothquant}), or off")
+                   help=f"int8/fp8: SmoothQuant's alpha for MatMul/Gemm layers (default {BuildConfig().smoothquant}), or off")
     p.add_argument("--calib-batches", type=_positive, metavar="N", help="use at most N calibration batches")
     p.add_argument("--calib-cache", metavar="PATH", help="TensorRT calibration cache to read, or write")
     p.add_argument("--accuracy-budget", metavar="METRIC>=BOUND",
-                   help="int8: keep the fewest layers out of INT8 that meet this budget, e.g. 'cosine>=0.999', "
+                   help="int8/fp8: keep the fewest layers out of INT8/FP8 that meet this budget, e.g. 'cosine>=0.999', "
                    "'top1>=0.995', 'max_abs<=0.05' (judged on --validation, else on the last fifth of --calib)")
     p.add_argument("--validation", metavar="DATA.npz",
-                   help="fp16/int8: data to measure the module against FP32 on, and to judge --accuracy-budget "
+                   help="fp16/int8/fp8: data to measure the module against FP32 on, and to judge --accuracy-budget "
                    "(.npz, like --calib; default: the last fifth of --calib, held back from calibration)")
     p.add_argument("--best-effort", action="store_true",
                    help="with --accuracy-budget: return the closest module when the budget cannot be met")
     p.add_argument("--emit-onnx", metavar="OUT.onnx",
-                   help="also write the final graph with its manifest, build script (trtexec) and calibration "
-                   "cache, to build the engine on another machine")
+                   help="also write the final graph with its manifest, build script (trtexec) and (int8) "
+                   "calibration cache, to build the engine on another machine")
     shapes(p)
     shared(p)
     p.add_argument("-o", "--output", metavar="OUT.trtopt", help="output file (default: SOURCE's name + .trtopt)")
@@ -597,8 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_int_list, metavar="B1,B2,...",
                    help="default: the profile's opt batch (module) or the example's batch (factory)")
     p.add_argument("--precision", type=lambda s: [v.strip() for v in s.split(",") if v.strip()], default=["fp32"],
-                   metavar="P1,P2", help="factory only: precisions to compile at, e.g. fp32,fp16,int8 (default fp32)")
-    p.add_argument("--calib", metavar="DATA.npz", help="factory only: calibration data for fp16 and int8 (as for compile)")
+                   metavar="P1,P2", help="factory only: precisions to compile at, e.g. fp32,fp16,int8,fp8 (default fp32)")
+    p.add_argument("--calib", metavar="DATA.npz", help="factory only: calibration data for fp16, int8 and fp8 (as for compile)")
     p.add_argument("--iterations", type=_positive, default=50, help="timed calls per batch size (default 50)")
     p.add_argument("--warmup", type=_positive, default=5, help="untimed calls per batch size (default 5)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-': stdout)")

@@ -197,8 +197,8 @@ def compile(  # noqa: A001 - the public name the design card fixes
     any other ``BuildConfig`` field may be given as a keyword override.
     ``dynamic_shapes`` maps an input name (forward argument, or ONNX graph input) to
     ``{dim: (min, opt, max)}``; a list of such dicts gives several optimization profiles.
-    ``accuracy_budget`` (INT8 only: an ``AccuracyBudget`` or a string such as
-    ``"cosine>=0.99"``) keeps the fewest weighted layers out of INT8 that meet it,
+    ``accuracy_budget`` (INT8 and FP8: an ``AccuracyBudget`` or a string such as
+    ``"cosine>=0.99"``) keeps the fewest weighted layers out of INT8/FP8 that meet it,
     judged on ``validation_data`` (default: the last fifth of the calibration batches,
     held back from calibration).
     """
@@ -212,6 +212,10 @@ def compile(  # noqa: A001 - the public name the design card fixes
     if not (isinstance(source, onnx.ModelProto) and _carried_precision(source)):
         _check_calibration_source(config, calibration_data)
     kind = select_backend(config.backend)
+    if kind is Backend.TENSORRT and config.precision is Precision.FP8:
+        from .builder import require_fp8_support
+
+        require_fp8_support(_deps.tensorrt())  # before the (slow) export and calibration
 
     start = time.perf_counter()
     if isinstance(source, onnx.ModelProto):
@@ -273,11 +277,11 @@ def compile(  # noqa: A001 - the public name the design card fixes
 
 
 def _check_calibration_source(config: BuildConfig, calibration_data: Any) -> None:
-    """Fail before the (slow) export when INT8 has nothing to take its scales from."""
+    """Fail before the (slow) export when INT8 or FP8 has nothing to take its scales from."""
     cache = config.calibration_cache
-    if config.precision is Precision.INT8 and calibration_data is None and not (cache and os.path.isfile(cache)):
+    if config.precision.quantized and calibration_data is None and not (cache and os.path.isfile(cache)):
         raise CalibrationError(
-            "precision='int8' needs activation ranges: pass calibration_data (an iterable of input "
+            f"precision={config.precision.value!r} needs activation ranges: pass calibration_data (an iterable of input "
             "batches such as a DataLoader, a few hundred representative samples) or "
             "calibration_cache=<path of an existing TensorRT calibration cache for this model>"
             + (f" ({cache} does not exist)" if cache else "")
@@ -295,7 +299,7 @@ def _apply_precision(
 
     FP16: cast to FP16 with an FP32 keep-list measured on ``calibration_data``
     (optional; without it only weights and exclusions decide, and nothing is
-    checked for Inf/NaN). INT8: Q/DQ pairs with scales from the calibrator
+    checked for Inf/NaN). INT8 and FP8: Q/DQ pairs with scales from the calibrator
     (needs ``calibration_data`` or an existing ``calibration_cache``), the rest
     in ``config.int8_float_precision``; with ``accuracy_budget``, the units the
     search keeps high stay out of INT8. Returns the graph and the report that
@@ -303,9 +307,9 @@ def _apply_precision(
     """
     from . import precision as passes
 
-    if accuracy_budget is not None and config.precision is not Precision.INT8:
+    if accuracy_budget is not None and not config.precision.quantized:
         raise ConfigError(
-            f"accuracy_budget applies to precision='int8' (it chooses which layers leave INT8), "
+            f"accuracy_budget applies to precision='int8' or 'fp8' (it chooses which layers leave INT8/FP8), "
             f"not to precision={config.precision.value!r}"
         )
     carried = _carried_precision(onnx_model)
@@ -313,7 +317,7 @@ def _apply_precision(
         if accuracy_budget is not None or config.precision.value not in ("fp32", carried):
             raise ConfigError(
                 f"the graph already carries its precision ({carried}: it has "
-                f"{'Q/DQ nodes' if carried == 'int8' else 'FP16 casts or weights'}), so precision="
+                f"{'FP16 casts or weights' if carried == 'fp16' else 'Q/DQ nodes'}), so precision="
                 f"{config.precision.value!r}{' with an accuracy_budget' if accuracy_budget is not None else ''} "
                 "cannot be applied to it; compile the FP32 model instead, or this graph without those settings"
             )
@@ -356,9 +360,13 @@ def _apply_precision(
             report["accuracy"] = held_out.readout(converted, "fp16", hints)
         return converted, report
 
-    plan = passes.plan_int8(
-        onnx_model, keep_first_last=config.int8_keep_first_last, quantize_attention=config.int8_attention, **excluded
-    )
+    fmt = passes.quant_format(config.precision)
+    # The plan's options, format included: the accuracy budget re-plans with the same ones.
+    plan_options = {
+        "fmt": fmt.name, "keep_first_last": config.int8_keep_first_last,
+        "quantize_attention": config.int8_attention, **excluded,
+    }
+    plan = passes.plan_int8(onnx_model, **plan_options)
     from .calibrators import calibrate
 
     groups = {}
@@ -372,7 +380,7 @@ def _apply_precision(
         plan.activation_tensors,
         calibration_data,
         input_specs=inputs,
-        method=config.calibrator.value,
+        method=config.calibration_method.value,
         percentile=config.percentile,
         max_batches=config.calibration_batches,
         cache_path=config.calibration_cache,
@@ -387,9 +395,7 @@ def _apply_precision(
         onnx_model, smoothed_ranges, smoothed = smooth(onnx_model, groups, calibration.channel_max, config.smoothquant)
         amax.update(smoothed_ranges)
         # The units now read the smoothed tensors: plan again, every other Q/DQ stays where it was.
-        plan = passes.plan_int8(
-            onnx_model, keep_first_last=config.int8_keep_first_last, quantize_attention=config.int8_attention, **excluded
-        )
+        plan = passes.plan_int8(onnx_model, **plan_options)
     budget_report = None
     float_precision = config.int8_float_precision.value
     source = onnx_model
@@ -420,7 +426,7 @@ def _apply_precision(
             held_out.feeds,
             held_out.labels,
             budget,
-            plan_options={"keep_first_last": config.int8_keep_first_last, "quantize_attention": config.int8_attention, **excluded},
+            plan_options=plan_options,
             cache_dir=config.sensitivity_cache_dir,
             reference=held_out.reference,
             final=final,
@@ -430,19 +436,19 @@ def _apply_precision(
     else:
         quantized, int8_report, fp16_report = build()
     report = {
-        "precision": "int8",
-        "calibrator": config.calibrator.value,
+        "precision": fmt.name,
+        "calibrator": config.calibration_method.value,
         "calibration_seconds": round(seconds, 3),
         "calibration_batches": calibration.num_batches,
         "calibration_from_cache": calibration.from_cache,
         "float_precision": config.int8_float_precision.value,
         "overflow_checked": batches is not None and fp16_report is not None,
-        **({"percentile": config.percentile} if config.calibrator.value == "percentile" else {}),
+        **({"percentile": config.percentile} if config.calibration_method.value == "percentile" else {}),
         **int8_report.to_json(),
     }
     if fp16_report is not None:
         report.update(fp16_report.to_json())
-    # Kept so that export_onnx can write TensorRT's calibration cache next to the graph.
+    # Kept so that export_onnx can write TensorRT's calibration cache next to an INT8 graph.
     report["activation_amax"] = {name: amax[name] for name in plan.activation_tensors}
     if smoothed:
         report["smoothquant"] = {"alpha": config.smoothquant, "tensors": [t.to_json() for t in smoothed]}
@@ -462,7 +468,7 @@ def _apply_precision(
         report["accuracy_budget"] = budget_report.to_json()
     if held_out is not None:
         report["accuracy"] = held_out.readout(
-            quantized, "int8", lambda: _int8_hints(onnx_model, amax, checks, calibration, plan, held_out.feeds, inputs)
+            quantized, fmt.name, lambda: _int8_hints(onnx_model, amax, checks, calibration, plan, held_out.feeds, inputs)
         )
     return quantized, report
 
@@ -543,10 +549,12 @@ def _int8_hints(
 
 
 def _carried_precision(model: onnx.ModelProto) -> str | None:
-    """'int8' for a graph with Q/DQ nodes, 'fp16' for one computing in FP16, else None."""
-    ops = {node.op_type for node in model.graph.node}
-    if ops & {"QuantizeLinear", "DequantizeLinear"}:
-        return "int8"
+    """'fp8' or 'int8' for a graph with Q/DQ nodes, 'fp16' for one computing in FP16, else None."""
+    from .precision.qformat import graph_format
+
+    fmt = graph_format(model)
+    if fmt is not None:
+        return fmt.name
     half = onnx.TensorProto.FLOAT16
     casts_to_half = any(
         node.op_type == "Cast" and any(a.name == "to" and a.i == half for a in node.attribute)

@@ -20,6 +20,12 @@ class Precision(str, enum.Enum):
     FP32 = "fp32"
     FP16 = "fp16"
     INT8 = "int8"
+    FP8 = "fp8"  # FP8 E4M3 Q/DQ: TensorRT on GPUs of compute capability 8.9+ (Ada, Hopper, Blackwell)
+
+    @property
+    def quantized(self) -> bool:
+        """INT8 and FP8: Q/DQ pairs with calibrated scales, the rest in ``int8_float_precision``."""
+        return self in (Precision.INT8, Precision.FP8)
 
 
 class Backend(str, enum.Enum):
@@ -29,7 +35,7 @@ class Backend(str, enum.Enum):
 
 
 class CalibratorKind(str, enum.Enum):
-    """How an activation's INT8 range is chosen; see trtopt/calibrators/observers.py."""
+    """How an activation's INT8/FP8 range is chosen; see trtopt/calibrators/observers.py."""
 
     ENTROPY = "entropy"  # TensorRT's EntropyCalibration2 KL search (ties to the widest cut)
     MINMAX = "minmax"  # max |x|
@@ -38,8 +44,12 @@ class CalibratorKind(str, enum.Enum):
     AUTO = "auto"  # per tensor, the least-error of the four that clips at most 0.1% of values
 
 
-# The calibrator the INT8 evaluation suite (benchmarks/int8_accuracy.py) found best; docs/calibration.md.
-DEFAULT_CALIBRATOR = CalibratorKind.AUTO
+# The calibrator each quantized precision uses unless one is given. FP8 keeps max |x|: E4M3's
+# exponent holds small values at the same relative precision as large ones, so clipping outliers
+# gains little, and NVIDIA ModelOpt's FP8 recipe calibrates with max too (docs/precision.md has
+# the measurements behind both defaults).
+# INT8: auto, the best on the INT8 evaluation suite (benchmarks/int8_accuracy.py, docs/calibration.md).
+DEFAULT_CALIBRATORS = {Precision.INT8: CalibratorKind.AUTO, Precision.FP8: CalibratorKind.MINMAX}
 
 
 def _coerce_enum(enum_type: type[enum.Enum], value: Any, field: str) -> enum.Enum:
@@ -57,16 +67,16 @@ class BuildConfig:
     precision: Precision = Precision.FP32
     backend: Backend = Backend.AUTO
     opset: int = 19  # 19 is the first opset with FP16 Q/DQ scales (DESIGN.md §4)
-    # Calibration (INT8 and the FP16 keep-list).
-    calibrator: CalibratorKind = DEFAULT_CALIBRATOR
+    # Calibration (INT8, FP8 and the FP16 keep-list).
+    calibrator: CalibratorKind | None = None  # None: the precision's default (DEFAULT_CALIBRATORS)
     percentile: float = 99.99
     calibration_batches: int | None = None  # None: use every batch given
     calibration_cache: str | None = None
     # Precision passes (trtopt.precision). Excluded nodes stay FP32: not quantized, not cast to FP16.
     exclude_nodes: tuple[str, ...] = ()  # glob patterns on ONNX node names, e.g. "*layer_norm*"
     exclude_op_types: tuple[str, ...] = ()  # ONNX op types, e.g. ("Softmax", "LayerNormalization")
-    int8_keep_first_last: bool = False  # first/last weighted layers not quantized (run in int8_float_precision)
-    int8_float_precision: Precision = Precision.FP16  # what the non-quantized rest of an INT8 graph runs in
+    int8_keep_first_last: bool = False  # first/last weighted layers not quantized (run in int8_float_precision); INT8 and FP8
+    int8_float_precision: Precision = Precision.FP16  # what the non-quantized rest of an INT8 or FP8 graph runs in
     # Quantize attention's activation-by-activation MatMuls too (TensorRT's INT8 attention fusion).
     int8_attention: bool = False
     # SmoothQuant's migration strength alpha for MatMul/Gemm units (trtopt/precision/smoothquant.py); None: off.
@@ -89,9 +99,10 @@ class BuildConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", _coerce_enum(Precision, self.precision, "precision"))
         object.__setattr__(self, "backend", _coerce_enum(Backend, self.backend, "backend"))
-        object.__setattr__(
-            self, "calibrator", _coerce_enum(CalibratorKind, self.calibrator, "calibrator")
-        )
+        if self.calibrator is not None:
+            object.__setattr__(
+                self, "calibrator", _coerce_enum(CalibratorKind, self.calibrator, "calibrator")
+            )
         for name in ("exclude_nodes", "exclude_op_types"):
             value = getattr(self, name)
             value = (value,) if isinstance(value, str) else tuple(value)
@@ -99,8 +110,10 @@ class BuildConfig:
                 raise ConfigError(f"{name}={value!r} must be a list of strings")
             object.__setattr__(self, name, value)
         float_precision = _coerce_enum(Precision, self.int8_float_precision, "int8_float_precision")
-        if float_precision is Precision.INT8:
-            raise ConfigError("int8_float_precision='int8' is not valid; use 'fp16' (default) or 'fp32'")
+        if float_precision.quantized:
+            raise ConfigError(
+                f"int8_float_precision={float_precision.value!r} is not valid; use 'fp16' (default) or 'fp32'"
+            )
         object.__setattr__(self, "int8_float_precision", float_precision)
         if not float(self.fp16_threshold) > 0:
             raise ConfigError(
@@ -108,6 +121,10 @@ class BuildConfig:
             )
         if not isinstance(self.opset, int) or self.opset < 17:
             raise ConfigError(f"opset={self.opset!r} is too old; use 17 or newer (19 recommended)")
+        if self.precision is Precision.FP8 and self.opset < 19:
+            raise ConfigError(
+                f"precision='fp8' needs opset 19 or newer (FLOAT8E4M3FN Q/DQ), but opset={self.opset}; use opset=19"
+            )
         if self.precision is Precision.INT8 and float_precision is Precision.FP16 and self.opset < 19:
             raise ConfigError(
                 f"precision='int8' with int8_float_precision='fp16' needs opset 19 or newer (FP16 "
@@ -140,6 +157,11 @@ class BuildConfig:
             raise ConfigError(
                 f"engine_cache_max_bytes={self.engine_cache_max_bytes!r} must be >= 0 (default 8 GiB)"
             )
+
+    @property
+    def calibration_method(self) -> CalibratorKind:
+        """The calibrator this config uses: the one given, else its precision's default."""
+        return self.calibrator or DEFAULT_CALIBRATORS.get(self.precision, CalibratorKind.ENTROPY)
 
     def replace(self, **overrides: Any) -> BuildConfig:
         """Return a copy with ``overrides`` applied; unknown names are a ConfigError."""

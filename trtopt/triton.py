@@ -277,6 +277,11 @@ def build_config(
     if is_plan and len(module.profiles) > 1:
         # Without it Triton's TensorRT backend uses profile 0 only; listed, it picks per request shape.
         group.profile.extend(str(i) for i in range(len(module.profiles)))
+    if not is_plan and module.precision == "fp8":
+        # ONNX Runtime's extended rewrites drop a Relu in front of an FP8 QuantizeLinear (FP8 is
+        # signed; see trtopt/backends/onnxruntime.py). Triton's ONNX Runtime backend has no way to
+        # disable one rewrite: level -1 keeps only the basic ones, which compute the graph faithfully.
+        config.optimization.graph.level = -1
     return config
 
 

@@ -28,6 +28,16 @@ logger = logging.getLogger(__name__)
 # ONNX Runtime quantizes the float weight of a Conv/Gemm that reads a DequantizeLinear, per tensor,
 # with its own scale: that changes the numbers. trtopt decides every quantized weight itself.
 DISABLED_OPTIMIZERS = ("WeightBiasQuantization", "QDQPropagationTransformer")
+# ONNX Runtime (1.32) drops a Relu in front of a QuantizeLinear to FLOAT8E4M3FN with zero point 0
+# ("ReluQuantRewrite"), as if the Q clipped at 0 as a uint8 one does; FP8 is signed, so negative
+# values then pass through (a digits CNN fell to chance). Clip's twin rule is off for the same reason.
+FP8_DISABLED_OPTIMIZERS = ("ReluQuantRewrite", "ClipQuantRewrite")
+
+
+def disabled_optimizers(model: onnx.ModelProto) -> list[str]:
+    """The ONNX Runtime graph rewrites that would change what ``model`` computes."""
+    fp8 = any(t.data_type == onnx.TensorProto.FLOAT8E4M3FN for t in model.graph.initializer)
+    return [*DISABLED_OPTIMIZERS, *(FP8_DISABLED_OPTIMIZERS if fp8 else ())]
 
 
 def make_session(
@@ -45,6 +55,7 @@ def make_session(
     """
     if "CPUExecutionProvider" in providers:
         model = lower_qdq_for_cpu(model)
+    disabled = disabled_optimizers(model)
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only; ORT's warnings are about its own fusions
     options.add_session_config_entry("session.disable_quant_qdq", "1")
@@ -60,12 +71,12 @@ def make_session(
             workdir = tempfile.mkdtemp(prefix="trtopt-ort-")
             path = save_model(model, Path(workdir) / "model.onnx")
             session = ort.InferenceSession(
-                str(path), options, providers=list(providers), disabled_optimizers=list(DISABLED_OPTIMIZERS)
+                str(path), options, providers=list(providers), disabled_optimizers=disabled
             )
             weakref.finalize(session, shutil.rmtree, workdir, ignore_errors=True)
             return session
         return ort.InferenceSession(
-            model.SerializeToString(), options, providers=list(providers), disabled_optimizers=list(DISABLED_OPTIMIZERS)
+            model.SerializeToString(), options, providers=list(providers), disabled_optimizers=disabled
         )
     except Exception as exc:  # onnxruntime raises its own exception types
         raise EngineError(f"ONNX Runtime cannot load the graph: {first_line(exc)}") from exc

@@ -36,7 +36,10 @@ changing what it computes beyond float rounding:
   NHWC uint8 pool). A plain float pool fed by a DQ is many times slower.
 
 Graphs for TensorRT are never rewritten: this runs only where ONNX Runtime
-executes a graph (``make_session``).
+executes a graph (``make_session``). FP8 graphs are not rewritten either: ONNX
+Runtime has no FP8 integer kernels, and its CPU QuantizeLinear/DequantizeLinear
+to and from FLOAT8E4M3FN (opset 19, saturating, ties to even) already compute
+what TensorRT's FP8 Q/DQ compute, so they run as they are.
 """
 
 from __future__ import annotations
@@ -301,11 +304,13 @@ def _pool_before_q(pool: gs.Node, dq: gs.Node, outputs: set[str]) -> bool:
 def lower_qdq_for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` laid out for ONNX Runtime's CPU QDQ fusions (see the module docstring).
 
-    A graph without QuantizeLinear/DequantizeLinear, or with FP16 initializers (not
-    passed through ``emulate_fp16``), is returned as is.
+    A graph without QuantizeLinear/DequantizeLinear, an FP8 one, or one with FP16
+    initializers (not passed through ``emulate_fp16``), is returned as is.
     """
     if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
         return model
+    if any(t.data_type == onnx.TensorProto.FLOAT8E4M3FN for t in model.graph.initializer):
+        return model  # FP8 Q/DQ run faithfully as they are (see the module docstring)
     if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
         # An FP16 graph as TensorRT gets it (emulate_fp16 turns it into FP32 for the CPU first);
         # the rewrite writes FP32 weights, so leave it as it is.

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from ..config import DEFAULT_CALIBRATOR, CalibratorKind
+from ..config import DEFAULT_CALIBRATORS, CalibratorKind, Precision
 from ..errors import CalibrationError
 from .cache import algorithm_name, channel_path, read_cache, read_channel_max, write_cache, write_channel_max
 from .collect import collect
@@ -97,7 +97,7 @@ def calibrate(
     calibration_data: Any,
     *,
     input_specs: Sequence[TensorSpec],
-    method: CalibratorKind | str = DEFAULT_CALIBRATOR,
+    method: CalibratorKind | str = DEFAULT_CALIBRATORS[Precision.INT8],
     percentile: float = 99.99,
     max_batches: int | None = None,
     cache_path: str | os.PathLike[str] | None = None,

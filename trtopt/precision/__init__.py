@@ -1,7 +1,8 @@
-"""Precision written into the graph: FP16 with an FP32 keep-list, INT8 Q/DQ, and their checks.
+"""Precision written into the graph: FP16 with an FP32 keep-list, INT8 or FP8 Q/DQ, and their checks.
 
 TensorRT 11 takes precision only from the graph (strong typing), so these
-passes are what ``precision="fp16"`` and ``precision="int8"`` mean. The graph
+passes are what ``precision="fp16"``, ``"int8"`` and ``"fp8"`` mean (INT8 and
+FP8 share one Q/DQ pass; ``plan_int8(..., fmt="fp8")`` picks the format). The graph
 passes (``convert_to_fp16``, ``plan_int8`` + ``quantize_int8``) are pure: model
 and measured numbers in, model and report out. ``to_fp16`` and ``to_int8`` add
 the measuring around them: they run the calibration data through the graph
@@ -31,6 +32,7 @@ from .int8 import (
     quantize_int8,
 )
 from .probe import emulate_fp16, feed_batches, tensor_ranges
+from .qformat import FP8, INT8, QuantFormat, graph_format, quant_format
 from .validate import validate_qdq
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,9 @@ NONFINITE_REASON = "produced Inf/NaN in FP16 on the calibration data"
 __all__ = [
     "DEFAULT_FP16_THRESHOLD",
     "FP16_MAX",
+    "FP8",
+    "INT8",
+    "QuantFormat",
     "Fp16Report",
     "Int8Plan",
     "Int8Report",
@@ -51,7 +56,9 @@ __all__ = [
     "emulate_fp16",
     "feed_batches",
     "make_masks_fp16_safe",
+    "graph_format",
     "plan_int8",
+    "quant_format",
     "quantize_int8",
     "tensor_ranges",
     "to_fp16",
@@ -158,11 +165,14 @@ def to_int8(
     exclude_nodes: Iterable[str] = (),
     exclude_op_types: Iterable[str] = (),
 ) -> tuple[onnx.ModelProto, Int8Report, Fp16Report | None]:
-    """Insert ``plan``'s Q/DQ pairs with scales from ``amax``; the rest in ``float_precision``.
+    """Insert ``plan``'s Q/DQ pairs (INT8 or FP8, as planned) with scales from ``amax``; the rest
+    in ``float_precision``.
 
     With ``float_precision="fp16"`` the float part goes through ``to_fp16`` (keep-list,
     Inf/NaN check; skipped without ``batches``), and the Q/DQ scales become FP16 (opset 19).
     """
+    from onnx_graphsurgeon.logger import G_LOGGER
+
     if float_precision not in ("fp16", "fp32"):
         raise GraphError(f"float_precision={float_precision!r}; use 'fp16' or 'fp32'")
     half = float_precision == "fp16"
@@ -170,19 +180,21 @@ def to_int8(
     if half:  # before measuring: a finfo.min or -inf mask would read as an overflow
         model, masks = make_masks_fp16_safe(model)
     ranges = tensor_ranges(model, batches()) if half and batches is not None else None
-    quantized, int8_report = quantize_int8(
-        model, plan, amax, ranges=ranges, scale_floor=FP16_SCALE_FLOOR if half else FP32_SCALE_FLOOR
-    )
-    fp16_report = None
-    if half:
-        quantized, fp16_report = to_fp16(
-            quantized,
-            batches,
-            ranges={**(ranges or {}), **int8_report.dq_peaks},
-            threshold=threshold,
-            exclude_nodes=exclude_nodes,
-            exclude_op_types=exclude_op_types,
-            masks=masks,
+    # onnx-graphsurgeon warns on every FP8 tensor that numpy has no such type (it keeps them exact).
+    with G_LOGGER.suppress(G_LOGGER.ERROR):
+        quantized, int8_report = quantize_int8(
+            model, plan, amax, ranges=ranges, scale_floor=FP16_SCALE_FLOOR if half else FP32_SCALE_FLOOR
         )
+        fp16_report = None
+        if half:
+            quantized, fp16_report = to_fp16(
+                quantized,
+                batches,
+                ranges={**(ranges or {}), **int8_report.dq_peaks},
+                threshold=threshold,
+                exclude_nodes=exclude_nodes,
+                exclude_op_types=exclude_op_types,
+                masks=masks,
+            )
     validate_qdq(quantized)
     return quantized, int8_report, fp16_report

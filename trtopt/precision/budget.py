@@ -680,8 +680,9 @@ def keep_high(plan: Any, kept: Iterable[str], ops: Mapping[str, str]) -> Any:
     exclusions) keeps every remaining Q/DQ where it was, so the ranges of the one
     calibration of the full plan cover every assignment the search tries.
     """
+    import dataclasses
+
     from .fp16 import KeptNode
-    from .int8 import Int8Plan
 
     kept = set(kept)
     activations = {}
@@ -689,7 +690,8 @@ def keep_high(plan: Any, kept: Iterable[str], ops: Mapping[str, str]) -> Any:
         remaining = [(node, index) for node, index in uses if node not in kept]
         if remaining:
             activations[tensor] = remaining
-    return Int8Plan(
+    return dataclasses.replace(  # keeps the plan's quantization format (INT8 or FP8)
+        plan,
         activations=activations,
         weights=[w for w in plan.weights if w[0] not in kept],
         skipped=list(plan.skipped)

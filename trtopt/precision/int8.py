@@ -1,4 +1,7 @@
-"""INT8 explicit quantization: QuantizeLinear/DequantizeLinear where TensorRT fuses them (DESIGN.md §4).
+"""INT8 and FP8 explicit quantization: QuantizeLinear/DequantizeLinear where TensorRT fuses them.
+
+One pass serves both formats (``qformat``: INT8, or FP8 E4M3 for Ada/Hopper GPUs);
+the plan carries its format, so what is planned is what gets quantized.
 
 Placement (conservative: every extra Q/DQ pair can break a fusion):
 - both inputs of Conv, ConvTranspose, Gemm and MatMul whose weight is a
@@ -13,8 +16,20 @@ Placement (conservative: every extra Q/DQ pair can break a fusion):
 Activation-by-activation MatMuls (attention) stay in float, as do norms and
 Softmax. Weights are stored as INT8 initializers followed by a
 DequantizeLinear (what TensorRT, ModelOpt and onnxruntime's QDQ format use).
-Quantization is symmetric: zero point 0, ``scale = amax / 127``; ONNX's
-QuantizeLinear rounds half to even, and so does ``np.rint`` for the weights.
+Quantization is symmetric: zero point 0, ``scale = amax / 127`` (INT8) or
+``amax / 448`` (FP8); ONNX's QuantizeLinear rounds half to even, and so do
+``np.rint`` and ml_dtypes' FP8 cast for the weights.
+
+FP8 differs in placement only where TensorRT's FP8 kernels do, following NVIDIA
+ModelOpt's ONNX FP8 recipe (``modelopt/onnx/quantization/fp8.py``, which quantizes
+Conv, Gemm, MatMul and the residual Add):
+
+- a Conv is quantized only when TensorRT has an FP8 kernel for its shape: input
+  and output channels at least 16 and alike modulo 16 (so both pad to the
+  16-channel alignment FP8 convolutions need) and a filter of at most 32 taps
+  (3x3 and 5x5 yes, 7x7 no; a depthwise Conv has one input channel per group);
+- pooling inputs are not quantized: the FP8 recipe quantizes only weighted ops
+  and residual Adds, so a pool runs in the float part.
 """
 
 from __future__ import annotations
@@ -30,6 +45,7 @@ import onnx_graphsurgeon as gs
 from ..errors import CalibrationError
 from ..graph import check_model
 from .fp16 import KeptNode, user_exclusion
+from .qformat import FP8, INT8, QuantFormat, quant_format
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +55,9 @@ POOLING_OPS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
 # since a subnormal scale loses precision and its reciprocal overflows FP16.
 FP16_SCALE_FLOOR = 2.0**-14
 FP32_SCALE_FLOOR = float(np.finfo(np.float32).tiny)
+# TensorRT's FP8 convolutions (ModelOpt's FP8 recipe excludes every other Conv).
+FP8_CONV_CHANNEL_ALIGNMENT = 16
+FP8_CONV_MAX_FILTER = 32
 
 
 def weight_axis(node: gs.Node) -> int | None:
@@ -72,6 +91,7 @@ class Int8Plan:
     activations: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     weights: list[tuple[str, int, int]] = field(default_factory=list)  # (node, input, axis)
     skipped: list[KeptNode] = field(default_factory=list)
+    fmt: QuantFormat = INT8  # the codes the Q/DQ pairs will carry
 
     @property
     def activation_tensors(self) -> list[str]:
@@ -83,26 +103,49 @@ class Int8Plan:
             uses.append((node, index))
 
 
+def fp8_conv_reason(node: gs.Node) -> str | None:
+    """Why TensorRT has no FP8 kernel for Conv ``node`` (a reason to keep it out of FP8), else None."""
+    if node.op != "Conv" or not isinstance(node.inputs[1], gs.Constant):
+        return None
+    shape = node.inputs[1].shape  # [K, C / group, *filter]
+    out_channels, in_channels = int(shape[0]), int(shape[1])
+    align = FP8_CONV_CHANNEL_ALIGNMENT
+    if out_channels < align or in_channels < align or out_channels % align != in_channels % align:
+        return (
+            f"FP8 convolutions need {align}+ input and output channels (per group), alike modulo {align}; "
+            f"this one has {in_channels} -> {out_channels}"
+        )
+    taps = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    if taps > FP8_CONV_MAX_FILTER:
+        return f"FP8 convolutions take filters of at most {FP8_CONV_MAX_FILTER} taps; this one has {taps}"
+    return None
+
+
 def plan_int8(
     model: onnx.ModelProto,
     *,
+    fmt: str | QuantFormat = INT8,
     exclude_nodes: Iterable[str] = (),
     exclude_op_types: Iterable[str] = (),
     keep_first_last: bool = False,
     quantize_residual: bool = True,
-    quantize_pooling: bool = True,
+    quantize_pooling: bool | None = None,
     quantize_attention: bool = False,
 ) -> Int8Plan:
-    """Decide the Q/DQ placement for ``model`` (see the module docstring).
+    """Decide the Q/DQ placement for ``model`` in format ``fmt`` ("int8" or "fp8"; see the module
+    docstring). ``quantize_pooling`` defaults to True for INT8 and False for FP8.
 
     ``quantize_attention`` also quantizes both inputs of activation-by-activation
     MatMuls (attention's Q.K^T and P.V, per tensor), the placement TensorRT's INT8
     multi-head-attention fusion looks for; off, they stay in the float precision.
     """
+    fmt = quant_format(fmt)
+    if quantize_pooling is None:
+        quantize_pooling = fmt is INT8
     graph = gs.import_onnx(model)
     graph.toposort()
     exclude_nodes, exclude_op_types = tuple(exclude_nodes), tuple(exclude_op_types)
-    plan = Int8Plan()
+    plan = Int8Plan(fmt=fmt)
 
     weighted = []
     for node in graph.nodes:
@@ -123,6 +166,8 @@ def plan_int8(
             reason = "weight is not a 2-D constant (activation x activation products stay in float)"
         if reason is None and isinstance(node.inputs[0], gs.Constant):
             reason = "its data input is a constant"
+        if reason is None and fmt is FP8:
+            reason = fp8_conv_reason(node)
         if reason is not None:
             plan.skipped.append(KeptNode(node.name, node.op, reason))
             continue
@@ -193,9 +238,9 @@ def quantize_int8(
     ranges: Mapping[str, float] | None = None,
     scale_floor: float = FP16_SCALE_FLOOR,
 ) -> tuple[onnx.ModelProto, Int8Report]:
-    """Insert the Q/DQ pairs of ``plan`` into a float32 ``model``.
+    """Insert the Q/DQ pairs of ``plan`` into a float32 ``model``, in the plan's format.
 
-    ``amax`` (tensor -> calibrated amax) gives the activation scales;
+    ``amax`` (tensor -> calibrated amax) gives the activation scales (amax / qmax);
     ``ranges`` (tensor -> max |x|, optional) only feeds ``dq_peaks``. Scales are
     float32 here; converting the rest of the graph to FP16 afterwards turns them
     into FP16 scales, so pass ``scale_floor=FP16_SCALE_FLOOR`` in that case.
@@ -217,16 +262,17 @@ def quantize_int8(
     nodes = {n.name: n for n in graph.nodes}
     report = Int8Report(skipped=list(plan.skipped))
     ranges = ranges or {}
-    zero = np.zeros((), np.int8)
+    fmt = plan.fmt
+    zero = fmt.zero()
 
     for name, uses in plan.activations.items():
         tensor = tensors[name]
         value = float(amax[name])
-        scale = value / 127.0
+        scale = value / fmt.qmax
         if scale < scale_floor:
             report.floored_scales.append(name)
             scale = scale_floor
-        q = gs.Variable(f"{name}__q", np.int8, tensor.shape)
+        q = gs.Variable(f"{name}__q", fmt.dtype, tensor.shape)
         dq = gs.Variable(f"{name}__dq", np.float32, tensor.shape)
         scale_c = gs.Constant(f"{name}__scale", np.array(scale, np.float32))
         zp = gs.Constant(f"{name}__zero_point", zero)
@@ -245,7 +291,7 @@ def quantize_int8(
         weight = node.inputs[index]
         key = (weight.name, axis)
         if key not in shared:
-            shared[key] = _quantized_weight(graph, weight, axis, scale_floor, report)
+            shared[key] = _quantized_weight(graph, weight, axis, scale_floor, report, fmt)
             report.quantized_weights += 1
             report.dq_nodes += 1
         node.inputs[index] = shared[key]
@@ -253,7 +299,8 @@ def quantize_int8(
     graph.cleanup().toposort()
     out = check_model(gs.export_onnx(graph))
     logger.info(
-        "int8: %d activations and %d weights quantized (%d Q, %d DQ); %d weighted ops left in float",
+        "%s: %d activations and %d weights quantized (%d Q, %d DQ); %d weighted ops left in float",
+        fmt.name,
         report.quantized_activations,
         report.quantized_weights,
         report.q_nodes,
@@ -264,19 +311,23 @@ def quantize_int8(
 
 
 def _quantized_weight(
-    graph: gs.Graph, weight: gs.Constant, axis: int, scale_floor: float, report: Int8Report
+    graph: gs.Graph, weight: gs.Constant, axis: int, scale_floor: float, report: Int8Report, fmt: QuantFormat = INT8
 ) -> gs.Variable:
-    """INT8 initializer + per-channel DequantizeLinear standing in for ``weight``."""
+    """INT8 (or FP8) initializer + per-channel DequantizeLinear standing in for ``weight``.
+
+    Per channel for FP8 too: ModelOpt's ONNX FP8 recipe quantizes weights per
+    output channel (its INT8 per-channel scales times 448/127), and TensorRT
+    builds that graph."""
     values = np.asarray(weight.values, np.float32)
     reduce = tuple(d for d in range(values.ndim) if d != axis)
     peak = np.max(np.abs(values), axis=reduce)
-    scale = (peak / 127.0).astype(np.float32)
+    scale = (peak / fmt.weight_qmax).astype(np.float32)
     if np.any(scale < scale_floor):
         report.floored_scales.append(weight.name)
         scale = np.maximum(scale, np.float32(scale_floor))
     shape = [1] * values.ndim
     shape[axis] = -1
-    q = np.clip(np.rint(values / scale.reshape(shape)), -127, 127).astype(np.int8)
+    q = fmt.encode(values / scale.reshape(shape))
     dq = gs.Variable(f"{weight.name}__dq", np.float32, list(values.shape))
     graph.nodes.append(
         gs.Node(
@@ -284,9 +335,9 @@ def _quantized_weight(
             f"{weight.name}__DQ",
             {"axis": axis},
             [
-                gs.Constant(f"{weight.name}__int8", q),
+                gs.Constant(f"{weight.name}__{fmt.name}", q),
                 gs.Constant(f"{weight.name}__scale", scale),
-                gs.Constant(f"{weight.name}__zero_point", np.zeros(scale.shape, np.int8)),
+                gs.Constant(f"{weight.name}__zero_point", fmt.zero(scale.shape)),
             ],
             [dq],
         )

@@ -1,10 +1,11 @@
 """Check Q/DQ nodes against the TensorRT ONNX parser's rules before TensorRT sees them.
 
 TensorRT rejects, or silently mis-builds, graphs whose quantization it does not
-support (DESIGN.md §3): zero points must be INT8 zeros, scales constant and
-positive, per-channel scales only on weights and along the weight's
-output-channel axis, and the opset new enough for what is used. Failing here
-names the node; failing inside TensorRT names a layer it invented.
+support: zero points must be zeros of INT8 or FLOAT8E4M3FN (FP8), scales
+constant and positive, per-channel scales only on weights and along the
+weight's output-channel axis, FP8 quantization saturating (TensorRT clips to
++-448) and the opset new enough for what is used (FP8 Q/DQ needs 19). Failing
+here names the node; failing inside TensorRT names a layer it invented.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import onnx_graphsurgeon as gs
 
 from ..errors import GraphError
 from .int8 import weight_axis
+from .qformat import FP8, format_of
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 PER_AXIS_OPSET = 13
 FP16_SCALE_OPSET = 19
+FP8_OPSET = 19  # QuantizeLinear/DequantizeLinear take FLOAT8E4M3FN from opset 19
 
 
 def _constant(tensor: gs.Tensor | None) -> np.ndarray | None:
@@ -52,8 +55,15 @@ def _weight_users(dq_output: gs.Tensor) -> list[tuple[gs.Node, int]]:
 
 def validate_qdq(model: onnx.ModelProto) -> int:
     """Raise ``GraphError`` naming the first Q/DQ node TensorRT would refuse; return the Q/DQ count."""
+    from onnx_graphsurgeon.logger import G_LOGGER
+
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    graph = gs.import_onnx(model)
+    # onnx-graphsurgeon warns on every FP8 tensor that numpy has no such type; it keeps them exact.
+    with G_LOGGER.suppress(G_LOGGER.ERROR):
+        return _validate(gs.import_onnx(model), opset)
+
+
+def _validate(graph: gs.Graph, opset: int) -> int:
     count = 0
     for node in graph.nodes:
         if node.op not in QDQ_OPS:
@@ -85,12 +95,15 @@ def validate_qdq(model: onnx.ModelProto) -> int:
             zp = _constant(zero_point)
             if zp is None:
                 raise GraphError(f"{where}: zero point {zero_point.name!r} must be a constant")
-            if zp.dtype != np.int8:
+            fmt = format_of(zp.dtype)
+            if fmt is None:
                 raise GraphError(
-                    f"{where}: zero point has dtype {zp.dtype}; TensorRT's INT8 is symmetric and "
-                    "signed, use an int8 zero point of 0"
+                    f"{where}: zero point has dtype {zp.dtype}; TensorRT quantizes to signed INT8 or "
+                    "FP8 (FLOAT8E4M3FN), symmetrically: use an int8 or float8e4m3fn zero point of 0"
                 )
-            if np.any(zp != 0):
+            if fmt is FP8:
+                _check_fp8(node, where, opset)
+            if np.any(zp.astype(np.float32) != 0):
                 raise GraphError(
                     f"{where}: zero point is {zp.ravel()[:4].tolist()}; TensorRT supports only "
                     "symmetric quantization (zero point 0)"
@@ -101,12 +114,28 @@ def validate_qdq(model: onnx.ModelProto) -> int:
             raise GraphError(
                 f"{where} has no zero point, so it produces uint8; add an int8 zero point of 0"
             )
-        elif data.dtype is not None and np.dtype(data.dtype) != np.int8:
-            raise GraphError(f"{where} dequantizes {np.dtype(data.dtype)}; TensorRT needs int8")
+        elif data.dtype is not None and format_of(data.dtype) is None:
+            raise GraphError(f"{where} dequantizes {data.dtype}; TensorRT needs int8 or float8e4m3fn")
+        elif format_of(data.dtype) is FP8:
+            _check_fp8(node, where, opset)
         if scale.size == 1:
             continue  # per-tensor
         _check_per_channel(node, where, scale, opset)
     return count
+
+
+def _check_fp8(node: gs.Node, where: str, opset: int) -> None:
+    """FP8 Q/DQ: opset 19 or newer, and a QuantizeLinear that saturates as TensorRT's does."""
+    if opset < FP8_OPSET:
+        raise GraphError(
+            f"{where}: FP8 (FLOAT8E4M3FN) Q/DQ needs opset {FP8_OPSET} or newer but the model has opset "
+            f"{opset}; export with opset={FP8_OPSET}"
+        )
+    if node.op == "QuantizeLinear" and int(node.attrs.get("saturate", 1)) != 1:
+        raise GraphError(
+            f"{where}: saturate=0, but TensorRT's FP8 quantization clips to +-448 (saturate=1, the "
+            "default); remove the attribute"
+        )
 
 
 def _check_per_channel(node: gs.Node, where: str, scale: np.ndarray, opset: int) -> None:
