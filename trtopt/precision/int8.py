@@ -29,6 +29,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import CalibrationError
 from ..graph import check_model
+from ..names import carry_metadata, mark_added, node_modules
 from .fp16 import KeptNode, user_exclusion
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,12 @@ def plan_int8(
     quantize_residual: bool = True,
     quantize_pooling: bool = True,
 ) -> Int8Plan:
-    """Decide the Q/DQ placement for ``model`` (see the module docstring)."""
+    """Decide the Q/DQ placement for ``model`` (see the module docstring).
+
+    ``exclude_nodes`` globs match node names and torch module paths (a module
+    excludes every node inside it).
+    """
+    modules = node_modules(model)
     graph = gs.import_onnx(model)
     graph.toposort()
     exclude_nodes, exclude_op_types = tuple(exclude_nodes), tuple(exclude_op_types)
@@ -99,7 +105,7 @@ def plan_int8(
             continue
         axis = weight_axis(node)
         weight = node.inputs[1] if len(node.inputs) > 1 else None
-        reason = user_exclusion(node, exclude_nodes, exclude_op_types)
+        reason = user_exclusion(node, exclude_nodes, exclude_op_types, modules.get(node.name))
         if reason is None and axis is None:
             reason = "grouped ConvTranspose: no single output-channel axis"
         if reason is None and not (
@@ -109,12 +115,15 @@ def plan_int8(
         if reason is None and isinstance(node.inputs[0], gs.Constant):
             reason = "its data input is a constant"
         if reason is not None:
-            plan.skipped.append(KeptNode(node.name, node.op, reason))
+            plan.skipped.append(KeptNode(node.name, node.op, reason, modules.get(node.name)))
             continue
         weighted.append((node, axis))
     if keep_first_last and weighted:
         ends = {id(weighted[0][0]): "first weighted layer", id(weighted[-1][0]): "last weighted layer"}
-        plan.skipped += [KeptNode(n.name, n.op, ends[id(n)] + " kept in higher precision") for n, _ in weighted if id(n) in ends]
+        plan.skipped += [
+            KeptNode(n.name, n.op, ends[id(n)] + " kept in higher precision", modules.get(n.name))
+            for n, _ in weighted if id(n) in ends
+        ]
         weighted = [(n, a) for n, a in weighted if id(n) not in ends]
 
     quantized_convs = set()
@@ -126,7 +135,7 @@ def plan_int8(
 
     if quantize_residual:
         for node in graph.nodes:
-            if node.op != "Add" or user_exclusion(node, exclude_nodes, exclude_op_types):
+            if node.op != "Add" or user_exclusion(node, exclude_nodes, exclude_op_types, modules.get(node.name)):
                 continue
             if not all(isinstance(t, gs.Variable) for t in node.inputs):
                 continue  # an Add with a constant is a bias, not a skip connection
@@ -140,7 +149,7 @@ def plan_int8(
         # Reverse order, so a chain of pools in front of a quantized op is covered.
         for node in reversed(graph.nodes):
             if node.op in POOLING_OPS and node.outputs[0].name in plan.activations:
-                if user_exclusion(node, exclude_nodes, exclude_op_types) is None:
+                if user_exclusion(node, exclude_nodes, exclude_op_types, modules.get(node.name)) is None:
                     plan._use(node.inputs[0].name, node.name, 0)
     return plan
 
@@ -165,7 +174,7 @@ class Int8Report:
             "dq_nodes": self.dq_nodes,
             "quantized_activations": self.quantized_activations,
             "quantized_weights": self.quantized_weights,
-            "not_quantized": [{"node": k.name, "op": k.op, "reason": k.reason} for k in self.skipped],
+            "not_quantized": [k.to_json() for k in self.skipped],
             "floored_scales": self.floored_scales,
         }
 
@@ -203,6 +212,8 @@ def quantize_int8(
     report = Int8Report(skipped=list(plan.skipped))
     ranges = ranges or {}
     zero = np.zeros((), np.int8)
+    # Each node added -> the node it serves (its first use): named after it, and takes its module path.
+    served: dict[str, str] = {}
 
     for name, uses in plan.activations.items():
         tensor = tensors[name]
@@ -215,8 +226,11 @@ def quantize_int8(
         dq = gs.Variable(f"{name}__dq", np.float32, tensor.shape)
         scale_c = gs.Constant(f"{name}__scale", np.array(scale, np.float32))
         zp = gs.Constant(f"{name}__zero_point", zero)
-        graph.nodes.append(gs.Node("QuantizeLinear", f"{name}__Q", inputs=[tensor, scale_c, zp], outputs=[q]))
-        graph.nodes.append(gs.Node("DequantizeLinear", f"{name}__DQ", inputs=[q, scale_c, zp], outputs=[dq]))
+        user, index = uses[0]
+        q_name, dq_name = f"{user}/QuantizeLinear_in{index}", f"{user}/DequantizeLinear_in{index}"
+        graph.nodes.append(gs.Node("QuantizeLinear", q_name, inputs=[tensor, scale_c, zp], outputs=[q]))
+        graph.nodes.append(gs.Node("DequantizeLinear", dq_name, inputs=[q, scale_c, zp], outputs=[dq]))
+        served.update({q_name: user, dq_name: user})
         for node_name, index in uses:
             nodes[node_name].inputs[index] = dq
         report.dq_peaks[dq.name] = float(ranges.get(name, value))
@@ -230,13 +244,15 @@ def quantize_int8(
         weight = node.inputs[index]
         key = (weight.name, axis)
         if key not in shared:
-            shared[key] = _quantized_weight(graph, weight, axis, scale_floor, report)
+            shared[key] = _quantized_weight(graph, weight, axis, scale_floor, report, f"{node_name}/DequantizeLinear_in{index}")
+            served[shared[key].inputs[0].name] = node_name
             report.quantized_weights += 1
             report.dq_nodes += 1
         node.inputs[index] = shared[key]
 
     graph.cleanup().toposort()
-    out = check_model(gs.export_onnx(graph))
+    out = carry_metadata(model, check_model(gs.export_onnx(graph)), served)
+    mark_added(out, served, "int8")
     logger.info(
         "int8: %d activations and %d weights quantized (%d Q, %d DQ); %d weighted ops left in float",
         report.quantized_activations,
@@ -249,7 +265,7 @@ def quantize_int8(
 
 
 def _quantized_weight(
-    graph: gs.Graph, weight: gs.Constant, axis: int, scale_floor: float, report: Int8Report
+    graph: gs.Graph, weight: gs.Constant, axis: int, scale_floor: float, report: Int8Report, name: str
 ) -> gs.Variable:
     """INT8 initializer + per-channel DequantizeLinear standing in for ``weight``."""
     values = np.asarray(weight.values, np.float32)
@@ -266,7 +282,7 @@ def _quantized_weight(
     graph.nodes.append(
         gs.Node(
             "DequantizeLinear",
-            f"{weight.name}__DQ",
+            name,
             {"axis": axis},
             [
                 gs.Constant(f"{weight.name}__int8", q),
