@@ -929,13 +929,15 @@ def attribute_modules(profile: LayerProfile, onnx_model: Any) -> LayerProfile:
     names a fused node after its first node, TensorRT a fused layer ``a + b``
     (``trtopt.names.layer_module``).
     """
-    from .names import layer_module, node_modules
+    from .names import layer_module, node_modules, tensor_modules
 
     modules = node_modules(onnx_model)
     if not modules:
         return profile
+    tensors = tensor_modules(onnx_model)
     layers = [
-        LayerTime(layer.name, layer.op_type, layer.ms, layer_module(layer.name, modules)) for layer in profile.layers
+        LayerTime(layer.name, layer.op_type, layer.ms, layer_module(layer.name, modules, tensors))
+        for layer in profile.layers
     ]
     return LayerProfile(backend=profile.backend, runs=profile.runs, layers=layers)
 

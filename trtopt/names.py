@@ -253,13 +253,26 @@ def split_layer_name(name: str) -> list[str]:
     return [part for part in name.split() if part]
 
 
-def layer_module(layer: str, modules: Mapping[str, str]) -> str | None:
+def tensor_modules(model: onnx.ModelProto) -> dict[str, str]:
+    """Tensor name -> the module path of the node that produces it (where that node has one)."""
+    modules = {}
+    for node in model.graph.node:
+        module = module_of(node)
+        if module is not None:
+            for name in node.output:
+                modules[name] = module
+    return modules
+
+
+def layer_module(layer: str, modules: Mapping[str, str], tensors: Mapping[str, str] | None = None) -> str | None:
     """The module a profiled layer belongs to: its first node that ``modules`` knows.
 
     A layer may be one node (``enc.blocks.0.0/Gemm``), several fused nodes
     (TensorRT's ``a + b``, ONNX Runtime's fused nodes) or a node a backend made
     from ours (``<node>_token_3``); it is attributed to the first known node it
-    names, and else to the longest known node name it starts with.
+    names, else to the longest known node name it starts with, else (a node a
+    backend added for a tensor, e.g. ONNX Runtime's ``InsertedPrecisionFreeCast_<tensor>``)
+    to the producer of the longest tensor name (``tensors``) it ends with.
     """
     if layer in modules:
         return modules[layer]
@@ -267,4 +280,8 @@ def layer_module(layer: str, modules: Mapping[str, str]) -> str | None:
         if part in modules:
             return modules[part]
     best = max((n for n in modules if n and layer.startswith(n)), key=len, default=None)
-    return modules[best] if best is not None else None
+    if best is not None:
+        return modules[best]
+    tensors = tensors or {}
+    best = max((t for t in tensors if t and layer.endswith(t)), key=len, default=None)
+    return tensors[best] if best is not None else None

@@ -163,6 +163,8 @@ class Int8Report:
     q_nodes: int = 0
     dq_nodes: int = 0
     skipped: list[KeptNode] = field(default_factory=list)
+    # The weighted ops quantized: {"node", "op", "module"} (module: the torch module path, when known).
+    units: list[dict[str, str]] = field(default_factory=list)
     floored_scales: list[str] = field(default_factory=list)
     # DQ output -> the largest |value| it carries (the FP16 keep-list needs this).
     dq_peaks: dict[str, float] = field(default_factory=dict)
@@ -174,6 +176,7 @@ class Int8Report:
             "dq_nodes": self.dq_nodes,
             "quantized_activations": self.quantized_activations,
             "quantized_weights": self.quantized_weights,
+            "quantized_units": self.units,
             "not_quantized": [k.to_json() for k in self.skipped],
             "floored_scales": self.floored_scales,
         }
@@ -239,8 +242,11 @@ def quantize_int8(
         report.dq_nodes += 1
 
     shared: dict[tuple[str, int], gs.Variable] = {}
+    modules = node_modules(model)
     for node_name, index, axis in plan.weights:
         node = nodes[node_name]
+        unit = {"node": node_name, "op": node.op}
+        report.units.append({**unit, "module": modules[node_name]} if node_name in modules else unit)
         weight = node.inputs[index]
         key = (weight.name, axis)
         if key not in shared:
