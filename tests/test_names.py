@@ -270,3 +270,22 @@ def test_cli_exclude_takes_module_globs():
 
     args = build_parser().parse_args(["compile", "m.onnx", "--exclude", "body.stages.*", "--exclude", "head"])
     assert args.exclude == ["body.stages.*", "head"]
+
+
+def test_a_conv_with_its_batchnorm_folded_keeps_the_conv_module_and_profiles_name_it():
+    """The exporter folds eval BatchNorm into the Conv and leaves the BatchNorm's metadata on it."""
+    from tests._digits import DigitsCNN
+    from trtopt import bench
+
+    torch.manual_seed(0)
+    model = DigitsCNN().eval()
+    x = torch.rand(16, 1, 8, 8)
+    compiled = trtopt.compile(model, (x,), backend="onnxruntime")
+    convs = [n.name for n in compiled.onnx_model.graph.node if n.op_type == "Conv"]
+    assert convs == ["stem.0/Conv", "block.0/Conv", "block.3/Conv", "conv.0/Conv"]
+    profile = bench.profile_onnxruntime(compiled, (x,), runs=2)
+    # Only the layout changes ONNX Runtime adds on its own (NCHWc reorders) belong to no module.
+    unattributed = [l for l in profile.layers if l.module is None and not l.op_type.startswith("Reorder")]
+    assert not unattributed, unattributed
+    conv_modules = {layer.module for layer in profile.layers if layer.op_type.endswith("Conv")}
+    assert conv_modules == {"stem.0", "block.0", "block.3", "conv.0"}, [(l.name, l.module) for l in profile.layers]

@@ -875,14 +875,15 @@ class LayerProfile:
         from, e.g. ``layer1.0.conv1``); ``depth=1`` per top-level module
         (``layer1``), ``depth=2`` one level below, and so on. The model's own ops
         (outside any submodule) are ``(root)``; layers without a module path
-        (a graph without torch metadata) are ``(no module path)``.
+        are ``(unattributed)``: all of them for a graph without torch metadata,
+        else the few a backend adds on its own (ONNX Runtime's layout reorders).
         """
         from .names import ROOT
 
         totals: dict[str, float] = {}
         for layer in self.layers:
             if layer.module is None:
-                key = "(no module path)"
+                key = "(unattributed)"
             elif not layer.module:
                 key = ROOT
             else:
@@ -929,14 +930,14 @@ def attribute_modules(profile: LayerProfile, onnx_model: Any) -> LayerProfile:
     names a fused node after its first node, TensorRT a fused layer ``a + b``
     (``trtopt.names.layer_module``).
     """
-    from .names import layer_module, node_modules, tensor_modules
+    from .names import layer_module, node_modules, tensor_producers
 
     modules = node_modules(onnx_model)
     if not modules:
         return profile
-    tensors = tensor_modules(onnx_model)
+    producers = tensor_producers(onnx_model)
     layers = [
-        LayerTime(layer.name, layer.op_type, layer.ms, layer_module(layer.name, modules, tensors))
+        LayerTime(layer.name, layer.op_type, layer.ms, layer_module(layer.name, modules, producers, layer.op_type))
         for layer in profile.layers
     ]
     return LayerProfile(backend=profile.backend, runs=profile.runs, layers=layers)

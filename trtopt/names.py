@@ -47,7 +47,8 @@ NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 ADDED_BY_KEY = "trtopt.added_by"  # on nodes a pass added: "fp16", "int8", "smoothquant"
 # The metadata a node keeps, and that a node inserted for it inherits.
 KEPT_KEYS = ("namespace", NAME_SCOPES_KEY, "pkg.torch.onnx.class_hierarchy", MODULE_KEY, ADDED_BY_KEY)
-ROOT = "(root)"  # how the model itself (module path '') is shown in by-module tables
+ROOT = "(root)"
+_WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # how the model itself (module path '') is shown in by-module tables
 
 
 def _metadata(node: onnx.NodeProto) -> dict[str, str]:
@@ -68,6 +69,16 @@ def module_of(node: onnx.NodeProto) -> str | None:
         return None
     if not isinstance(parsed, list) or not parsed:
         return None
+    fx_node = str(parsed[-1])
+    if (
+        fx_node.startswith(("_native_batch_norm", "batch_norm"))
+        and node.op_type in _WEIGHTED
+        and len(node.input) > 1
+        and node.input[1].endswith(".weight")
+    ):
+        # The exporter folds an eval BatchNorm into the Conv before it, and the fused node keeps
+        # the BatchNorm's metadata; the weight still bears its own module's parameter name.
+        return node.input[1][: -len(".weight")]
     # The last entry is the FX node (e.g. 'linear_7'); the one before it its module.
     return str(parsed[-2]) if len(parsed) >= 2 else ""
 
@@ -253,26 +264,28 @@ def split_layer_name(name: str) -> list[str]:
     return [part for part in name.split() if part]
 
 
-def tensor_modules(model: onnx.ModelProto) -> dict[str, str]:
-    """Tensor name -> the module path of the node that produces it (where that node has one)."""
-    modules = {}
-    for node in model.graph.node:
-        module = module_of(node)
-        if module is not None:
-            for name in node.output:
-                modules[name] = module
-    return modules
+def tensor_producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """Tensor name -> the node that produces it."""
+    return {name: node for node in model.graph.node for name in node.output}
 
 
-def layer_module(layer: str, modules: Mapping[str, str], tensors: Mapping[str, str] | None = None) -> str | None:
+def layer_module(
+    layer: str,
+    modules: Mapping[str, str],
+    producers: Mapping[str, onnx.NodeProto] | None = None,
+    op_type: str | None = None,
+) -> str | None:
     """The module a profiled layer belongs to: its first node that ``modules`` knows.
 
     A layer may be one node (``enc.blocks.0.0/Gemm``), several fused nodes
     (TensorRT's ``a + b``, ONNX Runtime's fused nodes) or a node a backend made
     from ours (``<node>_token_3``); it is attributed to the first known node it
-    names, else to the longest known node name it starts with, else (a node a
-    backend added for a tensor, e.g. ONNX Runtime's ``InsertedPrecisionFreeCast_<tensor>``)
-    to the producer of the longest tensor name (``tensors``) it ends with.
+    names, else to the longest known node name it starts with. ONNX Runtime
+    names some nodes after a tensor instead (``relu_1_nchwc``: a Conv fused with
+    the ReLU whose output is ``relu_1``; ``InsertedPrecisionFreeCast_<tensor>``):
+    such a layer goes to the producer of the longest tensor name (``producers``)
+    it starts or ends with, or, when ``op_type`` (the layer's op: ``Conv``,
+    ``FusedConv``, ``QLinearConv``) names an op a few nodes up from there, to that op.
     """
     if layer in modules:
         return modules[layer]
@@ -282,6 +295,19 @@ def layer_module(layer: str, modules: Mapping[str, str], tensors: Mapping[str, s
     best = max((n for n in modules if n and layer.startswith(n)), key=len, default=None)
     if best is not None:
         return modules[best]
-    tensors = tensors or {}
-    best = max((t for t in tensors if t and layer.endswith(t)), key=len, default=None)
-    return tensors[best] if best is not None else None
+    producers = producers or {}
+    best = max((t for t in producers if t and (layer.startswith(t) or layer.endswith(t))), key=len, default=None)
+    if best is None:
+        return None
+    node = producers[best]
+    if op_type:
+        wanted = {op_type, op_type.removeprefix("Fused"), op_type.removeprefix("QLinear")}
+        current: onnx.NodeProto | None = node
+        for _ in range(4):  # through the activation, norm or Q/DQ fused after the op
+            if current is None:
+                break
+            if current.op_type in wanted:
+                node = current
+                break
+            current = producers.get(current.input[0]) if current.input else None
+    return modules.get(node.name)
