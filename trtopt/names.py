@@ -36,6 +36,7 @@ from __future__ import annotations
 import ast
 import fnmatch
 import logging
+import re
 from collections.abc import Iterable, Mapping
 
 import onnx
@@ -264,6 +265,11 @@ def split_layer_name(name: str) -> list[str]:
     return [part for part in name.split() if part]
 
 
+def _holds_token(layer: str, tensor: str) -> bool:
+    """Whether ``tensor`` appears in ``layer`` as a whole ``_``-separated part (``InsertedX_relu_1_nchwc``)."""
+    return re.search(rf"(?:^|_){re.escape(tensor)}(?:$|_)", layer) is not None
+
+
 def tensor_producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     """Tensor name -> the node that produces it."""
     return {name: node for node in model.graph.node for name in node.output}
@@ -284,7 +290,7 @@ def layer_module(
     names some nodes after a tensor instead (``relu_1_nchwc``: a Conv fused with
     the ReLU whose output is ``relu_1``; ``InsertedPrecisionFreeCast_<tensor>``):
     such a layer goes to the producer of the longest tensor name (``producers``)
-    it starts or ends with, or, when ``op_type`` (the layer's op: ``Conv``,
+    it holds as a whole ``_``-separated part, or, when ``op_type`` (the layer's op: ``Conv``,
     ``FusedConv``, ``QLinearConv``) names an op a few nodes up from there, to that op.
     """
     if layer in modules:
@@ -296,7 +302,7 @@ def layer_module(
     if best is not None:
         return modules[best]
     producers = producers or {}
-    best = max((t for t in producers if t and (layer.startswith(t) or layer.endswith(t))), key=len, default=None)
+    best = max((t for t in producers if t and t in layer and _holds_token(layer, t)), key=len, default=None)
     if best is None:
         return None
     node = producers[best]
