@@ -841,6 +841,9 @@ class LayerTime:
     name: str  # node (ONNX Runtime) or fused layer (TensorRT) name
     op_type: str
     ms: float  # per run: the mean over the profiled runs (ONNX Runtime) or the median (TensorRT)
+    # The torch module path of the (first) node the layer runs, '' for the model itself; None when
+    # the graph carries no module paths (an ONNX file, the TorchScript exporter, a module saved before).
+    module: str | None = None
 
 
 @dataclass
@@ -864,6 +867,29 @@ class LayerProfile:
     def top_layers(self, count: int = 10) -> list[LayerTime]:
         """The ``count`` slowest layers."""
         return sorted(self.layers, key=lambda layer: -layer.ms)[:count]
+
+    def by_module(self, depth: int | None = None) -> list[tuple[str, float]]:
+        """(torch module path, ms per run), slowest first.
+
+        ``depth=None`` totals per leaf module (the module each layer's node came
+        from, e.g. ``layer1.0.conv1``); ``depth=1`` per top-level module
+        (``layer1``), ``depth=2`` one level below, and so on. The model's own ops
+        (outside any submodule) are ``(root)``; layers without a module path
+        are ``(unattributed)``: all of them for a graph without torch metadata,
+        else the few a backend adds on its own (ONNX Runtime's layout reorders).
+        """
+        from .names import ROOT
+
+        totals: dict[str, float] = {}
+        for layer in self.layers:
+            if layer.module is None:
+                key = "(unattributed)"
+            elif not layer.module:
+                key = ROOT
+            else:
+                key = layer.module if depth is None else ".".join(layer.module.split(".")[:depth])
+            totals[key] = totals.get(key, 0.0) + layer.ms
+        return sorted(totals.items(), key=lambda kv: -kv[1])
 
 
 def parse_onnxruntime_profile(events: Sequence[Mapping[str, Any]], skip_runs: int = 1) -> LayerProfile:
@@ -897,6 +923,26 @@ def parse_onnxruntime_profile(events: Sequence[Mapping[str, Any]], skip_runs: in
     return LayerProfile(backend="onnxruntime", runs=len(kept), layers=layers)
 
 
+def attribute_modules(profile: LayerProfile, onnx_model: Any) -> LayerProfile:
+    """``profile`` with each layer's torch module path, read from ``onnx_model``'s node metadata.
+
+    A layer is attributed to the first node of the graph it names: ONNX Runtime
+    names a fused node after its first node, TensorRT a fused layer ``a + b``
+    (``trtopt.names.layer_module``).
+    """
+    from .names import layer_module, node_modules, tensor_producers
+
+    modules = node_modules(onnx_model)
+    if not modules:
+        return profile
+    producers = tensor_producers(onnx_model)
+    layers = [
+        LayerTime(layer.name, layer.op_type, layer.ms, layer_module(layer.name, modules, producers, layer.op_type))
+        for layer in profile.layers
+    ]
+    return LayerProfile(backend=profile.backend, runs=profile.runs, layers=layers)
+
+
 def profile_onnxruntime(module: Any, inputs: Sequence[torch.Tensor], *, runs: int = 10) -> LayerProfile:
     """Per-node times of ``module``'s graph under ONNX Runtime's profiler (one warm-up run dropped)."""
     from .backends.onnxruntime import make_session
@@ -910,7 +956,7 @@ def profile_onnxruntime(module: Any, inputs: Sequence[torch.Tensor], *, runs: in
             session.run(None, feeds)
         trace = Path(session.end_profiling())
         events = json.loads(trace.read_text())
-    return parse_onnxruntime_profile(events, skip_runs=1)
+    return attribute_modules(parse_onnxruntime_profile(events, skip_runs=1), module.onnx_model)
 
 
 def profile_tensorrt(module: Any, inputs: Sequence[torch.Tensor], *, runs: int = 10) -> LayerProfile:
@@ -937,19 +983,36 @@ def profile_tensorrt(module: Any, inputs: Sequence[torch.Tensor], *, runs: int =
         if isinstance(layer, Mapping)
     }
     layers = [LayerTime(name, op_types.get(name, "?"), ms) for name, ms in medians]
-    return LayerProfile(backend="tensorrt", runs=runs, layers=layers)
+    return attribute_modules(LayerProfile(backend="tensorrt", runs=runs, layers=layers), module.onnx_model)
 
 
 def plot_layer_profile(profile: LayerProfile, count: int = 12):
-    """Two bar charts: time per op type, and the slowest layers. Returns the figure."""
+    """Bar charts: time per op type and the slowest layers (named by module path and op); and, when the
+    layers carry module paths, time per top-level module and per leaf module. Returns the figure."""
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    with_modules = any(layer.module is not None for layer in profile.layers)
+    rows = 2 if with_modules else 1
+    fig, axes = plt.subplots(rows, 2, figsize=(13, 4.5 * rows), squeeze=False)
+    left, right = axes[0]
     ops = profile.by_op_type()[:count]
     left.barh([op for op, _ in ops][::-1], [ms for _, ms in ops][::-1], color="tab:blue")
     left.set(xlabel="ms per run", title=f"time per op type ({profile.backend})")
     top = profile.top_layers(count)
-    right.barh([f"{t.name[:40]} ({t.op_type})" for t in top][::-1], [t.ms for t in top][::-1], color="tab:orange")
+    right.barh([_short(f"{t.name} ({t.op_type})") for t in top][::-1], [t.ms for t in top][::-1], color="tab:orange")
     right.set(xlabel="ms per run", title=f"slowest {len(top)} layers")
+    if with_modules:
+        for ax, depth, title, color in (
+            (axes[1][0], 1, "time per top-level module", "tab:green"),
+            (axes[1][1], None, f"slowest {count} leaf modules", "tab:purple"),
+        ):
+            totals = profile.by_module(depth)[:count]
+            ax.barh([_short(name) for name, _ in totals][::-1], [ms for _, ms in totals][::-1], color=color)
+            ax.set(xlabel="ms per run", title=title)
     fig.tight_layout()
     return fig
+
+
+def _short(label: str, width: int = 48) -> str:
+    """Keep the end of a long label: a module path's last parts say the most."""
+    return label if len(label) <= width else "..." + label[-(width - 3):]

@@ -254,6 +254,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     budget = None
     if args.accuracy_budget:
         budget = trtopt.AccuracyBudget.parse(args.accuracy_budget, best_effort=args.best_effort)
+    if args.exclude:
+        overrides["exclude_nodes"] = tuple(args.exclude)
+    if args.exclude_op_types:
+        overrides["exclude_op_types"] = tuple(args.exclude_op_types)
     if args.smoothquant is not None:  # not given: the config's default
         overrides["smoothquant"] = None if args.smoothquant == "off" else args.smoothquant
     validation = None
@@ -391,8 +395,45 @@ def describe_module(path: str) -> dict[str, Any]:
             "weight_bytes_by_dtype": dict(weights),
             "op_types": dict(ops.most_common()),
         },
+        "modules": _module_summary(onnx_model),
         "info": spec.info,
     }
+
+
+def _module_summary(onnx_model: Any) -> dict[str, Any] | None:
+    """Per top-level torch module: its nodes, and how many run in INT8, FP16 or FP32; None without module paths.
+
+    A node counts as INT8 when a DequantizeLinear feeds it, FP16 when one of its
+    outputs is float16, else FP32 (nodes that compute no floats, such as shape
+    arithmetic, count as FP32).
+    """
+    import onnx
+
+    from .names import ROOT, added_by, module_of
+
+    typed = {vi.name: vi.type.tensor_type.elem_type for vi in [*onnx_model.graph.value_info, *onnx_model.graph.output]}
+    dq_outputs = {o for n in onnx_model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    tops: dict[str, dict[str, int]] = {}
+    leaves: set[str] = set()
+    for node in onnx_model.graph.node:
+        module = module_of(node)
+        if module is None:
+            continue
+        leaves.add(module)
+        entry = tops.setdefault(module.split(".")[0] if module else ROOT, {"nodes": 0, "added": 0, "int8": 0, "fp16": 0, "fp32": 0})
+        entry["nodes"] += 1
+        if added_by(node):
+            entry["added"] += 1  # Casts, Q/DQ and SmoothQuant Muls the precision passes inserted
+            continue
+        if any(name in dq_outputs for name in node.input):
+            entry["int8"] += 1
+        elif any(typed.get(name) == onnx.TensorProto.FLOAT16 for name in node.output):
+            entry["fp16"] += 1
+        else:
+            entry["fp32"] += 1
+    if not tops:
+        return None
+    return {"leaf_modules": len(leaves), "top_level": tops}
 
 
 def _dims(shape: Sequence[int | str]) -> str:
@@ -441,7 +482,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         elif key == "range_checks":
             worst = sorted(value.items(), key=lambda item: (-item[1]["clipped"], -item[1]["error"]))[:3]
             value = f"{len(value)} ranges checked; worst: " + ", ".join(
-                f"{name} clips {c['clipped']:.2%} (error {c['error']:.3g}, {c['method']})" for name, c in worst
+                f"{name}{' into ' + c['module'] if c.get('module') else ''} clips {c['clipped']:.2%} "
+                f"(error {c['error']:.3g}, {c['method']})"
+                for name, c in worst
             )
         elif key == "smoothquant":
             tensors = value.get("tensors", [])
@@ -459,6 +502,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         elif isinstance(value, dict):
             value = json.dumps(value)
         lines.append(f"  {key}: {value}")
+    modules = desc.get("modules")
+    if modules:
+        lines.append(f"torch modules: {modules['leaf_modules']} (nodes are named module/op); per top-level module:")
+        for name, c in modules["top_level"].items():
+            lines.append(
+                f"  {name}: {c['nodes']} nodes, {c['int8']} INT8, {c['fp16']} FP16, {c['fp32']} FP32"
+                + (f", {c['added']} added by precision passes" if c["added"] else "")
+            )
+    else:
+        lines.append("torch modules: none recorded (an ONNX input, the TorchScript exporter or an older trtopt); "
+                     "nodes carry their ONNX names")
     for key in ("exporter", "opset", "cleanup"):
         if key in desc["info"]:
             lines.append(f"{key}: {desc['info'][key]}")
@@ -571,6 +625,13 @@ def build_parser() -> argparse.ArgumentParser:
                    + "; see docs/calibration.md)")
     p.add_argument("--smoothquant", type=_alpha_or_off, metavar="ALPHA|off",
                    help=f"int8/fp8: SmoothQuant's alpha for MatMul/Gemm layers (default {BuildConfig().smoothquant}), or off")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="fp16/int8: keep these out of reduced precision (FP32, not quantized): a glob on torch "
+                   "module paths, e.g. 'encoder.layers.*.self_attn' (a module takes everything inside it), or on "
+                   "ONNX node names; repeatable")
+    p.add_argument("--exclude-op-types", action="append", default=[], metavar="OP",
+                   help="fp16/int8: keep every node of this ONNX op type out of reduced precision, e.g. Softmax; "
+                   "repeatable")
     p.add_argument("--calib-batches", type=_positive, metavar="N", help="use at most N calibration batches")
     p.add_argument("--calib-cache", metavar="PATH", help="TensorRT calibration cache to read, or write")
     p.add_argument("--accuracy-budget", metavar="METRIC>=BOUND",

@@ -27,6 +27,7 @@ from .config import (
 from .errors import CalibrationError, ConfigError, GraphError, InputError, first_line
 from .export import check_example_inputs, export, forward_input_names
 from .graph import cleanup, graph_input_shapes
+from .names import assign_names, node_modules
 from .module import CompiledModule, ModuleSpec, read_module_file, tensor_specs
 
 logger = logging.getLogger(__name__)
@@ -235,6 +236,8 @@ def compile(  # noqa: A001 - the public name the design card fixes
         exported = export(source, examples, profiles, config.opset, input_names=names)
         onnx_model, structure, exporter = exported.model, exported.output_structure, exported.exporter
     onnx_model, report = cleanup(onnx_model)
+    # Every later pass, report, TensorRT layer and error names nodes after their torch module paths.
+    onnx_model = assign_names(onnx_model, source=f"the {exporter} graph" if exporter != "onnx" else "the ONNX model")
     graph_shapes = graph_input_shapes(onnx_model)
     unused = [n for n in names if n not in graph_shapes]
     if unused:
@@ -405,7 +408,7 @@ def _apply_precision(
         """The INT8 module as compiled, with the units in ``kept`` left out of INT8."""
         from .precision.budget import keep_high
 
-        chosen = keep_high(plan, kept, {n.name: n.op_type for n in source.graph.node}) if kept else plan
+        chosen = keep_high(plan, kept, {n.name: n.op_type for n in source.graph.node}, node_modules(source)) if kept else plan
         result = passes.to_int8(
             source, chosen, amax, batches,
             float_precision=float_precision, threshold=config.fp16_threshold, **excluded,
@@ -459,7 +462,11 @@ def _apply_precision(
         if name in calibration.checks and name not in smoothed_ranges
     }
     if checks:
-        report["range_checks"] = {name: check.to_json() for name, check in checks.items()}
+        # Each range with the module of the layer it feeds (its quantized tensor keeps its ONNX name).
+        modules = node_modules(onnx_model)
+        report["range_checks"] = {
+            name: {**check.to_json(), **_module_of_use(plan, name, modules)} for name, check in checks.items()
+        }
     if budget_report is not None:
         from .precision.budget import check_final
 
@@ -539,13 +546,21 @@ def _int8_hints(
     checks = {**checks, **(check_ranges(model, unchecked, feeds, input_specs=inputs) if unchecked else {})}
     worst = sorted(checks.items(), key=lambda item: (-item[1].clipped, -item[1].error))[:3]
     shown = "; ".join(f"{name!r} clips {c.clipped:.1%} of its values (error {c.error:.3g})" for name, c in worst)
-    consumers = [node for name, _ in worst for node, _ in plan.activations.get(name, [])[:1]]
+    # Name the layers those ranges feed by module path (exclude_nodes takes module globs) where known.
+    modules = node_modules(model)
+    consumers = [modules.get(node) or node for name, _ in worst for node, _ in plan.activations.get(name, [])[:1]]
     others = " or ".join(repr(m) for m in ("auto", "minmax") if m != calibration.method)
     retry = "delete the calibration cache to calibrate again, " if calibration.from_cache else ""
     return [
         f"Worst ranges ({calibration.method}{', from the calibration cache' if calibration.from_cache else ''}): {shown}.",
         f"Try: {retry}calibrator={others}, accuracy_budget='cosine>=0.99', or exclude_nodes={consumers[:3]!r}.",
     ]
+
+
+def _module_of_use(plan: Any, tensor: str, modules: Mapping[str, str]) -> dict[str, str]:
+    """``{"module": ...}``: the module of the first layer reading the quantized ``tensor``, when known."""
+    uses = plan.activations.get(tensor, [])
+    return {"module": modules[uses[0][0]]} if uses and uses[0][0] in modules else {}
 
 
 def _carried_precision(model: onnx.ModelProto) -> str | None:

@@ -73,7 +73,9 @@ class BuildConfig:
     calibration_batches: int | None = None  # None: use every batch given
     calibration_cache: str | None = None
     # Precision passes (trtopt.precision). Excluded nodes stay FP32: not quantized, not cast to FP16.
-    exclude_nodes: tuple[str, ...] = ()  # glob patterns on ONNX node names, e.g. "*layer_norm*"
+    # Globs on torch module paths ("encoder.layers.*.self_attn": a module takes everything inside it)
+    # and on ONNX node names; these nodes stay FP32 and out of INT8 (trtopt/names.py).
+    exclude_nodes: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()  # ONNX op types, e.g. ("Softmax", "LayerNormalization")
     int8_keep_first_last: bool = False  # first/last weighted layers not quantized (run in int8_float_precision); INT8 and FP8
     int8_float_precision: Precision = Precision.FP16  # what the non-quantized rest of an INT8 or FP8 graph runs in

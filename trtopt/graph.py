@@ -1,5 +1,8 @@
 """ONNX graph cleanup with onnx-graphsurgeon and Polygraphy, plus ONNX file helpers.
 
+Node metadata (the torch module path of each node) survives cleanup; it is
+what ``trtopt.names.assign_names`` then names the nodes after.
+
 Cleanup never changes what the graph computes: it removes no-op nodes
 (Identity, inference-mode Dropout), folds constant subgraphs, drops dead nodes,
 sorts topologically, then runs strict shape inference and the ONNX checker so
@@ -19,6 +22,7 @@ import onnx_graphsurgeon as gs
 
 from ._io import atomic_path
 from .errors import GraphError
+from .names import carry_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +95,7 @@ def cleanup(model: onnx.ModelProto) -> tuple[onnx.ModelProto, CleanupReport]:
     from polygraphy.logger import G_LOGGER
 
     before = [n.name for n in model.graph.node]
+    exported = model
     graph = gs.import_onnx(model)
     removed = remove_noops(graph)
     graph.cleanup().toposort()
@@ -101,7 +106,8 @@ def cleanup(model: onnx.ModelProto) -> tuple[onnx.ModelProto, CleanupReport]:
         model = fold_constants(model, num_passes=None, copy=False, error_ok=True)
     graph = gs.import_onnx(model)
     graph.cleanup().toposort()
-    model = check_model(gs.export_onnx(graph))
+    # graphsurgeon and Polygraphy drop node metadata: the torch module paths come back by node name.
+    model = carry_metadata(exported, check_model(gs.export_onnx(graph)))
     remaining = {n.name for n in model.graph.node}
     report = CleanupReport(
         nodes_before=len(before),

@@ -73,12 +73,15 @@ def _nonfinite_culprits(model: onnx.ModelProto, bad: set[str]) -> set[str]:
     When that node is a Cast the pass inserted (an FP32 value too big for FP16),
     its consumers are the ones to keep in FP32.
     """
+    from ..names import added_by
+
+    inserted = {node.name for node in model.graph.node if node.op_type == "Cast" and added_by(node) == "fp16"}
     graph = gs.import_onnx(model)
     culprits = set()
     for node in graph.nodes:
         if not any(t.name in bad for t in node.outputs) or any(t.name in bad for t in node.inputs):
             continue
-        if node.op == "Cast" and "__cast_" in node.name:
+        if node.name in inserted:
             culprits |= {c.name for out in node.outputs for c in out.outputs}
         else:
             culprits.add(node.name)

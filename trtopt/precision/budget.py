@@ -200,7 +200,9 @@ class AccuracyBudgetError(TrtoptError):
 @dataclass
 class BudgetReport:
     budget: str
-    units: list[dict[str, Any]] = field(default_factory=list)  # ranked: unit, op, kept_high, gain
+    # ranked: unit (node name, e.g. 'layers.1.linear2/MatMul'), op, module (torch module path, when
+    # the graph carries one), kept_high (the metric with it kept high), gain
+    units: list[dict[str, Any]] = field(default_factory=list)
     # phase (keep: greedy, prune: back to INT8, final: module as built), unit, before, after, kept_high
     steps: list[dict[str, Any]] = field(default_factory=list)
     all_int8: float = float("nan")
@@ -302,8 +304,9 @@ class _Search:
     def __init__(self, units: Mapping[str, str], build: Callable[[frozenset[str]], onnx.ModelProto],
                  run: Callable[[onnx.ModelProto], list[np.ndarray]], reference: list[np.ndarray],
                  labels: np.ndarray | None, budget: AccuracyBudget, cache: MeasurementCache,
-                 final: FinalModule | None) -> None:
+                 final: FinalModule | None, modules: Mapping[str, str] | None = None) -> None:
         self.units, self.build, self.run, self.reference = units, build, run, reference
+        self.modules = modules or {}
         self.labels, self.budget, self.cache, self.final = labels, budget, cache, final
         self.report = BudgetReport(budget=budget.describe())
 
@@ -340,8 +343,10 @@ class _Search:
             ranked = []
             for index, (unit, op) in enumerate(self.units.items(), 1):
                 value = self.analysis(frozenset([unit]))
-                ranked.append({"unit": unit, "op": op, "kept_high": value,
-                               "gain": self.budget.gain(value, self.report.all_int8)})
+                entry = {"unit": unit, "op": op, "kept_high": value, "gain": self.budget.gain(value, self.report.all_int8)}
+                if unit in self.modules:
+                    entry["module"] = self.modules[unit]
+                ranked.append(entry)
                 logger.info("sensitivity %d/%d: %s (%s) kept high -> %.6g", index, len(self.units), unit, op, value)
             # Stable on ties: graph order breaks them, so every budget sees the same ranking.
             ranked.sort(key=operator.itemgetter("gain"), reverse=True)
@@ -416,8 +421,11 @@ def search(
     budget: AccuracyBudget,
     cache: MeasurementCache,
     final: FinalModule | None = None,
+    modules: Mapping[str, str] | None = None,
 ) -> BudgetReport:
     """Rank ``units`` (name -> op type) by sensitivity and keep few high so that ``budget`` holds.
+
+    ``modules`` (unit -> torch module path) goes into the ranking's records.
 
     ``build(kept_high)`` returns the INT8 graph with those units left in float
     and an FP32 float part (INT8's error alone); ``run(graph)`` its outputs on
@@ -433,7 +441,7 @@ def search(
     second budget on the same cache measures only what the first did not.
     """
     start = time.perf_counter()
-    s = _Search(units, build, run, reference, labels, budget, cache, final)
+    s = _Search(units, build, run, reference, labels, budget, cache, final, modules)
     report = s.report
     everything = list(units)
     report.all_int8 = s.analysis(frozenset())
@@ -593,9 +601,11 @@ def find_units_to_keep_high(
     cache = MeasurementCache(
         cache_dir or default_cache_dir(), analysis_key(model, amax, validation, labels, budget, plan_options)
     )
+    from ..names import node_modules
+
     return search(
         units=units, build=build, run=run, reference=reference, labels=labels, budget=budget, cache=cache,
-        final=final,
+        final=final, modules=node_modules(model),
     )
 
 
@@ -673,7 +683,7 @@ def quantized_units(model: onnx.ModelProto, plan_options: Mapping[str, Any]) -> 
     return {node.name: node.op_type for node in model.graph.node if node.name in quantized}
 
 
-def keep_high(plan: Any, kept: Iterable[str], ops: Mapping[str, str]) -> Any:
+def keep_high(plan: Any, kept: Iterable[str], ops: Mapping[str, str], modules: Mapping[str, str] | None = None) -> Any:
     """``plan`` without the Q/DQ inputs of the units in ``kept``.
 
     Removing uses from the full plan (instead of planning again with more
@@ -695,7 +705,10 @@ def keep_high(plan: Any, kept: Iterable[str], ops: Mapping[str, str]) -> Any:
         activations=activations,
         weights=[w for w in plan.weights if w[0] not in kept],
         skipped=list(plan.skipped)
-        + [KeptNode(name, ops.get(name, ""), "kept high by the accuracy budget") for name in sorted(kept)],
+        + [
+            KeptNode(name, ops.get(name, ""), "kept high by the accuracy budget", (modules or {}).get(name))
+            for name in sorted(kept)
+        ],
     )
 
 

@@ -4,7 +4,8 @@ TensorRT 11 is strongly typed, so "run in FP16" means the graph itself is FP16:
 float32 initializers and activations become float16, and any node that must
 stay in FP32 gets explicit Casts around it. A node stays FP32 when
 
-- the user excludes it (glob on the node name, or its op type);
+- the user excludes it (glob on the node name or its torch module path, or
+  its op type);
 - its inputs or outputs reach ``threshold`` on the calibration data
   (overflow shows first in normalizations and reductions; FP16 max is 65504);
 - one of its float weights does not fit FP16;
@@ -24,7 +25,6 @@ returns float32.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +34,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..graph import check_model
+from ..names import carry_metadata, excluded_by, mark_added, node_modules
 from .masks import MaskReport, MaskRewrite
 
 logger = logging.getLogger(__name__)
@@ -50,11 +51,18 @@ _TYPE_ATTRIBUTES = ("dtype", "to")
 
 @dataclass(frozen=True)
 class KeptNode:
-    """A node left in FP32, and why."""
+    """A node left in FP32 (or out of INT8), and why; ``module`` is its torch module path, when known."""
 
     name: str
     op: str
     reason: str
+    module: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        record: dict[str, object] = {"node": self.name, "op": self.op, "reason": self.reason}
+        if self.module is not None:
+            record["module"] = self.module
+        return record
 
 
 @dataclass
@@ -71,7 +79,7 @@ class Fp16Report:
         return {
             "fp16_nodes": self.converted_nodes,
             "casts_added": self.casts_added,
-            "kept_fp32": [{"node": k.name, "op": k.op, "reason": k.reason} for k in self.kept],
+            "kept_fp32": [k.to_json() for k in self.kept],
             "fp16_safe_masks": [m.to_json() for m in self.masks],
         }
 
@@ -104,14 +112,18 @@ def _allows_fp16(schema: onnx.defs.OpSchema, index: int, output: bool) -> bool:
     return "tensor(float16)" in constraints.get(param.type_str, [param.type_str])
 
 
-def user_exclusion(node: gs.Node, name_patterns: Iterable[str], op_types: Iterable[str]) -> str | None:
-    """The reason the user's exclusions (glob on the node name, op type) name ``node``, else None."""
+def user_exclusion(
+    node: gs.Node, name_patterns: Iterable[str], op_types: Iterable[str], module: str | None = None
+) -> str | None:
+    """The reason the user's exclusions name ``node``, else None.
+
+    ``name_patterns`` are globs matched against the node's name and against its
+    torch module path ``module`` and the modules containing it
+    (``trtopt.names.matches_module``); ``op_types`` are op types.
+    """
     if node.op in set(op_types):
         return f"op type {node.op} excluded by the user"
-    for pattern in name_patterns:
-        if fnmatch.fnmatchcase(node.name, pattern):
-            return f"name matches excluded pattern {pattern!r}"
-    return None
+    return excluded_by(node.name, module, name_patterns)
 
 
 def fp16_keep_list(
@@ -123,8 +135,12 @@ def fp16_keep_list(
     exclude_nodes: Iterable[str] = (),
     exclude_op_types: Iterable[str] = (),
     mask_offsets: Mapping[str, float] | None = None,
+    modules: Mapping[str, str] | None = None,
 ) -> dict[str, KeptNode]:
     """Decide which float nodes stay FP32; ``ranges`` maps tensor name -> max |x| seen.
+
+    ``modules`` (node name -> torch module path) lets exclusions name modules and
+    goes into each ``KeptNode``.
 
     ``mask_offsets`` (tensor -> magnitude of the FP16-safe attention mask it
     carries) is taken off those tensors' ranges: the masked scores reach
@@ -132,13 +148,14 @@ def fp16_keep_list(
     """
     ranges = ranges or {}
     offsets = mask_offsets or {}
+    modules = modules or {}
     exclude_nodes, exclude_op_types = tuple(exclude_nodes), tuple(exclude_op_types)
     kept: dict[str, KeptNode] = {}
     for node in graph.nodes:
         tensors = [*node.inputs, *node.outputs]
         if not any(_is_float32(t) for t in tensors):
             continue  # shape arithmetic and the like: nothing to convert
-        reason = user_exclusion(node, exclude_nodes, exclude_op_types)
+        reason = user_exclusion(node, exclude_nodes, exclude_op_types, modules.get(node.name))
         if reason is None:
             reason = _structural_reason(node, opset)
         if reason is None:
@@ -158,7 +175,7 @@ def fp16_keep_list(
                         reason = f"weight {t.name!r} holds {peak:.4g}, beyond FP16's {FP16_MAX:g}"
                         break
         if reason is not None:
-            kept[node.name] = KeptNode(node.name, node.op, reason)
+            kept[node.name] = KeptNode(node.name, node.op, reason, modules.get(node.name))
     return kept
 
 
@@ -198,6 +215,7 @@ def convert_to_fp16(
     it is reported, and the tensors carrying those masks are judged without them.
     """
     opset = _opset(model)
+    modules = node_modules(model)
     graph = gs.import_onnx(_with_types(model))
     kept = fp16_keep_list(
         graph,
@@ -207,17 +225,18 @@ def convert_to_fp16(
         exclude_nodes=exclude_nodes,
         exclude_op_types=exclude_op_types,
         mask_offsets=masks.offsets if masks else None,
+        modules=modules,
     )
     by_name = {n.name: n for n in graph.nodes}
     for name, reason in (keep or {}).items():
         if name in by_name and name not in kept:
-            kept[name] = KeptNode(name, by_name[name].op, reason)
+            kept[name] = KeptNode(name, by_name[name].op, reason, modules.get(name))
     # A DequantizeLinear takes its consumers' precision: no Cast may separate it from the op
     # it feeds, or TensorRT cannot fuse the pair (and per-channel weights lose their op).
     for node in graph.nodes:
         users = node.outputs[0].outputs if node.op == "DequantizeLinear" else []
         if users and node.name not in kept and all(u.name in kept for u in users):
-            kept[node.name] = KeptNode(node.name, node.op, "feeds only nodes kept in FP32")
+            kept[node.name] = KeptNode(node.name, node.op, "feeds only nodes kept in FP32", modules.get(node.name))
 
     half_nodes = [
         n
@@ -232,15 +251,17 @@ def convert_to_fp16(
     casts: dict[tuple[str, int], gs.Variable] = {}
     original_nodes = list(graph.nodes)  # the Casts added below are already typed
     half_constants: dict[str, gs.Constant] = {}
+    # Each Cast added -> the node it serves (named after it, and takes its module path).
+    served: dict[str, str] = {}
 
-    def cast(tensor: gs.Variable, to: int) -> gs.Variable:
+    def cast(tensor: gs.Variable, to: int, consumer: gs.Node, index: int) -> gs.Variable:
         key = (tensor.name, to)
         if key not in casts:
             dtype = np.float16 if to == onnx.TensorProto.FLOAT16 else np.float32
             out = gs.Variable(f"{tensor.name}__cast_{np.dtype(dtype).name}", dtype, tensor.shape)
-            graph.nodes.append(
-                gs.Node("Cast", f"{tensor.name}__cast_{np.dtype(dtype).name}", {"to": to}, [tensor], [out])
-            )
+            name = f"{consumer.name}/Cast_in{index}_to_{'fp16' if dtype == np.float16 else 'fp32'}"
+            graph.nodes.append(gs.Node("Cast", name, {"to": to}, [tensor], [out]))
+            served[name] = consumer.name
             casts[key] = out
         return casts[key]
 
@@ -257,9 +278,9 @@ def convert_to_fp16(
                 for consumer in list(out.outputs):
                     consumer.inputs[consumer.inputs.index(out)] = half
                 node.outputs[i] = half
-                graph.nodes.append(
-                    gs.Node("Cast", f"{out.name}__to_fp32", {"to": onnx.TensorProto.FLOAT}, [half], [out])
-                )
+                name = f"{node.name}/Cast_out{i}_to_fp32"
+                graph.nodes.append(gs.Node("Cast", name, {"to": onnx.TensorProto.FLOAT}, [half], [out]))
+                served[name] = node.name
                 report.casts_added += 1
                 converted.add(half.name)
             else:
@@ -280,15 +301,16 @@ def convert_to_fp16(
                     node.inputs[i] = half_constants[tensor.name]
                 continue
             if tensor.name in converted and not want_half:
-                node.inputs[i] = cast(tensor, onnx.TensorProto.FLOAT)
+                node.inputs[i] = cast(tensor, onnx.TensorProto.FLOAT, node, i)
             elif want_half and _is_float32(tensor) and tensor.name not in converted:
-                node.inputs[i] = cast(tensor, onnx.TensorProto.FLOAT16)
+                node.inputs[i] = cast(tensor, onnx.TensorProto.FLOAT16, node, i)
     report.casts_added += len(casts)
 
     graph.cleanup().toposort()
     out_model = gs.export_onnx(graph)
     del out_model.graph.value_info[:]  # stale float32 entries; inference rebuilds them
-    out_model = check_model(out_model)
+    out_model = carry_metadata(model, check_model(out_model), served)
+    mark_added(out_model, served, "fp16")
     logger.info(
         "fp16: %d nodes in FP16, %d kept FP32, %d Casts added",
         report.converted_nodes,

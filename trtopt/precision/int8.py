@@ -44,6 +44,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import CalibrationError
 from ..graph import check_model
+from ..names import carry_metadata, mark_added, node_modules
 from .fp16 import KeptNode, user_exclusion
 from .qformat import FP8, INT8, QuantFormat, quant_format
 
@@ -135,13 +136,16 @@ def plan_int8(
     """Decide the Q/DQ placement for ``model`` in format ``fmt`` ("int8" or "fp8"; see the module
     docstring). ``quantize_pooling`` defaults to True for INT8 and False for FP8.
 
-    ``quantize_attention`` also quantizes both inputs of activation-by-activation
-    MatMuls (attention's Q.K^T and P.V, per tensor), the placement TensorRT's INT8
-    multi-head-attention fusion looks for; off, they stay in the float precision.
+    ``exclude_nodes`` globs match node names and torch module paths (a module
+    excludes every node inside it). ``quantize_attention`` also quantizes both inputs
+    of activation-by-activation MatMuls (attention's Q.K^T and P.V, per tensor), the
+    placement TensorRT's INT8 multi-head-attention fusion looks for; off, they stay
+    in the float precision.
     """
     fmt = quant_format(fmt)
     if quantize_pooling is None:
         quantize_pooling = fmt is INT8
+    modules = node_modules(model)
     graph = gs.import_onnx(model)
     graph.toposort()
     exclude_nodes, exclude_op_types = tuple(exclude_nodes), tuple(exclude_op_types)
@@ -153,7 +157,7 @@ def plan_int8(
             continue
         axis = weight_axis(node)
         weight = node.inputs[1] if len(node.inputs) > 1 else None
-        reason = user_exclusion(node, exclude_nodes, exclude_op_types)
+        reason = user_exclusion(node, exclude_nodes, exclude_op_types, modules.get(node.name))
         if reason is None and quantize_attention and _activation_product(node):
             plan._use(node.inputs[0].name, node.name, 0)
             plan._use(node.inputs[1].name, node.name, 1)
@@ -169,12 +173,15 @@ def plan_int8(
         if reason is None and fmt is FP8:
             reason = fp8_conv_reason(node)
         if reason is not None:
-            plan.skipped.append(KeptNode(node.name, node.op, reason))
+            plan.skipped.append(KeptNode(node.name, node.op, reason, modules.get(node.name)))
             continue
         weighted.append((node, axis))
     if keep_first_last and weighted:
         ends = {id(weighted[0][0]): "first weighted layer", id(weighted[-1][0]): "last weighted layer"}
-        plan.skipped += [KeptNode(n.name, n.op, ends[id(n)] + " kept in higher precision") for n, _ in weighted if id(n) in ends]
+        plan.skipped += [
+            KeptNode(n.name, n.op, ends[id(n)] + " kept in higher precision", modules.get(n.name))
+            for n, _ in weighted if id(n) in ends
+        ]
         weighted = [(n, a) for n, a in weighted if id(n) not in ends]
 
     quantized_convs = set()
@@ -186,7 +193,7 @@ def plan_int8(
 
     if quantize_residual:
         for node in graph.nodes:
-            if node.op != "Add" or user_exclusion(node, exclude_nodes, exclude_op_types):
+            if node.op != "Add" or user_exclusion(node, exclude_nodes, exclude_op_types, modules.get(node.name)):
                 continue
             if not all(isinstance(t, gs.Variable) for t in node.inputs):
                 continue  # an Add with a constant is a bias, not a skip connection
@@ -200,7 +207,7 @@ def plan_int8(
         # Reverse order, so a chain of pools in front of a quantized op is covered.
         for node in reversed(graph.nodes):
             if node.op in POOLING_OPS and node.outputs[0].name in plan.activations:
-                if user_exclusion(node, exclude_nodes, exclude_op_types) is None:
+                if user_exclusion(node, exclude_nodes, exclude_op_types, modules.get(node.name)) is None:
                     plan._use(node.inputs[0].name, node.name, 0)
     return plan
 
@@ -214,6 +221,8 @@ class Int8Report:
     q_nodes: int = 0
     dq_nodes: int = 0
     skipped: list[KeptNode] = field(default_factory=list)
+    # The weighted ops quantized: {"node", "op", "module"} (module: the torch module path, when known).
+    units: list[dict[str, str]] = field(default_factory=list)
     floored_scales: list[str] = field(default_factory=list)
     # DQ output -> the largest |value| it carries (the FP16 keep-list needs this).
     dq_peaks: dict[str, float] = field(default_factory=dict)
@@ -225,7 +234,8 @@ class Int8Report:
             "dq_nodes": self.dq_nodes,
             "quantized_activations": self.quantized_activations,
             "quantized_weights": self.quantized_weights,
-            "not_quantized": [{"node": k.name, "op": k.op, "reason": k.reason} for k in self.skipped],
+            "quantized_units": self.units,
+            "not_quantized": [k.to_json() for k in self.skipped],
             "floored_scales": self.floored_scales,
         }
 
@@ -264,6 +274,8 @@ def quantize_int8(
     ranges = ranges or {}
     fmt = plan.fmt
     zero = fmt.zero()
+    # Each node added -> the node it serves (its first use): named after it, and takes its module path.
+    served: dict[str, str] = {}
 
     for name, uses in plan.activations.items():
         tensor = tensors[name]
@@ -276,8 +288,11 @@ def quantize_int8(
         dq = gs.Variable(f"{name}__dq", np.float32, tensor.shape)
         scale_c = gs.Constant(f"{name}__scale", np.array(scale, np.float32))
         zp = gs.Constant(f"{name}__zero_point", zero)
-        graph.nodes.append(gs.Node("QuantizeLinear", f"{name}__Q", inputs=[tensor, scale_c, zp], outputs=[q]))
-        graph.nodes.append(gs.Node("DequantizeLinear", f"{name}__DQ", inputs=[q, scale_c, zp], outputs=[dq]))
+        user, index = uses[0]
+        q_name, dq_name = f"{user}/QuantizeLinear_in{index}", f"{user}/DequantizeLinear_in{index}"
+        graph.nodes.append(gs.Node("QuantizeLinear", q_name, inputs=[tensor, scale_c, zp], outputs=[q]))
+        graph.nodes.append(gs.Node("DequantizeLinear", dq_name, inputs=[q, scale_c, zp], outputs=[dq]))
+        served.update({q_name: user, dq_name: user})
         for node_name, index in uses:
             nodes[node_name].inputs[index] = dq
         report.dq_peaks[dq.name] = float(ranges.get(name, value))
@@ -286,18 +301,25 @@ def quantize_int8(
         report.dq_nodes += 1
 
     shared: dict[tuple[str, int], gs.Variable] = {}
+    modules = node_modules(model)
     for node_name, index, axis in plan.weights:
         node = nodes[node_name]
+        unit = {"node": node_name, "op": node.op}
+        report.units.append({**unit, "module": modules[node_name]} if node_name in modules else unit)
         weight = node.inputs[index]
         key = (weight.name, axis)
         if key not in shared:
-            shared[key] = _quantized_weight(graph, weight, axis, scale_floor, report, fmt)
+            shared[key] = _quantized_weight(
+                graph, weight, axis, scale_floor, report, f"{node_name}/DequantizeLinear_in{index}", fmt
+            )
+            served[shared[key].inputs[0].name] = node_name
             report.quantized_weights += 1
             report.dq_nodes += 1
         node.inputs[index] = shared[key]
 
     graph.cleanup().toposort()
-    out = check_model(gs.export_onnx(graph))
+    out = carry_metadata(model, check_model(gs.export_onnx(graph)), served)
+    mark_added(out, served, "int8")
     logger.info(
         "%s: %d activations and %d weights quantized (%d Q, %d DQ); %d weighted ops left in float",
         fmt.name,
@@ -311,7 +333,13 @@ def quantize_int8(
 
 
 def _quantized_weight(
-    graph: gs.Graph, weight: gs.Constant, axis: int, scale_floor: float, report: Int8Report, fmt: QuantFormat = INT8
+    graph: gs.Graph,
+    weight: gs.Constant,
+    axis: int,
+    scale_floor: float,
+    report: Int8Report,
+    name: str,
+    fmt: QuantFormat = INT8,
 ) -> gs.Variable:
     """INT8 (or FP8) initializer + per-channel DequantizeLinear standing in for ``weight``.
 
@@ -332,7 +360,7 @@ def _quantized_weight(
     graph.nodes.append(
         gs.Node(
             "DequantizeLinear",
-            f"{weight.name}__DQ",
+            name,
             {"axis": axis},
             [
                 gs.Constant(f"{weight.name}__{fmt.name}", q),

@@ -44,6 +44,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..graph import check_model
+from ..names import carry_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -294,4 +295,4 @@ def make_masks_fp16_safe(model: onnx.ModelProto) -> tuple[onnx.ModelProto, MaskR
         )
     graph.cleanup()
     out = gs.export_onnx(graph)
-    return check_model(out), report
+    return carry_metadata(model, check_model(out)), report

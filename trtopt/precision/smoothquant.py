@@ -40,6 +40,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..graph import check_model
+from ..names import inherit_metadata
 from .int8 import Int8Plan
 
 logger = logging.getLogger(__name__)
@@ -186,9 +187,8 @@ def _smoothing_mul(tensor: str, scale: np.ndarray, graph: onnx.GraphProto, units
     """A Mul computing ``tensor * (1/scale)`` as a new tensor, which ``units`` now read instead."""
     inverse = f"{tensor}__smooth_inverse_scale"
     graph.initializer.append(numpy_helper.from_array((1.0 / scale).astype(np.float32), inverse))
-    mul = onnx.helper.make_node("Mul", [tensor, inverse], [f"{tensor}__smoothed"], name=f"{tensor}/SmoothQuant")
-    if units[0].metadata_props:  # the module path of the layer it serves
-        mul.metadata_props.extend(units[0].metadata_props)
+    mul = onnx.helper.make_node("Mul", [tensor, inverse], [f"{tensor}__smoothed"], name=f"{units[0].name}/SmoothQuant_Mul")
+    inherit_metadata(mul, units[0], "smoothquant")  # the module path of the layer it serves
     for unit in units:
         unit.input[0] = mul.output[0]
     return mul
