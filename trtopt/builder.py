@@ -1,6 +1,6 @@
 """ONNX -> serialized TensorRT engine (strongly typed, with optimization profiles).
 
-One code path serves TensorRT 10.x and 11.x (DESIGN.md §3): the network is
+One code path serves TensorRT 10.x and 11.x (docs/gpu.md): the network is
 created with ``STRONGLY_TYPED`` only, so the precision is whatever the ONNX
 graph says (FP16 casts, INT8 or FP8 Q/DQ); no weak-typing flag is ever touched.
 FP8 graphs are refused up front where the GPU or TensorRT cannot run them.
@@ -321,7 +321,7 @@ def build_from_file(
         raise BuildError(
             "TensorRT could not create a builder (is the CUDA device usable?). " + format_errors(errors)
         )
-    # STRONGLY_TYPED is required on 10.x and the only behaviour on 11.x (DESIGN.md §3).
+    # STRONGLY_TYPED is required on 10.x and the only behaviour on 11.x (docs/gpu.md).
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, bridge)
     parse_onnx_file(parser, model_path)

@@ -66,7 +66,7 @@ class BuildConfig:
 
     precision: Precision = Precision.FP32
     backend: Backend = Backend.AUTO
-    opset: int = 19  # 19 is the first opset with FP16 Q/DQ scales (DESIGN.md §4)
+    opset: int = 19  # 19 is the first opset with FP16 Q/DQ scales (docs/precision.md)
     # Calibration (INT8, FP8 and the FP16 keep-list).
     calibrator: CalibratorKind | None = None  # None: the precision's default (DEFAULT_CALIBRATORS)
     percentile: float = 99.99

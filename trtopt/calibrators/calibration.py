@@ -44,7 +44,7 @@ class CalibrationResult:
 
 
     def scales(self) -> dict[str, float]:
-        """INT8 scale per tensor: amax / 127 (symmetric quantization, DESIGN.md §4)."""
+        """INT8 scale per tensor: amax / 127 (symmetric quantization, docs/precision.md)."""
         return {name: amax / 127.0 for name, amax in self.amax.items()}
 
 

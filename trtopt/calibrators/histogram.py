@@ -16,7 +16,7 @@ TensorRT's doubling leaves up to half of its 2048 bins empty when it happens
 late, which coarsens the entropy search and makes the result depend on batch
 order (its guide warns about exactly this). trtopt avoids that: ``counts()``
 resamples the fine histogram onto exactly 2048 bins over ``[0, max|x|]`` (the
-histogram DESIGN.md §5 asks for) by linear interpolation of the cumulative
+histogram the entropy search is defined on, docs/calibration.md) by linear interpolation of the cumulative
 counts. The fine bins are at most 1/4 of a final bin wide, so only the fine
 bin straddling each final edge is split; one pass over the data (no doubling)
 resamples exactly, by summing groups of 8 bins.

@@ -1,4 +1,4 @@
-"""FP16 conversion with an FP32 keep-list (DESIGN.md §6).
+"""FP16 conversion with an FP32 keep-list (docs/precision.md, "FP16").
 
 TensorRT 11 is strongly typed, so "run in FP16" means the graph itself is FP16:
 float32 initializers and activations become float16, and any node that must
