@@ -40,7 +40,7 @@ def test_profiling_notebook_executes(monkeypatch):
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "ms of kernel time per run" in text and "quantized: ['stem.0'" in text
     markdown = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
-    for row in ("| torch-eager | fp32 |", "| trtopt | fp32 |", "| trtopt | fp16 |", "| trtopt | int8 |"):
+    for row in ("| torch-eager | fp32 |", "| trtopt | fp32 |", "| trtopt | fp16 |", "| trtopt | int8 |", "| trtopt | fp8 |"):
         assert f"| digits-cnn {row}" in markdown
     assert "| `block` |" in markdown  # time per top-level module
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3  # layers and modules, precisions, budget
