@@ -22,7 +22,7 @@ from trtopt import _deps, builder, graph
 from trtopt.config import BuildConfig, InputRange, ShapeProfile
 from trtopt.errors import BuildError
 
-from .trt_doubles import FakeBuilder, FakeCuda, FakeTensorRT
+from .trt_doubles import FakeBuilder, FakeCuda, FakeTensorRT, fake_trt  # noqa: F401 - fake_trt is a fixture
 
 
 def relu_model(dims: tuple = ("batch", 4), op: str = "Relu") -> onnx.ModelProto:
@@ -34,15 +34,6 @@ def relu_model(dims: tuple = ("batch", 4), op: str = "Relu") -> onnx.ModelProto:
 
 def profile(lo: int = 1, opt: int = 8, hi: int = 32, name: str = "x") -> ShapeProfile:
     return ShapeProfile((InputRange(name, (lo, 4), (opt, 4), (hi, 4), (0,)),))
-
-
-@pytest.fixture()
-def fake_trt(monkeypatch: pytest.MonkeyPatch) -> FakeTensorRT:
-    fake = FakeTensorRT()
-    monkeypatch.setattr(_deps, "tensorrt", lambda: fake)
-    cuda = FakeCuda()
-    monkeypatch.setattr(_deps, "cuda", lambda: cuda)
-    return fake
 
 
 def test_strongly_typed_network_profiles_and_settings(fake_trt: FakeTensorRT) -> None:

@@ -48,7 +48,7 @@ from trtopt.precision import (
 )
 from trtopt.precision.budget import keep_high
 
-from .trt_doubles import FakeCuda, FakeTensorRT
+from .trt_doubles import FakeCuda, FakeTensorRT, fake_trt  # noqa: F401 - fake_trt is a fixture
 
 FP8_TOLERANCE = 0.3  # top-1 points, the target for CNNs
 
@@ -182,7 +182,7 @@ def test_validator_accepts_fp8_and_names_what_tensorrt_refuses():
 
 def test_config_checks_fp8_settings():
     assert BuildConfig(precision="fp8").calibration_method.value == "minmax"
-    assert BuildConfig(precision="int8").calibration_method.value == "entropy"
+    assert BuildConfig(precision="int8").calibration_method.value == "auto"
     assert BuildConfig(precision="fp8", calibrator="entropy").calibration_method.value == "entropy"
     with pytest.raises(ConfigError, match="opset 19"):
         BuildConfig(precision="fp8", opset=18)
@@ -308,15 +308,6 @@ def test_cli_compiles_and_inspects_fp8(cnn_graph, digits, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ TensorRT, through the doubles
-
-
-@pytest.fixture()
-def fake_trt(monkeypatch: pytest.MonkeyPatch) -> FakeTensorRT:
-    fake = FakeTensorRT()
-    monkeypatch.setattr(_deps, "tensorrt", lambda: fake)
-    cuda = FakeCuda()
-    monkeypatch.setattr(_deps, "cuda", lambda: cuda)
-    return fake
 
 
 def small_graph(fmt: str) -> onnx.ModelProto:

@@ -54,7 +54,10 @@ from typing import Any
 
 import numpy as np
 import onnx
+import pytest
 import torch
+
+from trtopt import _deps
 
 ALIGNMENT = 256
 
@@ -865,3 +868,13 @@ class FakeTorchCuda:
     def synchronize(self) -> None:
         for stream in list(FakeStream._registry.values()):
             stream.synchronize()
+
+
+@pytest.fixture()
+def fake_trt(monkeypatch: pytest.MonkeyPatch) -> FakeTensorRT:
+    """TensorRT and pycuda replaced by the doubles above for one test (import it to use it)."""
+    fake = FakeTensorRT()
+    monkeypatch.setattr(_deps, "tensorrt", lambda: fake)
+    cuda = FakeCuda()
+    monkeypatch.setattr(_deps, "cuda", lambda: cuda)
+    return fake

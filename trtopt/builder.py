@@ -196,6 +196,18 @@ def heartbeat(interval_s: float = PROGRESS_INTERVAL_S) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------- device facts
+def _create_builder(trt: ModuleType) -> tuple[Any, list[str]]:
+    """``trt.Builder`` and the errors TensorRT logged creating it; the builder is None on failure."""
+    bridge = tensorrt_logger(trt)
+    with bridge.errors.capture() as errors:
+        try:
+            builder = trt.Builder(bridge)
+        except Exception as exc:  # noqa: BLE001 - the bindings raise when the C++ factory returns null
+            errors.append(first_line(exc))
+            builder = None
+    return builder, list(errors)
+
+
 def builder_unavailable_reason(trt: ModuleType) -> str | None:
     """Why ``trt.Builder`` cannot be created here, or None when it can.
 
@@ -204,13 +216,7 @@ def builder_unavailable_reason(trt: ModuleType) -> str | None:
     only when a builder is created. ``backend="auto"`` and the GPU tests probe
     this so they fall back or skip instead of failing in the build.
     """
-    bridge = tensorrt_logger(trt)
-    with bridge.errors.capture() as errors:
-        try:
-            builder = trt.Builder(bridge)
-        except Exception as exc:  # noqa: BLE001 - the bindings raise when the C++ factory returns null
-            errors.append(first_line(exc))
-            builder = None
+    builder, errors = _create_builder(trt)
     if builder is not None:
         return None
     return (
@@ -310,13 +316,8 @@ def build_from_file(
     trt: ModuleType, model_path: Path, profiles: Sequence[ShapeProfile], config: BuildConfig
 ) -> bytes:
     """Parse ``model_path`` into a strongly typed network and build it with ``config``'s settings."""
+    builder, errors = _create_builder(trt)
     bridge = tensorrt_logger(trt)
-    with bridge.errors.capture() as errors:
-        try:
-            builder = trt.Builder(bridge)
-        except Exception as exc:  # noqa: BLE001 - the bindings raise when the C++ factory returns null
-            errors.append(str(exc))
-            builder = None
     if builder is None:
         raise BuildError(
             "TensorRT could not create a builder (is the CUDA device usable?). " + format_errors(errors)
