@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, GraphError, InputError, TrtoptError, first_line
+from .errors import ConfigError, InputError, TrtoptError
 
 logger = logging.getLogger(__name__)
 
@@ -200,17 +200,10 @@ def load_factory(source: str) -> tuple[Any, tuple[Any, ...]]:
 def reference_shapes(source: str, model: Any, examples: Sequence[Any]) -> tuple[dict[str, list[int | str]], str]:
     """The dims ``--shapes`` is checked against: the ONNX file's inputs or the example inputs."""
     if model is None:
-        import onnx
-
+        from .compiler import read_onnx_file
         from .graph import graph_input_shapes
 
-        try:
-            proto = onnx.load(source, load_external_data=False)  # only the inputs' shapes are needed
-        except Exception as exc:  # onnx raises DecodeError, OSError, ...
-            raise GraphError(
-                f"{source} is not a readable ONNX model ({type(exc).__name__}: {first_line(exc)}); "
-                "it may be truncated or corrupt, or not an ONNX file"
-            ) from None
+        proto = read_onnx_file(source, load_external_data=False)  # only the inputs' shapes are needed
         return graph_input_shapes(proto), "ONNX file"
     from .export import forward_input_names
 

@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from enum import Enum
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,10 +144,10 @@ def load_source(model: Any) -> Any:
     raise InputError(f"model is a {type(model).__name__}; trtopt.compile takes {MODEL_FORMS}")
 
 
-def read_onnx_file(path: Path) -> onnx.ModelProto:
+def read_onnx_file(path: str | os.PathLike[str], load_external_data: bool = True) -> onnx.ModelProto:
     """Load an ONNX file (external data from beside it); a file that is not ONNX is a GraphError naming it."""
     try:
-        return onnx.load(str(path))
+        return onnx.load(str(path), load_external_data=load_external_data)
     except Exception as exc:  # protobuf's DecodeError, OSError, onnx's ValidationError for missing data
         raise GraphError(
             f"{path} is not a readable ONNX model ({type(exc).__name__}: {first_line(exc)}); "
@@ -359,8 +359,9 @@ def _apply_precision(
         )
         report = {"precision": "fp16", "qdq_nodes": 0, "overflow_checked": batches is not None, **fp16_report.to_json()}
         if held_out is not None:
-            hints = ["Try exclude_nodes=[...] for the layers that overflow, a lower fp16_threshold, or precision='fp32'."]
-            report["accuracy"] = held_out.readout(converted, "fp16", hints)
+            report["accuracy"] = held_out.readout(converted, "fp16", lambda: [
+                "Try exclude_nodes=[...] for the layers that overflow, a lower fp16_threshold, or precision='fp32'."
+            ])
         return converted, report
 
     fmt = passes.quant_format(config.precision)
@@ -401,16 +402,16 @@ def _apply_precision(
         plan = passes.plan_int8(onnx_model, **plan_options)
     budget_report = None
     float_precision = config.int8_float_precision.value
-    source = onnx_model
     built: dict[frozenset[str], tuple[Any, Any, Any]] = {}  # the latest module the search built
 
     def build(kept: frozenset[str] = frozenset()) -> tuple[Any, Any, Any]:
         """The INT8 module as compiled, with the units in ``kept`` left out of INT8."""
         from .precision.budget import keep_high
 
-        chosen = keep_high(plan, kept, {n.name: n.op_type for n in source.graph.node}, node_modules(source)) if kept else plan
+        ops = {n.name: n.op_type for n in onnx_model.graph.node}
+        chosen = keep_high(plan, kept, ops, node_modules(onnx_model)) if kept else plan
         result = passes.to_int8(
-            source, chosen, amax, batches,
+            onnx_model, chosen, amax, batches,
             float_precision=float_precision, threshold=config.fp16_threshold, **excluded,
         )
         built.clear()
@@ -424,7 +425,7 @@ def _apply_precision(
         # FP16 float part, so the search measures it too, and keeps more units high while it misses.
         final = FinalModule(f"{float_precision} threshold={config.fp16_threshold:g}", lambda kept: build(kept)[0])
         budget_report = find_units_to_keep_high(
-            source,
+            onnx_model,
             amax,
             held_out.feeds,
             held_out.labels,
@@ -489,13 +490,13 @@ class _HeldOut:
     reference: list[Any]
     held_back: bool
 
-    def readout(self, graph: onnx.ModelProto, precision: str, hints: Any) -> dict[str, Any]:
-        """Measure ``graph`` against FP32, log the result; ``hints`` (a list, or a callable
-        that makes one, run only when the module drifts) go into the warning."""
+    def readout(self, graph: onnx.ModelProto, precision: str, hints: Callable[[], list[str]]) -> dict[str, Any]:
+        """Measure ``graph`` against FP32 and log the result; ``hints()`` (what to try, run only
+        when the module drifts: it may measure ranges again) goes into the warning."""
         from .precision.readout import log_readout, measure
 
         readout = measure(graph, self.reference, self.feeds, held_back=self.held_back)
-        log_readout(readout, precision, [] if readout.ok else list(hints() if callable(hints) else hints))
+        log_readout(readout, precision, [] if readout.ok else hints())
         return readout.to_json()
 
 

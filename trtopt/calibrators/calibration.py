@@ -42,7 +42,6 @@ class CalibrationResult:
     checks: dict[str, RangeCheck] = field(default_factory=dict)
     channel_max: dict[str, np.ndarray] = field(default_factory=dict)  # for channel_max_for
 
-
     def scales(self) -> dict[str, float]:
         """INT8 scale per tensor: amax / 127 (symmetric quantization, docs/precision.md)."""
         return {name: amax / 127.0 for name, amax in self.amax.items()}
