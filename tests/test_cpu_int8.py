@@ -44,15 +44,10 @@ def plain_session(
 
 
 def optimized_ops(model: onnx.ModelProto, tmp_path: Path) -> list[str]:
-    """The op types ONNX Runtime actually runs for ``model`` after its own fusions."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(
-        lower_qdq_for_cpu(model).SerializeToString(), options, providers=["CPUExecutionProvider"],
-        disabled_optimizers=list(DISABLED_OPTIMIZERS),
-    )
-    return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    """The op types ONNX Runtime actually runs for ``model`` in trtopt's session, after its own rewrites."""
+    path = tmp_path / "optimized.onnx"
+    make_session(model, optimized_model_path=str(path))
+    return [n.op_type for n in onnx.load(path).graph.node]
 
 
 @pytest.fixture(scope="module")
@@ -109,15 +104,18 @@ def test_onnxruntime_runs_the_convolutions_as_integer_kernels(cnn_int8, tmp_path
     # The block's first conv (Conv -> Relu -> Q) and the head (Gemm on a non-negative mean) run
     # as integer kernels. The others have a float output in the TensorRT graph (the residual Add,
     # the mean) or a signed input (the image), and run in float with their weight dequantized once.
-    assert ops.count("QLinearConv") == 1 and ops.count("QGemm") == 1, ops
-    assert "DequantizeLinear" not in [o for o in ops if o == "Conv"]
-    # Without the CPU layout ONNX Runtime runs none of them as integer kernels.
+    assert ops.count("QLinearConv") == 1 and ops.count("MatMulIntegerToFloat") == 1, ops
+    assert "Gemm" not in ops and "MatMul" not in ops, ops
+    # ONNX Runtime's own Q/DQ fusions are off in trtopt's sessions: without the CPU layout
+    # nothing would run on integer kernels.
     plain = tmp_path / "plain.onnx"
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
     options.optimized_model_filepath = str(plain)
     ort.InferenceSession(emulated.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    assert "QLinearConv" not in [n.op_type for n in onnx.load(plain).graph.node]
+    plain_ops = [n.op_type for n in onnx.load(plain).graph.node]
+    assert not {"QLinearConv", "MatMulIntegerToFloat", "QGemm"} & set(plain_ops), plain_ops
 
 
 def test_the_rewrite_itself_is_exact(cnn_int8, digits):
@@ -170,3 +168,40 @@ def test_a_graph_without_qdq_or_still_in_fp16_is_left_alone(cnn_int8):
     )
     assert lower_qdq_for_cpu(plain) is plain
     make_session(plain)  # and a session still builds
+
+
+def _uint8_conv_graph(weight_codes: np.ndarray) -> onnx.ModelProto:
+    """x -> Q_u8 -> DQ -> Conv(DQ(int8 weight)) -> Q_u8 -> DQ, codes 0..255 (no Clip to 127)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name, value):
+        return numpy_helper.from_array(np.asarray(value), name)
+
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0),
+        helper.make_node("Conv", ["xd", "wd"], ["y"], name="conv"),
+        helper.make_node("QuantizeLinear", ["y", "ys", "z"], ["yq"]),
+        helper.make_node("DequantizeLinear", ["yq", "ys", "z"], ["out"]),
+    ]
+    inits = [const("s", np.float32(0.01)), const("z", np.uint8(0)), const("w", weight_codes),
+             const("ws", np.full(2, 0.01, np.float32)), const("wz", np.zeros(2, np.int8)),
+             const("ys", np.float32(0.05))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 2, 4, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+@pytest.mark.parametrize("largest_weight, integer", [(63, True), (127, False)])
+def test_integer_kernels_only_where_int16_pair_sums_cannot_saturate(largest_weight, integer):
+    # Codes up to 255 times weights up to 127 overflow the u8 x s8 kernels' int16 pair sums on
+    # x86 CPUs without VNNI; up to 63 they cannot (2 * 255 * 63 < 32767).
+    weight = np.full((2, 2, 1, 1), largest_weight, np.int8)
+    model = _uint8_conv_graph(weight)
+    lowered = lower_qdq_for_cpu(model)
+    assert ("QLinearConv" in [n.op_type for n in lowered.graph.node]) is integer
+    x = np.random.default_rng(0).uniform(0, 2.55, (1, 2, 4, 4)).astype(np.float32)
+    want = plain_session(model, ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(None, {"x": x})[0]
+    got = make_session(model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, atol=0.05 + 1e-6)  # at most one output step apart

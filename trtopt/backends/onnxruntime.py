@@ -45,13 +45,16 @@ def make_session(
     providers: Sequence[str] = ("CPUExecutionProvider",),
     intra_op_threads: int | None = None,
     profile_prefix: str | None = None,
+    optimized_model_path: str | None = None,
 ) -> ort.InferenceSession:
     """An ONNX Runtime session for ``model``, computing what TensorRT computes from its Q/DQ.
 
     A Q/DQ graph is first laid out for the CPU's integer kernels where that is exact
-    (``lower_qdq_for_cpu``: several times faster). ONNX Runtime's own Q/DQ fusions
-    stay off: on x86 CPUs without VNNI its u8*s8 kernels sum pairs in 16 bits and
-    saturate (a BERT-base-sized encoder read cosine 0.968 instead of 0.99995).
+    (``lower_qdq_for_cpu`` writes QLinearConv and MatMulIntegerToFloat itself). ONNX
+    Runtime's own Q/DQ fusions stay off: they also fuse where, on x86 CPUs without
+    VNNI, its u8*s8 kernels sum pairs in 16 bits and saturate (a BERT-base-sized
+    encoder read cosine 0.968 instead of 0.99995). ``optimized_model_path`` saves
+    the graph ONNX Runtime actually runs, after its own rewrites.
     """
     if "CPUExecutionProvider" in providers:
         model = lower_qdq_for_cpu(model)
@@ -64,6 +67,8 @@ def make_session(
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
+    if optimized_model_path:
+        options.optimized_model_filepath = optimized_model_path
     try:
         if initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
             # Over protobuf's 2 GB limit the model must go through a file with external data;

@@ -1,22 +1,22 @@
 """Lay a Q/DQ graph out the way ONNX Runtime's CPU kernels run it fastest, with the same numbers.
 
 A graph quantized for TensorRT (symmetric INT8, zero point 0, Q/DQ only on the
-inputs of weighted ops) runs slowly under ONNX Runtime's CPU provider: its QDQ
-fusions (DequantizeLinear -> Conv/MatMul/Gemm -> QuantizeLinear into
-QLinearConv, QLinearMatMul, QGemm, MatMulIntegerToFloat) need
+inputs of weighted ops) runs slowly under ONNX Runtime's CPU provider: it
+dequantizes each weight again on every call and runs the float op. Its integer
+kernels (QLinearConv, MatMulIntegerToFloat) are several times faster, but
 
-- every input of the op from a DequantizeLinear, a bias included (as int32 with
-  scale ``input scale * weight scale``), and the op's only consumers QuantizeLinear
-  nodes (a Relu in between only when the Q's zero point makes it redundant);
-- on x86 without VNNI, unsigned activations: its int8 x int8 kernels are several
-  times slower than uint8 x int8 ones. Those uint8 x int8 kernels add pairs of
-  products in int16 with saturation (VPMADDUBSW), so codes above 127 times large
-  weights come out wrong (ONNX Runtime's docs: "reduce_range"); a uint8 code
-  that feeds an integer kernel must stay within 0..127.
+- on x86 without VNNI, they want unsigned activations: int8 x int8 is several
+  times slower than uint8 x int8;
+- those uint8 x int8 kernels add pairs of products in int16 with saturation
+  (VPMADDUBSW), so ``2 * code * |weight code|`` must stay within 32767: codes up to
+  127 with 8-bit weights, or codes up to 255 with weights within +-63 (ONNX
+  Runtime's docs: "reduce_range");
+- ONNX Runtime's own Q/DQ fusions would also fuse where that bound fails, so
+  trtopt turns them off (``make_session``) and writes the integer kernels here,
+  only where they compute what the Q/DQ graph computes.
 
-Otherwise it dequantizes each weight again on every call and runs the float op.
-``lower_qdq_for_cpu`` rewrites the graph so that these fusions apply, without
-changing what it computes beyond float rounding:
+``lower_qdq_for_cpu`` rewrites the graph that way, without changing what it
+computes beyond float rounding:
 
 - a symmetric int8 activation that is non-negative by construction (a Relu's
   output, a pooling of one) becomes uint8 with zero point 0 and its codes are
@@ -25,8 +25,12 @@ changing what it computes beyond float rounding:
 - a signed activation read by no weighted op becomes uint8 with zero point 128
   (``Q_u8(x) = Q_s8(x) + 128`` exactly), so the op writing it can still be fused;
   a signed one read by a weighted op stays int8 and that op runs in float;
-- a Conv/Gemm bias becomes int32 with scale ``s_x * s_w`` (rounding it moves an
-  output by at most half of ``s_x * s_w``, far below the output's own step);
+- ``DQ(uint8) -> Conv -> Q(uint8)`` becomes QLinearConv, its bias int32 codes at
+  scale ``s_x * s_w`` (rounding it moves an output by at most half of ``s_x * s_w``,
+  far below the output's own step); ``DQ(uint8) -> MatMul/Gemm`` becomes
+  MatMulIntegerToFloat (int32 sums, then the scales and the float bias). A Conv
+  with a float output (a residual Add reads it) stays in float: ONNX Runtime's
+  ConvInteger is several times slower than its float Conv;
 - a weighted op left in float gets its weight dequantized once, here, instead
   of on every call;
 - a max pool commutes with the monotonic Q and DQ, so it moves to where ONNX
@@ -197,46 +201,112 @@ def _output_q(node: gs.Node, outputs: set[str]) -> gs.Node | None:
     return user
 
 
-def _int32_bias(node: gs.Node, x_dq: gs.Node, w_dq: gs.Node, new_nodes: list[gs.Node]) -> bool:
-    """Replace a constant float bias (Conv input 2, Gemm C) by int32 codes + DequantizeLinear.
-
-    Returns False (and changes nothing) when the bias is not a constant vector or
-    would not fit int32 at scale ``s_x * s_w``.
-    """
-    if len(node.inputs) < 3:
-        return True
-    bias_dq = _producer(node.inputs[2], "DequantizeLinear")
-    if bias_dq is not None:  # already int32 codes (a graph laid out for the CPU before)
-        return _constant(bias_dq.inputs[0]) is not None and _constant(bias_dq.inputs[0]).dtype == np.int32
+def _bias_codes(node: gs.Node, scale: np.ndarray) -> np.ndarray | None:
+    """A Conv's constant float bias as int32 codes at ``scale`` (``s_x * s_w`` per channel),
+    or None when it is not a constant vector or does not fit int32. Rounding it moves an
+    output by at most half of ``s_x * s_w``, far below the output's own quantization step."""
     bias = _constant(node.inputs[2])
-    if bias is None or bias.ndim != 1:
-        return False
-    if node.op == "Gemm" and float(node.attrs.get("beta", 1.0)) != 1.0:
-        return False
-    s_x = _qdq_params(x_dq)[0].astype(np.float32)
-    s_w = _qdq_params(w_dq)[0].astype(np.float32).reshape(-1)
-    if s_w.size not in (1, bias.size):
-        return False
-    scale = (s_x * s_w).astype(np.float32)
-    if scale.size == 1 and bias.size > 1:
-        scale = np.full(bias.shape, scale.item(), np.float32)
-    if not np.all(scale > 0):
-        return False
+    if bias is None or bias.ndim != 1 or bias.size != scale.size:
+        return None
     codes = np.rint(bias.astype(np.float64) / scale.astype(np.float64))
-    if np.any(np.abs(codes) > _INT32_LIMIT):
-        return False
-    name = node.inputs[2].name
-    dq_out = gs.Variable(f"{name}__dq_int32", np.float32, list(bias.shape))
-    dq = gs.Node(
-        "DequantizeLinear",
-        f"{name}__DQ_int32",
-        {"axis": 0},
-        [gs.Constant(f"{name}__int32", codes.astype(np.int32)), gs.Constant(f"{name}__int32_scale", scale)],
-        [dq_out],
-    )
-    node.inputs[2] = dq_out
-    new_nodes.append(dq)
-    return True
+    return None if np.any(np.abs(codes) > _INT32_LIMIT) else codes.astype(np.int32)
+
+
+def _code_limit(x_dq: gs.Node) -> int:
+    """The largest uint8 code that can reach ``x_dq``: 127 behind the Clip written above, else 255."""
+    clip = _producer(x_dq.inputs[0], "Clip")
+    high = _constant(clip.inputs[2]) if clip is not None and len(clip.inputs) > 2 else None
+    return int(high) if high is not None and high.size == 1 and int(high) < 255 else 255
+
+
+def _exact_in_int16_pairs(x_dq: gs.Node, w_dq: gs.Node) -> bool:
+    """ONNX Runtime's u8 x s8 kernels on x86 without VNNI add pairs of products in int16 with
+    saturation: exact only while ``2 * max code * max |weight code|`` fits."""
+    weight = _constant(w_dq.inputs[0]).astype(np.int32)
+    return 2 * _code_limit(x_dq) * int(np.abs(weight).max(initial=0)) <= np.iinfo(np.int16).max
+
+
+def _channel_scales(w_dq: gs.Node, channels: int, axis: int) -> np.ndarray | None:
+    """The weight scales as one per output channel (``axis`` of the weight), else None."""
+    scale = _qdq_params(w_dq)[0].astype(np.float32).reshape(-1)
+    if scale.size == 1:
+        return np.full(channels, scale.item(), np.float32)
+    rank = _constant(w_dq.inputs[0]).ndim
+    if scale.size != channels or int(w_dq.attrs.get("axis", 1)) % rank != axis:
+        return None
+    return scale
+
+
+def _detach(node: gs.Node) -> gs.Variable:
+    """Take ``node``'s output from it (cleanup then drops the node) and return it."""
+    out = node.outputs[0]
+    node.outputs.clear()
+    return out
+
+
+def _integer_conv(node: gs.Node, x_dq: gs.Node, w_dq: gs.Node, q: gs.Node | None) -> list[gs.Node] | None:
+    """Conv from uint8 codes to the uint8 codes of the Q that reads it: QLinearConv.
+
+    A Conv with a float output stays a float Conv (its weight dequantized once):
+    ONNX Runtime's ConvInteger is several times slower than its float Conv.
+    """
+    weight = _constant(w_dq.inputs[0])
+    s_w = _channel_scales(w_dq, weight.shape[0], 0)
+    if q is None or s_w is None:
+        return None
+    name = node.name
+    scale = (_qdq_params(x_dq)[0].astype(np.float32) * s_w).astype(np.float32)
+    bias = _bias_codes(node, scale) if len(node.inputs) > 2 else np.zeros(scale.size, np.int32)
+    if bias is None:
+        return None
+    y_scale, y_zero = q.inputs[1], q.inputs[2]
+    codes = _detach(q)
+    _detach(node)
+    inputs = [
+        x_dq.inputs[0], x_dq.inputs[1], x_dq.inputs[2],
+        gs.Constant(f"{name}__w_int8", weight), gs.Constant(f"{name}__w_scale", s_w),
+        gs.Constant(f"{name}__w_zero", np.zeros(s_w.size, np.int8)),
+        y_scale, y_zero, gs.Constant(f"{name}__bias_int32", bias),
+    ]
+    return [gs.Node("QLinearConv", name, dict(node.attrs), inputs, [codes])]
+
+
+def _integer_matmul(node: gs.Node, x_dq: gs.Node, w_dq: gs.Node) -> list[gs.Node] | None:
+    """MatMul/Gemm on uint8 codes: MatMulIntegerToFloat (int32 sums, then scales and bias)."""
+    weight = _constant(w_dq.inputs[0])
+    if weight.ndim != 2:
+        return None
+    trans_b = node.op == "Gemm" and int(node.attrs.get("transB", 0)) == 1
+    if node.op == "Gemm" and (
+        int(node.attrs.get("transA", 0)) or float(node.attrs.get("alpha", 1.0)) != 1.0
+        or float(node.attrs.get("beta", 1.0)) != 1.0
+    ):
+        return None
+    columns = weight.shape[0] if trans_b else weight.shape[1]
+    s_w = _channel_scales(w_dq, columns, 0 if trans_b else 1)
+    bias = _constant(node.inputs[2]) if len(node.inputs) > 2 else None
+    if s_w is None or (len(node.inputs) > 2 and (bias is None or bias.size not in (1, columns))):
+        return None
+    name = node.name
+    inputs = [
+        x_dq.inputs[0], gs.Constant(f"{name}__w_int8", np.ascontiguousarray(weight.T if trans_b else weight)),
+        x_dq.inputs[1], gs.Constant(f"{name}__w_scale", s_w), x_dq.inputs[2],
+        gs.Constant(f"{name}__w_zero", np.zeros(columns, np.int8)),
+    ]
+    if bias is not None:
+        inputs.append(gs.Constant(f"{name}__bias", np.broadcast_to(bias.astype(np.float32).reshape(-1), (columns,)).copy()))
+    out = _detach(node)
+    return [gs.Node("MatMulIntegerToFloat", name, inputs=inputs, outputs=[out], domain="com.microsoft")]
+
+
+def _integer_kernel(node: gs.Node, w_dq: gs.Node, outputs: set[str]) -> list[gs.Node] | None:
+    """The integer-kernel nodes that replace ``node`` where they compute the same, else None."""
+    x_dq = _activation_dq(node)
+    if x_dq is None or _qdq_params(x_dq)[0].size != 1 or not _exact_in_int16_pairs(x_dq, w_dq):
+        return None
+    if node.op == "Conv":
+        return _integer_conv(node, x_dq, w_dq, _output_q(node, outputs))
+    return _integer_matmul(node, x_dq, w_dq)
 
 
 def _fold_weight(node: gs.Node, w_dq: gs.Node) -> None:
@@ -323,17 +393,15 @@ def lower_qdq_for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
     new_nodes.clear()
     graph.cleanup()  # drops the Relus the uint8 Q made redundant, so ops see their Q directly
     pools = _pool_codes(graph, outputs)
-    fused = folded = 0
+    integer = folded = 0
     for node in [n for n in graph.nodes if n.op in WEIGHTED_OPS]:
-        x_dq, w_dq = _activation_dq(node), _weight_dq(node)
+        w_dq = _weight_dq(node)
         if w_dq is None:
             continue
-        q = _output_q(node, outputs)
-        integer = x_dq is not None and (q is not None or node.op in ("Gemm", "MatMul"))
-        if integer and node.op in ("Conv", "Gemm") and not _int32_bias(node, x_dq, w_dq, new_nodes):
-            integer = False
-        if integer:
-            fused += 1
+        kernel = _integer_kernel(node, w_dq, outputs)
+        if kernel:
+            new_nodes.extend(kernel)
+            integer += 1
         else:
             _fold_weight(node, w_dq)
             folded += 1
@@ -343,11 +411,15 @@ def lower_qdq_for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
     lowered.ir_version = model.ir_version
     del lowered.opset_import[:]
     lowered.opset_import.extend(model.opset_import)
+    if any(n.domain == "com.microsoft" for n in lowered.graph.node) and not any(
+        o.domain == "com.microsoft" for o in lowered.opset_import
+    ):
+        lowered.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))  # MatMulIntegerToFloat
     logger.debug(
-        "qdq for the CPU: %d activation pairs made uint8, %d weighted ops left to integer kernels, "
+        "qdq for the CPU: %d activation pairs made uint8, %d weighted ops on integer kernels, "
         "%d weights dequantized once, %d max pools on the codes",
         unsigned,
-        fused,
+        integer,
         folded,
         pools,
     )
