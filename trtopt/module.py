@@ -296,7 +296,7 @@ class CompiledModule:
                 if (
                     type(value) is not torch.Tensor
                     or value.dtype != dtype
-                    or value.device.type != "cpu"
+                    or not value.is_cpu
                     or value.requires_grad
                     or not value.is_contiguous()
                 ):

@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, ConfigError
 from ..graph import check_model
 from ..names import carry_metadata, mark_added, node_modules
 from .fp16 import KeptNode, user_exclusion
@@ -56,6 +56,13 @@ POOLING_OPS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
 # since a subnormal scale loses precision and its reciprocal overflows FP16.
 FP16_SCALE_FLOOR = 2.0**-14
 FP32_SCALE_FLOOR = float(np.finfo(np.float32).tiny)
+# int8_layout="cpu": the layout ONNX Runtime's CPU integer kernels run fastest, exact on every
+# x86 CPU. Activations are uint8 with a zero point over the calibrated [low, high]; weights are
+# int8 within +-63, because without VNNI the u8 x s8 kernels add pairs of products in int16 with
+# saturation and 2 * 255 * 63 < 32767 (ONNX Runtime's "reduce_range"). TensorRT cannot build it.
+LAYOUTS = ("tensorrt", "cpu")
+CPU_ACTIVATION_QMAX = 255
+CPU_WEIGHT_QMAX = 63.0
 # TensorRT's FP8 convolutions (ModelOpt's FP8 recipe excludes every other Conv).
 FP8_CONV_CHANNEL_ALIGNMENT = 16
 FP8_CONV_MAX_FILTER = 32
@@ -247,6 +254,8 @@ def quantize_int8(
     *,
     ranges: Mapping[str, float] | None = None,
     scale_floor: float = FP16_SCALE_FLOOR,
+    layout: str = "tensorrt",
+    signed_ranges: Mapping[str, tuple[float, float]] | None = None,
 ) -> tuple[onnx.ModelProto, Int8Report]:
     """Insert the Q/DQ pairs of ``plan`` into a float32 ``model``, in the plan's format.
 
@@ -254,7 +263,14 @@ def quantize_int8(
     ``ranges`` (tensor -> max |x|, optional) only feeds ``dq_peaks``. Scales are
     float32 here; converting the rest of the graph to FP16 afterwards turns them
     into FP16 scales, so pass ``scale_floor=FP16_SCALE_FLOOR`` in that case.
+    ``layout="cpu"`` (INT8 only) writes the CPU layout (see ``CPU_WEIGHT_QMAX``):
+    each activation's range is its calibrated [-amax, amax] narrowed to the
+    observed ``signed_ranges`` (tensor -> (min, max)) where given.
     """
+    if layout not in LAYOUTS:
+        raise ConfigError(f"int8_layout {layout!r} is not one of {', '.join(map(repr, LAYOUTS))}")
+    if layout == "cpu" and plan.fmt is not INT8:
+        raise ConfigError(f"int8_layout='cpu' is for INT8; {plan.fmt.name} graphs are for TensorRT only")
     missing = [t for t in plan.activation_tensors if t not in amax]
     if missing:
         raise CalibrationError(
@@ -277,14 +293,18 @@ def quantize_int8(
     # Each node added -> the node it serves (its first use): named after it, and takes its module path.
     served: dict[str, str] = {}
 
+    signed_ranges = signed_ranges or {}
     for name, uses in plan.activations.items():
         tensor = tensors[name]
         value = float(amax[name])
-        scale = value / fmt.qmax
+        if layout == "cpu":
+            scale, zero = _cpu_activation_params(value, signed_ranges.get(name), scale_floor)
+        else:
+            scale = value / fmt.qmax
         if scale < scale_floor:
             report.floored_scales.append(name)
             scale = scale_floor
-        q = gs.Variable(f"{name}__q", fmt.dtype, tensor.shape)
+        q = gs.Variable(f"{name}__q", zero.dtype, tensor.shape)
         dq = gs.Variable(f"{name}__dq", np.float32, tensor.shape)
         scale_c = gs.Constant(f"{name}__scale", np.array(scale, np.float32))
         zp = gs.Constant(f"{name}__zero_point", zero)
@@ -302,6 +322,7 @@ def quantize_int8(
 
     shared: dict[tuple[str, int], gs.Variable] = {}
     modules = node_modules(model)
+    weight_fmt = replace(fmt, weight_qmax=CPU_WEIGHT_QMAX) if layout == "cpu" else fmt
     for node_name, index, axis in plan.weights:
         node = nodes[node_name]
         unit = {"node": node_name, "op": node.op}
@@ -310,7 +331,7 @@ def quantize_int8(
         key = (weight.name, axis)
         if key not in shared:
             shared[key] = _quantized_weight(
-                graph, weight, axis, scale_floor, report, f"{node_name}/DequantizeLinear_in{index}", fmt
+                graph, weight, axis, scale_floor, report, f"{node_name}/DequantizeLinear_in{index}", weight_fmt
             )
             served[shared[key].inputs[0].name] = node_name
             report.quantized_weights += 1
@@ -330,6 +351,21 @@ def quantize_int8(
         sum(1 for k in report.skipped if k.op in WEIGHTED_OPS),
     )
     return out, report
+
+
+def _cpu_activation_params(
+    amax: float, observed: tuple[float, float] | None, scale_floor: float
+) -> tuple[float, np.ndarray]:
+    """(scale, uint8 zero point) over [-amax, amax] narrowed to the observed (min, max).
+
+    The range always holds 0, so zero (padding, a ReLU's floor) is exact; a
+    non-negative tensor gets zero point 0 and all 256 codes."""
+    low, high = -amax, amax
+    if observed is not None:
+        low, high = max(low, min(float(observed[0]), 0.0)), min(high, max(float(observed[1]), 0.0))
+    scale = (high - low) / CPU_ACTIVATION_QMAX  # the caller floors it; the zero point uses the floored one
+    zero = np.clip(np.rint(-low / max(scale, scale_floor)), 0, CPU_ACTIVATION_QMAX)
+    return scale, np.array(zero, np.uint8)
 
 
 def _quantized_weight(
