@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from trtopt import ConfigError, InputError, bench
+from trtopt import ConfigError, InputError, bench, metrics
+from trtopt.backends.profiling import LayerProfiler
+from trtopt.runtime import TensorRTBackend
 
 
 # ------------------------------------------------------------------ statistics
@@ -101,6 +103,28 @@ def test_compare_outputs_nested_and_not_a_classifier():
         bench.compare_outputs(torch.zeros(2, 3), torch.zeros(3, 2))
     with pytest.raises(InputError, match="outputs"):
         bench.compare_outputs((torch.zeros(2),), (torch.zeros(2), torch.zeros(2)))
+
+
+def test_metric_names_say_which_cosine_they_take():
+    """One sample of two scaled down: per sample nothing changed, flattened the batch's direction did."""
+    reference = np.array([[1.0, 0.0], [0.0, 1.0]])
+    scaled = np.array([[1.0, 0.0], [0.0, 0.1]])  # sample 1 same direction, a tenth the size
+    assert metrics.mean_sample_cosine([scaled], [reference]) == pytest.approx(1.0)
+    flat = metrics.flat_cosine(metrics.flatten([reference]), metrics.flatten([scaled]))
+    assert flat == pytest.approx(1.1 / (math.sqrt(2) * math.sqrt(1.01)))
+    assert flat < 0.78
+    # The benchmark row reports the flattened one; the accuracy budget's "cosine" the per-sample one.
+    assert bench.compare_outputs(reference, scaled).cosine_similarity == pytest.approx(flat)
+    from trtopt.precision.budget import AccuracyBudget
+
+    assert AccuracyBudget("cosine", 0.99).evaluate([scaled], [reference], None) == pytest.approx(1.0)
+
+
+def test_worst_mean_abs_error_is_per_output_not_over_all_elements():
+    outputs, reference = [np.ones((2, 2)), np.zeros((2, 8))], [np.zeros((2, 2)), np.zeros((2, 8))]
+    assert metrics.worst_mean_abs_error(outputs, reference) == 1.0  # the first output's mean
+    assert bench.compare_outputs(reference, outputs).mean_abs_error == pytest.approx(4 / 20)
+    assert metrics.max_abs_error(outputs, reference) == 1.0
 
 
 PEAK_MEMORY_CHECK = """
@@ -311,10 +335,12 @@ class FakeTensorRTBackend:
     """Double of the TensorRT runtime's profiling surface (``profile_layers``, ``layer_information``).
 
     Checks that ``profile_tensorrt`` passes the right profile index and run count,
-    and joins the per-layer medians with the inspector's layer types.
+    and joins the per-layer medians with the inspector's layer types. The join is
+    the runtime's own ``layer_profile`` (the ``LayerProfiler`` protocol), borrowed.
     """
 
     name = "tensorrt"
+    layer_profile = TensorRTBackend.layer_profile
 
     def __init__(self) -> None:
         self.calls = []
@@ -339,8 +365,15 @@ def test_profile_tensorrt_joins_times_with_layer_types(tiny):
         bench.profile_tensorrt(module, (images[:1],))
     fake = FakeTensorRTBackend()
     on_trt = CompiledModule(module.onnx_model, module.spec, fake)
+    assert isinstance(module.backend, LayerProfiler) and isinstance(fake, LayerProfiler)
     profile = bench.profile_tensorrt(on_trt, (images[:4],), runs=7)
     assert fake.calls == [(["x"], 1, 7)]  # batch 4 lies in the second profile
     assert profile.backend == "tensorrt" and profile.runs == 7
     assert profile.by_op_type() == [("CaskConvolution", 0.5), ("CaskGemm", 0.2), ("?", 0.05)]
     assert profile.per_run_ms() == pytest.approx(0.75)
+    # profile_layers asks whichever backend the module runs on, through the protocol.
+    assert bench.profile_layers(on_trt, (images[:4],), runs=2).backend == "tensorrt"
+    on_ort = bench.profile_layers(module, (images[:2],), runs=2)
+    assert on_ort.backend == "onnxruntime" and on_ort.runs == 2 and on_ort.layers
+    with pytest.raises(ConfigError, match="cannot profile"):
+        bench.profile_layers(CompiledModule(module.onnx_model, module.spec, object()), (images[:1],))

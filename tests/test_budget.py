@@ -180,10 +180,10 @@ def test_keeping_a_conv_high_keeps_the_other_qdq_where_they_were(tmp_path):
 
 
 def test_cosine_of_a_collapsed_output_is_zero_not_perfect():
-    from trtopt.precision.budget import cosine
+    from trtopt.metrics import mean_sample_cosine
 
-    assert cosine([np.zeros((2, 3))], [np.ones((2, 3))]) == 0.0
-    assert cosine([np.zeros((2, 3))], [np.zeros((2, 3))]) == 1.0
+    assert mean_sample_cosine([np.zeros((2, 3))], [np.ones((2, 3))]) == 0.0
+    assert mean_sample_cosine([np.zeros((2, 3))], [np.zeros((2, 3))]) == 1.0
     with pytest.raises(ConfigError, match="'0.9.9' is not a number"):
         AccuracyBudget.parse("cosine>=0.9.9")
 

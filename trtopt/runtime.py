@@ -68,6 +68,7 @@ import numpy as np
 import torch
 
 from . import _deps
+from .backends.profiling import LayerProfile, join_layer_types
 from .builder import current_device_index, format_errors, tensorrt_logger
 from .errors import EngineError, InputError
 from .module import _NUMPY_TO_TORCH, _TORCH_TO_NUMPY, ModuleSpec
@@ -724,6 +725,16 @@ class TensorRTBackend:
             inspector = self._engine.create_engine_inspector()
             text = inspector.get_engine_information(self._trt.LayerInformationFormat.JSON)
         return json.loads(text)
+
+    def layer_profile(
+        self, graph: Any, feeds: Mapping[str, torch.Tensor], profile_index: int = 0, runs: int = 10
+    ) -> LayerProfile:
+        """Per-layer median times with the inspector's layer types (``backends.profiling.LayerProfiler``).
+
+        The engine is what runs, so ``graph`` is not needed. Layer names are
+        TensorRT's, after fusion.
+        """
+        return join_layer_types(self.profile_layers(feeds, profile_index, runs), self.layer_information(), runs)
 
 
 class GraphCaptureError(EngineError):

@@ -6,6 +6,7 @@ per-call state, so one backend may serve several threads at once.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -18,8 +19,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from ..errors import EngineError, first_line
+from ..errors import ConfigError, EngineError, first_line
 from ..graph import EXTERNAL_DATA_THRESHOLD, initializer_bytes, save_model
+from .profiling import LayerProfile, parse_onnxruntime_profile
 from .qdq_cpu import lower_qdq_for_cpu
 
 logger = logging.getLogger(__name__)
@@ -87,6 +89,24 @@ def make_session(
         raise EngineError(f"ONNX Runtime cannot load the graph: {first_line(exc)}") from exc
 
 
+def profile_graph(model: onnx.ModelProto, feeds: Mapping[str, torch.Tensor], runs: int) -> LayerProfile:
+    """Per-node times of ``model`` under ONNX Runtime's profiler over ``runs`` runs (one warm-up run dropped).
+
+    Profiling is a session option, so this builds a session of its own; the
+    trace file is deleted before returning.
+    """
+    if runs < 1:
+        raise ConfigError(f"runs={runs}; profile at least 1 run")
+    arrays = {name: x.detach().cpu().numpy() for name, x in feeds.items()}
+    with tempfile.TemporaryDirectory(prefix="trtopt-profile-") as tmp:
+        session = make_session(model, profile_prefix=str(Path(tmp) / "ort"))
+        for _ in range(runs + 1):
+            session.run(None, arrays)
+        trace = Path(session.end_profiling())
+        events = json.loads(trace.read_text())
+    return parse_onnxruntime_profile(events, skip_runs=1)
+
+
 class OnnxRuntimeBackend:
     """Backend over an ONNX Runtime session; CPU by default."""
 
@@ -115,3 +135,13 @@ class OnnxRuntimeBackend:
             return self.session.run(self.output_names, arrays)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise EngineError(f"ONNX Runtime failed to run the graph: {exc}") from exc
+
+    def layer_profile(
+        self, graph: onnx.ModelProto, feeds: Mapping[str, torch.Tensor], profile_index: int = 0, runs: int = 10
+    ) -> LayerProfile:
+        """Per-node times of ``graph`` under ONNX Runtime's profiler (``backends.profiling.LayerProfiler``).
+
+        This backend's session was not built with profiling on (it slows every
+        run), so the module's ``graph`` is profiled in a session of its own.
+        """
+        return profile_graph(graph, feeds, runs)

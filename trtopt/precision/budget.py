@@ -43,72 +43,29 @@ from .._io import atomic_write
 from .._version import __version__
 from ..backends.onnxruntime import make_session
 from ..errors import ConfigError, TrtoptError
+from ..metrics import (
+    Outputs,
+    accuracy_drop,
+    label_accuracy,
+    max_abs_error,
+    mean_sample_cosine,
+    top1_agreement,
+    worst_mean_abs_error,
+)
 
 logger = logging.getLogger(__name__)
 
-Outputs = Sequence[np.ndarray]
 UserMetric = Callable[[Outputs, Outputs], float]
 
 
-# ------------------------------------------------------------------ metrics
-
-
-def _per_sample(a: np.ndarray) -> np.ndarray:
-    return a.reshape(a.shape[0], -1).astype(np.float64) if a.ndim > 1 else a.reshape(-1, 1).astype(np.float64)
-
-
-def sample_cosines(output: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each sample (row along axis 0) of one output to its reference."""
-    a, b = _per_sample(output), _per_sample(reference)
-    norm_a, norm_b = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    sims = (a * b).sum(axis=1) / np.maximum(norm_a * norm_b, 1e-30)
-    # Both zero: identical. One zero: nothing in common (a collapsed output must not pass).
-    return np.where((norm_a == 0) & (norm_b == 0), 1.0, np.where((norm_a == 0) | (norm_b == 0), 0.0, sims))
-
-
-def cosine(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> float:
-    """Mean per-sample cosine similarity, the worst over outputs."""
-    return min((float(sample_cosines(a, b).mean()) for a, b in zip(outputs, reference)), default=1.0)
-
-
-def max_abs(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> float:
-    return max(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(outputs, reference))
-
-
-def mean_abs(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> float:
-    return max(float(np.abs(a.astype(np.float64) - b).mean()) for a, b in zip(outputs, reference))
-
-
-def top1(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> float:
-    """Share of samples whose argmax (over the last axis of the first output) agrees with FP32."""
-    return float((outputs[0].argmax(-1) == reference[0].argmax(-1)).mean())
-
-
-def _need_labels(labels: np.ndarray | None) -> np.ndarray:
-    if labels is None:
-        raise ConfigError(
-            "the 'accuracy' metrics need labels: give validation batches as (inputs..., labels) tuples"
-        )
-    return labels
-
-
-def accuracy(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> float:
-    """Task top-1 accuracy of the first output against the labels."""
-    return float((outputs[0].argmax(-1) == _need_labels(labels)).mean())
-
-
-def accuracy_drop(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> float:
-    """FP32 accuracy minus this model's accuracy (0.002 is 0.2 points)."""
-    return accuracy(reference, reference, labels) - accuracy(outputs, reference, labels)
-
-
-# name -> (function, higher is better)
+# The budget's metric names -> (function in trtopt.metrics, higher is better). The names are what
+# users write ("cosine>=0.99"); the functions' names say what each computes.
 METRICS: dict[str, tuple[Callable[..., float], bool]] = {
-    "cosine": (cosine, True),
-    "top1": (top1, True),
-    "accuracy": (accuracy, True),
-    "max_abs": (max_abs, False),
-    "mean_abs": (mean_abs, False),
+    "cosine": (mean_sample_cosine, True),
+    "top1": (top1_agreement, True),
+    "accuracy": (label_accuracy, True),
+    "max_abs": (max_abs_error, False),
+    "mean_abs": (worst_mean_abs_error, False),
     "accuracy_drop": (accuracy_drop, False),
 }
 

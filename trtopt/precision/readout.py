@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .budget import run_outputs, sample_cosines
+from ..metrics import argmax_agreement, max_abs_error, sample_cosines
+from .budget import run_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,8 @@ WARN_BELOW = 0.99  # mean cosine or top-1 agreement under this logs a WARNING
 class AccuracyReadout:
     """The compiled module against FP32 on ``samples`` held-back samples.
 
-    ``cosine`` is the mean per-sample cosine similarity (the accuracy budget's
-    ``cosine``), ``min_cosine`` the worst sample's, both the worst over outputs.
+    ``cosine`` is the mean per-sample cosine similarity (``metrics.mean_sample_cosine``,
+    the accuracy budget's ``cosine``), ``min_cosine`` the worst sample's, both the worst over outputs.
     ``top1_agreement`` is the share of samples whose argmax over the last axis
     agrees with FP32, for outputs shaped like a classifier's ([N, classes]), else
     None. ``held_back`` is False when the data was too small to hold any back and
@@ -69,14 +70,12 @@ def _is_classifier(output: np.ndarray) -> bool:
 def compare(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray], held_back: bool) -> AccuracyReadout:
     """The readout of ``outputs`` against the FP32 ``reference`` (lists of arrays, one per output)."""
     cosines = [sample_cosines(a, b) for a, b in zip(outputs, reference)]
-    agreements = [
-        float((a.argmax(-1) == b.argmax(-1)).mean()) for a, b in zip(outputs, reference) if _is_classifier(b)
-    ]
+    agreements = [argmax_agreement(a, b) for a, b in zip(outputs, reference) if _is_classifier(b)]
     return AccuracyReadout(
         samples=int(reference[0].shape[0]) if reference[0].ndim else 1,
         cosine=min(float(c.mean()) for c in cosines),
         min_cosine=min(float(c.min()) for c in cosines),
-        max_abs=max(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(outputs, reference)),
+        max_abs=max_abs_error(outputs, reference),
         top1_agreement=min(agreements) if agreements else None,
         held_back=held_back,
     )
