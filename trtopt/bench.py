@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._io import atomic_path, atomic_write
+from .files import atomic_path, atomic_write
 from ._version import __version__
 from .errors import ConfigError, DependencyError, InputError, TrtoptError
 
