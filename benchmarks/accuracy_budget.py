@@ -25,13 +25,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests._digits import DigitsTransformer, load_digits, top1, train  # noqa: E402
-from trtopt._io import atomic_write  # noqa: E402
 from trtopt.calibrators import calibrate  # noqa: E402
 from trtopt.config import build_profiles  # noqa: E402
 from trtopt.export import export  # noqa: E402
+from trtopt.files import atomic_write  # noqa: E402
 from trtopt.graph import cleanup  # noqa: E402
-from trtopt.module import tensor_specs  # noqa: E402
 from trtopt.precision import plan_int8  # noqa: E402
+from trtopt.spec import tensor_specs  # noqa: E402
 from trtopt.precision.budget import (  # noqa: E402
     AccuracyBudget,
     build_int8,

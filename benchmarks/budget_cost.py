@@ -21,11 +21,11 @@ from trtopt.calibrators import calibrate
 from trtopt.config import build_profiles
 from trtopt.export import export
 from trtopt.graph import cleanup
-from trtopt.module import tensor_specs
 from trtopt.precision import plan_int8
 from trtopt.precision.budget import AccuracyBudget, find_units_to_keep_high
+from trtopt.spec import tensor_specs
 
-from trtopt._io import atomic_write  # noqa: E402
+from trtopt.files import atomic_write  # noqa: E402
 
 
 class Encoder(nn.Module):

@@ -116,7 +116,7 @@ def child(config: str, num_batches: int, workdir: Path, batch_size: int, image_s
         import onnx
 
         from trtopt.calibrators import calibrate
-        from trtopt.module import tensor_specs
+        from trtopt.spec import tensor_specs
 
         model = onnx.load(model_path)
         baseline = rss_mb()
@@ -288,7 +288,7 @@ def main() -> None:
         "summary": summary,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    from trtopt._io import atomic_write
+    from trtopt.files import atomic_write
 
     atomic_write(args.out / "calibration.json", json.dumps(report, indent=1))
     atomic_write(args.out / "calibration.md", markdown(report))

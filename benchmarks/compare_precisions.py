@@ -44,8 +44,8 @@ import torch
 
 import trtopt
 from trtopt import bench
-from trtopt._io import atomic_write
 from trtopt.export import forward_input_names
+from trtopt.files import atomic_write
 
 logger = logging.getLogger("compare_precisions")
 

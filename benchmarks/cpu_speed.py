@@ -40,7 +40,7 @@ import torch
 import torchvision
 
 import trtopt
-from trtopt._io import atomic_write
+from trtopt.files import atomic_write
 from trtopt.backends.onnxruntime import DISABLED_OPTIMIZERS
 from trtopt.bench import prepare_random_model, structured_images
 from trtopt.precision import emulate_fp16

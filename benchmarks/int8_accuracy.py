@@ -66,7 +66,7 @@ import trtopt  # noqa: E402
 from tests import _digits  # noqa: E402
 from trtopt.config import BuildConfig, build_profiles  # noqa: E402
 from trtopt.export import export  # noqa: E402
-from trtopt._io import atomic_write  # noqa: E402
+from trtopt.files import atomic_write  # noqa: E402
 from trtopt.graph import cleanup  # noqa: E402
 from trtopt.precision import emulate_fp16  # noqa: E402
 

@@ -28,13 +28,13 @@ import _minilm  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from trtopt._io import atomic_write  # noqa: E402
 from trtopt.calibrators import calibrate  # noqa: E402
-from trtopt.config import build_profiles  # noqa: E402
+from trtopt.config import DEFAULT_FP16_THRESHOLD, build_profiles  # noqa: E402
 from trtopt.export import export  # noqa: E402
+from trtopt.files import atomic_write  # noqa: E402
 from trtopt.graph import cleanup  # noqa: E402
-from trtopt.module import tensor_specs  # noqa: E402
 from trtopt.precision import convert_to_fp16, make_masks_fp16_safe, plan_int8, tensor_ranges, to_fp16, to_int8  # noqa: E402
+from trtopt.spec import tensor_specs  # noqa: E402
 from trtopt.precision.budget import (  # noqa: E402
     AccuracyBudget,
     FinalModule,
@@ -113,7 +113,7 @@ def main() -> None:
     def build_final(kept: frozenset[str]):  # the module as compile() builds it: FP16 float part
         return to_int8(graph, keep_high(plan, kept, ops), amax, batches)[0]
 
-    final = FinalModule("fp16 threshold=16384", build_final)
+    final = FinalModule(f"fp16 threshold={DEFAULT_FP16_THRESHOLD:g}", build_final)
 
     def analyse(bound: float, cache_dir: str) -> dict[str, object]:
         t = time.perf_counter()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import trtopt
-from trtopt._io import atomic_write
+from trtopt.files import atomic_write
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 STEM = "overhead"

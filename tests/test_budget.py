@@ -13,7 +13,7 @@ from trtopt.config import build_profiles
 from trtopt.errors import ConfigError
 from trtopt.export import export
 from trtopt.graph import cleanup
-from trtopt.module import tensor_specs
+from trtopt.spec import tensor_specs
 from trtopt.precision import plan_int8
 from trtopt.precision.budget import (
     AccuracyBudget,

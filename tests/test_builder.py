@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import trtopt
-from trtopt import _deps, builder, graph
+from trtopt import _deps, builder, graph, trt_logging
 from trtopt.config import BuildConfig, InputRange, ShapeProfile
 from trtopt.errors import BuildError
 
@@ -178,7 +178,7 @@ def test_a_timing_cache_that_cannot_be_saved_keeps_the_engine(fake_trt: FakeTens
 
 
 def test_logger_bridge_maps_levels_and_never_raises(fake_trt: FakeTensorRT, caplog) -> None:
-    bridge = builder.make_logger(fake_trt)
+    bridge = trt_logging.make_logger(fake_trt)
     severity = fake_trt.ILogger.Severity
 
     class Unprintable:
@@ -194,19 +194,19 @@ def test_logger_bridge_maps_levels_and_never_raises(fake_trt: FakeTensorRT, capl
             bridge.log(None, "no severity at all")  # unknown severity: logged as a warning
     assert errors == ["bad thing"]
     levels = {r.getMessage(): r.levelno for r in caplog.records if r.name == "trtopt.tensorrt"}
-    assert levels == {"bad thing": logging.ERROR, "careful": logging.WARNING, "detail": builder.VERBOSE,
+    assert levels == {"bad thing": logging.ERROR, "careful": logging.WARNING, "detail": trt_logging.VERBOSE,
                       "no severity at all": logging.WARNING}
     assert list(bridge.errors.recent) == ["bad thing"]
 
 
 def test_logger_bridge_survives_a_raising_logging_setup(fake_trt: FakeTensorRT, monkeypatch) -> None:
-    bridge = builder.make_logger(fake_trt)
+    bridge = trt_logging.make_logger(fake_trt)
 
     def explode(*args, **kwargs):
         raise KeyboardInterrupt  # even a BaseException stays on the Python side
 
-    monkeypatch.setattr(builder.trt_logger, "log", explode)
-    monkeypatch.setattr(builder.trt_logger, "isEnabledFor", lambda level: True)
+    monkeypatch.setattr(trt_logging.trt_logger, "log", explode)
+    monkeypatch.setattr(trt_logging.trt_logger, "isEnabledFor", lambda level: True)
     bridge.log(fake_trt.ILogger.Severity.ERROR, "still recorded")
     assert list(bridge.errors.recent) == ["still recorded"]
 

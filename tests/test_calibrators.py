@@ -28,7 +28,7 @@ from trtopt.calibrators.observers import (
     quantization_errors,
 )
 from trtopt.errors import CalibrationError
-from trtopt.module import TensorSpec, tensor_specs
+from trtopt.spec import TensorSpec, tensor_specs
 
 LEVELS = 128
 

@@ -126,7 +126,7 @@ def test_least_recently_used_entries_are_evicted(tmp_path: Path) -> None:
     cache.put(fields(onnx_digest="d" * 64), bytes(1000))
     remaining = {e.key for e in cache.entries()}
     assert remaining == {engine_key(entries[0]), engine_key(fields(onnx_digest="d" * 64))}
-    assert cache.total_bytes() <= cache.max_bytes
+    assert sum(e.size for e in cache.entries()) <= cache.max_bytes
 
 
 def test_engine_larger_than_the_limit_is_not_cached(tmp_path: Path) -> None:

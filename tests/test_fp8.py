@@ -35,7 +35,7 @@ from trtopt.config import BuildConfig, InputRange, ShapeProfile, build_profiles
 from trtopt.errors import ConfigError, DependencyError, GraphError
 from trtopt.export import export
 from trtopt.graph import cleanup
-from trtopt.module import tensor_specs
+from trtopt.spec import tensor_specs
 from trtopt.precision import (
     FP8,
     INT8,

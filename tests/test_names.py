@@ -150,7 +150,7 @@ def test_renaming_changes_no_output(nested):
     """The same graph quantized with and without module-path names computes the same numbers."""
     from trtopt.backends.onnxruntime import make_session
     from trtopt.calibrators import calibrate
-    from trtopt.module import tensor_specs
+    from trtopt.spec import tensor_specs
     from trtopt.precision import plan_int8, quantize_int8
 
     model, batches = nested

@@ -19,7 +19,7 @@ from trtopt.calibrators import calibrate
 from trtopt.config import build_profiles
 from trtopt.export import export
 from trtopt.graph import cleanup
-from trtopt.module import tensor_specs
+from trtopt.spec import tensor_specs
 from trtopt.precision import emulate_fp16, feed_batches, plan_int8, to_fp16, to_int8, validate_qdq
 
 FP16_TOLERANCE = 0.3  # top-1 points

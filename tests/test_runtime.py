@@ -25,8 +25,9 @@ from trtopt import _deps, compiler
 from trtopt.config import Backend, BuildConfig, InputRange, ShapeProfile
 from trtopt import runtime
 from trtopt.errors import EngineError, ShapeError
-from trtopt.module import CompiledModule, ModuleSpec, TensorSpec
-from trtopt.runtime import TRT_TO_NUMPY, DataDependentShapeError, TensorRTBackend, numpy_dtype_name, torch_dtype
+from trtopt.module import CompiledModule
+from trtopt.runtime import DataDependentShapeError, TensorRTBackend, numpy_dtype_name, torch_dtype
+from trtopt.spec import TRT_TO_NUMPY, ModuleSpec, TensorSpec
 
 from .test_builder import relu_model
 from .trt_doubles import ContextOverlapError, FakeCuda, FakeLogicError, FakeTensorRT, FakeTorchCuda

@@ -14,6 +14,7 @@ from ._version import __version__
 from .compiler import compile, load
 from .config import Backend, BuildConfig, CalibratorKind, Precision, ShapeProfile
 from .errors import (
+    AccuracyBudgetError,
     BuildError,
     CalibrationError,
     ConfigError,
@@ -27,7 +28,7 @@ from .errors import (
     TrtoptError,
 )
 from .module import CompiledModule
-from .precision.budget import AccuracyBudget, AccuracyBudgetError
+from .precision.budget import AccuracyBudget
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

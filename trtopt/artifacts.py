@@ -26,7 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._io import atomic_write
+from .files import atomic_write
 from ._version import __version__
 from .config import ShapeProfile
 from .graph import save_model

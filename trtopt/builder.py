@@ -14,19 +14,18 @@ must be checked against the parsed network's inputs with our message; and
 (3) the API-surface test (tests/test_trt_api_surface.py) can only vouch for
 TensorRT calls this module makes itself. The calls are few.
 
-Classes that subclass TensorRT types (the logger, the progress monitor) are
-created inside factory functions, so importing trtopt never needs TensorRT.
+TensorRT's logger bridge, shared with the runtime, is in ``trt_logging``. Classes
+that subclass TensorRT types (the progress monitor here) are created inside
+factory functions, so importing trtopt never needs TensorRT.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import tempfile
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -36,96 +35,14 @@ import onnx
 
 from . import _deps
 from .config import BuildConfig, InputRange, ShapeProfile
-from ._io import atomic_write
 from .engine_cache import EngineCache, engine_key_fields, files_digest
 from .errors import BuildError, DependencyError, first_line
+from .files import atomic_write
 from .graph import save_model
+from .trt_logging import format_errors, tensorrt_logger
 
 logger = logging.getLogger(__name__)
-# TensorRT's own messages go to their own logger, so users can silence or raise them separately.
-trt_logger = logging.getLogger("trtopt.tensorrt")
-
-VERBOSE = 5  # below DEBUG: TensorRT's VERBOSE stream is thousands of lines per build
-_SEVERITY_TO_LEVEL = {
-    "INTERNAL_ERROR": logging.CRITICAL,
-    "ERROR": logging.ERROR,
-    "WARNING": logging.WARNING,
-    "INFO": logging.DEBUG,  # TensorRT's INFO is build chatter; trtopt's INFO is for the user
-    "VERBOSE": VERBOSE,
-}
 PROGRESS_INTERVAL_S = 10.0
-
-
-# ------------------------------------------------------------------ logger bridge
-class ErrorLog:
-    """The error messages TensorRT logged: the last few always, and per thread inside ``capture()``.
-
-    Kept apart from the ``trt.ILogger`` subclass so that subclass holds only
-    TensorRT's own callback.
-    """
-
-    def __init__(self, keep: int = 20) -> None:
-        self.recent: deque[str] = deque(maxlen=keep)
-        self._local = threading.local()
-
-    def record(self, text: str) -> None:
-        self.recent.append(text)
-        captured = getattr(self._local, "errors", None)
-        if captured is not None:
-            captured.append(text)
-
-    @contextlib.contextmanager
-    def capture(self) -> Iterator[list[str]]:
-        """Collect the error messages this thread's TensorRT calls log inside the block."""
-        errors: list[str] = []
-        previous = getattr(self._local, "errors", None)
-        self._local.errors = errors
-        try:
-            yield errors
-        finally:
-            self._local.errors = previous
-
-
-def make_logger(trt: ModuleType) -> Any:
-    """Create a ``trt.ILogger`` that forwards TensorRT's messages to Python logging.
-
-    TensorRT calls ``log`` from C++; an exception escaping it would cross into
-    TensorRT, so the callback swallows everything. Messages of severity ERROR
-    and above also go to the logger's ``errors`` (an ``ErrorLog``), so a failed
-    build or deserialization can say why.
-    """
-
-    class TensorRTLogBridge(trt.ILogger):  # type: ignore[name-defined,misc]
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors = ErrorLog()
-
-        def log(self, severity: Any, msg: str) -> None:
-            try:
-                level = _SEVERITY_TO_LEVEL.get(getattr(severity, "name", ""), logging.WARNING)
-                text = str(msg)
-                if level >= logging.ERROR:
-                    self.errors.record(text)
-                if trt_logger.isEnabledFor(level):
-                    trt_logger.log(level, "%s", text)
-            except BaseException:  # noqa: BLE001 - nothing may propagate into TensorRT's C++
-                pass
-
-    return TensorRTLogBridge()
-
-
-@functools.lru_cache(maxsize=None)
-def tensorrt_logger(trt: ModuleType) -> Any:
-    """The process's one logger bridge: TensorRT keeps the first logger it is given
-    for the whole process (and warns when a later builder or runtime gets another)."""
-    return make_logger(trt)
-
-
-def format_errors(errors: Sequence[str], fallback: Sequence[str] = ()) -> str:
-    lines = list(errors) or list(fallback)
-    if not lines:
-        return "TensorRT logged no error; set logging.getLogger('trtopt.tensorrt') to DEBUG to see its full log"
-    return "TensorRT said:\n  " + "\n  ".join(lines)
 
 
 # --------------------------------------------------------------- build progress

@@ -288,7 +288,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import trtopt
 
     from . import bench
-    from .export import _resize as resize_dim  # repeats samples: realistic values at any batch
+    from .export import resize_dim  # repeats samples: realistic values at any batch
 
     batch_sizes = args.batch_sizes
     if args.source.endswith(".trtopt"):

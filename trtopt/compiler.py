@@ -28,7 +28,8 @@ from .errors import CalibrationError, ConfigError, GraphError, InputError, first
 from .export import check_example_inputs, export, forward_input_names
 from .graph import cleanup, graph_input_shapes
 from .names import assign_names, node_modules
-from .module import CompiledModule, ModuleSpec, read_module_file, tensor_specs
+from .module import CompiledModule, read_module_file
+from .spec import ModuleSpec, tensor_specs
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
+from .errors import CalibrationError, ConfigError
 
 
 class Precision(str, enum.Enum):
@@ -50,6 +50,25 @@ class CalibratorKind(str, enum.Enum):
 # the measurements behind both defaults).
 # INT8: auto, the best on the INT8 evaluation suite (benchmarks/int8_accuracy.py, docs/calibration.md).
 DEFAULT_CALIBRATORS = {Precision.INT8: CalibratorKind.AUTO, Precision.FP8: CalibratorKind.MINMAX}
+# Calibrator "percentile": the range holds this percentile of |x|.
+DEFAULT_PERCENTILE = 99.99
+# The FP16 keep-list keeps FP32 a node whose activations reach this on calibration data: a 4x
+# margin under FP16's max (65504), because calibration data rarely shows the largest value the
+# model will ever see.
+DEFAULT_FP16_THRESHOLD = 16384.0
+
+
+def calibrator_name(method: CalibratorKind | str) -> str:
+    """The calibrator's name (``"entropy"``, ...) for a CalibratorKind or a string.
+
+    The one check of a calibration method outside BuildConfig (whose fields raise
+    ConfigError): ``calibrate``, the observers and the cache header all call it.
+    """
+    try:
+        return CalibratorKind(method.value if isinstance(method, CalibratorKind) else method).value
+    except ValueError:
+        allowed = ", ".join(repr(k.value) for k in CalibratorKind)
+        raise CalibrationError(f"method={method!r} is not a calibrator; use one of {allowed}") from None
 
 
 def _coerce_enum(enum_type: type[enum.Enum], value: Any, field: str) -> enum.Enum:
@@ -69,7 +88,7 @@ class BuildConfig:
     opset: int = 19  # 19 is the first opset with FP16 Q/DQ scales (docs/precision.md)
     # Calibration (INT8, FP8 and the FP16 keep-list).
     calibrator: CalibratorKind | None = None  # None: the precision's default (DEFAULT_CALIBRATORS)
-    percentile: float = 99.99
+    percentile: float = DEFAULT_PERCENTILE
     calibration_batches: int | None = None  # None: use every batch given
     calibration_cache: str | None = None
     # Precision passes (trtopt.precision). Excluded nodes stay FP32: not quantized, not cast to FP16.
@@ -83,7 +102,7 @@ class BuildConfig:
     int8_attention: bool = False
     # SmoothQuant's migration strength alpha for MatMul/Gemm units (trtopt/precision/smoothquant.py); None: off.
     smoothquant: float | None = 0.85
-    fp16_threshold: float = 16384.0  # keep FP32 a node whose activations reach this on calibration data
+    fp16_threshold: float = DEFAULT_FP16_THRESHOLD  # keep FP32 a node whose activations reach this on calibration data
     # TensorRT engine settings.
     workspace_bytes: int | None = None  # None: TensorRT's default (the device's memory)
     optimization_level: int = 3  # builder_optimization_level, 0-5
@@ -119,7 +138,8 @@ class BuildConfig:
         object.__setattr__(self, "int8_float_precision", float_precision)
         if not float(self.fp16_threshold) > 0:
             raise ConfigError(
-                f"fp16_threshold={self.fp16_threshold!r} must be positive (default 16384; FP16's max is 65504)"
+                f"fp16_threshold={self.fp16_threshold!r} must be positive (default {DEFAULT_FP16_THRESHOLD:g}; "
+                "FP16's max is 65504)"
             )
         if not isinstance(self.opset, int) or self.opset < 17:
             raise ConfigError(f"opset={self.opset!r} is too old; use 17 or newer (19 recommended)")
@@ -133,7 +153,7 @@ class BuildConfig:
                 f"Q/DQ scales), but opset={self.opset}; use opset=19 or int8_float_precision='fp32'"
             )
         if not 0.0 < float(self.percentile) <= 100.0:
-            raise ConfigError(f"percentile={self.percentile!r} must be in (0, 100], e.g. 99.99")
+            raise ConfigError(f"percentile={self.percentile!r} must be in (0, 100], e.g. {DEFAULT_PERCENTILE:g}")
         if self.smoothquant is not None and not (
             isinstance(self.smoothquant, (int, float)) and not isinstance(self.smoothquant, bool) and 0.0 < self.smoothquant < 1.0
         ):

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_write
 from ._version import __version__
 from .config import ENGINE_SETTINGS, BuildConfig, ShapeProfile
+from .files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -184,9 +184,6 @@ class EngineCache:
                 continue
             found.append(CacheEntry(key, plan_path, manifest_path, size, last_used))
         return sorted(found, key=lambda e: e.last_used)
-
-    def total_bytes(self) -> int:
-        return sum(e.size for e in self.entries())
 
     def evict(self, keep: str | None = None) -> list[str]:
         """Delete least recently used entries until the cache fits ``max_bytes``; never ``keep``."""

@@ -8,6 +8,11 @@ handlers keep working.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .precision.budget import BudgetReport
+
 
 class TrtoptError(Exception):
     """Base class of every error trtopt raises deliberately."""
@@ -51,6 +56,17 @@ class BuildError(TrtoptError):
 
 class EngineError(TrtoptError):
     """A serialized TensorRT engine could not be loaded or run."""
+
+
+class AccuracyBudgetError(TrtoptError):
+    """INT8 (or FP8) cannot meet the accuracy budget even with every unit in float.
+
+    ``report`` is the search's ``BudgetReport``: what was tried and the best value reached.
+    """
+
+    def __init__(self, message: str, report: BudgetReport) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 def first_line(error: BaseException) -> str:

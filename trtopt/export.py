@@ -23,61 +23,9 @@ import torch
 
 from .config import ShapeProfile
 from .errors import ConfigError, ExportError, InputError, first_line
+from .spec import flatten_outputs
 
 logger = logging.getLogger(__name__)
-
-# ------------------------------------------------------------ output structure
-# A JSON-serialisable description of how a model's flat outputs nest, so the
-# compiled module returns what the torch model returns (tensor, tuple, list, dict).
-
-
-def flatten_outputs(obj: Any, prefix: str = "output") -> tuple[list[Any], dict[str, Any], list[str]]:
-    """Flatten nested outputs in torch.export's (pytree) order: leaves, structure, leaf names."""
-    if isinstance(obj, torch.Tensor):
-        return [obj], {"type": "tensor"}, [prefix]
-    if isinstance(obj, (tuple, list)):
-        leaves, items, names = [], [], []
-        for i, item in enumerate(obj):
-            sub_leaves, sub_struct, sub_names = flatten_outputs(item, f"{prefix}_{i}")
-            leaves += sub_leaves
-            items.append(sub_struct)
-            names += sub_names
-        return leaves, {"type": "list" if isinstance(obj, list) else "tuple", "items": items}, names
-    if isinstance(obj, dict):
-        leaves, items, names, keys = [], [], [], []
-        for key, item in obj.items():
-            if not isinstance(key, str):
-                raise ExportError(
-                    f"the model returns a dict with a non-string key {key!r}; use string keys"
-                )
-            name = key if prefix == "output" else f"{prefix}_{key}"
-            sub_leaves, sub_struct, sub_names = flatten_outputs(item, name)
-            leaves += sub_leaves
-            items.append(sub_struct)
-            names += sub_names
-            keys.append(key)
-        return leaves, {"type": "dict", "keys": keys, "items": items}, names
-    raise ExportError(
-        f"the model returns a {type(obj).__name__}; outputs must be tensors, or tuples, lists "
-        "and dicts of tensors"
-    )
-
-
-def unflatten_outputs(structure: dict[str, Any], leaves: Sequence[Any]) -> Any:
-    """Inverse of ``flatten_outputs``."""
-    it = iter(leaves)
-
-    def build(node: dict[str, Any]) -> Any:
-        kind = node["type"]
-        if kind == "tensor":
-            return next(it)
-        items = [build(child) for child in node["items"]]
-        if kind == "dict":
-            return dict(zip(node["keys"], items))
-        return items if kind == "list" else tuple(items)
-
-    return build(structure)
-
 
 # -------------------------------------------------------------------- names
 
@@ -157,7 +105,7 @@ def check_example_inputs(names: Sequence[str], inputs: Sequence[Any]) -> None:
             )
 
 
-def _resize(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+def resize_dim(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     """Resize a dim by repeating slices (works for every dtype, keeps values realistic)."""
     if t.shape[dim] == size:
         return t
@@ -182,7 +130,7 @@ def export_examples(
             hi = max(p[name].max[d] for p in profiles)
             size = r.opt[d] if r.opt[d] >= 2 else min(2, hi)
             if lo != hi:
-                t = _resize(t, d, size)
+                t = resize_dim(t, d, size)
         out.append(t)
     return out
 

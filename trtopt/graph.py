@@ -20,8 +20,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ._io import atomic_path
 from .errors import GraphError
+from .files import atomic_path
 from .names import carry_metadata
 
 logger = logging.getLogger(__name__)

@@ -13,19 +13,23 @@ import logging
 import os
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
 
-from ._io import atomic_write
 from ._version import __version__
+from .backends.runner import Runner
 from .config import ShapeProfile
 from .errors import InputError, ModuleFileError, ShapeError
-from .export import unflatten_outputs
+from .files import atomic_write
+from .spec import NUMPY_TO_TORCH, TORCH_TO_NUMPY, ModuleSpec, conversion_hint, unflatten_outputs
+
+# The specs moved to trtopt.spec; they stay importable from here, where code written for
+# earlier versions imports them (docs/calibration.md's example did).
+from .spec import TensorSpec, tensor_specs  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -35,39 +39,6 @@ MANIFEST = "manifest.json"
 ONNX_MEMBER = "model.onnx"
 ENGINE_MEMBER = "engine.plan"
 
-# ONNX element type -> numpy dtype name (what inputs are checked against).
-_ONNX_TO_NUMPY = {
-    onnx.TensorProto.FLOAT: "float32",
-    onnx.TensorProto.FLOAT16: "float16",
-    onnx.TensorProto.BFLOAT16: "bfloat16",
-    onnx.TensorProto.DOUBLE: "float64",
-    onnx.TensorProto.INT8: "int8",
-    onnx.TensorProto.UINT8: "uint8",
-    onnx.TensorProto.INT32: "int32",
-    onnx.TensorProto.INT64: "int64",
-    onnx.TensorProto.BOOL: "bool",
-}
-_TORCH_TO_NUMPY = {
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.float64: "float64",
-    torch.int8: "int8",
-    torch.uint8: "uint8",
-    torch.int32: "int32",
-    torch.int64: "int64",
-    torch.bool: "bool",
-}
-_NUMPY_TO_TORCH = {v: k for k, v in _TORCH_TO_NUMPY.items()}
-CONVERT_HINT = {
-    "float32": "x.float() / x.astype(np.float32)",
-    "float16": "x.half() / x.astype(np.float16)",
-    "int64": "x.long() / x.astype(np.int64)",
-    "int32": "x.int() / x.astype(np.int32)",
-    "bool": "x.bool() / x.astype(bool)",
-}
-
-
 _SHAPE_CACHE_SIZE = 256
 
 
@@ -76,64 +47,6 @@ def _numpy_dtype(name: str) -> np.dtype | None:
         return np.dtype(name)
     except TypeError:  # bfloat16 has no numpy dtype: such inputs always take the full path
         return None
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str  # numpy dtype name
-    shape: tuple[int | str, ...]  # str: a named dynamic dim
-
-
-@dataclass(frozen=True)
-class ModuleSpec:
-    """What a compiled module accepts and returns; JSON-serialisable."""
-
-    inputs: tuple[TensorSpec, ...]  # forward-argument order
-    outputs: tuple[TensorSpec, ...]  # graph output order
-    output_structure: dict[str, Any]
-    profiles: tuple[ShapeProfile, ...]
-    precision: str
-    info: dict[str, Any] = field(default_factory=dict)  # exporter, cleanup and precision reports
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "inputs": [asdict(t) for t in self.inputs],
-            "outputs": [asdict(t) for t in self.outputs],
-            "output_structure": self.output_structure,
-            "profiles": [p.to_json() for p in self.profiles],
-            "precision": self.precision,
-            "info": self.info,
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> ModuleSpec:
-        def spec(t: Mapping[str, Any]) -> TensorSpec:
-            return TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))
-
-        return cls(
-            inputs=tuple(spec(t) for t in data["inputs"]),
-            outputs=tuple(spec(t) for t in data["outputs"]),
-            output_structure=data["output_structure"],
-            profiles=tuple(ShapeProfile.from_json(p) for p in data["profiles"]),
-            precision=data["precision"],
-            info=dict(data.get("info", {})),
-        )
-
-
-def tensor_specs(values: Sequence[onnx.ValueInfoProto]) -> tuple[TensorSpec, ...]:
-    specs = []
-    for vi in values:
-        tt = vi.type.tensor_type
-        shape = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in tt.shape.dim)
-        specs.append(TensorSpec(vi.name, _ONNX_TO_NUMPY.get(tt.elem_type, str(tt.elem_type)), shape))
-    return tuple(specs)
-
-
-class Backend(Protocol):
-    name: str
-
-    def run(self, feeds: Mapping[str, torch.Tensor], profile_index: int) -> list[torch.Tensor]: ...
 
 
 def _describe_ranges(profiles: Sequence[ShapeProfile], name: str) -> str:
@@ -181,7 +94,7 @@ class CompiledModule:
         self,
         onnx_model: onnx.ModelProto,
         spec: ModuleSpec,
-        backend: Backend,
+        backend: Runner,
         engine: bytes | None = None,
     ) -> None:
         self.onnx_model = onnx_model
@@ -192,7 +105,7 @@ class CompiledModule:
         self._names = tuple(t.name for t in spec.inputs)
         # The fast path (see _fast_call): what each input must be, and the shapes already checked.
         self._numpy_dtypes = tuple(_numpy_dtype(t.dtype) for t in spec.inputs)
-        self._torch_dtypes = tuple(_NUMPY_TO_TORCH.get(t.dtype) for t in spec.inputs)
+        self._torch_dtypes = tuple(NUMPY_TO_TORCH.get(t.dtype) for t in spec.inputs)
         self._checked_shapes: dict[tuple[tuple[int, ...], ...], int] = {}
         self._single_tensor = spec.output_structure.get("type") == "tensor"
 
@@ -254,18 +167,18 @@ class CompiledModule:
         spec = self._inputs[name]
         if isinstance(value, np.ndarray):
             dtype = value.dtype.name
-            tensor = torch.from_numpy(np.ascontiguousarray(value)) if dtype in _NUMPY_TO_TORCH else None
+            tensor = torch.from_numpy(np.ascontiguousarray(value)) if dtype in NUMPY_TO_TORCH else None
         elif isinstance(value, torch.Tensor):
-            dtype = _TORCH_TO_NUMPY.get(value.dtype, str(value.dtype))
+            dtype = TORCH_TO_NUMPY.get(value.dtype, str(value.dtype))
             tensor = value
         else:
             raise InputError(
                 f"input {name!r} is a {type(value).__name__}; pass a torch.Tensor or a numpy array"
             )
         if dtype != spec.dtype or tensor is None:
-            hint = CONVERT_HINT.get(spec.dtype, f"convert to {spec.dtype}")
             raise InputError(
-                f"input {name!r} has dtype {dtype} but the model expects {spec.dtype}; convert it ({hint})"
+                f"input {name!r} has dtype {dtype} but the model expects {spec.dtype}; "
+                f"convert it ({conversion_hint(spec.dtype)})"
             )
         if tensor.dim() != len(spec.shape):
             raise ShapeError(

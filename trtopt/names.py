@@ -94,10 +94,6 @@ def node_modules(model: onnx.ModelProto) -> dict[str, str]:
     return modules
 
 
-def has_module_paths(model: onnx.ModelProto) -> bool:
-    return any(module_of(node) is not None for node in model.graph.node)
-
-
 def set_metadata(node: onnx.NodeProto, values: Mapping[str, str]) -> None:
     """Replace ``node``'s metadata with the ``KEPT_KEYS`` of ``values``."""
     del node.metadata_props[:]

@@ -69,23 +69,13 @@ import torch
 
 from . import _deps
 from .backends.profiling import LayerProfile, join_layer_types
-from .builder import current_device_index, format_errors, tensorrt_logger
+from .builder import current_device_index
 from .errors import EngineError, InputError
-from .module import _NUMPY_TO_TORCH, _TORCH_TO_NUMPY, ModuleSpec
+from .spec import NUMPY_TO_TORCH, TORCH_TO_NUMPY, TRT_TO_NUMPY, ModuleSpec
+from .trt_logging import format_errors, tensorrt_logger
 
 logger = logging.getLogger(__name__)
 
-# TensorRT DataType member name -> numpy dtype name (the spec's dtype language); torch via module.py.
-TRT_TO_NUMPY: dict[str, str] = {
-    "FLOAT": "float32",
-    "HALF": "float16",
-    "BF16": "bfloat16",
-    "INT8": "int8",
-    "UINT8": "uint8",
-    "INT32": "int32",
-    "INT64": "int64",
-    "BOOL": "bool",
-}
 ALIGNMENT = 256  # bytes; TensorRT's requirement for I/O tensor addresses
 
 
@@ -105,7 +95,7 @@ def numpy_dtype_name(trt_dtype: Any) -> str:
 
 
 def torch_dtype(trt_dtype: Any) -> torch.dtype:
-    return _NUMPY_TO_TORCH[numpy_dtype_name(trt_dtype)]
+    return NUMPY_TO_TORCH[numpy_dtype_name(trt_dtype)]
 
 
 def engine_io(trt: ModuleType, cuda_engine: Any) -> tuple[dict[str, torch.dtype], dict[str, torch.dtype]]:
@@ -369,8 +359,8 @@ class TensorRTBackend:
     def _check_spec(self) -> None:
         expected_in = {t.name: t.dtype for t in self.spec.inputs}
         expected_out = {t.name: t.dtype for t in self.spec.outputs}
-        found_in = {n: _TORCH_TO_NUMPY[d] for n, d in self.inputs.items()}
-        found_out = {n: _TORCH_TO_NUMPY[d] for n, d in self.outputs.items()}
+        found_in = {n: TORCH_TO_NUMPY[d] for n, d in self.inputs.items()}
+        found_out = {n: TORCH_TO_NUMPY[d] for n, d in self.outputs.items()}
         if found_in != expected_in or found_out != expected_out:
             raise EngineError(
                 f"the engine's inputs {found_in} and outputs {found_out} do not match the module's "

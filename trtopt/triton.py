@@ -25,11 +25,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from ._io import atomic_write
 from .errors import ConfigError, DependencyError
+from .files import atomic_write
+from .spec import TRITON_DTYPES
 
 if TYPE_CHECKING:
-    from .module import CompiledModule, TensorSpec
+    from .module import CompiledModule
+    from .spec import TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -37,23 +39,6 @@ CONFIG_FILE = "config.pbtxt"
 PLAN_FILE = "model.plan"  # Triton's default file name for platform tensorrt_plan
 ONNX_FILE = "model.onnx"  # ... and for platform onnxruntime_onnx
 TRITON_INSTALL_HINT = 'install it with `pip install "trtopt[triton]"` (tritonclient[grpc])'
-
-# numpy dtype name (TensorSpec.dtype) -> Triton DataType enum name.
-TRITON_DTYPES = {
-    "bool": "TYPE_BOOL",
-    "uint8": "TYPE_UINT8",
-    "uint16": "TYPE_UINT16",
-    "uint32": "TYPE_UINT32",
-    "uint64": "TYPE_UINT64",
-    "int8": "TYPE_INT8",
-    "int16": "TYPE_INT16",
-    "int32": "TYPE_INT32",
-    "int64": "TYPE_INT64",
-    "float16": "TYPE_FP16",
-    "float32": "TYPE_FP32",
-    "float64": "TYPE_FP64",
-    "bfloat16": "TYPE_BF16",
-}
 
 BatchRange = tuple[int, int, int]  # (min, opt, max) of the batch dimension in one profile
 

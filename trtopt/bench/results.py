@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_write
+from ..files import atomic_write
 from .._version import __version__
 from ..errors import ConfigError
 from .compare import Accuracy

@@ -6,7 +6,7 @@ import math
 import os
 from typing import TYPE_CHECKING
 
-from .._io import atomic_path
+from ..files import atomic_path
 from .memory import MemoryUsage
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ The entry point the precision pass calls::
         tensor_names,               # Sequence[str]: activations to measure (graph inputs or node outputs)
         calibration_data,           # see below
         *,
-        input_specs,                # Sequence[trtopt.module.TensorSpec] of the graph inputs
+        input_specs,                # Sequence[trtopt.spec.TensorSpec] of the graph inputs
         method="auto",              # "auto" | "entropy" | "mse" | "minmax" | "percentile" (or CalibratorKind)
         percentile=99.99,           # for method="percentile"
         max_batches=None,           # None: every batch

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .._io import atomic_write
+from ..config import DEFAULT_PERCENTILE, calibrator_name
 from ..errors import CalibrationError
+from ..files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +50,12 @@ _ALGORITHMS = {
 }
 
 
-def algorithm_name(method: str, percentile: float = 99.99) -> str:
+def algorithm_name(method: str, percentile: float = DEFAULT_PERCENTILE) -> str:
     """The cache header's algorithm for a trtopt calibration method."""
+    method = calibrator_name(method)
     if method == "percentile":
         return f"Percentile{float(percentile):g}Calibration"
-    try:
-        return _ALGORITHMS[method]
-    except KeyError:
-        raise CalibrationError(
-            f"unknown calibration method {method!r}; use one of {', '.join(sorted({*_ALGORITHMS, 'percentile'}))}"
-        ) from None
+    return _ALGORITHMS[method]
 
 
 def scale_to_hex(scale: float) -> str:

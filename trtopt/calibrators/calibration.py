@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from ..config import DEFAULT_CALIBRATORS, CalibratorKind, Precision
+from ..config import DEFAULT_CALIBRATORS, DEFAULT_PERCENTILE, CalibratorKind, Precision, calibrator_name
 from ..errors import CalibrationError
 from .cache import algorithm_name, channel_path, read_cache, read_channel_max, write_cache, write_channel_max
 from .collect import collect
@@ -20,7 +20,7 @@ from .data import Progress, expected_batches, iter_batches
 from .observers import HistogramObserver, RangeCheck, make_observer
 
 if TYPE_CHECKING:
-    from ..module import TensorSpec
+    from ..spec import TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +45,6 @@ class CalibrationResult:
     def scales(self) -> dict[str, float]:
         """INT8 scale per tensor: amax / 127 (symmetric quantization, docs/precision.md)."""
         return {name: amax / 127.0 for name, amax in self.amax.items()}
-
-
-def _method_name(method: CalibratorKind | str) -> str:
-    try:
-        return CalibratorKind(method.value if isinstance(method, CalibratorKind) else method).value
-    except ValueError:
-        allowed = ", ".join(repr(k.value) for k in CalibratorKind)
-        raise CalibrationError(f"method={method!r} is not a calibrator; use one of {allowed}") from None
 
 
 def _from_cache(
@@ -97,7 +89,7 @@ def calibrate(
     *,
     input_specs: Sequence[TensorSpec],
     method: CalibratorKind | str = DEFAULT_CALIBRATORS[Precision.INT8],
-    percentile: float = 99.99,
+    percentile: float = DEFAULT_PERCENTILE,
     max_batches: int | None = None,
     cache_path: str | os.PathLike[str] | None = None,
     progress: bool = True,
@@ -109,9 +101,9 @@ def calibrate(
     of their last axis, in the same pass. See the package docstring for the
     accepted data forms and the cache rules.
     """
-    method = _method_name(method)
+    method = calibrator_name(method)
     if not 0.0 < float(percentile) <= 100.0:
-        raise CalibrationError(f"percentile={percentile!r} must be in (0, 100], e.g. 99.99")
+        raise CalibrationError(f"percentile={percentile!r} must be in (0, 100], e.g. {DEFAULT_PERCENTILE:g}")
     names = list(dict.fromkeys(tensor_names))
     if not names:
         raise CalibrationError("tensor_names is empty; name the activations to calibrate")

@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import CalibrationError
-from ..module import CONVERT_HINT
+from ..spec import conversion_hint
 
 if TYPE_CHECKING:
-    from ..module import TensorSpec
+    from ..spec import TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +115,9 @@ def check_batch(batch: Any, index: int, specs: Sequence[TensorSpec]) -> dict[str
         array = _to_numpy(values[spec.name], index, spec.name)
         where = f"calibration batch {index}, input {spec.name!r}"
         if array.dtype.name != spec.dtype:
-            hint = CONVERT_HINT.get(spec.dtype, f"convert to {spec.dtype}")
             raise CalibrationError(
-                f"{where} has dtype {array.dtype.name} but the model expects {spec.dtype}; convert it ({hint})"
+                f"{where} has dtype {array.dtype.name} but the model expects {spec.dtype}; "
+                f"convert it ({conversion_hint(spec.dtype)})"
             )
         if array.ndim != len(spec.shape):
             raise CalibrationError(

@@ -78,7 +78,7 @@ import numpy as np
 
 from dataclasses import asdict, dataclass
 
-from ..errors import CalibrationError
+from ..config import DEFAULT_PERCENTILE, calibrator_name
 from .histogram import NUM_BINS, StreamingHistogram
 
 NUM_LEVELS = 128  # 8-bit symmetric: 127 positive levels plus zero, as TensorRT counts them
@@ -86,7 +86,6 @@ QMAX = 127  # symmetric INT8: q in [-127, 127], scale = amax / 127
 FIRST_CUT = 128  # the narrowest range any histogram method may pick: 128 of 2048 bins
 ENTROPY_TIE_TOLERANCE = 1e-9  # nats; KL values closer than this to the least are ties
 AUTO_MAX_CLIPPED = 1e-3  # auto never picks a range clipping more than this share of |x|
-METHODS = ("entropy", "minmax", "percentile", "mse", "auto")
 
 
 def _xlogx(x: np.ndarray) -> np.ndarray:
@@ -205,20 +204,14 @@ class HistogramObserver:
     """Streams |x| into a 2048-bin histogram; amax by any method, and the check of that range."""
 
     def __init__(
-        self, method: str, percentile: float = 99.99, num_bins: int = NUM_BINS, channels: bool = False
+        self, method: str, percentile: float = DEFAULT_PERCENTILE, num_bins: int = NUM_BINS, channels: bool = False
     ) -> None:
-        if method not in METHODS:
-            raise CalibrationError(f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}")
-        self.method = method
+        self.method = calibrator_name(method)
         self.percentile = float(percentile)
         self.histogram = StreamingHistogram(num_bins)
         # max |x| per channel of the last axis (SmoothQuant's statistic), when asked for
         self.channel_max: np.ndarray | None = np.zeros(0) if channels else None
         self._chosen: RangeCheck | None = None
-
-    @property
-    def seen(self) -> bool:
-        return self.histogram.total > 0
 
     def update(self, values: np.ndarray) -> float:
         self._chosen = None
@@ -286,5 +279,5 @@ class HistogramObserver:
         return RangeCheck(method, float(amax), hist.clipped_share(amax), relative)
 
 
-def make_observer(method: str, percentile: float = 99.99, channels: bool = False) -> HistogramObserver:
+def make_observer(method: str, percentile: float = DEFAULT_PERCENTILE, channels: bool = False) -> HistogramObserver:
     return HistogramObserver(method, percentile, channels=channels)

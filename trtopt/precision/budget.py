@@ -39,10 +39,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .._io import atomic_write
+from ..files import atomic_write
 from .._version import __version__
 from ..backends.onnxruntime import make_session
-from ..errors import ConfigError, TrtoptError
+from ..errors import AccuracyBudgetError, ConfigError, TrtoptError
 from ..metrics import (
     Outputs,
     accuracy_drop,
@@ -141,14 +141,6 @@ class AccuracyBudget:
 
     def describe(self) -> str:
         return f"{self.name} {'>=' if self.higher_is_better else '<='} {self.bound:g}"
-
-
-class AccuracyBudgetError(TrtoptError):
-    """INT8 cannot meet the accuracy budget even with every unit in float."""
-
-    def __init__(self, message: str, report: BudgetReport) -> None:
-        super().__init__(message)
-        self.report = report
 
 
 # ------------------------------------------------------------------- report

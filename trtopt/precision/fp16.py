@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ..config import DEFAULT_FP16_THRESHOLD
 from ..graph import check_model
 from ..names import carry_metadata, excluded_by, mark_added, node_modules
 from .masks import MaskReport, MaskRewrite
@@ -40,9 +41,6 @@ from .masks import MaskReport, MaskRewrite
 logger = logging.getLogger(__name__)
 
 FP16_MAX = 65504.0
-# Default keep-list threshold: a 4x margin under FP16's max, because calibration
-# data rarely shows the largest value the model will ever see.
-DEFAULT_FP16_THRESHOLD = 16384.0
 
 # Ops whose output dtype an attribute decides; we only know how to retarget these two.
 _RETYPED_BY_ATTRIBUTE = {"Cast", "ConstantOfShape"}
@@ -227,17 +225,8 @@ def convert_to_fp16(
         mask_offsets=masks.offsets if masks else None,
         modules=modules,
     )
-    by_name = {n.name: n for n in graph.nodes}
-    for name, reason in (keep or {}).items():
-        if name in by_name and name not in kept:
-            kept[name] = KeptNode(name, by_name[name].op, reason, modules.get(name))
-    # A DequantizeLinear takes its consumers' precision: no Cast may separate it from the op
-    # it feeds, or TensorRT cannot fuse the pair (and per-channel weights lose their op).
-    for node in graph.nodes:
-        users = node.outputs[0].outputs if node.op == "DequantizeLinear" else []
-        if users and node.name not in kept and all(u.name in kept for u in users):
-            kept[node.name] = KeptNode(node.name, node.op, "feeds only nodes kept in FP32", modules.get(node.name))
-
+    _keep_requested(kept, graph, keep or {}, modules)
+    _keep_dequantize_with_its_users(kept, graph, modules)
     half_nodes = [
         n
         for n in graph.nodes
@@ -246,71 +235,12 @@ def convert_to_fp16(
     report = Fp16Report(
         kept=list(kept.values()), converted_nodes=len(half_nodes), masks=list(masks.rewrites) if masks else []
     )
-    half_ids = {id(n) for n in half_nodes}
-    converted: set[str] = set()  # activations turned from float32 into float16
-    casts: dict[tuple[str, int], gs.Variable] = {}
     original_nodes = list(graph.nodes)  # the Casts added below are already typed
-    half_constants: dict[str, gs.Constant] = {}
-    # Each Cast added -> the node it serves (named after it, and takes its module path).
-    served: dict[str, str] = {}
-
-    def cast(tensor: gs.Variable, to: int, consumer: gs.Node, index: int) -> gs.Variable:
-        key = (tensor.name, to)
-        if key not in casts:
-            dtype = np.float16 if to == onnx.TensorProto.FLOAT16 else np.float32
-            out = gs.Variable(f"{tensor.name}__cast_{np.dtype(dtype).name}", dtype, tensor.shape)
-            name = f"{consumer.name}/Cast_in{index}_to_{'fp16' if dtype == np.float16 else 'fp32'}"
-            graph.nodes.append(gs.Node("Cast", name, {"to": to}, [tensor], [out]))
-            served[name] = consumer.name
-            casts[key] = out
-        return casts[key]
-
-    # 1. Outputs of FP16 nodes become float16; graph outputs keep float32 behind a Cast.
-    graph_outputs = {id(t) for t in graph.outputs}
-    for node in half_nodes:
-        schema = _schema(node, opset)
-        _retarget_attributes(node)
-        for i, out in enumerate(node.outputs):
-            if not _is_float32(out) or not _allows_fp16(schema, i, True):
-                continue
-            if id(out) in graph_outputs:
-                half = gs.Variable(f"{out.name}__fp16", np.float16, out.shape)
-                for consumer in list(out.outputs):
-                    consumer.inputs[consumer.inputs.index(out)] = half
-                node.outputs[i] = half
-                name = f"{node.name}/Cast_out{i}_to_fp32"
-                graph.nodes.append(gs.Node("Cast", name, {"to": onnx.TensorProto.FLOAT}, [half], [out]))
-                served[name] = node.name
-                report.casts_added += 1
-                converted.add(half.name)
-            else:
-                out.dtype = np.float16
-                converted.add(out.name)
-
-    # 2. Every input gets the dtype its consumer now runs in.
-    for node in original_nodes:
-        schema = _schema(node, opset) if id(node) in half_ids else None
-        for i, tensor in enumerate(node.inputs):
-            want_half = schema is not None and _allows_fp16(schema, i, False)
-            if isinstance(tensor, gs.Constant):
-                if want_half and _is_float32(tensor):
-                    if tensor.name not in half_constants:
-                        half_constants[tensor.name] = gs.Constant(
-                            f"{tensor.name}__fp16", tensor.values.astype(np.float16)
-                        )
-                    node.inputs[i] = half_constants[tensor.name]
-                continue
-            if tensor.name in converted and not want_half:
-                node.inputs[i] = cast(tensor, onnx.TensorProto.FLOAT, node, i)
-            elif want_half and _is_float32(tensor) and tensor.name not in converted:
-                node.inputs[i] = cast(tensor, onnx.TensorProto.FLOAT16, node, i)
-    report.casts_added += len(casts)
-
-    graph.cleanup().toposort()
-    out_model = gs.export_onnx(graph)
-    del out_model.graph.value_info[:]  # stale float32 entries; inference rebuilds them
-    out_model = carry_metadata(model, check_model(out_model), served)
-    mark_added(out_model, served, "fp16")
+    rewrite = _Fp16Rewrite(graph, opset)
+    rewrite.retype_outputs(half_nodes)
+    rewrite.retype_inputs(original_nodes, {id(n) for n in half_nodes})
+    report.casts_added = rewrite.casts_added
+    out_model = _export_converted(model, graph, rewrite.served)
     logger.info(
         "fp16: %d nodes in FP16, %d kept FP32, %d Casts added",
         report.converted_nodes,
@@ -318,6 +248,121 @@ def convert_to_fp16(
         report.casts_added,
     )
     return out_model, report
+
+
+def _keep_requested(
+    kept: dict[str, KeptNode], graph: gs.Graph, keep: Mapping[str, str], modules: Mapping[str, str]
+) -> None:
+    """Add the caller's ``keep`` (node name -> reason) to ``kept``; unknown names are ignored."""
+    by_name = {n.name: n for n in graph.nodes}
+    for name, reason in keep.items():
+        if name in by_name and name not in kept:
+            kept[name] = KeptNode(name, by_name[name].op, reason, modules.get(name))
+
+
+def _keep_dequantize_with_its_users(kept: dict[str, KeptNode], graph: gs.Graph, modules: Mapping[str, str]) -> None:
+    """Keep FP32 each DequantizeLinear whose every consumer is kept FP32.
+
+    A DequantizeLinear takes its consumers' precision: no Cast may separate it from the op
+    it feeds, or TensorRT cannot fuse the pair (and per-channel weights lose their op).
+    """
+    for node in graph.nodes:
+        users = node.outputs[0].outputs if node.op == "DequantizeLinear" else []
+        if users and node.name not in kept and all(u.name in kept for u in users):
+            kept[node.name] = KeptNode(node.name, node.op, "feeds only nodes kept in FP32", modules.get(node.name))
+
+
+class _Fp16Rewrite:
+    """Retypes a graph's FP16 nodes in place and adds a Cast at every FP16/FP32 boundary.
+
+    Each Cast is named after the node it serves and recorded in ``served`` (Cast
+    name -> that node), so it takes the node's torch module path.
+    """
+
+    def __init__(self, graph: gs.Graph, opset: int) -> None:
+        self.graph = graph
+        self.opset = opset
+        self.served: dict[str, str] = {}
+        self.converted: set[str] = set()  # activations turned from float32 into float16
+        self._output_casts = 0
+        self._input_casts: dict[tuple[str, int], gs.Variable] = {}  # (tensor, to) -> cast tensor, shared
+        self._half_constants: dict[str, gs.Constant] = {}
+
+    @property
+    def casts_added(self) -> int:
+        return self._output_casts + len(self._input_casts)
+
+    def retype_outputs(self, half_nodes: Iterable[gs.Node]) -> None:
+        """Outputs of FP16 nodes become float16; graph outputs keep float32 behind a Cast."""
+        graph_outputs = {id(t) for t in self.graph.outputs}
+        for node in half_nodes:
+            schema = _schema(node, self.opset)
+            _retarget_attributes(node)
+            for i, out in enumerate(node.outputs):
+                if not _is_float32(out) or not _allows_fp16(schema, i, True):
+                    continue
+                if id(out) in graph_outputs:
+                    self._cast_graph_output(node, i, out)
+                else:
+                    out.dtype = np.float16
+                    self.converted.add(out.name)
+
+    def _cast_graph_output(self, node: gs.Node, index: int, out: gs.Variable) -> None:
+        half = gs.Variable(f"{out.name}__fp16", np.float16, out.shape)
+        for consumer in list(out.outputs):
+            consumer.inputs[consumer.inputs.index(out)] = half
+        node.outputs[index] = half
+        name = f"{node.name}/Cast_out{index}_to_fp32"
+        self.graph.nodes.append(gs.Node("Cast", name, {"to": onnx.TensorProto.FLOAT}, [half], [out]))
+        self.served[name] = node.name
+        self._output_casts += 1
+        self.converted.add(half.name)
+
+    def retype_inputs(self, nodes: Iterable[gs.Node], half_ids: set[int]) -> None:
+        """Every input gets the dtype its consumer (FP16 when its id is in ``half_ids``) now runs in."""
+        for node in nodes:
+            schema = _schema(node, self.opset) if id(node) in half_ids else None
+            for i, tensor in enumerate(node.inputs):
+                want_half = schema is not None and _allows_fp16(schema, i, False)
+                replacement = self._input_for(node, i, tensor, want_half)
+                if replacement is not tensor:  # reassigning reorders the tensor's consumers: only on change
+                    node.inputs[i] = replacement
+
+    def _input_for(self, node: gs.Node, index: int, tensor: gs.Tensor, want_half: bool) -> gs.Tensor:
+        if isinstance(tensor, gs.Constant):
+            return self._half_constant(tensor) if want_half and _is_float32(tensor) else tensor
+        if tensor.name in self.converted and not want_half:
+            return self._cast(tensor, onnx.TensorProto.FLOAT, node, index)
+        if want_half and _is_float32(tensor) and tensor.name not in self.converted:
+            return self._cast(tensor, onnx.TensorProto.FLOAT16, node, index)
+        return tensor
+
+    def _half_constant(self, tensor: gs.Constant) -> gs.Constant:
+        if tensor.name not in self._half_constants:
+            self._half_constants[tensor.name] = gs.Constant(f"{tensor.name}__fp16", tensor.values.astype(np.float16))
+        return self._half_constants[tensor.name]
+
+    def _cast(self, tensor: gs.Variable, to: int, consumer: gs.Node, index: int) -> gs.Variable:
+        """``tensor`` cast to ``to``; one Cast per (tensor, type), named after its first consumer."""
+        key = (tensor.name, to)
+        if key not in self._input_casts:
+            dtype = np.float16 if to == onnx.TensorProto.FLOAT16 else np.float32
+            out = gs.Variable(f"{tensor.name}__cast_{np.dtype(dtype).name}", dtype, tensor.shape)
+            name = f"{consumer.name}/Cast_in{index}_to_{'fp16' if dtype == np.float16 else 'fp32'}"
+            self.graph.nodes.append(gs.Node("Cast", name, {"to": to}, [tensor], [out]))
+            self.served[name] = consumer.name
+            self._input_casts[key] = out
+        return self._input_casts[key]
+
+
+def _export_converted(model: onnx.ModelProto, graph: gs.Graph, served: Mapping[str, str]) -> onnx.ModelProto:
+    """The converted graph as a checked model, with ``model``'s metadata and the Casts marked as added."""
+    graph.cleanup().toposort()
+    out_model = gs.export_onnx(graph)
+    del out_model.graph.value_info[:]  # stale float32 entries; inference rebuilds them
+    out_model = carry_metadata(model, check_model(out_model), served)
+    mark_added(out_model, served, "fp16")
+    return out_model
 
 
 def _retarget_attributes(node: gs.Node) -> None:

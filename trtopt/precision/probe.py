@@ -18,7 +18,7 @@ import onnx
 
 from ..backends.onnxruntime import make_session
 from ..errors import CalibrationError
-from ..module import TensorSpec
+from ..spec import TensorSpec
 
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 
