@@ -75,11 +75,10 @@ def make_backend(
                 raise
             logger.info("backend: onnxruntime on the CPU, because %s", first_line(exc))
     from .backends.onnxruntime import OnnxRuntimeBackend
-    from .precision import emulate_fp16
 
-    # ORT's CPU provider would run most FP16 ops in FP32; emulate TensorRT's FP16 tensors instead.
+    # The backend emulates TensorRT's FP16 tensors (ORT's CPU provider would run most FP16 ops in FP32).
     # Keep an engine read from a file, so that saving or exporting the module again keeps it.
-    return OnnxRuntimeBackend(emulate_fp16(onnx_model)), engine
+    return OnnxRuntimeBackend(onnx_model, emulate_fp16=True), engine
 
 
 def _tensorrt_backend(
@@ -516,7 +515,8 @@ def _hold_back(
     unless an accuracy budget needs held-back data (then the error says what to pass).
     """
     from .calibrators.data import iter_batches
-    from .precision.budget import run_outputs, split_validation
+    from .backends.onnxruntime import run_graph
+    from .precision.budget import split_validation
 
     if isinstance(calibration_data, Iterator):
         calibration_data = list(calibration_data)  # read once: a failed split must not lose it
@@ -528,7 +528,7 @@ def _hold_back(
             raise
         feeds, labels, held_back = [feed for _, feed in iter_batches(calibration_data, inputs, max_batches)], None, False
         logger.info("one calibration batch only: the accuracy readout is measured on it, none is held back")
-    return calibration_data, _HeldOut(feeds, labels, run_outputs(onnx_model, feeds), held_back)
+    return calibration_data, _HeldOut(feeds, labels, run_graph(onnx_model, feeds), held_back)
 
 
 def _int8_hints(

@@ -31,7 +31,8 @@ from .int8 import (
     plan_int8,
     quantize_int8,
 )
-from .probe import emulate_fp16, feed_batches, tensor_ranges
+from ..backends.fp16_emulation import emulate_fp16
+from .probe import MaxAbsObserver, feed_batches, tensor_ranges
 from .qformat import FP8, INT8, QuantFormat, graph_format, quant_format
 from .validate import validate_qdq
 
@@ -50,6 +51,7 @@ __all__ = [
     "Int8Plan",
     "Int8Report",
     "KeptNode",
+    "MaxAbsObserver",
     "MaskReport",
     "MaskRewrite",
     "convert_to_fp16",
@@ -141,7 +143,7 @@ def to_fp16(
             keep=keep,
             masks=masks,
         )
-        after = tensor_ranges(emulate_fp16(converted), batches())
+        after = tensor_ranges(converted, batches())  # FP16 as TensorRT computes it (the executor emulates it)
         bad = {n for n, v in after.items() if not math.isfinite(v)}
         if not bad:
             return converted, report
