@@ -325,10 +325,10 @@ def test_compile_meets_a_tight_then_a_looser_budget_on_one_cache(tmp_path):
             validation_data=batches[8:], accuracy_budget=bound, calibrator="minmax",
             dynamic_shapes={"x": {0: (1, 64, 256)}}, sensitivity_cache_dir=str(tmp_path), backend="onnxruntime",
         )
-        report = compiled.precision_report["accuracy_budget"]
-        assert report["met"] and report["final"] >= float(bound.split(">=")[1])
+        report = compiled.precision_report.accuracy_budget
+        assert report.met and report.final >= float(bound.split(">=")[1])
         reports.append(report)
-    assert reports[1]["final_evaluations"] >= 1 and len(reports[1]["kept_high"]) <= len(reports[0]["kept_high"])
+    assert reports[1].final_evaluations >= 1 and len(reports[1].kept_high) <= len(reports[0].kept_high)
 
 
 def test_the_switched_graph_gives_the_outputs_of_the_graph_built_for_each_set(setup):

@@ -157,7 +157,7 @@ def check_example_inputs(names: Sequence[str], inputs: Sequence[Any]) -> None:
             )
 
 
-def _resize(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+def resize_dim(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     """Resize a dim by repeating slices (works for every dtype, keeps values realistic)."""
     if t.shape[dim] == size:
         return t
@@ -182,7 +182,7 @@ def export_examples(
             hi = max(p[name].max[d] for p in profiles)
             size = r.opt[d] if r.opt[d] >= 2 else min(2, hi)
             if lo != hi:
-                t = _resize(t, d, size)
+                t = resize_dim(t, d, size)
         out.append(t)
     return out
 

@@ -15,7 +15,7 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import onnx
@@ -26,6 +26,9 @@ from ._version import __version__
 from .config import ShapeProfile
 from .errors import InputError, ModuleFileError, ShapeError
 from .export import unflatten_outputs
+
+if TYPE_CHECKING:
+    from .precision.report import PrecisionReport
 
 logger = logging.getLogger(__name__)
 
@@ -214,9 +217,14 @@ class CompiledModule:
         return self.spec.precision
 
     @property
-    def precision_report(self) -> dict[str, Any]:
-        """What the precision pass did: Q/DQ count, nodes kept FP32 and why, layers not quantized."""
-        return self.spec.info.get("precision") or {}
+    def precision_report(self) -> PrecisionReport:
+        """What the precision pass did: Q/DQ count, nodes kept FP32 and why, layers not quantized.
+
+        Read from the JSON the module file keeps (``spec.info["precision"]``), which stays as written.
+        """
+        from .precision.report import PrecisionReport  # the precision package imports this module
+
+        return PrecisionReport.from_json(self.spec.info.get("precision") or {})
 
     @property
     def backend_name(self) -> str:
