@@ -31,12 +31,12 @@ from trtopt.export import export  # noqa: E402
 from trtopt.files import atomic_write  # noqa: E402
 from trtopt.graph import cleanup  # noqa: E402
 from trtopt.precision import plan_int8  # noqa: E402
+from trtopt.backends.onnxruntime import run_graph  # noqa: E402
 from trtopt.spec import tensor_specs  # noqa: E402
 from trtopt.precision.budget import (  # noqa: E402
     AccuracyBudget,
     build_int8,
     find_units_to_keep_high,
-    run_outputs,
 )
 
 
@@ -76,11 +76,11 @@ def main() -> None:
         )
         second_seconds = time.perf_counter() - start
 
-    reference = run_outputs(graph, evaluation)
+    reference = run_graph(graph, evaluation)
     ranking = [u["unit"] for u in report.units]
     curve = []
     for kept in range(len(ranking) + 1):
-        outputs = run_outputs(build_int8(graph, amax, {}, ranking[:kept]), evaluation)
+        outputs = run_graph(build_int8(graph, amax, {}, ranking[:kept]), evaluation)
         curve.append(
             {
                 "units_kept_high": kept,

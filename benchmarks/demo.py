@@ -57,11 +57,11 @@ def digits_table(precisions: list[str], iterations: int) -> None:
         logits = compiled(digits.test_x)
         reference = logits if precision == "fp32" else reference
         agree = None if reference is None else float((logits.argmax(1) == reference.argmax(1)).float().mean())
-        readout = compiled.precision_report.get("accuracy")
+        readout = compiled.precision_report.accuracy
         rows.append(
             (f"trtopt {compiled.backend_name}", precision, median_ms(compiled, x1, iterations),
              median_ms(compiled, x64, iterations), top1(logits, digits.test_y), agree,
-             "" if readout is None else f"cosine {readout['cosine']:.4f}")
+             "" if readout is None else f"cosine {readout.cosine:.4f}")
         )
     print(f"\nDigits CNN trained here in {trained:.0f} s, {len(digits.test_y)} held-out test images, median of {iterations} runs")
     print(f"{'backend':<22} {'precision':<9} {'batch 1 ms':>10} {'batch 64 ms':>11} {'top-1 %':>8} {'vs FP32':>8}  readout")

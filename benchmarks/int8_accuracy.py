@@ -285,7 +285,8 @@ def run_task(make: Callable[[int], Task], seeds: list[int], skip_modelopt: str |
                     continue
             row = {**score(outputs(candidate, task), reference, task), "seconds": seconds, "qdq_nodes": qdq_count(candidate)}
             if not isinstance(candidate, onnx.ModelProto):
-                row["readout"] = candidate.precision_report.get("accuracy")
+                readout = candidate.precision_report.accuracy
+                row["readout"] = readout.to_json() if readout is not None else None
             per_seed.setdefault(label, []).append(row)
             logging.info("%s seed %d / %s: %s", task.name, seed, label, {k: v for k, v in row.items() if k != "readout"})
     rows = []

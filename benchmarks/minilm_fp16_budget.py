@@ -34,13 +34,13 @@ from trtopt.export import export  # noqa: E402
 from trtopt.files import atomic_write  # noqa: E402
 from trtopt.graph import cleanup  # noqa: E402
 from trtopt.precision import convert_to_fp16, make_masks_fp16_safe, plan_int8, tensor_ranges, to_fp16, to_int8  # noqa: E402
+from trtopt.backends.onnxruntime import run_graph  # noqa: E402
 from trtopt.spec import tensor_specs  # noqa: E402
 from trtopt.precision.budget import (  # noqa: E402
     AccuracyBudget,
     FinalModule,
     find_units_to_keep_high,
     keep_high,
-    run_outputs,
 )
 
 SEQ = 32
@@ -90,7 +90,7 @@ def main() -> None:
     # FP16 keep-list without and with the mask rewrite.
     _, plain = convert_to_fp16(graph, tensor_ranges(graph, batches()))
     half, rewritten = to_fp16(graph, batches)
-    reference = run_outputs(graph, validation)
+    reference = run_graph(graph, validation)
     from trtopt.metrics import mean_sample_cosine  # the budget's "cosine"
 
     fp16 = {
@@ -98,7 +98,7 @@ def main() -> None:
         "kept_fp32_without_rewrite_ops": sorted({k.op for k in plain.kept}),
         "kept_fp32_with_rewrite": len(rewritten.kept),
         "masks_rewritten": [m.to_json() for m in rewritten.masks],
-        "fp16_cosine": mean_sample_cosine(run_outputs(half, validation), reference),
+        "fp16_cosine": mean_sample_cosine(run_graph(half, validation), reference),
     }
     print(json.dumps(fp16, indent=2), flush=True)
 
@@ -147,7 +147,7 @@ def main() -> None:
         "export_seconds": round(export_seconds, 1),
         "calibration_seconds": round(calibration_seconds, 1),
         "fp16": fp16,
-        "int8_all_units_cosine": mean_sample_cosine(run_outputs(int8_graph, validation), reference),
+        "int8_all_units_cosine": mean_sample_cosine(run_graph(int8_graph, validation), reference),
         "units": len(plan.weights),
         "budgets": budgets,
         "command": "PYTHONPATH=. python benchmarks/minilm_fp16_budget.py",

@@ -108,9 +108,9 @@ def test_int8_export_carries_qdq_and_a_calibration_cache(int8_cnn, tmp_path):
     paths = compiled.export_onnx(tmp_path / "cnn.onnx")
     import onnx
 
-    assert validate_qdq(onnx.load(paths["onnx"])) == compiled.precision_report["qdq_nodes"] > 0
+    assert validate_qdq(onnx.load(paths["onnx"])) == compiled.precision_report.qdq_nodes > 0
     cache = read_cache(paths["calibration_cache"])
-    amax = compiled.precision_report["activation_amax"]
+    amax = compiled.precision_report.activation_amax
     assert cache.algorithm == "AutoCalibration" and set(cache.scales) == set(amax)  # the default calibrator
     for name, scale in cache.scales.items():
         assert scale == pytest.approx(amax[name] / 127, rel=1e-6)
@@ -122,7 +122,7 @@ def test_target_builds_the_int8_export_without_recalibrating(int8_cnn, tmp_path,
     paths = compiled.export_onnx(tmp_path / "cnn.onnx")
     with caplog.at_level("INFO", logger="trtopt"):
         target = trtopt.compile(paths["onnx"], precision="int8", dynamic_shapes={"x": {0: (1, 4, 8)}})
-    assert target.precision == "int8" and target.precision_report["from_graph"]
+    assert target.precision == "int8" and target.precision_report.from_graph
     assert not any("calibrat" in r.getMessage().lower() for r in caplog.records if r.name.startswith("trtopt.calibrators"))
     x = torch.randn(3, 3, 16, 16)
     torch.testing.assert_close(target(x), compiled(x), rtol=1e-5, atol=1e-5)

@@ -325,21 +325,22 @@ def test_compile_meets_a_tight_then_a_looser_budget_on_one_cache(tmp_path):
             validation_data=batches[8:], accuracy_budget=bound, calibrator="minmax",
             dynamic_shapes={"x": {0: (1, 64, 256)}}, sensitivity_cache_dir=str(tmp_path), backend="onnxruntime",
         )
-        report = compiled.precision_report["accuracy_budget"]
-        assert report["met"] and report["final"] >= float(bound.split(">=")[1])
+        report = compiled.precision_report.accuracy_budget
+        assert report.met and report.final >= float(bound.split(">=")[1])
         reports.append(report)
-    assert reports[1]["final_evaluations"] >= 1 and len(reports[1]["kept_high"]) <= len(reports[0]["kept_high"])
+    assert reports[1].final_evaluations >= 1 and len(reports[1].kept_high) <= len(reports[0].kept_high)
 
 
 def test_the_switched_graph_gives_the_outputs_of_the_graph_built_for_each_set(setup):
     """One session with a switch per unit replaces a graph and a session per measurement."""
-    from trtopt.precision.budget import SwitchedInt8, build_int8, quantized_units, run_outputs
+    from trtopt.backends.onnxruntime import run_graph
+    from trtopt.precision.budget import SwitchedInt8, build_int8, quantized_units
 
     graph, amax, validation, sensitive = setup
     units = quantized_units(graph, {})
     switched = SwitchedInt8(graph, amax, {}, units)
     for kept in (frozenset(), frozenset([sensitive]), frozenset(list(units)[:2]), frozenset(units)):
-        (expected,) = run_outputs(build_int8(graph, amax, {}, kept), validation)
+        (expected,) = run_graph(build_int8(graph, amax, {}, kept), validation)
         (got,) = switched.run(kept, validation)
         # The built graph runs its Gemms as integer kernels (make_session lays Q/DQ out for the CPU);
         # the switch keeps them float Q/DQ: equal up to float rounding of the requantization.
@@ -357,11 +358,12 @@ def test_measurements_run_qdq_as_written_not_onnx_runtime_integer_kernels(setup)
     """
     import onnx.reference
 
-    from trtopt.precision.budget import build_int8, run_outputs
+    from trtopt.backends.onnxruntime import run_graph
+    from trtopt.precision.budget import build_int8
 
     graph, amax, validation, _ = setup
     quantized = build_int8(graph, amax, {}, frozenset())
-    (got,) = run_outputs(quantized, validation)
+    (got,) = run_graph(quantized, validation)
     reference = onnx.reference.ReferenceEvaluator(quantized)  # every op as the ONNX standard defines it
     expected = np.concatenate([reference.run(None, feed)[0] for feed in validation])
     # Integer kernels where make_session lays them out exactly: equal up to float rounding

@@ -33,13 +33,13 @@ def compile_with(trained, budget, tmp_path):
 def test_a_tight_budget_is_met_by_keeping_few_units_high(trained, tmp_path):
     digits, model = trained
     compiled = compile_with(trained, "cosine>=0.9999", tmp_path)
-    report = compiled.precision_report["accuracy_budget"]
-    assert report["all_int8"] < 0.9999 <= report["final"] and report["met"]
-    assert 1 <= len(report["kept_high"]) <= 2 < len(report["units"])
+    report = compiled.precision_report.accuracy_budget
+    assert report.all_int8 < 0.9999 <= report.final and report.met
+    assert 1 <= len(report.kept_high) <= 2 < len(report.units)
     # The units kept high are named in the report and really left out of INT8.
-    assert report["kept_high"] == [u["unit"] for u in report["units"][: len(report["kept_high"])]]
-    not_quantized = {n["node"] for n in compiled.precision_report["not_quantized"]}
-    assert set(report["kept_high"]) <= not_quantized
+    assert report.kept_high == [u["unit"] for u in report.units[: len(report.kept_high)]]
+    not_quantized = {n["node"] for n in compiled.precision_report.not_quantized}
+    assert set(report.kept_high) <= not_quantized
     # On images neither calibration nor the search saw, INT8 stays within 0.2 points of FP32.
     x, y = digits.test_x[VALIDATION:], digits.test_y[VALIDATION:]
     with torch.no_grad():
@@ -49,15 +49,15 @@ def test_a_tight_budget_is_met_by_keeping_few_units_high(trained, tmp_path):
 
 def test_a_budget_int8_already_meets_keeps_nothing_high(trained, tmp_path):
     compiled = compile_with(trained, "accuracy_drop<=0.002", tmp_path)
-    report = compiled.precision_report["accuracy_budget"]
-    assert report["met"] and report["kept_high"] == [] and report["units"] == []
+    report = compiled.precision_report.accuracy_budget
+    assert report.met and report.kept_high == [] and report.units == []
 
 
 def test_an_unreachable_budget_raises_unless_best_effort(trained, tmp_path):
     with pytest.raises(trtopt.AccuracyBudgetError, match="cannot meet the accuracy budget accuracy >= 1"):
         compile_with(trained, "accuracy>=1.0", tmp_path)
     closest = compile_with(trained, trtopt.AccuracyBudget("accuracy", 1.0, best_effort=True), tmp_path)
-    assert not closest.precision_report["accuracy_budget"]["met"]
+    assert not closest.precision_report.accuracy_budget.met
 
 
 def test_budget_only_applies_to_int8(trained):

@@ -242,8 +242,8 @@ def test_compile_smoothquant_and_calibrator_flags(factory, tmp_path, capsys):
                            "--calibrator", "auto", "--backend", "onnxruntime", "-o", out)
     assert code == 0, err
     precision = trtopt.load(out).precision_report
-    assert "smoothquant" not in precision and precision["calibrator"] == "auto"
-    assert {c["method"].split(":")[0] for c in precision["range_checks"].values()} == {"auto"}
+    assert precision.smoothquant is None and precision.calibrator == "auto"
+    assert {c["method"].split(":")[0] for c in precision.range_checks.values()} == {"auto"}
     code, _, err = run_cli(capsys, "compile", factory, "--precision", "int8", "--calib", calib, "--smoothquant", "2")
     assert code == 2 and "between 0 and 1" in err
     code, _, err = run_cli(capsys, "compile", factory, "--validation", calib, "--backend", "onnxruntime")
@@ -261,8 +261,8 @@ def test_compile_with_an_accuracy_budget_and_emit_onnx(factory, tmp_path, capsys
                            "--shapes", "x:1x3x8x8,2x3x8x8,4x3x8x8", "--backend", "onnxruntime", "-o", out)
     assert code == 0, err
     assert "Accuracy budget: cosine >= 0.99" in err
-    report = trtopt.load(out).precision_report["accuracy_budget"]
-    assert report["met"] and report["final"] >= 0.99
+    report = trtopt.load(out).precision_report.accuracy_budget
+    assert report.met and report.final >= 0.99
     for suffix in (".onnx", ".json", ".build.sh", ".calib.cache"):
         assert onnx_path.with_suffix(suffix).is_file()
     assert "--minShapes=x:1x3x8x8" in onnx_path.with_suffix(".build.sh").read_text()

@@ -24,7 +24,7 @@ from tests._digits import DigitsCNN, DigitsTransformer, load_digits, top1, train
 from trtopt.backends.onnxruntime import DISABLED_OPTIMIZERS, make_session
 from trtopt.backends.qdq_cpu import lower_qdq_for_cpu
 from trtopt.precision import emulate_fp16, validate_qdq
-from trtopt.precision.probe import fused_int8_tensors
+from trtopt.backends.fp16_emulation import fused_int8_tensors
 
 INT8_TOLERANCE = 1.0  # top-1 points, as in test_precision_digits
 

@@ -177,9 +177,9 @@ def test_transformer_encoder_with_a_padding_mask_runs_its_attention_in_fp16(enco
     )
     report = fast.precision_report
     # nn.MultiheadAttention builds its padding mask from -inf (which FP16 conversion used to refuse).
-    assert [(m["from"], m["to"]) for m in report["fp16_safe_masks"]] == [("-inf", MASK_VALUE)]
-    assert len(report["fp16_safe_masks"][0]["softmax"]) == 2  # one per layer
-    assert not [k for k in report["kept_fp32"] if k["op"] in ATTENTION_OPS], report["kept_fp32"]
+    assert [(m["from"], m["to"]) for m in report.fp16_safe_masks] == [("-inf", MASK_VALUE)]
+    assert len(report.fp16_safe_masks[0]["softmax"]) == 2  # one per layer
+    assert not [k for k in report.kept_fp32 if k["op"] in ATTENTION_OPS], report.kept_fp32
     assert _softmax_input_types(fast.onnx_model) == {TensorProto.FLOAT16}
 
     tokens, mask = torch.randn(5, 9, 32), padding_mask(5, 9)
@@ -203,8 +203,8 @@ def test_int8_float_part_gets_the_same_rewrite(encoder):
         dynamic_shapes=ENCODER_SHAPES, backend="onnxruntime", calibrator="minmax",
     )
     report = fast.precision_report
-    assert report["float_precision"] == "fp16" and report["fp16_safe_masks"]
-    assert not [k for k in report["kept_fp32"] if k["op"] == "Softmax"], report["kept_fp32"]
+    assert report.float_precision == "fp16" and report.fp16_safe_masks
+    assert not [k for k in report.kept_fp32 if k["op"] == "Softmax"], report.kept_fp32
     tokens, mask = torch.randn(3, 9, 32), padding_mask(3, 9)
     with torch.no_grad():
         expected = model(tokens, mask)
@@ -252,8 +252,8 @@ def test_hugging_face_bert_attention_mask_runs_in_fp16():
     )
     report = fast.precision_report
     # Without the rewrite every layer kept its Where/Add/Softmax in FP32 ("reaches 3.403e+38").
-    assert [(m["from"], m["to"], len(m["softmax"])) for m in report["fp16_safe_masks"]] == [(F32_MIN, MASK_VALUE, 2)]
-    assert report["kept_fp32"] == []
+    assert [(m["from"], m["to"], len(m["softmax"])) for m in report.fp16_safe_masks] == [(F32_MIN, MASK_VALUE, 2)]
+    assert report.kept_fp32 == []
     assert _softmax_input_types(fast.onnx_model) == {TensorProto.FLOAT16}
 
     ids, mask = _bert_batch(6, 9, generator)

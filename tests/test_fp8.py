@@ -213,11 +213,11 @@ def test_cnn_fp8_within_tolerance_of_fp32(cnn):
     assert accuracy["fp32"] - accuracy["fp8"] <= FP8_TOLERANCE, accuracy
     module = compiled["fp8"]
     report = module.precision_report
-    assert module.precision == report["precision"] == "fp8" and report["calibrator"] == "minmax"
-    assert report["float_precision"] == "fp16" and report["quantized_weights"] == 4
-    assert validate_qdq(module.onnx_model) == report["qdq_nodes"] > 0
-    readout = report["accuracy"]
-    assert readout["held_back"] and readout["top1_agreement"] >= 0.95 and readout["cosine"] > 0.99
+    assert module.precision == report.precision == "fp8" and report.calibrator == "minmax"
+    assert report.float_precision == "fp16" and report.quantized_weights == 4
+    assert validate_qdq(module.onnx_model) == report.qdq_nodes > 0
+    readout = report.accuracy
+    assert readout.held_back and readout.top1_agreement >= 0.95 and readout.cosine > 0.99
 
 
 def test_fp8_module_saves_loads_and_exports(cnn, digits, tmp_path):
@@ -234,7 +234,7 @@ def test_fp8_module_saves_loads_and_exports(cnn, digits, tmp_path):
     assert manifest["precision"] == "fp8" and manifest["precision_summary"]["activation_amax"]
     # The exported graph builds as it is elsewhere: compile() sees FP8 in it and does not recalibrate.
     again = trtopt.compile(str(paths["onnx"]), dynamic_shapes={"x": {0: (1, 64, 512)}}, backend="onnxruntime")
-    assert again.precision == "fp8" and again.precision_report["from_graph"]
+    assert again.precision == "fp8" and again.precision_report.from_graph
     assert torch.equal(again(x), module(x))
 
 
@@ -251,10 +251,10 @@ def test_fp8_calibration_cache_is_reused(digits, tmp_path):
     settings = dict(precision="fp8", dynamic_shapes={"x": {0: (1, 64, 512)}}, backend="onnxruntime",
                     calibration_cache=str(tmp_path / "cnn.cache"))
     first = trtopt.compile(model, (digits.test_x[:4],), calibration_data=digits.calibration_batches(), **settings)
-    assert (tmp_path / "cnn.cache").read_text().startswith("TRT-") and not first.precision_report["calibration_from_cache"]
+    assert (tmp_path / "cnn.cache").read_text().startswith("TRT-") and not first.precision_report.calibration_from_cache
     second = trtopt.compile(model, (digits.test_x[:4],), **settings)  # no data: the cache holds the ranges
-    assert second.precision_report["calibration_from_cache"]
-    assert second.precision_report["activation_amax"] == pytest.approx(first.precision_report["activation_amax"])
+    assert second.precision_report.calibration_from_cache
+    assert second.precision_report.activation_amax == pytest.approx(first.precision_report.activation_amax)
 
 
 def test_fp8_accuracy_budget_keeps_units_out_of_fp8(digits, tmp_path):
@@ -264,8 +264,8 @@ def test_fp8_accuracy_budget_keeps_units_out_of_fp8(digits, tmp_path):
         dynamic_shapes={"x": {0: (1, 64, 512)}}, backend="onnxruntime",
         accuracy_budget="cosine>=0.9995", sensitivity_cache_dir=str(tmp_path),
     )
-    budget = module.precision_report["accuracy_budget"]
-    assert budget["met"] and budget["kept_high"]
+    budget = module.precision_report.accuracy_budget
+    assert budget.met and budget.kept_high
     # The units left quantized are still FP8: the budget's plans keep the format.
     zero_points = [i for i in module.onnx_model.graph.initializer if i.name.endswith("__zero_point")]
     assert zero_points and {i.data_type for i in zero_points} == {TensorProto.FLOAT8E4M3FN}

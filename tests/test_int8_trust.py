@@ -82,9 +82,9 @@ def test_every_calibrator_keeps_a_few_level_image_model_accurate(signed_digits, 
     assert fp32 - accuracy <= INT8_TOLERANCE, (calibrator, fp32, accuracy)
     report = module.precision_report
     # The input takes 17 values in [-1, 1]: none may be clipped.
-    assert report["activation_amax"]["x"] == 1.0
-    assert report["range_checks"]["x"]["clipped"] == 0.0
-    assert report["accuracy"]["top1_agreement"] >= 0.95
+    assert report.activation_amax["x"] == 1.0
+    assert report.range_checks["x"]["clipped"] == 0.0
+    assert report.accuracy.top1_agreement >= 0.95
     assert "INT8 accuracy against FP32: cosine" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "drifts" in r.getMessage()]
 
@@ -95,15 +95,15 @@ def test_a_bad_range_is_reported_with_the_worst_tensors(signed_digits, signed_cn
     SmoothQuant is off: its per-channel statistics are not in a hand-written cache."""
     model, _ = signed_cnn
     good = _int8(model, signed_digits, calibrator="minmax", smoothquant=None)
-    amax = dict(good.precision_report["activation_amax"], x=0.125)
+    amax = dict(good.precision_report.activation_amax, x=0.125)
     cache = tmp_path / "bad.cache"
     write_cache(cache, {name: a / 127 for name, a in amax.items()}, "MinMaxCalibration")
     with caplog.at_level(logging.INFO, logger="trtopt"):
         bad = _int8(model, signed_digits, calibrator="minmax", smoothquant=None, calibration_cache=str(cache))
     report = bad.precision_report
-    assert report["calibration_from_cache"]
-    readout = report["accuracy"]
-    assert readout["top1_agreement"] < 0.9 and readout["cosine"] < 0.99 and readout["held_back"]
+    assert report.calibration_from_cache
+    readout = report.accuracy
+    assert readout.top1_agreement < 0.9 and readout.cosine < 0.99 and readout.held_back
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "drifts" in r.getMessage()]
     assert len(warnings) == 1
     message = warnings[0]
@@ -119,10 +119,10 @@ def test_fp16_readout_and_the_one_batch_case(signed_digits, signed_cnn, caplog):
             model, (signed_digits.train_x[:32],), precision="fp16",
             calibration_data=[signed_digits.train_x[:32]], backend="onnxruntime",
         )
-    readout = module.precision_report["accuracy"]
+    readout = module.precision_report.accuracy
     # One fixed-size batch cannot be split: the readout says it was measured on calibration data.
-    assert readout["held_back"] is False and readout["samples"] == 32
-    assert readout["cosine"] > 0.999 and readout["top1_agreement"] == 1.0
+    assert readout.held_back is False and readout.samples == 32
+    assert readout.cosine > 0.999 and readout.top1_agreement == 1.0
     assert "FP16 accuracy against FP32" in caplog.text and "none is held back" in caplog.text
 
 

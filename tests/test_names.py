@@ -109,10 +109,10 @@ def test_fp16_reports_and_nodes_name_modules(nested):
     model, batches = nested
     compiled = _compile(model, batches, "fp16")
     report = compiled.precision_report
-    assert report["kept_fp32"], "the 4e4 input must keep the first Linear in FP32"
-    for kept in report["kept_fp32"]:
+    assert report.kept_fp32, "the 4e4 input must keep the first Linear in FP32"
+    for kept in report.kept_fp32:
         assert _named_after_module(kept), kept
-    assert any(k["module"] == "embed" for k in report["kept_fp32"])
+    assert any(k["module"] == "embed" for k in report.kept_fp32)
     _inherits(compiled.onnx_model)
 
 
@@ -120,11 +120,11 @@ def test_int8_reports_name_every_unit_by_module(nested):
     model, batches = nested
     compiled = _compile(model, batches, "int8", int8_keep_first_last=True)
     report = compiled.precision_report
-    assert {u["module"] for u in report["quantized_units"]} == LEAF_LINEARS - {"embed", "head"}
-    assert {u["module"] for u in report["not_quantized"]} == {"embed", "head"}
-    for record in report["quantized_units"] + report["not_quantized"] + report["kept_fp32"]:
+    assert {u["module"] for u in report.quantized_units} == LEAF_LINEARS - {"embed", "head"}
+    assert {u["module"] for u in report.not_quantized} == {"embed", "head"}
+    for record in report.quantized_units + report.not_quantized + report.kept_fp32:
         assert _named_after_module(record), record
-    assert all("module" in check for check in report.get("range_checks", {}).values())
+    assert all("module" in check for check in (report.range_checks or {}).values())
     _inherits(compiled.onnx_model)
 
 
@@ -133,8 +133,8 @@ def test_excluding_a_module_glob_keeps_exactly_those_modules_out_of_int8(nested)
     compiled = _compile(model, batches, "int8", exclude_nodes=["body.stages.*.2", "head"])
     report = compiled.precision_report
     excluded = {m for m in LEAF_LINEARS if fnmatch.fnmatchcase(m, "body.stages.*.2") or m == "head"}
-    assert {u["module"] for u in report["quantized_units"]} == LEAF_LINEARS - excluded
-    assert {u["module"] for u in report["not_quantized"]} == excluded
+    assert {u["module"] for u in report.quantized_units} == LEAF_LINEARS - excluded
+    assert {u["module"] for u in report.not_quantized} == excluded
     graph = compiled.onnx_model
     dq_outputs = {o for n in graph.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     for node in graph.graph.node:
@@ -142,7 +142,7 @@ def test_excluding_a_module_glob_keeps_exactly_those_modules_out_of_int8(nested)
         if node.op_type in WEIGHTED:
             assert reads_int8 == (module_of(node) not in excluded), node.name
     # A module excludes what is inside it, and the excluded layers stay FP32 (not FP16) too.
-    kept = {k["module"] for k in report["kept_fp32"] if k["op"] in WEIGHTED}
+    kept = {k["module"] for k in report.kept_fp32 if k["op"] in WEIGHTED}
     assert kept >= excluded
 
 
@@ -196,15 +196,13 @@ def test_budget_report_names_units_by_module(tmp_path):
         accuracy_budget=trtopt.AccuracyBudget("cosine", 0.99999, best_effort=True),
         sensitivity_cache_dir=str(tmp_path),
     )
-    report = compiled.precision_report["accuracy_budget"]
-    modules = {u["module"] for u in report["units"]}
+    report = compiled.precision_report.accuracy_budget
+    modules = {u["module"] for u in report.units}
     assert {"layers.1.linear2", "layers.0.linear1", "head"} <= modules, modules
     assert any(m.startswith("layers.1.self_attn") for m in modules), modules
-    for unit in report["units"]:
+    for unit in report.units:
         assert unit["unit"].startswith(unit["module"] + "/")
-    from trtopt.precision.budget import BudgetReport
-
-    assert "layers.1.linear2/" in BudgetReport(**report).table()
+    assert "layers.1.linear2/" in report.table()
 
 
 def test_a_graph_without_module_paths_keeps_its_names_and_says_so_once(caplog):

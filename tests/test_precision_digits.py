@@ -65,7 +65,7 @@ def test_cnn_fp16_within_tolerance(cnn):
     graph = compiled["fp16"].onnx_model.graph
     halves = [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
     assert len(halves) >= 8  # every Conv/Gemm weight and bias
-    assert compiled["fp16"].precision_report["kept_fp32"] == []
+    assert compiled["fp16"].precision_report.kept_fp32 == []
 
 
 def test_cnn_int8_entropy_within_tolerance(cnn):
@@ -74,17 +74,17 @@ def test_cnn_int8_entropy_within_tolerance(cnn):
     module = compiled["int8"]
     report = module.precision_report
     ops = [n.op_type for n in module.onnx_model.graph.node]
-    assert report["qdq_nodes"] == ops.count("QuantizeLinear") + ops.count("DequantizeLinear") > 0
+    assert report.qdq_nodes == ops.count("QuantizeLinear") + ops.count("DequantizeLinear") > 0
     # 4 Conv + 1 Gemm weights, 4 Conv inputs + Gemm input + residual + pool input.
-    assert report["quantized_weights"] == 5 and report["quantized_activations"] >= 6
-    assert report["calibrator"] == "auto" and report["float_precision"] == "fp16"
+    assert report.quantized_weights == 5 and report.quantized_activations >= 6
+    assert report.calibrator == "auto" and report.float_precision == "fp16"
     # One of the 4 batches is held back to measure the module against FP32.
-    assert report["calibration_batches"] == 3 and not report["calibration_from_cache"]
-    readout = report["accuracy"]
-    assert readout["held_back"] and readout["samples"] == 64
-    assert readout["top1_agreement"] >= 0.95 and readout["cosine"] > 0.99
-    assert report["overflow_checked"] and report["kept_fp32"] == []
-    assert validate_qdq(module.onnx_model) == report["qdq_nodes"]
+    assert report.calibration_batches == 3 and not report.calibration_from_cache
+    readout = report.accuracy
+    assert readout.held_back and readout.samples == 64
+    assert readout.top1_agreement >= 0.95 and readout.cosine > 0.99
+    assert report.overflow_checked and report.kept_fp32 == []
+    assert validate_qdq(module.onnx_model) == report.qdq_nodes
 
 
 def test_cnn_int8_module_saves_and_reloads(cnn, tmp_path):

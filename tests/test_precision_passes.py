@@ -142,8 +142,8 @@ def test_compile_fp16_reports_kept_nodes(energy):
         dynamic_shapes={"x": {0: (1, 8, 64)}}, backend="onnxruntime",
     )
     report = fast.precision_report
-    assert report["precision"] == "fp16" and report["qdq_nodes"] == 0 and report["overflow_checked"]
-    assert {k["op"] for k in report["kept_fp32"]} >= {"Mul", "ReduceSum"}
+    assert report.precision == "fp16" and report.qdq_nodes == 0 and report.overflow_checked
+    assert {k["op"] for k in report.kept_fp32} >= {"Mul", "ReduceSum"}
     out = fast(x)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
@@ -282,9 +282,9 @@ def test_compile_int8_passes_the_options_through(mixed):
         int8_float_precision="fp32",
     )
     report = fast.precision_report
-    assert report["calibrator"] == "minmax" and report["float_precision"] == "fp32"
-    assert sorted(k["op"] for k in report["not_quantized"]) == ["Conv", "ConvTranspose", "Gemm"]
-    assert report["quantized_weights"] == 2 and "kept_fp32" not in report
+    assert report.calibrator == "minmax" and report.float_precision == "fp32"
+    assert sorted(k["op"] for k in report.not_quantized) == ["Conv", "ConvTranspose", "Gemm"]
+    assert report.quantized_weights == 2 and report.kept_fp32 is None
     assert TensorProto.FLOAT16 not in {i.data_type for i in fast.onnx_model.graph.initializer}
     expected = model(x[:4]).detach()
     assert (fast(x[:4]) - expected).abs().max() / expected.abs().max() < 0.05

@@ -131,12 +131,12 @@ def test_compile_reports_smoothquant_and_stays_accurate():
     batches = [torch.from_numpy(_outliers(seed)) for seed in range(6)]
     module = trtopt.compile(model, (batches[0],), precision="int8", calibration_data=batches, backend="onnxruntime")
     report = module.precision_report
-    assert report["smoothquant"]["alpha"] == 0.85
+    assert report.smoothquant["alpha"] == 0.85
     # up and gate read the LayerNorm (folded); down reads relu(up) * gate (a Mul in front of it).
-    assert sorted(t["folded_into"] is not None for t in report["smoothquant"]["tensors"]) == [False, True]
-    assert report["accuracy"]["cosine"] > 0.99
+    assert sorted(t["folded_into"] is not None for t in report.smoothquant["tensors"]) == [False, True]
+    assert report.accuracy.cosine > 0.99
     off = trtopt.compile(model, (batches[0],), precision="int8", calibration_data=batches, backend="onnxruntime",
                          smoothquant=None)
-    assert "smoothquant" not in off.precision_report
+    assert off.precision_report.smoothquant is None
     with pytest.raises(ConfigError, match="alpha"):
         trtopt.BuildConfig(smoothquant=1.5)

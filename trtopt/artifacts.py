@@ -136,11 +136,12 @@ def export_onnx(module: CompiledModule, path: str | os.PathLike[str]) -> dict[st
     written["build_script"] = atomic_write(path.with_suffix(".build.sh"), "\n".join(lines) + "\n")
     os.chmod(written["build_script"], 0o755)
     report = module.precision_report
-    if report.get("activation_amax") and module.spec.precision == "int8":  # FP8: see the module docstring
+    if report.activation_amax and module.spec.precision == "int8":  # FP8: see the module docstring
         from .calibrators.cache import algorithm_name, write_cache
 
-        scales = {name: amax / 127.0 for name, amax in report["activation_amax"].items()}
-        algorithm = algorithm_name(report.get("calibrator", "entropy"), report.get("percentile", 99.99))
+        scales = {name: amax / 127.0 for name, amax in report.activation_amax.items()}
+        # A report that does not name its calibrator or percentile gets the cache header of the old defaults.
+        algorithm = algorithm_name(report.calibrator or "entropy", report.percentile or 99.99)
         written["calibration_cache"] = write_cache(path.with_suffix(".calib.cache"), scales, algorithm)
     logger.info("exported %s", ", ".join(str(p) for p in written.values()))
     return written

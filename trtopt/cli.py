@@ -15,7 +15,7 @@ import importlib.util
 import json
 import logging
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -274,9 +274,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     module.save(out)
     logger.info("wrote %s (%s)", out, _size(out.stat().st_size))
     if budget is not None:
-        from .precision.budget import BudgetReport
-
-        print(BudgetReport(**module.precision_report["accuracy_budget"]).table(), file=sys.stderr)
+        print(module.precision_report.accuracy_budget.table(), file=sys.stderr)
     if args.emit_onnx:
         for kind, path in module.export_onnx(args.emit_onnx).items():
             logger.info("wrote %s: %s", kind, path)
@@ -445,6 +443,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(desc, indent=1))
         return 0
+    print("\n".join(_inspect_lines(desc)))
+    return 0
+
+
+def _inspect_lines(desc: Mapping[str, Any]) -> list[str]:
+    """``trtopt inspect``'s text: the file, its tensors and profiles, precision, and torch modules."""
+    from .precision.report import PrecisionReport
+
     g = desc["graph"]
     lines = [
         f"{desc['file']}: {_size(desc['bytes'])}, precision {desc['precision']}, "
@@ -464,61 +470,79 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"  {g['nodes']} nodes; {g['quantize_dequantize_nodes']} Quantize/DequantizeLinear; {g['cast_nodes']} Cast",
         f"  weights: {weights or 'none'}",
     ]
-    for key, value in (desc["info"].get("precision") or {}).items():
-        if key == "activation_amax":  # one range per quantized tensor: a count is what a reader wants
-            value = f"{len(value)} calibrated tensors (--json lists them)"
-        elif key == "accuracy":
-            from .precision.readout import AccuracyReadout
+    lines += _precision_lines(PrecisionReport.from_json(desc["info"].get("precision") or {}))
+    lines += _module_lines(desc.get("modules"))
+    for key in ("exporter", "opset", "cleanup"):
+        if key in desc["info"]:
+            lines.append(f"{key}: {desc['info'][key]}")
+    return lines
 
-            readout = AccuracyReadout(**value)
-            value = readout.describe() + ("" if readout.ok else " -- drifts from FP32 (see docs/calibration.md)")
-        elif key == "range_checks":
-            worst = sorted(value.items(), key=lambda item: (-item[1]["clipped"], -item[1]["error"]))[:3]
-            value = f"{len(value)} ranges checked; worst: " + ", ".join(
-                f"{name}{' into ' + c['module'] if c.get('module') else ''} clips {c['clipped']:.2%} "
-                f"(error {c['error']:.3g}, {c['method']})"
-                for name, c in worst
-            )
-        elif key == "smoothquant":
-            tensors = value.get("tensors", [])
-            folded = sum(t.get("folded_into") is not None for t in tensors)
-            value = f"alpha {value.get('alpha')}: {len(tensors)} activation(s) smoothed, {folded} folded into a LayerNormalization"
-        elif key == "accuracy_budget":
-            kept = value.get("kept_high", [])
-            value = (
-                f"{value.get('budget')}: {'met' if value.get('met') else 'NOT met'}, final {value.get('final'):.6g}, "
-                f"{len(kept)} unit(s) kept high" + (f" ({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''})" if kept else "")
-            )
+
+def _precision_lines(report: Any) -> list[str]:
+    """One line per entry of the precision report, in the order the module file keeps them."""
+    described = {
+        # One range per quantized tensor: a count is what a reader wants.
+        "activation_amax": lambda: f"{len(report.activation_amax)} calibrated tensors (--json lists them)",
+        "accuracy": lambda: report.accuracy.describe()
+        + ("" if report.accuracy.ok else " -- drifts from FP32 (see docs/calibration.md)"),
+        "range_checks": lambda: _describe_range_checks(report.range_checks),
+        "smoothquant": lambda: _describe_smoothquant(report.smoothquant),
+        "accuracy_budget": lambda: _describe_budget(report.accuracy_budget),
+    }
+    lines = []
+    for key, value in report.to_json().items():
+        if key in described and getattr(report, key, None) is not None:
+            value = described[key]()
         elif isinstance(value, (list, tuple)):  # nodes: count, and the first few
             shown = ", ".join(_node_entry(v) for v in value[:4]) + (", ..." if len(value) > 4 else "")
             value = f"{len(value)}" + (f" ({shown})" if value else "")
         elif isinstance(value, dict):
             value = json.dumps(value)
         lines.append(f"  {key}: {value}")
-    modules = desc.get("modules")
-    if modules:
-        lines.append(f"torch modules: {modules['leaf_modules']} (nodes are named module/op); per top-level module:")
-        for name, c in modules["top_level"].items():
-            lines.append(
-                f"  {name}: {c['nodes']} nodes, {c['int8']} INT8, {c['fp16']} FP16, {c['fp32']} FP32"
-                + (f", {c['added']} added by precision passes" if c["added"] else "")
-            )
-    else:
-        lines.append("torch modules: none recorded (an ONNX input, the TorchScript exporter or an older trtopt); "
-                     "nodes carry their ONNX names")
-    for key in ("exporter", "opset", "cleanup"):
-        if key in desc["info"]:
-            lines.append(f"{key}: {desc['info'][key]}")
-    print("\n".join(lines))
-    return 0
+    return lines
+
+
+def _describe_range_checks(checks: Mapping[str, Mapping[str, Any]]) -> str:
+    worst = sorted(checks.items(), key=lambda item: (-item[1]["clipped"], -item[1]["error"]))[:3]
+    return f"{len(checks)} ranges checked; worst: " + ", ".join(
+        f"{name}{' into ' + c['module'] if c.get('module') else ''} clips {c['clipped']:.2%} "
+        f"(error {c['error']:.3g}, {c['method']})"
+        for name, c in worst
+    )
+
+
+def _describe_smoothquant(smoothquant: Mapping[str, Any]) -> str:
+    tensors = smoothquant.get("tensors", [])
+    folded = sum(t.get("folded_into") is not None for t in tensors)
+    return f"alpha {smoothquant.get('alpha')}: {len(tensors)} activation(s) smoothed, {folded} folded into a LayerNormalization"
+
+
+def _describe_budget(budget: Any) -> str:
+    kept = budget.kept_high
+    return (
+        f"{budget.budget}: {'met' if budget.met else 'NOT met'}, final {budget.final:.6g}, "
+        f"{len(kept)} unit(s) kept high" + (f" ({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''})" if kept else "")
+    )
+
+
+def _module_lines(modules: Mapping[str, Any] | None) -> list[str]:
+    """Per top-level torch module, how many nodes run in each precision."""
+    if not modules:
+        return ["torch modules: none recorded (an ONNX input, the TorchScript exporter or an older trtopt); "
+                "nodes carry their ONNX names"]
+    lines = [f"torch modules: {modules['leaf_modules']} (nodes are named module/op); per top-level module:"]
+    for name, c in modules["top_level"].items():
+        lines.append(
+            f"  {name}: {c['nodes']} nodes, {c['int8']} INT8, {c['fp16']} FP16, {c['fp32']} FP32"
+            + (f", {c['added']} added by precision passes" if c["added"] else "")
+        )
+    return lines
 
 
 def _node_entry(value: Any) -> str:
     """``node (op): reason`` for the precision report's node records, the value itself otherwise."""
     if isinstance(value, dict) and "node" in value:
         return f"{value['node']} ({value.get('op', '?')}): {value.get('reason', '')}".rstrip(": ")
-    if isinstance(value, dict) and "name" in value:
-        return f"{value['name']} ({value.get('op', '?')}): {value.get('reason', '')}".rstrip(": ")
     return str(value)
 
 
@@ -578,9 +602,7 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .config import DEFAULT_CALIBRATORS, Backend, BuildConfig, CalibratorKind, Precision
 
-    raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="trtopt",
         description="Compile PyTorch and ONNX models into fast TensorRT engines (ONNX Runtime on machines "
@@ -591,22 +613,37 @@ def build_parser() -> argparse.ArgumentParser:
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug output on stderr")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    backends = [b.value for b in Backend]
+    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add_command in (_add_compile_command, _add_bench_command, _add_inspect_command, _add_export_triton_command):
+        add_command(subcommands.add_parser)
+    return parser
 
-    def shared(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--backend", choices=backends, default="auto",
-                       help="auto: TensorRT where it and a GPU are available, else ONNX Runtime (default)")
 
-    def shapes(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--shapes", action="append", default=[], metavar="NAME:MIN,OPT,MAX",
-                       help="input shape range in trtexec's 1x3x224x224 notation; repeatable (see below)")
+# A subcommand's parser maker: ``add_subparsers().add_parser``.
+AddParser = Callable[..., argparse.ArgumentParser]
 
-    p = sub.add_parser("compile", help="compile an ONNX file or a PyTorch factory to a .trtopt file",
-                       description="Compile a model into a .trtopt module file.\n\n" + SOURCE_HELP,
-                       epilog=SHAPES_HELP + "\nexample:\n  trtopt compile model.onnx --precision int8 "
-                       "--calib calib.npz --shapes x:1x3x224x224,8x3x224x224,32x3x224x224 -o model.trtopt",
-                       formatter_class=raw)
+
+def _add_backend_option(p: argparse.ArgumentParser) -> None:
+    from .config import Backend
+
+    p.add_argument("--backend", choices=[b.value for b in Backend], default="auto",
+                   help="auto: TensorRT where it and a GPU are available, else ONNX Runtime (default)")
+
+
+def _add_shapes_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shapes", action="append", default=[], metavar="NAME:MIN,OPT,MAX",
+                   help="input shape range in trtexec's 1x3x224x224 notation; repeatable (see below)")
+
+
+def _add_compile_command(add_parser: AddParser) -> None:
+    from .config import DEFAULT_CALIBRATORS, BuildConfig, CalibratorKind, Precision
+
+    raw = argparse.RawDescriptionHelpFormatter
+    p = add_parser("compile", help="compile an ONNX file or a PyTorch factory to a .trtopt file",
+                   description="Compile a model into a .trtopt module file.\n\n" + SOURCE_HELP,
+                   epilog=SHAPES_HELP + "\nexample:\n  trtopt compile model.onnx --precision int8 "
+                   "--calib calib.npz --shapes x:1x3x224x224,8x3x224x224,32x3x224x224 -o model.trtopt",
+                   formatter_class=raw)
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--precision", choices=[v.value for v in Precision], default="fp32")
     p.add_argument("--calib", metavar="DATA.npz",
@@ -638,17 +675,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emit-onnx", metavar="OUT.onnx",
                    help="also write the final graph with its manifest, build script (trtexec) and (int8) "
                    "calibration cache, to build the engine on another machine")
-    shapes(p)
-    shared(p)
+    _add_shapes_option(p)
+    _add_backend_option(p)
     p.add_argument("-o", "--output", metavar="OUT.trtopt", help="output file (default: SOURCE's name + .trtopt)")
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("bench", help="measure latency, throughput, accuracy and memory",
-                       description="Benchmark a saved .trtopt module, or a factory MODULE:FUNCTION returning "
-                       "(model, example_inputs); a factory is compared with torch eager, side by side, and its "
-                       "accuracy measured on the example inputs.\n"
-                       "For several batch sizes dim 0 of every input is taken as the batch.",
-                       formatter_class=raw)
+
+def _add_bench_command(add_parser: AddParser) -> None:
+    raw = argparse.RawDescriptionHelpFormatter
+    p = add_parser("bench", help="measure latency, throughput, accuracy and memory",
+                   description="Benchmark a saved .trtopt module, or a factory MODULE:FUNCTION returning "
+                   "(model, example_inputs); a factory is compared with torch eager, side by side, and its "
+                   "accuracy measured on the example inputs.\n"
+                   "For several batch sizes dim 0 of every input is taken as the batch.",
+                   formatter_class=raw)
     p.add_argument("source", metavar="SOURCE", help="a .trtopt file or MODULE:FUNCTION")
     p.add_argument("--batch-sizes", type=_int_list, metavar="B1,B2,...",
                    help="default: the profile's opt batch (module) or the example's batch (factory)")
@@ -658,18 +698,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=_positive, default=50, help="timed calls per batch size (default 50)")
     p.add_argument("--warmup", type=_positive, default=5, help="untimed calls per batch size (default 5)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-': stdout)")
-    shared(p)
+    _add_backend_option(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("inspect", help="show a .trtopt file's inputs, outputs, profiles and precision",
-                       description="Show what a .trtopt file holds, without running it.")
+
+def _add_inspect_command(add_parser: AddParser) -> None:
+    p = add_parser("inspect", help="show a .trtopt file's inputs, outputs, profiles and precision",
+                   description="Show what a .trtopt file holds, without running it.")
     p.add_argument("module", metavar="MODULE.trtopt")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("export-triton", help="write a Triton Inference Server model repository",
-                       description="Write <REPO>/<NAME>/<VERSION>/model.plan (or model.onnx) and config.pbtxt "
-                       "for NVIDIA Triton Inference Server.")
+
+def _add_export_triton_command(add_parser: AddParser) -> None:
+    p = add_parser("export-triton", help="write a Triton Inference Server model repository",
+                   description="Write <REPO>/<NAME>/<VERSION>/model.plan (or model.onnx) and config.pbtxt "
+                   "for NVIDIA Triton Inference Server.")
     p.add_argument("module", metavar="MODULE.trtopt")
     p.add_argument("repo", metavar="REPO", help="model repository directory (created if missing)")
     p.add_argument("--name", required=True, help="model name in the repository")
@@ -679,9 +723,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dynamic-batching", action="store_true", help="leave Triton's dynamic batcher off")
     p.add_argument("--instances", type=_positive, default=1, help="model instances per GPU (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing version directory")
-    shared(p)
+    _add_backend_option(p)
     p.set_defaults(func=cmd_export_triton)
-    return parser
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:

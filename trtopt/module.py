@@ -14,7 +14,7 @@ import os
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -30,6 +30,9 @@ from .spec import NUMPY_TO_TORCH, TORCH_TO_NUMPY, ModuleSpec, conversion_hint, u
 # The specs moved to trtopt.spec; they stay importable from here, where code written for
 # earlier versions imports them (docs/calibration.md's example did).
 from .spec import TensorSpec, tensor_specs  # noqa: F401
+
+if TYPE_CHECKING:
+    from .precision.report import PrecisionReport
 
 logger = logging.getLogger(__name__)
 
@@ -127,9 +130,14 @@ class CompiledModule:
         return self.spec.precision
 
     @property
-    def precision_report(self) -> dict[str, Any]:
-        """What the precision pass did: Q/DQ count, nodes kept FP32 and why, layers not quantized."""
-        return self.spec.info.get("precision") or {}
+    def precision_report(self) -> PrecisionReport:
+        """What the precision pass did: Q/DQ count, nodes kept FP32 and why, layers not quantized.
+
+        Read from the JSON the module file keeps (``spec.info["precision"]``), which stays as written.
+        """
+        from .precision.report import PrecisionReport  # the precision package imports this module
+
+        return PrecisionReport.from_json(self.spec.info.get("precision") or {})
 
     @property
     def backend_name(self) -> str:

@@ -24,7 +24,7 @@ numbers, and since the graph's bytes key the engine cache, an edit to a comment
 in the model's source would otherwise force a new TensorRT build.
 
 Tensor names are left as the exporter wrote them: TensorRT's calibration cache
-and ``precision_report["activation_amax"]`` are keyed by tensor, and renaming
+and ``precision_report.activation_amax`` are keyed by tensor, and renaming
 tensors would make every calibration cache written before unusable.
 
 Graphs without this metadata (the TorchScript exporter's, a user's ONNX file)

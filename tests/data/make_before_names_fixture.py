@@ -13,5 +13,5 @@ fast = trtopt.compile(m, (d.test_x[:4],), precision="int8", calibration_data=d.c
 fast.save("tests/data/digits_int8_before_names.trtopt")
 x = d.test_x[:8]
 np.savez("tests/data/digits_int8_before_names_io.npz", x=x.numpy(), y=fast(x).numpy())
-print(fast.precision_report.get("not_quantized"), fast.precision_report.get("kept_fp32"))
+print(fast.precision_report.not_quantized, fast.precision_report.kept_fp32)
 print([n.name for n in fast.onnx_model.graph.node][:10])

@@ -1,26 +1,36 @@
-"""Run a compiled ONNX graph with ONNX Runtime on the CPU.
+"""Run ONNX graphs with ONNX Runtime on the CPU: the compiled module's backend, and the executor.
 
-``InferenceSession.run`` is documented as thread-safe, and this class keeps no
-per-call state, so one backend may serve several threads at once.
+``InferenceSession.run`` is documented as thread-safe, and ``OnnxRuntimeBackend``
+keeps no per-call state, so one backend may serve several threads at once.
+
+The executor (``cpu_session``, ``run_graph``, ``stream_tensors``) is the one way
+trtopt runs a graph on the CPU to measure it: calibration, the FP16 keep-list's
+probe, the accuracy readout and the budget search. It applies the FP16
+emulation (``emulate_fp16``) in one place, so none of them can see different
+FP16 values from the others or from the CPU backend.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 
-from ..errors import ConfigError, EngineError, first_line
+from ..errors import CalibrationError, ConfigError, EngineError, first_line
 from ..graph import EXTERNAL_DATA_THRESHOLD, initializer_bytes, save_model
+from .fp16_emulation import emulate_fp16
 from .profiling import LayerProfile, parse_onnxruntime_profile
 from .qdq_cpu import lower_qdq_for_cpu
 
@@ -108,12 +118,21 @@ def profile_graph(model: onnx.ModelProto, feeds: Mapping[str, torch.Tensor], run
 
 
 class OnnxRuntimeBackend:
-    """Backend over an ONNX Runtime session; CPU by default."""
+    """Backend over an ONNX Runtime session on the CPU.
+
+    ``emulate_fp16=True`` (a compiled module's backend) rounds FP16 tensors as TensorRT stores
+    them (see ``cpu_session``); without it ORT's CPU kernels compute most FP16 ops in FP32.
+    """
 
     name = "onnxruntime"
 
-    def __init__(self, model: onnx.ModelProto, intra_op_threads: int | None = None) -> None:
-        self.session = make_session(model, intra_op_threads=intra_op_threads)
+    def __init__(
+        self, model: onnx.ModelProto, intra_op_threads: int | None = None, *, emulate_fp16: bool = False
+    ) -> None:
+        if emulate_fp16:
+            self.session = cpu_session(model, intra_op_threads=intra_op_threads)
+        else:
+            self.session = make_session(model, intra_op_threads=intra_op_threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -145,3 +164,139 @@ class OnnxRuntimeBackend:
         run), so the module's ``graph`` is profiled in a session of its own.
         """
         return profile_graph(graph, feeds, runs)
+
+
+# ------------------------------------------------------------------ the executor
+
+# Element types of the activations trtopt measures (calibration takes any of them).
+FLOAT_TYPES = frozenset(
+    {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+)
+Feeds = Mapping[str, np.ndarray]
+
+
+class Observer(Protocol):
+    """Digests one tensor's values batch by batch; ``update`` returns the batch's max |x|."""
+
+    def update(self, values: np.ndarray) -> float: ...
+
+
+def cpu_session(
+    model: onnx.ModelProto, intra_op_threads: int | None = None, outputs: Sequence[str] | None = None
+) -> ort.InferenceSession:
+    """A CPU session computing what TensorRT computes: FP16 tensors rounded to FP16 (``emulate_fp16``;
+    a graph without FP16 tensors runs as it is), Q/DQ as ``make_session`` lays it out.
+
+    ``outputs`` replaces the graph's outputs. They are chosen after the emulation, because
+    it leaves a tensor inside a fused INT8 kernel unrounded only while it is no graph output.
+    """
+    emulated = emulate_fp16(model)
+    if outputs is not None:
+        emulated = with_outputs(emulated, outputs)
+    return make_session(emulated, intra_op_threads=intra_op_threads)
+
+
+def run_graph(model: onnx.ModelProto, feeds: Sequence[Feeds]) -> list[np.ndarray]:
+    """The graph's outputs on every batch of ``feeds``, concatenated per output."""
+    session = cpu_session(model)
+    names = [o.name for o in session.get_outputs()]
+    per_batch = [session.run(names, dict(feed)) for feed in feeds]
+    return [np.concatenate([b[i] for b in per_batch]) for i in range(len(names))]
+
+
+def value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """Every typed tensor of the graph by name (graph inputs and outputs win over value_info)."""
+    graph = model.graph
+    infos = {vi.name: vi for vi in graph.value_info}
+    infos.update({vi.name: vi for vi in graph.output})
+    infos.update({vi.name: vi for vi in graph.input})
+    return infos
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs are exactly ``names`` (ONNX Runtime then skips the rest)."""
+    infos = value_infos(model)
+    if any(n not in infos for n in names):
+        infos = value_infos(onnx.shape_inference.infer_shapes(model))
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    del exposed.graph.output[:]
+    exposed.graph.output.extend(infos[n] for n in names)
+    return exposed
+
+
+def stream_tensors(
+    model: onnx.ModelProto,
+    names: Sequence[str],
+    batches: Iterable[tuple[int, dict[str, np.ndarray]]],
+    observers: Mapping[str, Observer],
+    *,
+    threads: int | None = None,
+    check: Callable[[str, float, int], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> int:
+    """Feed each of ``names`` (graph inputs or node outputs) into its observer, batch by batch.
+
+    ``batches`` yields ``(index, feeds)``. Only the named tensors become outputs, and
+    each goes straight into its observer and is dropped: while the observers digest
+    batch k, ONNX Runtime already runs batch k+1 on a worker thread (both release
+    the GIL), so at most two batches' activations are alive however many run.
+    ``check(name, batch_max, index)`` sees what each ``update`` returned (the
+    calibrator rejects Inf there; the FP16 probe records it). ``on_batch(done)``
+    follows each batch but the last. Returns the number of batches.
+    """
+    inputs = {vi.name for vi in model.graph.input} - {t.name for t in model.graph.initializer}
+    outputs = [n for n in names if n not in inputs]
+    session = cpu_session(model, intra_op_threads=threads, outputs=outputs) if outputs else None
+    fed = {i.name for i in session.get_inputs()} if session is not None else set()
+
+    def run(feeds: dict[str, np.ndarray]) -> list[Any]:
+        return session.run(outputs, {k: v for k, v in feeds.items() if k in fed}) if session is not None else []
+
+    def observe(name: str, values: np.ndarray, index: int) -> None:
+        batch_max = observers[name].update(values)
+        if check is not None:
+            check(name, batch_max, index)
+
+    def digest(index: int, feeds: dict[str, np.ndarray], future: Future[list[Any]]) -> None:
+        for name in names:
+            if name in inputs:
+                observe(name, feeds[name], index)
+        try:
+            values = future.result()
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise CalibrationError(f"ONNX Runtime failed on calibration batch {index}: {exc}") from exc
+        for name, value in zip(outputs, values):
+            observe(name, value, index)
+
+    return _pipelined(batches, run, digest, on_batch)
+
+
+def _pipelined(
+    batches: Iterable[tuple[int, dict[str, np.ndarray]]],
+    run: Callable[[dict[str, np.ndarray]], list[Any]],
+    digest: Callable[[int, dict[str, np.ndarray], Future[list[Any]]], None],
+    on_batch: Callable[[int], None] | None,
+) -> int:
+    """Run batch k+1 on a worker thread while batch k is digested; returns the batches done."""
+    done = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trtopt-calibration") as pool:
+        pending = None
+        for index, feeds in batches:
+            future = pool.submit(run, feeds)  # runs while the previous batch is digested
+            if pending is not None:
+                digest(*pending)
+                done += 1
+                if on_batch is not None:
+                    on_batch(done)
+            pending = (index, feeds, future)
+        if pending is not None:
+            digest(*pending)
+            done += 1
+    return done
+
+
+def measuring_threads() -> int:
+    """ONNX Runtime threads while observers digest: one core digests batch k while the others
+    run batch k+1 (on 2 cores, 1 ORT thread is also faster per batch than 2 contending)."""
+    return max(1, (os.cpu_count() or 2) - 1)

@@ -8,6 +8,8 @@ and measured numbers in, model and report out. ``to_fp16`` and ``to_int8`` add
 the measuring around them: they run the calibration data through the graph
 under ONNX Runtime to find the ranges, and again after conversion to make sure
 it produces no Inf/NaN, keeping the offending nodes in FP32 until it does not.
+``apply_precision`` (``pipeline.py``) is what ``compile`` runs: the whole precision
+step, from the data split to the ``PrecisionReport``.
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ from .int8 import (
     plan_int8,
     quantize_int8,
 )
-from .probe import emulate_fp16, feed_batches, tensor_ranges
+from ..backends.fp16_emulation import emulate_fp16
+from .pipeline import apply_precision, carried_precision
+from .probe import MaxAbsObserver, feed_batches, tensor_ranges
 from .qformat import FP8, INT8, QuantFormat, graph_format, quant_format
+from .report import PrecisionReport
 from .validate import validate_qdq
 
 logger = logging.getLogger(__name__)
@@ -46,10 +51,14 @@ __all__ = [
     "FP8",
     "INT8",
     "QuantFormat",
+    "PrecisionReport",
+    "apply_precision",
+    "carried_precision",
     "Fp16Report",
     "Int8Plan",
     "Int8Report",
     "KeptNode",
+    "MaxAbsObserver",
     "MaskReport",
     "MaskRewrite",
     "convert_to_fp16",
@@ -141,7 +150,7 @@ def to_fp16(
             keep=keep,
             masks=masks,
         )
-        after = tensor_ranges(emulate_fp16(converted), batches())
+        after = tensor_ranges(converted, batches())  # FP16 as TensorRT computes it (the executor emulates it)
         bad = {n for n, v in after.items() if not math.isfinite(v)}
         if not bad:
             return converted, report

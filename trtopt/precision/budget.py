@@ -41,7 +41,7 @@ import onnx
 
 from ..files import atomic_write
 from .._version import __version__
-from ..backends.onnxruntime import make_session
+from ..backends.onnxruntime import cpu_session, run_graph
 from ..errors import AccuracyBudgetError, ConfigError, TrtoptError
 from ..metrics import (
     Outputs,
@@ -543,7 +543,7 @@ def find_units_to_keep_high(
     def run(graph: onnx.ModelProto | frozenset[str]) -> list[np.ndarray]:
         if isinstance(graph, frozenset):
             return switched.run(graph, validation)
-        return run_outputs(graph, validation)  # the final module, or the FP32 model
+        return run_graph(graph, validation)  # the final module, or the FP32 model
 
     if reference is None:
         reference = run(model)
@@ -614,7 +614,7 @@ class SwitchedInt8:
     def run(self, kept: frozenset[str], validation: Sequence[Mapping[str, np.ndarray]]) -> list[np.ndarray]:
         """Outputs on ``validation`` with the units in ``kept`` in float and the rest INT8."""
         if self._session is None:
-            self._session = make_session(self.graph())
+            self._session = cpu_session(self.graph())
         unknown = kept - set(self.switches)
         if unknown:
             raise ConfigError(f"units {sorted(unknown)[:3]} are not quantized units of this graph")
@@ -677,17 +677,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "trtopt" / "sensitivity"
 
 
-def run_outputs(graph: onnx.ModelProto, validation: Sequence[Mapping[str, np.ndarray]]) -> list[np.ndarray]:
-    """The graph's outputs on every validation batch, concatenated per output (ONNX Runtime, CPU)."""
-    from .probe import emulate_fp16
-
-    # FP16 tensors rounded as TensorRT stores them (ORT's CPU kernels would compute them in FP32).
-    session = make_session(emulate_fp16(graph))  # Q/DQ as TensorRT computes it (see make_session)
-    names = [o.name for o in session.get_outputs()]
-    per_batch = [session.run(names, dict(feed)) for feed in validation]
-    return [np.concatenate([b[i] for b in per_batch]) for i in range(len(names))]
-
-
 def check_final(
     report: BudgetReport,
     final_graph: onnx.ModelProto,
@@ -704,7 +693,7 @@ def check_final(
     AccuracyBudgetError when it misses, unless the budget is best-effort.
     """
     if value is None:
-        value = budget.evaluate(run_outputs(final_graph, validation), reference, labels)
+        value = budget.evaluate(run_graph(final_graph, validation), reference, labels)
     report.final, report.met = value, budget.met(value)
     logger.info(
         "accuracy budget %s: final module %.6g with %d unit(s) kept high -> %s",

@@ -6,7 +6,7 @@ always, a WARNING naming the worst tensors and what to try when the module
 drifts from FP32 (mean cosine or top-1 agreement below ``WARN_BELOW``).
 
 Both graphs run under ONNX Runtime on the CPU with FP16 tensors rounded as
-TensorRT stores them (``emulate_fp16``), on batches the ranges were not
+TensorRT stores them (the executor's ``emulate_fp16``), on batches the ranges were not
 calibrated on (``validation_data``, or the last fifth of the calibration
 batches, held back). On a GPU the TensorRT engine is built from exactly this
 graph; its kernels differ from ONNX Runtime's only by float rounding.
@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..backends.onnxruntime import run_graph
 from ..metrics import argmax_agreement, max_abs_error, sample_cosines
-from .budget import run_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def measure(
     held_back: bool,
 ) -> AccuracyReadout:
     """Run the compiled ``graph`` on ``feeds`` and compare with the FP32 ``reference`` outputs."""
-    return compare(run_outputs(graph, feeds), reference, held_back)
+    return compare(run_graph(graph, feeds), reference, held_back)
 
 
 def log_readout(readout: AccuracyReadout, precision: str, hints: Sequence[str]) -> None:

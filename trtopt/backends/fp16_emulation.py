@@ -1,0 +1,134 @@
+"""FP16 emulation for ONNX Runtime's CPU provider: FP16 tensors rounded as TensorRT stores them.
+
+The executor (``trtopt.backends.onnxruntime.cpu_session``) applies this to every
+graph it runs, so the CPU backend, the FP16 keep-list's overflow check, the
+accuracy readout and the budget search all see the same FP16 values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+
+def emulate_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An FP32 graph that rounds every FP16 tensor of ``model`` to FP16, for running on a CPU.
+
+    ONNX Runtime's CPU provider has no FP16 kernel for most ops: it computes
+    them in FP32 and drops the Casts between them, so an FP16 graph's
+    intermediate overflow and rounding do not show there. TensorRT stores each
+    FP16 tensor in FP16. This copy computes every op in FP32 but sends each
+    FP16 tensor through an explicit Cast to FP16 and back, which ONNX Runtime
+    keeps; the values it sees are the FP16 values TensorRT would see. A graph
+    without FP16 tensors is returned as is.
+
+    Tensors that live inside TensorRT's fused INT8 kernels (``fused_int8_tensors``)
+    are not rounded: TensorRT never stores them in FP16, and the Casts would keep
+    ONNX Runtime from fusing DequantizeLinear -> Conv -> QuantizeLinear into its
+    integer kernels.
+    """
+    half = onnx.TensorProto.FLOAT16
+    half_tensors = {
+        vi.name for vi in [*model.graph.value_info, *model.graph.output] if vi.type.tensor_type.elem_type == half
+    }
+    if not half_tensors:
+        return model
+    half_tensors -= fused_int8_tensors(model)
+    emulated = onnx.ModelProto()
+    emulated.CopyFrom(model)
+    graph = emulated.graph
+    for init in graph.initializer:
+        if init.data_type == half:  # FP16 values are exact in FP32
+            values = onnx.numpy_helper.to_array(init).astype(np.float32)
+            init.CopyFrom(onnx.numpy_helper.from_array(values, init.name))
+    # A dequantized tensor read by an INT8 kernel and by other ops: the kernel reads it unrounded.
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"} & half_tensors
+    nodes = []
+    for node in graph.node:
+        if node.op_type in _INT8_KERNEL_OPS:
+            for i in range(min(2, len(node.input))):
+                if node.input[i] in dequantized:
+                    node.input[i] = f"{node.input[i]}__fp32"
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == half:
+                attr.i = onnx.TensorProto.FLOAT
+        nodes.append(node)
+        for i, name in enumerate(node.output):
+            if name in half_tensors:
+                wide, rounded = f"{name}__fp32", f"{name}__as_fp16"
+                node.output[i] = wide
+                nodes.append(onnx.helper.make_node("Cast", [wide], [rounded], to=half))
+                nodes.append(onnx.helper.make_node("Cast", [rounded], [name], to=onnx.TensorProto.FLOAT))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for vi in [*graph.value_info, *graph.output]:  # same names, now FP32 holding FP16 values
+        if vi.type.tensor_type.elem_type == half:
+            vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    return emulated
+
+
+# Ops between a tensor and its QuantizeLinear that TensorRT fuses with it (Relu into the
+# producer's epilogue; pools between quantized layers run in INT8), so the tensor is never
+# stored in FP16.
+_FUSED_ACTIVATIONS = ("Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
+_INT8_KERNEL_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def fused_int8_tensors(model: onnx.ModelProto) -> set[str]:
+    """Tensors TensorRT keeps inside a fused INT8 kernel, so never stores in FP16.
+
+    - re-quantized tensors: every consumer is a QuantizeLinear, directly or through
+      a Relu (TensorRT fuses op + Relu + Q and writes INT8 codes), or through the
+      Add that takes a weighted op's output and a dequantized residual (TensorRT
+      fuses that Add into the weighted op's INT8 epilogue), or through a pooling
+      op (TensorRT runs a pool between quantized layers in INT8);
+    - dequantized inputs of weighted ops: a DequantizeLinear output read only as
+      input 0 or 1 of Conv/ConvTranspose/Gemm/MatMul (TensorRT multiplies the INT8
+      codes and applies the scales in the kernel's FP32 epilogue).
+
+    Graph outputs are never in the set (their values are seen as they are).
+    """
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+    producers = {name: node.op_type for node in model.graph.node for name in node.output}
+    found: dict[str, bool] = {}
+
+    def epilogue_add(name: str, user: onnx.NodeProto) -> bool:
+        # Add(weighted op output, dequantized residual): both operands live in the epilogue.
+        if user.op_type != "Add" or len(user.input) != 2:
+            return False
+        kinds = {producers.get(i) for i in user.input}
+        return bool(kinds & set(_INT8_KERNEL_OPS)) and kinds <= {*_INT8_KERNEL_OPS, "DequantizeLinear"}
+
+    def requantized(name: str) -> bool:
+        if name not in found:
+            found[name] = False  # guards the recursion; a valid graph has no cycles
+            users = consumers.get(name, [])
+            found[name] = (
+                name not in outputs
+                and bool(users)
+                and all(
+                    user.op_type == "QuantizeLinear"
+                    and user.input[0] == name
+                    or (user.op_type in _FUSED_ACTIVATIONS or epilogue_add(name, user))
+                    and requantized(user.output[0])
+                    for user in users
+                )
+            )
+        return found[name]
+
+    fused = {name for name in consumers if requantized(name)}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.output[0] in outputs:
+            continue
+        users = consumers.get(node.output[0], [])
+        if users and all(
+            user.op_type in _INT8_KERNEL_OPS and list(user.input).index(node.output[0]) in (0, 1)
+            and list(user.input).count(node.output[0]) == 1
+            for user in users
+        ):
+            fused.add(node.output[0])
+    return fused

@@ -1,0 +1,389 @@
+"""``apply_precision``: write the requested precision into the graph (TensorRT 11 reads it only from there).
+
+The steps, in order: a graph that carries its precision already is built as it
+is; FP32 changes nothing; otherwise the data is split (calibration, and held-back
+batches that judge the module), then the FP16 path (keep-list, readout) or the
+INT8/FP8 path (plan, calibration, SmoothQuant, accuracy-budget search, Q/DQ,
+report, final check, readout). The result is the graph and a ``PrecisionReport``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+from ..backends.onnxruntime import run_graph
+from ..config import BuildConfig, Precision
+from ..errors import ConfigError
+from ..names import node_modules
+from .budget import AccuracyBudget, BudgetReport, FinalModule, check_final, find_units_to_keep_high, keep_high
+from .fp16 import Fp16Report
+from .int8 import Int8Plan, Int8Report, plan_int8
+from .qformat import graph_format, quant_format
+from .readout import AccuracyReadout, log_readout, measure
+from .report import PrecisionReport
+from .validate import validate_qdq
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["HeldOut", "PreparedData", "apply_precision", "carried_precision", "hold_back"]
+
+
+def apply_precision(
+    model: onnx.ModelProto,
+    config: BuildConfig,
+    calibration_data: Any,
+    accuracy_budget: Any = None,
+    validation_data: Any = None,
+) -> tuple[onnx.ModelProto, PrecisionReport]:
+    """Write ``config.precision`` into ``model``; return the graph and its report.
+
+    FP16: cast to FP16 with an FP32 keep-list measured on ``calibration_data``
+    (optional; without it only weights and exclusions decide, and nothing is
+    checked for Inf/NaN). INT8 and FP8: Q/DQ pairs with scales from the calibrator
+    (needs ``calibration_data`` or an existing ``calibration_cache``), the rest
+    in ``config.int8_float_precision``; with ``accuracy_budget``, the units the
+    search keeps high stay out of INT8.
+    """
+    if accuracy_budget is not None and not config.precision.quantized:
+        raise ConfigError(
+            f"accuracy_budget applies to precision='int8' or 'fp8' (it chooses which layers leave INT8/FP8), "
+            f"not to precision={config.precision.value!r}"
+        )
+    carried = carried_precision(model)
+    if carried is not None:
+        return model, carried_report(model, carried, config, accuracy_budget)
+    if config.precision is Precision.FP32:
+        if calibration_data is not None:
+            logger.info("calibration_data is ignored at fp32")
+        return model, PrecisionReport()
+    data = PreparedData.prepare(model, config, calibration_data, accuracy_budget, validation_data)
+    if config.precision is Precision.FP16:
+        return fp16_path(model, config, data)
+    return int8_path(model, config, data)
+
+
+def carried_precision(model: onnx.ModelProto) -> str | None:
+    """'fp8' or 'int8' for a graph with Q/DQ nodes, 'fp16' for one computing in FP16, else None."""
+    fmt = graph_format(model)
+    if fmt is not None:
+        return fmt.name
+    half = onnx.TensorProto.FLOAT16
+    casts_to_half = any(
+        node.op_type == "Cast" and any(a.name == "to" and a.i == half for a in node.attribute)
+        for node in model.graph.node
+    )
+    if casts_to_half or any(t.data_type == half for t in model.graph.initializer):
+        return "fp16"
+    return None
+
+
+def carried_report(model: onnx.ModelProto, carried: str, config: BuildConfig, accuracy_budget: Any) -> PrecisionReport:
+    """A graph exported by export_onnx (or quantized elsewhere) is built as it is, no recalibration."""
+    if accuracy_budget is not None or config.precision.value not in ("fp32", carried):
+        raise ConfigError(
+            f"the graph already carries its precision ({carried}: it has "
+            f"{'FP16 casts or weights' if carried == 'fp16' else 'Q/DQ nodes'}), so precision="
+            f"{config.precision.value!r}{' with an accuracy_budget' if accuracy_budget is not None else ''} "
+            "cannot be applied to it; compile the FP32 model instead, or this graph without those settings"
+        )
+    logger.info("the graph already carries its precision (%s); not applying precision passes", carried)
+    return PrecisionReport(precision=carried, from_graph=True, qdq_nodes=validate_qdq(model))
+
+
+# ------------------------------------------------------------------ data
+
+
+@dataclass
+class HeldOut:
+    """Batches the ranges were not calibrated on, with the FP32 graph's outputs on them."""
+
+    feeds: list[dict[str, Any]]
+    labels: Any
+    reference: list[Any]
+    held_back: bool
+
+    def readout(self, graph: onnx.ModelProto, precision: str, hints: Callable[[], list[str]]) -> AccuracyReadout:
+        """Measure ``graph`` against FP32 and log the result; ``hints()`` (what to try, run only
+        when the module drifts: it may measure ranges again) goes into the warning."""
+        readout = measure(graph, self.reference, self.feeds, held_back=self.held_back)
+        log_readout(readout, precision, [] if readout.ok else hints())
+        return readout
+
+
+def hold_back(
+    model: onnx.ModelProto,
+    calibration_data: Any,
+    validation_data: Any,
+    inputs: Sequence[Any],
+    max_batches: int | None,
+    *,
+    required: bool,
+) -> tuple[Any, HeldOut]:
+    """Split off the batches that judge the compiled module (the accuracy readout and budget).
+
+    ``validation_data`` when given, else the last fifth of the calibration batches.
+    Calibration data too small to split is used for both, and the readout says so,
+    unless an accuracy budget needs held-back data (then the error says what to pass).
+    """
+    from ..calibrators.data import iter_batches
+    from .budget import split_validation
+
+    if isinstance(calibration_data, Iterator):
+        calibration_data = list(calibration_data)  # read once: a failed split must not lose it
+    try:
+        calibration_data, feeds, labels = split_validation(calibration_data, validation_data, inputs, max_batches)
+        held_back = True
+    except ConfigError:
+        if required or validation_data is not None:
+            raise
+        feeds, labels, held_back = [feed for _, feed in iter_batches(calibration_data, inputs, max_batches)], None, False
+        logger.info("one calibration batch only: the accuracy readout is measured on it, none is held back")
+    return calibration_data, HeldOut(feeds, labels, run_graph(model, feeds), held_back)
+
+
+@dataclass
+class PreparedData:
+    """The user's data as the passes read it: calibration (re-iterable), and the held-back part."""
+
+    inputs: list[Any]
+    calibration_data: Any = None
+    batches: Callable[[], Iterator[Mapping[str, Any]]] | None = None  # calibration feeds, re-iterable
+    held_out: HeldOut | None = None
+    budget: AccuracyBudget | None = None
+    excluded: dict[str, Any] = field(default_factory=dict)  # the user's exclusions, as the passes take them
+
+    @classmethod
+    def prepare(
+        cls, model: onnx.ModelProto, config: BuildConfig, calibration_data: Any, accuracy_budget: Any,
+        validation_data: Any,
+    ) -> PreparedData:
+        from ..module import tensor_specs
+        from .probe import feed_batches
+
+        data = cls(inputs=tensor_specs(model.graph.input), budget=_parse_budget(accuracy_budget))
+        data.excluded = {"exclude_nodes": config.exclude_nodes, "exclude_op_types": config.exclude_op_types}
+        if calibration_data is not None or validation_data is not None:
+            calibration_data, data.held_out = hold_back(
+                model, calibration_data, validation_data, data.inputs, config.calibration_batches,
+                required=data.budget is not None,
+            )
+        if calibration_data is not None:
+            calibration_data, data.batches = feed_batches(calibration_data, data.inputs, config.calibration_batches)
+        data.calibration_data = calibration_data
+        return data
+
+
+def _parse_budget(accuracy_budget: Any) -> AccuracyBudget | None:
+    if accuracy_budget is None or isinstance(accuracy_budget, AccuracyBudget):
+        return accuracy_budget
+    return AccuracyBudget.parse(str(accuracy_budget))
+
+
+# ------------------------------------------------------------------ FP16
+
+
+def fp16_path(model: onnx.ModelProto, config: BuildConfig, data: PreparedData) -> tuple[onnx.ModelProto, PrecisionReport]:
+    """FP16 with an FP32 keep-list measured on the calibration data, and its readout."""
+    from . import to_fp16
+
+    if data.batches is None:
+        logger.warning(
+            "precision='fp16' without calibration_data: the FP32 keep-list only covers weights "
+            "and exclusions, and the graph is not checked for overflow; pass calibration_data"
+        )
+    converted, fp16_report = to_fp16(model, data.batches, threshold=config.fp16_threshold, **data.excluded)
+    report = PrecisionReport(
+        precision="fp16", qdq_nodes=0, overflow_checked=data.batches is not None, **fp16_report.to_json()
+    )
+    if data.held_out is not None:
+        report.accuracy = data.held_out.readout(converted, "fp16", lambda: [
+            "Try exclude_nodes=[...] for the layers that overflow, a lower fp16_threshold, or precision='fp32'."
+        ])
+    return converted, report
+
+
+# ------------------------------------------------------------------ INT8 and FP8
+
+
+@dataclass
+class Calibrated:
+    """The graph to quantize (smoothed, when SmoothQuant ran), its plan and its ranges."""
+
+    model: onnx.ModelProto
+    plan: Int8Plan
+    plan_options: dict[str, Any]  # plan_int8's keywords: the accuracy budget re-plans with the same ones
+    amax: dict[str, float]
+    calibration: Any  # CalibrationResult
+    seconds: float
+    smoothed: list[Any] = field(default_factory=list)  # SmoothedTensor
+    smoothed_ranges: dict[str, float] = field(default_factory=dict)
+
+
+def int8_path(model: onnx.ModelProto, config: BuildConfig, data: PreparedData) -> tuple[onnx.ModelProto, PrecisionReport]:
+    """Q/DQ (INT8 or FP8) with calibrated ranges; with a budget, the units it needs stay high."""
+    calibrated = calibrate_plan(model, config, data)
+    builder = Int8Builder(calibrated, config, data)
+    budget_report = search_budget(calibrated, config, data, builder) if data.budget is not None else None
+    kept = frozenset(budget_report.kept_high) if budget_report is not None else frozenset()
+    quantized, int8_report, fp16_report = builder.build(kept)
+    report = int8_report_of(calibrated, config, data, int8_report, fp16_report)
+    if budget_report is not None:
+        held_out = data.held_out
+        # The search measured this very module (or its cached twin): no need to run it again.
+        check_final(budget_report, quantized, held_out.reference, held_out.feeds, held_out.labels, data.budget,
+                    value=budget_report.final)
+        report.accuracy_budget = budget_report
+    if data.held_out is not None:
+        checks = _quantized_checks(calibrated)
+        report.accuracy = data.held_out.readout(
+            quantized, report.precision, lambda: int8_hints(calibrated, checks, data.held_out.feeds, data.inputs)
+        )
+    return quantized, report
+
+
+def calibrate_plan(model: onnx.ModelProto, config: BuildConfig, data: PreparedData) -> Calibrated:
+    """Plan the Q/DQ pairs, calibrate their activations, then smooth (SmoothQuant) and re-plan."""
+    from ..calibrators import calibrate
+
+    fmt = quant_format(config.precision)
+    plan_options = {
+        "fmt": fmt.name, "keep_first_last": config.int8_keep_first_last,
+        "quantize_attention": config.int8_attention, **data.excluded,
+    }
+    plan = plan_int8(model, **plan_options)
+    groups = {}
+    if config.smoothquant is not None:
+        from .smoothquant import smoothable_groups
+
+        groups = smoothable_groups(model, plan)
+    start = time.perf_counter()
+    calibration = calibrate(
+        model, plan.activation_tensors, data.calibration_data, input_specs=data.inputs,
+        method=config.calibration_method.value, percentile=config.percentile,
+        max_batches=config.calibration_batches, cache_path=config.calibration_cache,
+        progress=logger.isEnabledFor(logging.INFO), channel_max_for=list(groups),
+    )
+    calibrated = Calibrated(model, plan, plan_options, dict(calibration.amax), calibration, time.perf_counter() - start)
+    if groups:
+        from .smoothquant import smooth
+
+        calibrated.model, calibrated.smoothed_ranges, calibrated.smoothed = smooth(
+            model, groups, calibration.channel_max, config.smoothquant
+        )
+        calibrated.amax.update(calibrated.smoothed_ranges)
+        # The units now read the smoothed tensors: plan again, every other Q/DQ stays where it was.
+        calibrated.plan = plan_int8(calibrated.model, **plan_options)
+    return calibrated
+
+
+class Int8Builder:
+    """Builds the INT8 module as compiled, with some units left out of INT8; keeps the latest build,
+    so the module the budget search measured last is not built again."""
+
+    def __init__(self, calibrated: Calibrated, config: BuildConfig, data: PreparedData) -> None:
+        self.calibrated, self.config, self.data = calibrated, config, data
+        self.latest: dict[frozenset[str], tuple[onnx.ModelProto, Int8Report, Fp16Report | None]] = {}
+
+    def build(self, kept: frozenset[str] = frozenset()) -> tuple[onnx.ModelProto, Int8Report, Fp16Report | None]:
+        if kept in self.latest:
+            return self.latest[kept]
+        from . import to_int8
+
+        model, plan = self.calibrated.model, self.calibrated.plan
+        if kept:
+            ops = {n.name: n.op_type for n in model.graph.node}
+            plan = keep_high(plan, kept, ops, node_modules(model))
+        result = to_int8(
+            model, plan, self.calibrated.amax, self.data.batches, float_precision=self.config.int8_float_precision.value,
+            threshold=self.config.fp16_threshold, **self.data.excluded,
+        )
+        self.latest = {kept: result}
+        return result
+
+
+def search_budget(calibrated: Calibrated, config: BuildConfig, data: PreparedData, builder: Int8Builder) -> BudgetReport:
+    """The fewest units kept out of INT8 that meet the accuracy budget."""
+    held_out = data.held_out
+    # The analysis measures INT8's error alone (FP32 float part). The module as built adds its
+    # FP16 float part, so the search measures it too, and keeps more units high while it misses.
+    tag = f"{config.int8_float_precision.value} threshold={config.fp16_threshold:g}"
+    final = FinalModule(tag, lambda kept: builder.build(kept)[0])
+    return find_units_to_keep_high(
+        calibrated.model, calibrated.amax, held_out.feeds, held_out.labels, data.budget,
+        plan_options=calibrated.plan_options, cache_dir=config.sensitivity_cache_dir,
+        reference=held_out.reference, final=final,
+    )
+
+
+def int8_report_of(
+    calibrated: Calibrated, config: BuildConfig, data: PreparedData, int8_report: Int8Report,
+    fp16_report: Fp16Report | None,
+) -> PrecisionReport:
+    """The report of the Q/DQ pass, its calibration, its FP16 part and its ranges."""
+    method = config.calibration_method.value
+    calibration, plan = calibrated.calibration, calibrated.plan
+    report = PrecisionReport(
+        precision=quant_format(config.precision).name,
+        calibrator=method,
+        calibration_seconds=round(calibrated.seconds, 3),
+        calibration_batches=calibration.num_batches,
+        calibration_from_cache=calibration.from_cache,
+        float_precision=config.int8_float_precision.value,
+        overflow_checked=data.batches is not None and fp16_report is not None,
+        percentile=config.percentile if method == "percentile" else None,
+        **int8_report.to_json(),
+        **(fp16_report.to_json() if fp16_report is not None else {}),
+    )
+    report.activation_amax = {name: calibrated.amax[name] for name in plan.activation_tensors}
+    if calibrated.smoothed:
+        report.smoothquant = {"alpha": config.smoothquant, "tensors": [t.to_json() for t in calibrated.smoothed]}
+    checks = _quantized_checks(calibrated)
+    if checks:
+        # Each range with the module of the layer it feeds (its quantized tensor keeps its ONNX name).
+        modules = node_modules(calibrated.model)
+        report.range_checks = {
+            name: {**check.to_json(), **module_of_use(plan, name, modules)} for name, check in checks.items()
+        }
+    return report
+
+
+def _quantized_checks(calibrated: Calibrated) -> dict[str, Any]:
+    """Checked ranges of the tensors quantized as calibrated (a smoothed tensor's range is max |x / s|)."""
+    checks = calibrated.calibration.checks
+    return {
+        name: checks[name]
+        for name in calibrated.plan.activation_tensors
+        if name in checks and name not in calibrated.smoothed_ranges
+    }
+
+
+def int8_hints(calibrated: Calibrated, checks: Mapping[str, Any], feeds: Sequence[Any], inputs: Sequence[Any]) -> list[str]:
+    """The worst ranges (those not checked at calibration measured now) and what to try."""
+    from ..calibrators import check_ranges
+
+    model, plan, amax, calibration = calibrated.model, calibrated.plan, calibrated.amax, calibrated.calibration
+    unchecked = {name: amax[name] for name in plan.activation_tensors if name not in checks}
+    checks = {**checks, **(check_ranges(model, unchecked, feeds, input_specs=inputs) if unchecked else {})}
+    worst = sorted(checks.items(), key=lambda item: (-item[1].clipped, -item[1].error))[:3]
+    shown = "; ".join(f"{name!r} clips {c.clipped:.1%} of its values (error {c.error:.3g})" for name, c in worst)
+    # Name the layers those ranges feed by module path (exclude_nodes takes module globs) where known.
+    modules = node_modules(model)
+    consumers = [modules.get(node) or node for name, _ in worst for node, _ in plan.activations.get(name, [])[:1]]
+    others = " or ".join(repr(m) for m in ("auto", "minmax") if m != calibration.method)
+    retry = "delete the calibration cache to calibrate again, " if calibration.from_cache else ""
+    return [
+        f"Worst ranges ({calibration.method}{', from the calibration cache' if calibration.from_cache else ''}): {shown}.",
+        f"Try: {retry}calibrator={others}, accuracy_budget='cosine>=0.99', or exclude_nodes={consumers[:3]!r}.",
+    ]
+
+
+def module_of_use(plan: Int8Plan, tensor: str, modules: Mapping[str, str]) -> dict[str, str]:
+    """``{"module": ...}``: the module of the first layer reading the quantized ``tensor``, when known."""
+    uses = plan.activations.get(tensor, [])
+    return {"module": modules[uses[0][0]]} if uses and uses[0][0] in modules else {}
