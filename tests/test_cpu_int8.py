@@ -205,3 +205,67 @@ def test_integer_kernels_only_where_int16_pair_sums_cannot_saturate(largest_weig
     want = plain_session(model, ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(None, {"x": x})[0]
     got = make_session(model).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, atol=0.05 + 1e-6)  # at most one output step apart
+
+
+@pytest.fixture(scope="module")
+def cnn_cpu_layout(cnn_int8, digits):
+    model, _ = cnn_int8
+    return trtopt.compile(
+        model, (digits.test_x[:4],), precision="int8", int8_layout="cpu",
+        calibration_data=digits.calibration_batches(), dynamic_shapes={"x": {0: (1, 64, 512)}},
+    )
+
+
+def test_cpu_layout_is_uint8_with_zero_points_and_narrow_weights(cnn_cpu_layout):
+    module = cnn_cpu_layout
+    assert module.backend_name == "onnxruntime"  # the CPU layout never goes to TensorRT
+    report = module.precision_report
+    assert report.int8_layout == "cpu" and report.float_precision == "fp32"
+    graph = module.onnx_model
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.graph.initializer}
+    q_zero_points = [inits[n.input[2]] for n in graph.graph.node if n.op_type == "QuantizeLinear"]
+    assert q_zero_points and all(z.dtype == np.uint8 for z in q_zero_points)
+    # A ReLU's output is non-negative on the calibration data: zero point 0, all 256 codes.
+    assert any(z == 0 for z in q_zero_points) and any(z > 0 for z in q_zero_points)
+    weights = [inits[n.input[0]] for n in graph.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+               and inits[n.input[0]].dtype == np.int8]
+    assert weights and max(int(np.abs(w).max()) for w in weights) == 63
+    assert not any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.graph.initializer)
+
+
+def test_cpu_layout_runs_every_conv_with_a_quantized_output_on_integer_kernels(cnn_int8, cnn_cpu_layout, tmp_path):
+    faithful = optimized_ops(emulate_fp16(cnn_int8[1].onnx_model), tmp_path)
+    cpu = optimized_ops(cnn_cpu_layout.onnx_model, tmp_path)
+    # The residual Add's Conv-fed input is quantized too, so that Conv runs on QLinearConv as well.
+    assert cpu.count("QLinearConv") > faithful.count("QLinearConv"), (cpu, faithful)
+    assert cpu.count("MatMulIntegerToFloat") == 1
+
+
+def test_cpu_layout_accuracy_on_digits(cnn_int8, cnn_cpu_layout, digits):
+    model, faithful = cnn_int8
+    x = digits.test_x.numpy()
+    with torch.no_grad():
+        fp32 = top1(model(digits.test_x), digits.test_y)
+    assert fp32 - top1(cnn_cpu_layout(x), digits.test_y) <= INT8_TOLERANCE
+    assert cnn_cpu_layout.precision_report.accuracy.top1_agreement >= 0.98
+
+
+def test_cpu_layout_survives_save_and_load(cnn_cpu_layout, digits, tmp_path):
+    path = cnn_cpu_layout.save(tmp_path / "cpu.trtopt")
+    loaded = trtopt.load(path, backend="onnxruntime")
+    assert loaded.precision_report.int8_layout == "cpu"
+    x = digits.test_x[:16].numpy()
+    np.testing.assert_array_equal(loaded(x), cnn_cpu_layout(x))
+
+
+def test_tensorrt_refuses_the_cpu_layout(cnn_cpu_layout):
+    from trtopt.errors import ConfigError, GraphError
+
+    with pytest.raises(GraphError, match="int8_layout='tensorrt'"):
+        validate_qdq(cnn_cpu_layout.onnx_model)  # what the TensorRT builder checks first
+    with pytest.raises(ConfigError, match="TensorRT cannot build"):
+        trtopt.BuildConfig(precision="int8", int8_layout="cpu", backend="tensorrt")
+    with pytest.raises(ConfigError, match="precision='int8'"):
+        trtopt.BuildConfig(precision="fp16", int8_layout="cpu")
+    with pytest.raises(ConfigError, match="int8_layout='gpu'"):
+        trtopt.BuildConfig(precision="int8", int8_layout="gpu")

@@ -221,7 +221,8 @@ def compile(  # noqa: A001 - the public name the design card fixes
     source = load_source(model)
     if not (isinstance(source, onnx.ModelProto) and carried_precision(source)):
         _check_calibration_source(config, calibration_data)
-    kind = select_backend(config.backend)
+    # The CPU layout runs on ONNX Runtime only (BuildConfig refuses backend="tensorrt" with it).
+    kind = Backend.ONNXRUNTIME if config.int8_layout == "cpu" else select_backend(config.backend)
     if kind is Backend.TENSORRT and config.precision is Precision.FP8:
         from .builder import require_fp8_support
 

@@ -79,6 +79,10 @@ def _coerce_enum(enum_type: type[enum.Enum], value: Any, field: str) -> enum.Enu
         raise ConfigError(f"{field}={value!r} is not valid; use one of {allowed}") from None
 
 
+# BuildConfig.int8_layout: "tensorrt" (symmetric INT8, what TensorRT builds) or "cpu" (ONNX Runtime's
+# integer kernels: uint8 activations with zero points, weights within +-63).
+INT8_LAYOUTS = ("tensorrt", "cpu")
+
 @dataclass(frozen=True)
 class BuildConfig:
     """Everything that controls compilation. Strings are accepted for the enums."""
@@ -100,6 +104,10 @@ class BuildConfig:
     int8_float_precision: Precision = Precision.FP16  # what the non-quantized rest of an INT8 or FP8 graph runs in
     # Quantize attention's activation-by-activation MatMuls too (TensorRT's INT8 attention fusion).
     int8_attention: bool = False
+    # "tensorrt": symmetric INT8 as TensorRT builds it. "cpu": the layout ONNX Runtime's CPU integer
+    # kernels run fastest (uint8 activations with zero points, weights within +-63, an FP32 float
+    # part whatever int8_float_precision says); runs on the onnxruntime backend only.
+    int8_layout: str = "tensorrt"
     # SmoothQuant's migration strength alpha for MatMul/Gemm units (trtopt/precision/smoothquant.py); None: off.
     smoothquant: float | None = 0.85
     fp16_threshold: float = DEFAULT_FP16_THRESHOLD  # keep FP32 a node whose activations reach this on calibration data
@@ -154,6 +162,7 @@ class BuildConfig:
             )
         if not 0.0 < float(self.percentile) <= 100.0:
             raise ConfigError(f"percentile={self.percentile!r} must be in (0, 100], e.g. {DEFAULT_PERCENTILE:g}")
+        self._check_int8_layout()
         if self.smoothquant is not None and not (
             isinstance(self.smoothquant, (int, float)) and not isinstance(self.smoothquant, bool) and 0.0 < self.smoothquant < 1.0
         ):
@@ -179,6 +188,28 @@ class BuildConfig:
             raise ConfigError(
                 f"engine_cache_max_bytes={self.engine_cache_max_bytes!r} must be >= 0 (default 8 GiB)"
             )
+
+    def _check_int8_layout(self) -> None:
+        if self.int8_layout not in INT8_LAYOUTS:
+            raise ConfigError(
+                f"int8_layout={self.int8_layout!r} is not one of {', '.join(map(repr, INT8_LAYOUTS))}"
+            )
+        if self.int8_layout != "cpu":
+            return
+        if self.precision is not Precision.INT8:
+            raise ConfigError(
+                f"int8_layout='cpu' is an INT8 layout but precision={self.precision.value!r}; use precision='int8'"
+            )
+        if self.backend is Backend.TENSORRT:
+            raise ConfigError(
+                "int8_layout='cpu' writes uint8 activations with zero points, which TensorRT cannot build "
+                "(it needs symmetric INT8): use backend='onnxruntime', or int8_layout='tensorrt' for TensorRT"
+            )
+
+    @property
+    def float_part_precision(self) -> Precision:
+        """What the non-quantized part of an INT8 or FP8 graph runs in (FP32 in the CPU layout)."""
+        return Precision.FP32 if self.int8_layout == "cpu" else self.int8_float_precision
 
     @property
     def calibration_method(self) -> CalibratorKind:

@@ -20,8 +20,10 @@ computes beyond float rounding:
 
 - a symmetric int8 activation that is non-negative by construction (a Relu's
   output, a pooling of one) becomes uint8 with zero point 0 and its codes are
-  clipped to 0..127: ``Q_u8(x) = Q_s8(x)`` for ``x >= 0``, and a Relu right
-  before that Q is dropped (the Q clips at 0 itself);
+  clipped to 0..127: ``Q_u8(x) = Q_s8(x)`` for ``x >= 0``;
+- a Relu right before a uint8 Q with zero point 0 is dropped (the Q clips at 0
+  itself), here and in graphs compiled with ``int8_layout="cpu"``, which are
+  already uint8 with zero points and weights within +-63;
 - a signed activation read by no weighted op becomes uint8 with zero point 128
   (``Q_u8(x) = Q_s8(x) + 128`` exactly), so the op writing it can still be fused;
   a signed one read by a weighted op stays int8 and that op runs in float;
@@ -152,10 +154,6 @@ def _unsigned_activations(graph: gs.Graph, outputs: set[str], new_nodes: list[gs
         for dq in users:
             dq.inputs[2] = zero
         if nonnegative:
-            source = q.inputs[0]
-            relu = source.inputs[0] if len(source.inputs) == 1 and source.inputs[0].op == "Relu" else None
-            if relu is not None and len(source.outputs) == 1 and source.name not in outputs:
-                q.inputs[0] = relu.inputs[0]  # Q_u8 with zero point 0 clips at 0 itself
             # Symmetric int8 saturates at 127; and codes above 127 would saturate the integer kernels.
             clipped = gs.Variable(f"{codes.name}__to127", np.uint8, codes.shape)
             for dq in users:
@@ -171,6 +169,20 @@ def _unsigned_activations(graph: gs.Graph, outputs: set[str], new_nodes: list[gs
             )
         count += 1
     return count
+
+
+def _drop_relus(graph: gs.Graph, outputs: set[str]) -> int:
+    """``Relu -> Q(uint8, zero point 0)`` to ``Q``: that Q clips at 0 itself. Returns how many."""
+    dropped = 0
+    for q in [n for n in graph.nodes if n.op == "QuantizeLinear"]:
+        params = _qdq_params(q)
+        if params is None or params[1].dtype != np.uint8 or np.any(params[1] != 0):
+            continue
+        relu = _producer(q.inputs[0], "Relu")
+        if relu is not None and len(q.inputs[0].outputs) == 1 and q.inputs[0].name not in outputs:
+            q.inputs[0] = relu.inputs[0]
+            dropped += 1
+    return dropped
 
 
 def _activation_dq(node: gs.Node) -> gs.Node | None:
@@ -391,6 +403,7 @@ def lower_qdq_for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
     unsigned = _unsigned_activations(graph, outputs, new_nodes)
     graph.nodes.extend(new_nodes)
     new_nodes.clear()
+    _drop_relus(graph, outputs)
     graph.cleanup()  # drops the Relus the uint8 Q made redundant, so ops see their Q directly
     pools = _pool_codes(graph, outputs)
     integer = folded = 0

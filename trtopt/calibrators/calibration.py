@@ -32,7 +32,9 @@ class CalibrationResult:
     ``checks`` holds, per tensor measured on data, the share of values its range
     clips and its expected quantization error (empty for ranges from a cache).
     ``channel_max`` holds max |x| per channel of the last axis of the tensors
-    asked for with ``channel_max_for`` (SmoothQuant's statistic).
+    asked for with ``channel_max_for`` (SmoothQuant's statistic). ``extents`` holds
+    each tensor's observed (min, max), for ``int8_layout="cpu"`` (empty from a cache,
+    whose TensorRT format keeps symmetric scales only).
     """
 
     amax: dict[str, float]
@@ -41,6 +43,7 @@ class CalibrationResult:
     from_cache: bool = False
     checks: dict[str, RangeCheck] = field(default_factory=dict)
     channel_max: dict[str, np.ndarray] = field(default_factory=dict)  # for channel_max_for
+    extents: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def scales(self) -> dict[str, float]:
         """INT8 scale per tensor: amax / 127 (symmetric quantization, docs/precision.md)."""
@@ -136,7 +139,8 @@ def calibrate(
             len(zero), ", ".join(zero[:5]) + (" ..." if len(zero) > 5 else ""),
         )
     channel_max = {n: observers[n].channel_max for n in names if observers[n].channel_max is not None}
-    result = CalibrationResult(amax, method, count, checks=checks, channel_max=channel_max)
+    extents = {n: observers[n].extent for n in names if observers[n].extent is not None}
+    result = CalibrationResult(amax, method, count, checks=checks, channel_max=channel_max, extents=extents)
     logger.info("calibration: %s ranges for %d tensors from %d batches", method, len(names), count)
     if path is not None:
         write_cache(path, result.scales(), algorithm)

@@ -211,11 +211,16 @@ class HistogramObserver:
         self.histogram = StreamingHistogram(num_bins)
         # max |x| per channel of the last axis (SmoothQuant's statistic), when asked for
         self.channel_max: np.ndarray | None = np.zeros(0) if channels else None
+        # The signed extent (min, max) over every batch: int8_layout="cpu" narrows [-amax, amax] to it.
+        self.extent: tuple[float, float] | None = None
         self._chosen: RangeCheck | None = None
 
     def update(self, values: np.ndarray) -> float:
         self._chosen = None
         batch_max = self.histogram.add(values)
+        if np.isfinite(batch_max) and np.size(values):
+            low, high = float(np.min(values)), float(np.max(values))
+            self.extent = (low, high) if self.extent is None else (min(self.extent[0], low), max(self.extent[1], high))
         if self.channel_max is not None and np.isfinite(batch_max) and np.ndim(values) and np.size(values):
             per_channel = np.abs(np.asarray(values).reshape(-1, np.shape(values)[-1])).max(axis=0).astype(np.float64)
             self.channel_max = per_channel if self.channel_max.size == 0 else np.maximum(self.channel_max, per_channel)

@@ -176,12 +176,16 @@ def to_int8(
     threshold: float = DEFAULT_FP16_THRESHOLD,
     exclude_nodes: Iterable[str] = (),
     exclude_op_types: Iterable[str] = (),
+    layout: str = "tensorrt",
+    extents: Mapping[str, tuple[float, float]] | None = None,
 ) -> tuple[onnx.ModelProto, Int8Report, Fp16Report | None]:
     """Insert ``plan``'s Q/DQ pairs (INT8 or FP8, as planned) with scales from ``amax``; the rest
     in ``float_precision``.
 
     With ``float_precision="fp16"`` the float part goes through ``to_fp16`` (keep-list,
     Inf/NaN check; skipped without ``batches``), and the Q/DQ scales become FP16 (opset 19).
+    ``layout="cpu"`` writes the CPU layout (``quantize_int8``; ``extents``: observed
+    (min, max) per tensor), which TensorRT's rules (``validate_qdq``) do not apply to.
     """
     from onnx_graphsurgeon.logger import G_LOGGER
 
@@ -195,7 +199,8 @@ def to_int8(
     # onnx-graphsurgeon warns on every FP8 tensor that numpy has no such type (it keeps them exact).
     with G_LOGGER.suppress(G_LOGGER.ERROR):
         quantized, int8_report = quantize_int8(
-            model, plan, amax, ranges=ranges, scale_floor=FP16_SCALE_FLOOR if half else FP32_SCALE_FLOOR
+            model, plan, amax, ranges=ranges, scale_floor=FP16_SCALE_FLOOR if half else FP32_SCALE_FLOOR,
+            layout=layout, signed_ranges=extents,
         )
         fp16_report = None
         if half:
@@ -208,5 +213,6 @@ def to_int8(
                 exclude_op_types=exclude_op_types,
                 masks=masks,
             )
-    validate_qdq(quantized)
+    if layout == "tensorrt":
+        validate_qdq(quantized)
     return quantized, int8_report, fp16_report

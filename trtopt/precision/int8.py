@@ -42,6 +42,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ..config import INT8_LAYOUTS
 from ..errors import CalibrationError, ConfigError
 from ..graph import check_model
 from ..names import carry_metadata, mark_added, node_modules
@@ -60,7 +61,6 @@ FP32_SCALE_FLOOR = float(np.finfo(np.float32).tiny)
 # x86 CPU. Activations are uint8 with a zero point over the calibrated [low, high]; weights are
 # int8 within +-63, because without VNNI the u8 x s8 kernels add pairs of products in int16 with
 # saturation and 2 * 255 * 63 < 32767 (ONNX Runtime's "reduce_range"). TensorRT cannot build it.
-LAYOUTS = ("tensorrt", "cpu")
 CPU_ACTIVATION_QMAX = 255
 CPU_WEIGHT_QMAX = 63.0
 # TensorRT's FP8 convolutions (ModelOpt's FP8 recipe excludes every other Conv).
@@ -139,6 +139,7 @@ def plan_int8(
     quantize_residual: bool = True,
     quantize_pooling: bool | None = None,
     quantize_attention: bool = False,
+    quantize_conv_outputs: bool = False,
 ) -> Int8Plan:
     """Decide the Q/DQ placement for ``model`` in format ``fmt`` ("int8" or "fp8"; see the module
     docstring). ``quantize_pooling`` defaults to True for INT8 and False for FP8.
@@ -147,7 +148,9 @@ def plan_int8(
     excludes every node inside it). ``quantize_attention`` also quantizes both inputs
     of activation-by-activation MatMuls (attention's Q.K^T and P.V, per tensor), the
     placement TensorRT's INT8 multi-head-attention fusion looks for; off, they stay
-    in the float precision.
+    in the float precision. ``quantize_conv_outputs`` (the CPU layout) also quantizes
+    the Conv-fed input of a residual Add, so the Conv runs on integer kernels from
+    end to end (TensorRT fuses that Add into the Conv instead).
     """
     fmt = quant_format(fmt)
     if quantize_pooling is None:
@@ -209,6 +212,8 @@ def plan_int8(
                 # The first Conv-fed input fuses into that Conv; the other one is the residual.
                 skip = 1 if from_conv[0] else 0
                 plan._use(node.inputs[skip].name, node.name, skip)
+                if quantize_conv_outputs:
+                    plan._use(node.inputs[1 - skip].name, node.name, 1 - skip)
 
     if quantize_pooling:
         # Reverse order, so a chain of pools in front of a quantized op is covered.
@@ -267,8 +272,8 @@ def quantize_int8(
     each activation's range is its calibrated [-amax, amax] narrowed to the
     observed ``signed_ranges`` (tensor -> (min, max)) where given.
     """
-    if layout not in LAYOUTS:
-        raise ConfigError(f"int8_layout {layout!r} is not one of {', '.join(map(repr, LAYOUTS))}")
+    if layout not in INT8_LAYOUTS:
+        raise ConfigError(f"int8_layout {layout!r} is not one of {', '.join(map(repr, INT8_LAYOUTS))}")
     if layout == "cpu" and plan.fmt is not INT8:
         raise ConfigError(f"int8_layout='cpu' is for INT8; {plan.fmt.name} graphs are for TensorRT only")
     missing = [t for t in plan.activation_tensors if t not in amax]

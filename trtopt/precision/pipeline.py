@@ -224,6 +224,11 @@ class Calibrated:
     smoothed: list[Any] = field(default_factory=list)  # SmoothedTensor
     smoothed_ranges: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def extents(self) -> dict[str, tuple[float, float]]:
+        """Observed (min, max) per tensor for the CPU layout; a smoothed tensor's is unknown (x / s)."""
+        return {k: v for k, v in self.calibration.extents.items() if k not in self.smoothed_ranges}
+
 
 def int8_path(model: onnx.ModelProto, config: BuildConfig, data: PreparedData) -> tuple[onnx.ModelProto, PrecisionReport]:
     """Q/DQ (INT8 or FP8) with calibrated ranges; with a budget, the units it needs stay high."""
@@ -254,7 +259,8 @@ def calibrate_plan(model: onnx.ModelProto, config: BuildConfig, data: PreparedDa
     fmt = quant_format(config.precision)
     plan_options = {
         "fmt": fmt.name, "keep_first_last": config.int8_keep_first_last,
-        "quantize_attention": config.int8_attention, **data.excluded,
+        "quantize_attention": config.int8_attention, "quantize_conv_outputs": config.int8_layout == "cpu",
+        **data.excluded,
     }
     plan = plan_int8(model, **plan_options)
     groups = {}
@@ -300,8 +306,9 @@ class Int8Builder:
             ops = {n.name: n.op_type for n in model.graph.node}
             plan = keep_high(plan, kept, ops, node_modules(model))
         result = to_int8(
-            model, plan, self.calibrated.amax, self.data.batches, float_precision=self.config.int8_float_precision.value,
-            threshold=self.config.fp16_threshold, **self.data.excluded,
+            model, plan, self.calibrated.amax, self.data.batches, float_precision=self.config.float_part_precision.value,
+            threshold=self.config.fp16_threshold, layout=self.config.int8_layout, extents=self.calibrated.extents,
+            **self.data.excluded,
         )
         self.latest = {kept: result}
         return result
@@ -312,7 +319,7 @@ def search_budget(calibrated: Calibrated, config: BuildConfig, data: PreparedDat
     held_out = data.held_out
     # The analysis measures INT8's error alone (FP32 float part). The module as built adds its
     # FP16 float part, so the search measures it too, and keeps more units high while it misses.
-    tag = f"{config.int8_float_precision.value} threshold={config.fp16_threshold:g}"
+    tag = f"{config.float_part_precision.value} threshold={config.fp16_threshold:g}"
     final = FinalModule(tag, lambda kept: builder.build(kept)[0])
     return find_units_to_keep_high(
         calibrated.model, calibrated.amax, held_out.feeds, held_out.labels, data.budget,
@@ -334,7 +341,8 @@ def int8_report_of(
         calibration_seconds=round(calibrated.seconds, 3),
         calibration_batches=calibration.num_batches,
         calibration_from_cache=calibration.from_cache,
-        float_precision=config.int8_float_precision.value,
+        float_precision=config.float_part_precision.value,
+        int8_layout=config.int8_layout if config.precision is Precision.INT8 else None,
         overflow_checked=data.batches is not None and fp16_report is not None,
         percentile=config.percentile if method == "percentile" else None,
         **int8_report.to_json(),

@@ -96,6 +96,12 @@ def _validate(graph: gs.Graph, opset: int) -> int:
             if zp is None:
                 raise GraphError(f"{where}: zero point {zero_point.name!r} must be a constant")
             fmt = format_of(zp.dtype)
+            if zp.dtype == np.uint8:
+                raise GraphError(
+                    f"{where}: uint8 zero point: this graph is laid out for CPUs (int8_layout='cpu', "
+                    "uint8 activations with zero points), which TensorRT cannot build; TensorRT needs "
+                    "symmetric INT8: compile with int8_layout='tensorrt' (the default)"
+                )
             if fmt is None:
                 raise GraphError(
                     f"{where}: zero point has dtype {zp.dtype}; TensorRT quantizes to signed INT8 or "
