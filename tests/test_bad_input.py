@@ -142,3 +142,17 @@ def test_settings_errors():
         trtopt.compile(lambda x: x, (torch.randn(2),))
     with pytest.raises(trtopt.InputError, match="example input 'right' is a float"):
         trtopt.compile(TwoInputsDictOut(), (torch.randn(2, 6), 3.0))
+
+
+def test_accuracy_budget_with_only_a_calibration_cache_names_the_missing_data(tmp_path):
+    # The cache supplies the ranges, so calibration needs no data; the budget still does:
+    # it measures the quantized module against FP32 on held-back batches.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
+    example = (torch.randn(2, 3, 8, 8),)
+    settings = dict(precision="int8", backend="onnxruntime", calibration_cache=str(tmp_path / "m.cache"))
+    batches = [torch.randn(2, 3, 8, 8) for _ in range(3)]
+    trtopt.compile(model, example, calibration_data=batches, **settings)
+    assert (tmp_path / "m.cache").exists()
+    with pytest.raises(trtopt.ConfigError, match="accuracy_budget needs data.*pass validation_data.*calibration_data"):
+        trtopt.compile(model, example, accuracy_budget="cosine>=0.99", **settings)

@@ -29,6 +29,7 @@ from .errors import (
 )
 from .module import CompiledModule
 from .precision.budget import AccuracyBudget
+from .precision.report import PrecisionReport
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -39,6 +40,7 @@ __all__ = [
     "CompiledModule",
     "AccuracyBudget",
     "AccuracyBudgetError",
+    "PrecisionReport",
     "BuildConfig",
     "Precision",
     "Backend",

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from .files import atomic_write
 from ._version import __version__
-from .config import ShapeProfile
+from .config import DEFAULT_PERCENTILE, CalibratorKind, ShapeProfile
 from .graph import save_model
 
 if TYPE_CHECKING:
@@ -140,8 +140,11 @@ def export_onnx(module: CompiledModule, path: str | os.PathLike[str]) -> dict[st
         from .calibrators.cache import algorithm_name, write_cache
 
         scales = {name: amax / 127.0 for name, amax in report.activation_amax.items()}
-        # A report that does not name its calibrator or percentile gets the cache header of the old defaults.
-        algorithm = algorithm_name(report.calibrator or "entropy", report.percentile or 99.99)
+        # A report that does not name its calibrator (written before reports did) was calibrated
+        # with entropy, the default then. Only the percentile calibrator's header reads the
+        # percentile, and its reports carry it; the default stands in for reports that do not.
+        calibrator = report.calibrator or CalibratorKind.ENTROPY.value
+        algorithm = algorithm_name(calibrator, report.percentile or DEFAULT_PERCENTILE)
         written["calibration_cache"] = write_cache(path.with_suffix(".calib.cache"), scales, algorithm)
     logger.info("exported %s", ", ".join(str(p) for p in written.values()))
     return written

@@ -186,7 +186,7 @@ class _Graph:
     cleanup_summary: Any
 
 
-def compile(  # noqa: A001 - the public name the design card fixes
+def compile(  # noqa: A001 - the public name docs/design.md fixes
     model: Any,
     example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
     *,

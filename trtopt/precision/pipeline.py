@@ -168,7 +168,9 @@ class PreparedData:
 
         data = cls(inputs=tensor_specs(model.graph.input), budget=_parse_budget(accuracy_budget))
         data.excluded = {"exclude_nodes": config.exclude_nodes, "exclude_op_types": config.exclude_op_types}
-        if calibration_data is not None or validation_data is not None:
+        # A budget needs held-back data even when a calibration cache makes calibration need none:
+        # hold_back then raises the ConfigError that says what to pass, before any work is done.
+        if calibration_data is not None or validation_data is not None or data.budget is not None:
             calibration_data, data.held_out = hold_back(
                 model, calibration_data, validation_data, data.inputs, config.calibration_batches,
                 required=data.budget is not None,
