@@ -232,6 +232,22 @@ def test_compile_int8_with_calibration_file(factory, tmp_path, capsys):
     assert "  smoothquant: alpha 0.85: 1 activation(s) smoothed" in text
 
 
+def test_compile_the_cpu_layout_and_inspect_shows_it(factory, tmp_path, capsys):
+    import numpy as np
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((3, 2, 3, 8, 8)).astype(np.float32))
+    out = tmp_path / "cpu.trtopt"
+    code, _, err = run_cli(capsys, "compile", factory, "--precision", "int8", "--calib", calib,
+                           "--int8-layout", "cpu", "-o", out)
+    assert code == 0, err
+    code, text, _ = run_cli(capsys, "inspect", out)
+    assert "  int8_layout: cpu" in text and "  float_precision: fp32" in text
+    code, _, err = run_cli(capsys, "compile", factory, "--precision", "int8", "--calib", calib,
+                           "--int8-layout", "cpu", "--backend", "tensorrt", "-o", out)
+    assert_one_line_error(code, err, "TensorRT cannot build")
+
+
 def test_compile_smoothquant_and_calibrator_flags(factory, tmp_path, capsys):
     import numpy as np
 

@@ -95,3 +95,18 @@ def test_the_checker_catches_both_forms():
     tree = ast.parse(source)
     assert _private_imports(tree) == ["line 1: imports _TABLE"]
     assert _private_attribute_uses(tree) == ["line 3: graph._helper", "line 5: _deps._cache"]
+
+
+LONGEST_FUNCTION = 80  # lines, decorators and docstring included
+
+
+def test_every_function_is_shorter_than_the_limit() -> None:
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                length = node.end_lineno - first + 1
+                if length >= LONGEST_FUNCTION:
+                    too_long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({length} lines)")
+    assert not too_long, "split these functions: " + "; ".join(too_long)

@@ -249,7 +249,11 @@ def test_inspect_shows_modules_and_an_old_module_file_still_loads(nested, tmp_pa
     old = DATA / "digits_int8_before_names.trtopt"
     io = np.load(DATA / "digits_int8_before_names_io.npz")
     module = trtopt.load(old, backend="onnxruntime")
-    np.testing.assert_allclose(module(io["x"]), io["y"], rtol=1e-5, atol=1e-5)
+    # Within one FP16 step of what it gave then: the CPU backend's integer kernels (issue 17) sum
+    # in int32 where the float Q/DQ ops summed in float, and the FP16 output rounds the difference.
+    y = module(io["x"])
+    np.testing.assert_allclose(y, io["y"], rtol=2**-10, atol=2**-14)
+    assert np.array_equal(y.argmax(1), io["y"].argmax(1))
     assert describe_module(str(old))["modules"] is None
     assert main(["inspect", str(old)]) == 0
     assert "torch modules: none recorded" in capsys.readouterr().out

@@ -240,7 +240,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         if not calibration.endswith(".npz"):
             raise ConfigError(f"--calib {calibration}: give a .npz file of arrays keyed by input name")
     for option, setting in (("calibrator", "calibrator"), ("calib_batches", "calibration_batches"),
-                            ("calib_cache", "calibration_cache")):
+                            ("calib_cache", "calibration_cache"), ("int8_layout", "int8_layout")):
         value = getattr(args, option)
         if value is not None:
             overrides[setting] = value
@@ -636,7 +636,7 @@ def _add_shapes_option(p: argparse.ArgumentParser) -> None:
 
 
 def _add_compile_command(add_parser: AddParser) -> None:
-    from .config import DEFAULT_CALIBRATORS, BuildConfig, CalibratorKind, Precision
+    from .config import DEFAULT_CALIBRATORS, INT8_LAYOUTS, BuildConfig, CalibratorKind, Precision
 
     raw = argparse.RawDescriptionHelpFormatter
     p = add_parser("compile", help="compile an ONNX file or a PyTorch factory to a .trtopt file",
@@ -653,6 +653,9 @@ def _add_compile_command(add_parser: AddParser) -> None:
                    help="int8/fp8 range algorithm (default: "
                    + ", ".join(f"{k.value} for {p.value}" for p, k in DEFAULT_CALIBRATORS.items())
                    + "; see docs/calibration.md)")
+    p.add_argument("--int8-layout", choices=list(INT8_LAYOUTS),
+                   help="int8: 'tensorrt' (default: symmetric INT8, what TensorRT builds) or 'cpu' (uint8 activations "
+                   "with zero points for ONNX Runtime's CPU integer kernels; runs on onnxruntime only)")
     p.add_argument("--smoothquant", type=_alpha_or_off, metavar="ALPHA|off",
                    help=f"int8/fp8: SmoothQuant's alpha for MatMul/Gemm layers (default {BuildConfig().smoothquant}), or off")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",

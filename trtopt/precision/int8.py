@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import onnx
@@ -161,6 +162,43 @@ def plan_int8(
     exclude_nodes, exclude_op_types = tuple(exclude_nodes), tuple(exclude_op_types)
     plan = Int8Plan(fmt=fmt)
 
+    weighted = _quantizable_weighted_ops(graph, plan, modules, exclude_nodes, exclude_op_types, quantize_attention)
+    if keep_first_last and weighted:
+        ends = {id(weighted[0][0]): "first weighted layer", id(weighted[-1][0]): "last weighted layer"}
+        plan.skipped += [
+            KeptNode(n.name, n.op, ends[id(n)] + " kept in higher precision", modules.get(n.name))
+            for n, _ in weighted if id(n) in ends
+        ]
+        weighted = [(n, a) for n, a in weighted if id(n) not in ends]
+
+    quantized_convs = set()
+    for node, axis in weighted:
+        plan._use(node.inputs[0].name, node.name, 0)
+        plan.weights.append((node.name, 1, axis))
+        if node.op in ("Conv", "ConvTranspose"):
+            quantized_convs.add(id(node))
+    excluded = (exclude_nodes, exclude_op_types, modules)
+    if quantize_residual:
+        _plan_residual_adds(graph, plan, quantized_convs, excluded, quantize_conv_outputs)
+    if quantize_pooling:
+        # Reverse order, so a chain of pools in front of a quantized op is covered.
+        for node in reversed(graph.nodes):
+            if node.op in POOLING_OPS and node.outputs[0].name in plan.activations:
+                if user_exclusion(node, exclude_nodes, exclude_op_types, modules.get(node.name)) is None:
+                    plan._use(node.inputs[0].name, node.name, 0)
+    return plan
+
+
+def _quantizable_weighted_ops(
+    graph: gs.Graph,
+    plan: Int8Plan,
+    modules: Mapping[str, str],
+    exclude_nodes: tuple[str, ...],
+    exclude_op_types: tuple[str, ...],
+    quantize_attention: bool,
+) -> list[tuple[gs.Node, int]]:
+    """(node, weight axis) of each weighted op to quantize, in graph order; the others go to
+    ``plan.skipped`` with their reason (attention's products, with ``quantize_attention``, to the plan)."""
     weighted = []
     for node in graph.nodes:
         if node.op not in WEIGHTED_OPS:
@@ -180,48 +218,33 @@ def plan_int8(
             reason = "weight is not a 2-D constant (activation x activation products stay in float)"
         if reason is None and isinstance(node.inputs[0], gs.Constant):
             reason = "its data input is a constant"
-        if reason is None and fmt is FP8:
+        if reason is None and plan.fmt is FP8:
             reason = fp8_conv_reason(node)
         if reason is not None:
             plan.skipped.append(KeptNode(node.name, node.op, reason, modules.get(node.name)))
             continue
         weighted.append((node, axis))
-    if keep_first_last and weighted:
-        ends = {id(weighted[0][0]): "first weighted layer", id(weighted[-1][0]): "last weighted layer"}
-        plan.skipped += [
-            KeptNode(n.name, n.op, ends[id(n)] + " kept in higher precision", modules.get(n.name))
-            for n, _ in weighted if id(n) in ends
-        ]
-        weighted = [(n, a) for n, a in weighted if id(n) not in ends]
+    return weighted
 
-    quantized_convs = set()
-    for node, axis in weighted:
-        plan._use(node.inputs[0].name, node.name, 0)
-        plan.weights.append((node.name, 1, axis))
-        if node.op in ("Conv", "ConvTranspose"):
-            quantized_convs.add(id(node))
 
-    if quantize_residual:
-        for node in graph.nodes:
-            if node.op != "Add" or user_exclusion(node, exclude_nodes, exclude_op_types, modules.get(node.name)):
-                continue
-            if not all(isinstance(t, gs.Variable) for t in node.inputs):
-                continue  # an Add with a constant is a bias, not a skip connection
-            from_conv = [bool(t.inputs) and id(t.inputs[0]) in quantized_convs for t in node.inputs]
-            if any(from_conv):
-                # The first Conv-fed input fuses into that Conv; the other one is the residual.
-                skip = 1 if from_conv[0] else 0
-                plan._use(node.inputs[skip].name, node.name, skip)
-                if quantize_conv_outputs:
-                    plan._use(node.inputs[1 - skip].name, node.name, 1 - skip)
-
-    if quantize_pooling:
-        # Reverse order, so a chain of pools in front of a quantized op is covered.
-        for node in reversed(graph.nodes):
-            if node.op in POOLING_OPS and node.outputs[0].name in plan.activations:
-                if user_exclusion(node, exclude_nodes, exclude_op_types, modules.get(node.name)) is None:
-                    plan._use(node.inputs[0].name, node.name, 0)
-    return plan
+def _plan_residual_adds(
+    graph: gs.Graph, plan: Int8Plan, quantized_convs: set[int], excluded: tuple[Any, ...], conv_outputs: bool
+) -> None:
+    """The skip input of each Add that follows a quantized Conv (and, with ``conv_outputs``, the
+    Conv-fed input too)."""
+    exclude_nodes, exclude_op_types, modules = excluded
+    for node in graph.nodes:
+        if node.op != "Add" or user_exclusion(node, exclude_nodes, exclude_op_types, modules.get(node.name)):
+            continue
+        if not all(isinstance(t, gs.Variable) for t in node.inputs):
+            continue  # an Add with a constant is a bias, not a skip connection
+        from_conv = [bool(t.inputs) and id(t.inputs[0]) in quantized_convs for t in node.inputs]
+        if any(from_conv):
+            # The first Conv-fed input fuses into that Conv; the other one is the residual.
+            skip = 1 if from_conv[0] else 0
+            plan._use(node.inputs[skip].name, node.name, skip)
+            if conv_outputs:
+                plan._use(node.inputs[1 - skip].name, node.name, 1 - skip)
 
 
 @dataclass
@@ -276,6 +299,40 @@ def quantize_int8(
         raise ConfigError(f"int8_layout {layout!r} is not one of {', '.join(map(repr, INT8_LAYOUTS))}")
     if layout == "cpu" and plan.fmt is not INT8:
         raise ConfigError(f"int8_layout='cpu' is for INT8; {plan.fmt.name} graphs are for TensorRT only")
+    _check_amax(plan, amax)
+    graph = gs.import_onnx(model)
+    nodes = {n.name: n for n in graph.nodes}
+    report = Int8Report(skipped=list(plan.skipped))
+    # Each node added -> the node it serves (its first use): named after it, and takes its module path.
+    served: dict[str, str] = {}
+    tensors = graph.tensors()
+    for name, uses in plan.activations.items():
+        value = float(amax[name])
+        if layout == "cpu":
+            params = _cpu_activation_params(value, (signed_ranges or {}).get(name), scale_floor)
+        else:
+            params = (value / plan.fmt.qmax, plan.fmt.zero())
+        _insert_activation_qdq(graph, nodes, tensors[name], uses, params, scale_floor, report, served)
+        report.dq_peaks[f"{name}__dq"] = float((ranges or {}).get(name, value))
+    weight_fmt = replace(plan.fmt, weight_qmax=CPU_WEIGHT_QMAX) if layout == "cpu" else plan.fmt
+    _insert_weight_dqs(graph, nodes, plan, node_modules(model), weight_fmt, scale_floor, report, served)
+
+    graph.cleanup().toposort()
+    out = carry_metadata(model, check_model(gs.export_onnx(graph)), served)
+    mark_added(out, served, "int8")
+    logger.info(
+        "%s: %d activations and %d weights quantized (%d Q, %d DQ); %d weighted ops left in float",
+        plan.fmt.name,
+        report.quantized_activations,
+        report.quantized_weights,
+        report.q_nodes,
+        report.dq_nodes,
+        sum(1 for k in report.skipped if k.op in WEIGHTED_OPS),
+    )
+    return out, report
+
+
+def _check_amax(plan: Int8Plan, amax: Mapping[str, float]) -> None:
     missing = [t for t in plan.activation_tensors if t not in amax]
     if missing:
         raise CalibrationError(
@@ -288,46 +345,53 @@ def quantize_int8(
             f"calibrated amax of {bad[0]!r} is {amax[bad[0]]}; the calibration data gives "
             "non-finite activations there: check the data"
         )
-    graph = gs.import_onnx(model)
-    tensors = graph.tensors()
-    nodes = {n.name: n for n in graph.nodes}
-    report = Int8Report(skipped=list(plan.skipped))
-    ranges = ranges or {}
-    fmt = plan.fmt
-    zero = fmt.zero()
-    # Each node added -> the node it serves (its first use): named after it, and takes its module path.
-    served: dict[str, str] = {}
 
-    signed_ranges = signed_ranges or {}
-    for name, uses in plan.activations.items():
-        tensor = tensors[name]
-        value = float(amax[name])
-        if layout == "cpu":
-            scale, zero = _cpu_activation_params(value, signed_ranges.get(name), scale_floor)
-        else:
-            scale = value / fmt.qmax
-        if scale < scale_floor:
-            report.floored_scales.append(name)
-            scale = scale_floor
-        q = gs.Variable(f"{name}__q", zero.dtype, tensor.shape)
-        dq = gs.Variable(f"{name}__dq", np.float32, tensor.shape)
-        scale_c = gs.Constant(f"{name}__scale", np.array(scale, np.float32))
-        zp = gs.Constant(f"{name}__zero_point", zero)
-        user, index = uses[0]
-        q_name, dq_name = f"{user}/QuantizeLinear_in{index}", f"{user}/DequantizeLinear_in{index}"
-        graph.nodes.append(gs.Node("QuantizeLinear", q_name, inputs=[tensor, scale_c, zp], outputs=[q]))
-        graph.nodes.append(gs.Node("DequantizeLinear", dq_name, inputs=[q, scale_c, zp], outputs=[dq]))
-        served.update({q_name: user, dq_name: user})
-        for node_name, index in uses:
-            nodes[node_name].inputs[index] = dq
-        report.dq_peaks[dq.name] = float(ranges.get(name, value))
-        report.quantized_activations += 1
-        report.q_nodes += 1
-        report.dq_nodes += 1
 
+def _insert_activation_qdq(
+    graph: gs.Graph,
+    nodes: Mapping[str, gs.Node],
+    tensor: gs.Variable,
+    uses: list[tuple[str, int]],
+    params: tuple[float, np.ndarray],
+    scale_floor: float,
+    report: Int8Report,
+    served: dict[str, str],
+) -> None:
+    """One per-tensor Q/DQ pair on activation ``tensor`` with ``params`` (scale, zero point),
+    read by all its ``uses``."""
+    name = tensor.name
+    scale, zero = params
+    if scale < scale_floor:
+        report.floored_scales.append(name)
+        scale = scale_floor
+    q = gs.Variable(f"{name}__q", zero.dtype, tensor.shape)
+    dq = gs.Variable(f"{name}__dq", np.float32, tensor.shape)
+    scale_c = gs.Constant(f"{name}__scale", np.array(scale, np.float32))
+    zp = gs.Constant(f"{name}__zero_point", zero)
+    user, index = uses[0]
+    q_name, dq_name = f"{user}/QuantizeLinear_in{index}", f"{user}/DequantizeLinear_in{index}"
+    graph.nodes.append(gs.Node("QuantizeLinear", q_name, inputs=[tensor, scale_c, zp], outputs=[q]))
+    graph.nodes.append(gs.Node("DequantizeLinear", dq_name, inputs=[q, scale_c, zp], outputs=[dq]))
+    served.update({q_name: user, dq_name: user})
+    for node_name, index in uses:
+        nodes[node_name].inputs[index] = dq
+    report.quantized_activations += 1
+    report.q_nodes += 1
+    report.dq_nodes += 1
+
+
+def _insert_weight_dqs(
+    graph: gs.Graph,
+    nodes: Mapping[str, gs.Node],
+    plan: Int8Plan,
+    modules: Mapping[str, str],
+    fmt: QuantFormat,
+    scale_floor: float,
+    report: Int8Report,
+    served: dict[str, str],
+) -> None:
+    """The per-channel weight of each planned unit; a weight two units share is quantized once."""
     shared: dict[tuple[str, int], gs.Variable] = {}
-    modules = node_modules(model)
-    weight_fmt = replace(fmt, weight_qmax=CPU_WEIGHT_QMAX) if layout == "cpu" else fmt
     for node_name, index, axis in plan.weights:
         node = nodes[node_name]
         unit = {"node": node_name, "op": node.op}
@@ -336,26 +400,12 @@ def quantize_int8(
         key = (weight.name, axis)
         if key not in shared:
             shared[key] = _quantized_weight(
-                graph, weight, axis, scale_floor, report, f"{node_name}/DequantizeLinear_in{index}", weight_fmt
+                graph, weight, axis, scale_floor, report, f"{node_name}/DequantizeLinear_in{index}", fmt
             )
             served[shared[key].inputs[0].name] = node_name
             report.quantized_weights += 1
             report.dq_nodes += 1
         node.inputs[index] = shared[key]
-
-    graph.cleanup().toposort()
-    out = carry_metadata(model, check_model(gs.export_onnx(graph)), served)
-    mark_added(out, served, "int8")
-    logger.info(
-        "%s: %d activations and %d weights quantized (%d Q, %d DQ); %d weighted ops left in float",
-        fmt.name,
-        report.quantized_activations,
-        report.quantized_weights,
-        report.q_nodes,
-        report.dq_nodes,
-        sum(1 for k in report.skipped if k.op in WEIGHTED_OPS),
-    )
-    return out, report
 
 
 def _cpu_activation_params(
