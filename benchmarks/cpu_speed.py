@@ -4,8 +4,9 @@ ResNet-18, MobileNetV3-small (torchvision, random weights with BatchNorm statist
 re-estimated on image-like inputs) and a transformer encoder (4 layers, d_model 256,
 sequence 128), at batch 1 and 8, on the ONNX Runtime CPU backend. The variants:
 
-- trtopt FP32, FP16 (emulated on the CPU: slower by design) and INT8 (the TensorRT-faithful
-  graph, run on ONNX Runtime's integer kernels where that is exact);
+- trtopt FP32, FP16 (emulated on the CPU: slower by design), INT8 (the TensorRT-faithful
+  graph, run on ONNX Runtime's integer kernels where that is exact) and INT8 with
+  ``int8_layout="cpu"`` (uint8 activations with zero points: integer kernels throughout);
 - onnxruntime ``quantize_static`` (QDQ, u8 activations, per-channel s8 weights) in a default
   ONNX Runtime session: its own Q/DQ fusions, which saturate on x86 CPUs without VNNI;
 - the model in torch eager.
@@ -118,6 +119,7 @@ def variants(name: str, workdir: Path) -> tuple[dict[str, Run], np.ndarray, np.n
     fp32 = trtopt.compile(model, example, **common)
     fp16 = trtopt.compile(model, example, precision="fp16", calibration_data=batches, **common)
     int8 = trtopt.compile(model, example, precision="int8", calibration_data=batches, **common)
+    cpu_int8 = trtopt.compile(model, example, precision="int8", int8_layout="cpu", calibration_data=batches, **common)
 
     def eager(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -127,6 +129,7 @@ def variants(name: str, workdir: Path) -> tuple[dict[str, Run], np.ndarray, np.n
         "trtopt FP32": fp32,
         "trtopt FP16 (emulated)": fp16,
         "trtopt INT8": int8,
+        "trtopt INT8, int8_layout='cpu'": cpu_int8,
         "INT8 TensorRT Q/DQ, emulated as is": session_run(emulation_session(int8)),
         "onnxruntime quantize_static": session_run(quantize_static_session(fp32, calibration, workdir)),
         "torch eager": eager,

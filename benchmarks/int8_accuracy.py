@@ -225,6 +225,8 @@ def quantizers() -> dict[str, Quantizer]:
     chosen = {f"trtopt {c}" + (" (default)" if c == DEFAULT else ""): trtopt_int8(calibrator=c) for c in CALIBRATORS}
     chosen[f"trtopt {DEFAULT}, SmoothQuant off"] = trtopt_int8(smoothquant=None)
     chosen[f"trtopt {DEFAULT}, attention MatMuls in INT8"] = trtopt_int8(int8_attention=True)
+    # The CPU deployment layout (uint8 activations with zero points, weights within +-63).
+    chosen[f"trtopt {DEFAULT}, int8_layout='cpu'"] = trtopt_int8(int8_layout="cpu")
     # FP8 E4M3 (TensorRT on compute capability 8.9+) at its defaults: the same Q/DQ pass and sessions.
     chosen["trtopt fp8"] = trtopt_int8("fp8")
     chosen["onnxruntime quantize_static"] = onnxruntime_int8
