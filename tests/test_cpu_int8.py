@@ -22,7 +22,7 @@ import torch
 import trtopt
 from tests._digits import DigitsCNN, DigitsTransformer, load_digits, top1, train
 from trtopt.backends.onnxruntime import DISABLED_OPTIMIZERS, make_session
-from trtopt.backends.qdq_cpu import lower_qdq_for_cpu
+from trtopt.backends.qdq_cpu import is_cpu_layout, lower_qdq_for_cpu
 from trtopt.precision import emulate_fp16, validate_qdq
 from trtopt.backends.fp16_emulation import fused_int8_tensors
 
@@ -250,6 +250,19 @@ def test_cpu_layout_accuracy_on_digits(cnn_int8, cnn_cpu_layout, digits):
     assert cnn_cpu_layout.precision_report.accuracy.top1_agreement >= 0.98
 
 
+def test_cpu_layout_runs_what_its_qdq_graph_computes(cnn_int8, cnn_cpu_layout, digits):
+    """ONNX Runtime's own Q/DQ fusions stay on for the CPU layout (every pair sum fits int16 there)
+    and off for TensorRT's layout; either way the module computes what the Q/DQ ops compute."""
+    assert is_cpu_layout(cnn_cpu_layout.onnx_model)
+    assert not is_cpu_layout(cnn_int8[1].onnx_model) and not is_cpu_layout(emulate_fp16(cnn_int8[1].onnx_model))
+    x = digits.test_x[:256].numpy()
+    graph = cnn_cpu_layout.onnx_model
+    want = plain_session(graph, ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(None, {"x": x})[0]
+    got = cnn_cpu_layout(x)
+    assert np.abs(got - want).max() <= 0.01 * np.abs(want).max()
+    assert float(np.mean(got.argmax(1) == want.argmax(1))) >= 0.99
+
+
 def test_cpu_layout_survives_save_and_load(cnn_cpu_layout, digits, tmp_path):
     path = cnn_cpu_layout.save(tmp_path / "cpu.trtopt")
     loaded = trtopt.load(path, backend="onnxruntime")
@@ -267,5 +280,7 @@ def test_tensorrt_refuses_the_cpu_layout(cnn_cpu_layout):
         trtopt.BuildConfig(precision="int8", int8_layout="cpu", backend="tensorrt")
     with pytest.raises(ConfigError, match="precision='int8'"):
         trtopt.BuildConfig(precision="fp16", int8_layout="cpu")
+    with pytest.raises(ConfigError, match="weighted layers only"):
+        trtopt.BuildConfig(precision="int8", int8_layout="cpu", int8_attention=True)
     with pytest.raises(ConfigError, match="int8_layout='gpu'"):
         trtopt.BuildConfig(precision="int8", int8_layout="gpu")

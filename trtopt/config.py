@@ -205,6 +205,13 @@ class BuildConfig:
                 "int8_layout='cpu' writes uint8 activations with zero points, which TensorRT cannot build "
                 "(it needs symmetric INT8): use backend='onnxruntime', or int8_layout='tensorrt' for TensorRT"
             )
+        if self.int8_attention:
+            # Attention's activation x activation MatMuls would be uint8 x uint8, which the CPU
+            # layout's exactness argument (weights within +-63) does not cover.
+            raise ConfigError(
+                "int8_attention=True is for TensorRT's fused INT8 attention; int8_layout='cpu' quantizes "
+                "weighted layers only: drop one of the two"
+            )
 
     @property
     def float_part_precision(self) -> Precision:

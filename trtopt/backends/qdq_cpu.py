@@ -383,6 +383,13 @@ def _pool_before_q(pool: gs.Node, dq: gs.Node, outputs: set[str]) -> bool:
     return True
 
 
+def is_cpu_layout(model: onnx.ModelProto) -> bool:
+    """True for a graph compiled with ``int8_layout="cpu"``: its QuantizeLinear nodes write uint8
+    (a graph for TensorRT is symmetric int8 until ``lower_qdq_for_cpu`` re-encodes it)."""
+    uint8 = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.UINT8}
+    return any(n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in uint8 for n in model.graph.node)
+
+
 def lower_qdq_for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` laid out for ONNX Runtime's CPU QDQ fusions (see the module docstring).
 
