@@ -38,6 +38,13 @@ def median_ms(fn: Any, x: torch.Tensor, iterations: int) -> float:
     return statistics.median(times)
 
 
+def settings(precision: str) -> dict[str, str]:
+    """compile's settings for a demo row: "int8-cpu" is INT8 in the CPU layout (int8_layout="cpu")."""
+    if precision == "int8-cpu":
+        return {"precision": "int8", "int8_layout": "cpu"}
+    return {"precision": precision}
+
+
 def digits_table(precisions: list[str], iterations: int) -> None:
     digits = load_digits()
     start = time.perf_counter()
@@ -51,7 +58,7 @@ def digits_table(precisions: list[str], iterations: int) -> None:
     reference = None
     for precision in precisions:
         compiled = trtopt.compile(
-            model, (digits.test_x[:4],), precision=precision, dynamic_shapes={"x": {0: (1, 64, 512)}},
+            model, (digits.test_x[:4],), **settings(precision), dynamic_shapes={"x": {0: (1, 64, 512)}},
             calibration_data=None if precision == "fp32" else calibration,
         )
         logits = compiled(digits.test_x)
@@ -80,7 +87,7 @@ def resnet_table(precisions: list[str], size: int, iterations: int) -> None:
         rows = [("torch eager", "fp32", median_ms(model, x1, iterations), median_ms(model, x8, iterations), 0.0, 1.0)]
         for precision in precisions:
             compiled = trtopt.compile(
-                model, (x1,), precision=precision, dynamic_shapes={"x": {0: (1, 8, 16)}},
+                model, (x1,), **settings(precision), dynamic_shapes={"x": {0: (1, 8, 16)}},
                 calibration_data=None if precision == "fp32" else calibration,
             )
             out = compiled(x8)
@@ -99,7 +106,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--iterations", type=int, default=10)
-    parser.add_argument("--precisions", default="fp32,fp16,int8")
+    parser.add_argument("--precisions", default="fp32,fp16,int8,int8-cpu",
+                        help="comma-separated; int8-cpu is INT8 with int8_layout='cpu' (ONNX Runtime only)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("trtopt").setLevel(logging.INFO)

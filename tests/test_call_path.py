@@ -85,5 +85,11 @@ def test_overhead_benchmark_runs_on_a_tiny_setting(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     result = bench.main(["--rounds", "2", "--calls", "5", "--out", str(tmp_path)])
-    assert [r["variant"] for r in result["rows"]] == ["raw session.run", "trtopt, numpy input", "trtopt, torch input"]
-    assert (tmp_path / "overhead.json").is_file() and "overhead vs raw" in (tmp_path / "overhead.md").read_text()
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == ["raw session.run", "raw session.run, torch in and out", "trtopt, numpy input", "trtopt, torch input"]
+    # Each trtopt call is measured against the raw call with the same kind of inputs and outputs.
+    assert rows["trtopt, torch input"]["baseline"] == "raw session.run, torch in and out"
+    torch_row = rows["trtopt, torch input"]
+    baseline = rows[torch_row["baseline"]]["median_us"]
+    assert torch_row["overhead_us"] == pytest.approx(torch_row["median_us"] - baseline, abs=0.011)
+    assert (tmp_path / "overhead.json").is_file() and "| overhead us |" in (tmp_path / "overhead.md").read_text()
