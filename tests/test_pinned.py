@@ -17,7 +17,7 @@ import torch
 
 import trtopt
 from tests._models import ResidualCNN
-from trtopt.module import tensor_specs
+from trtopt.spec import tensor_specs
 from trtopt.precision import feed_batches, tensor_ranges
 
 RELATIVE = 1e-6

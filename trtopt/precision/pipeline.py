@@ -47,7 +47,7 @@ def apply_precision(
     (optional; without it only weights and exclusions decide, and nothing is
     checked for Inf/NaN). INT8 and FP8: Q/DQ pairs with scales from the calibrator
     (needs ``calibration_data`` or an existing ``calibration_cache``), the rest
-    in ``config.int8_float_precision``; with ``accuracy_budget``, the units the
+    in ``config.float_part_precision``; with ``accuracy_budget``, the units the
     search keeps high stay out of INT8.
     """
     if accuracy_budget is not None and not config.precision.quantized:
@@ -163,7 +163,7 @@ class PreparedData:
         cls, model: onnx.ModelProto, config: BuildConfig, calibration_data: Any, accuracy_budget: Any,
         validation_data: Any,
     ) -> PreparedData:
-        from ..module import tensor_specs
+        from ..spec import tensor_specs
         from .probe import feed_batches
 
         data = cls(inputs=tensor_specs(model.graph.input), budget=_parse_budget(accuracy_budget))
