@@ -312,8 +312,8 @@ def quantize_int8(
             params = _cpu_activation_params(value, (signed_ranges or {}).get(name), scale_floor)
         else:
             params = (value / plan.fmt.qmax, plan.fmt.zero())
-        _insert_activation_qdq(graph, nodes, tensors[name], uses, params, scale_floor, report, served)
-        report.dq_peaks[f"{name}__dq"] = float((ranges or {}).get(name, value))
+        dq = _insert_activation_qdq(graph, nodes, tensors[name], uses, params, scale_floor, report, served)
+        report.dq_peaks[dq.name] = float((ranges or {}).get(name, value))
     weight_fmt = replace(plan.fmt, weight_qmax=CPU_WEIGHT_QMAX) if layout == "cpu" else plan.fmt
     _insert_weight_dqs(graph, nodes, plan, node_modules(model), weight_fmt, scale_floor, report, served)
 
@@ -356,9 +356,9 @@ def _insert_activation_qdq(
     scale_floor: float,
     report: Int8Report,
     served: dict[str, str],
-) -> None:
+) -> gs.Variable:
     """One per-tensor Q/DQ pair on activation ``tensor`` with ``params`` (scale, zero point),
-    read by all its ``uses``."""
+    read by all its ``uses``; returns the dequantized tensor."""
     name = tensor.name
     scale, zero = params
     if scale < scale_floor:
@@ -378,6 +378,7 @@ def _insert_activation_qdq(
     report.quantized_activations += 1
     report.q_nodes += 1
     report.dq_nodes += 1
+    return dq
 
 
 def _insert_weight_dqs(
