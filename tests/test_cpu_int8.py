@@ -284,3 +284,16 @@ def test_tensorrt_refuses_the_cpu_layout(cnn_cpu_layout):
         trtopt.BuildConfig(precision="int8", int8_layout="cpu", int8_attention=True)
     with pytest.raises(ConfigError, match="int8_layout='gpu'"):
         trtopt.BuildConfig(precision="int8", int8_layout="gpu")
+
+
+def test_a_saved_cpu_layout_module_loads_on_onnx_runtime_even_where_tensorrt_runs(cnn_cpu_layout, tmp_path, monkeypatch):
+    from trtopt import _deps, compiler
+    from trtopt.errors import ConfigError
+
+    path = cnn_cpu_layout.save(tmp_path / "cpu.trtopt")
+    # As on a GPU machine: auto would pick TensorRT, which cannot build the CPU layout.
+    monkeypatch.setattr(_deps, "tensorrt_unavailable_reason", lambda: None)
+    assert compiler.select_backend("auto") is trtopt.Backend.TENSORRT
+    assert trtopt.load(path).backend_name == "onnxruntime"
+    with pytest.raises(ConfigError, match="int8_layout='tensorrt'"):
+        trtopt.load(path, backend="tensorrt")

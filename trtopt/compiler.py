@@ -34,9 +34,21 @@ from .spec import ModuleSpec, tensor_specs
 logger = logging.getLogger(__name__)
 
 
-def select_backend(requested: Backend | str) -> Backend:
-    """Resolve ``auto``; forcing TensorRT where it cannot run raises a DependencyError."""
+def select_backend(requested: Backend | str, *, cpu_layout: bool = False) -> Backend:
+    """Resolve ``auto``; forcing TensorRT where it cannot run raises a DependencyError.
+
+    A graph in the CPU INT8 layout (``int8_layout="cpu"``) runs on ONNX Runtime only:
+    ``auto`` resolves to it, and ``tensorrt`` is a ConfigError (TensorRT cannot build it).
+    """
     requested = Backend(requested.value if isinstance(requested, Backend) else requested)
+    if cpu_layout:
+        if requested is Backend.TENSORRT:
+            raise ConfigError(
+                "this module's INT8 graph is in the CPU layout (int8_layout='cpu', uint8 activations with "
+                "zero points), which TensorRT cannot build: use backend='onnxruntime', or compile again "
+                "with int8_layout='tensorrt' for TensorRT"
+            )
+        return Backend.ONNXRUNTIME
     if requested is Backend.TENSORRT:
         _deps.require_tensorrt_backend()
         return requested
@@ -221,8 +233,7 @@ def compile(  # noqa: A001 - the public name docs/design.md fixes
     source = load_source(model)
     if not (isinstance(source, onnx.ModelProto) and carried_precision(source)):
         _check_calibration_source(config, calibration_data)
-    # The CPU layout runs on ONNX Runtime only (BuildConfig refuses backend="tensorrt" with it).
-    kind = Backend.ONNXRUNTIME if config.int8_layout == "cpu" else select_backend(config.backend)
+    kind = select_backend(config.backend, cpu_layout=config.int8_layout == "cpu")
     if kind is Backend.TENSORRT and config.precision is Precision.FP8:
         from .builder import require_fp8_support
 
@@ -344,12 +355,14 @@ def load(path: str | os.PathLike[str], *, backend: Backend | str = "auto", **ove
     (``BuildConfig`` fields such as ``cuda_graph=True`` or ``engine_cache_dir``)
     change them.
     """
+    from .backends.qdq_cpu import is_cpu_layout
+
     onnx_model, spec, engine = read_module_file(path)
     stored = dict(spec.info.get("build_config", {"precision": spec.precision}))
     for name in MACHINE_SETTINGS:
         stored.pop(name, None)
     config = BuildConfig().replace(**{**stored, **overrides})
-    kind = select_backend(backend)
+    kind = select_backend(backend, cpu_layout=is_cpu_layout(onnx_model))
     allow_fallback = Backend(backend.value if isinstance(backend, Backend) else backend) is Backend.AUTO
     backend_obj, engine = make_backend(kind, onnx_model, spec, config, engine, allow_fallback=allow_fallback)
     return CompiledModule(onnx_model, spec, backend_obj, engine)
