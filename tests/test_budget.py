@@ -346,6 +346,9 @@ def test_the_switched_graph_gives_the_outputs_of_the_graph_built_for_each_set(se
         # the switch keeps them float Q/DQ: equal up to float rounding of the requantization.
         assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max(), kept
     assert len(switched.switches) == 4
+    # Each unit is an If whose branches read the weights in place: no op copies a weight per run.
+    ops = [n.op_type for n in switched.graph().graph.node]
+    assert ops.count("If") == 4 and "Where" not in ops, ops
     with pytest.raises(ConfigError, match="not quantized units"):
         switched.run(frozenset(["nope"]), validation)
 

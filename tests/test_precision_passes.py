@@ -103,6 +103,36 @@ def test_fp16_without_keep_list_overflows(energy):
     assert np.isfinite(run(emulate_fp16(repaired), x)).all()
 
 
+class Heads(nn.Module):
+    """Splits features into heads and back: Reshape, Transpose and Relu between two Linears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x).reshape(-1, 4, 4).transpose(1, 2).relu()
+        return self.b(h.reshape(-1, 16))
+
+
+def test_fp16_emulation_rounds_only_where_values_change(monkeypatch):
+    x = torch.randn(32, 16) * 3
+    plain, _ = convert_to_fp16(exported(Heads(), x[:4]), ranges=None)
+    emulated = emulate_fp16(plain)
+    producers = {o: n.op_type for n in emulated.graph.node for o in n.output}
+    rounded_by = [producers[n.input[0]] for n in emulated.graph.node
+                  if n.op_type == "Cast" and n.output[0].endswith("__as_fp16")]
+    # The Linears' outputs are rounded; Reshape, Transpose and Relu of FP16 values give FP16 values.
+    assert rounded_by and not {"Reshape", "Transpose", "Relu"} & set(rounded_by), rounded_by
+    assert {"Reshape", "Transpose", "Relu"} <= {n.op_type for n in plain.graph.node}
+    # Bit for bit what rounding every FP16 tensor computes.
+    monkeypatch.setattr("trtopt.backends.fp16_emulation.already_fp16", lambda model, names: set())
+    every = emulate_fp16(plain)
+    assert sum(n.op_type == "Cast" for n in every.graph.node) > sum(n.op_type == "Cast" for n in emulated.graph.node)
+    assert np.array_equal(run(emulated, x), run(every, x))
+
+
 def test_fp16_exclusions_and_oversized_weights_are_reported():
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])

@@ -25,7 +25,10 @@ def emulate_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     Tensors that live inside TensorRT's fused INT8 kernels (``fused_int8_tensors``)
     are not rounded: TensorRT never stores them in FP16, and the Casts would keep
     ONNX Runtime from fusing DequantizeLinear -> Conv -> QuantizeLinear into its
-    integer kernels.
+    integer kernels. Nor is a tensor that an op which only moves or selects values
+    (Reshape, Transpose, Gather, Relu, ...) makes from FP16 values: it holds FP16
+    values already, so its Casts would change nothing and cost a copy each
+    (``already_fp16``).
     """
     half = onnx.TensorProto.FLOAT16
     half_tensors = {
@@ -34,6 +37,7 @@ def emulate_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     if not half_tensors:
         return model
     half_tensors -= fused_int8_tensors(model)
+    to_round = half_tensors - already_fp16(model, half_tensors)
     emulated = onnx.ModelProto()
     emulated.CopyFrom(model)
     graph = emulated.graph
@@ -54,7 +58,7 @@ def emulate_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
                 attr.i = onnx.TensorProto.FLOAT
         nodes.append(node)
         for i, name in enumerate(node.output):
-            if name in half_tensors:
+            if name in to_round:
                 wide, rounded = f"{name}__fp32", f"{name}__as_fp16"
                 node.output[i] = wide
                 nodes.append(onnx.helper.make_node("Cast", [wide], [rounded], to=half))
@@ -65,6 +69,35 @@ def emulate_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
         if vi.type.tensor_type.elem_type == half:
             vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
     return emulated
+
+
+# Ops whose output holds only values of their data inputs (moved, selected, or max'ed with 0),
+# with how many leading inputs carry data (None: all): FP16 values in, FP16 values out.
+_VALUE_PRESERVING = {
+    "Reshape": 1, "Transpose": 1, "Squeeze": 1, "Unsqueeze": 1, "Flatten": 1, "Identity": 1,
+    "Gather": 1, "Slice": 1, "Split": 1, "Expand": 1, "Tile": 1, "Concat": None,
+    "DepthToSpace": 1, "SpaceToDepth": 1, "Relu": 1, "MaxPool": 1, "GlobalMaxPool": 1,
+    "ReduceMax": 1, "ReduceMin": 1, "Max": None, "Min": None, "Neg": 1, "Abs": 1,
+}
+
+
+def already_fp16(model: onnx.ModelProto, half_tensors: set[str]) -> set[str]:
+    """The tensors of ``half_tensors`` that an op in ``_VALUE_PRESERVING`` makes from FP16 values only.
+
+    After emulation every tensor of ``half_tensors`` holds FP16 values (rounded, or made
+    from FP16 values), as does every FP16 initializer, so one pass decides each node.
+    """
+    fp16_values = half_tensors | {
+        init.name for init in model.graph.initializer if init.data_type == onnx.TensorProto.FLOAT16
+    }
+    found = set()
+    for node in model.graph.node:
+        if node.op_type not in _VALUE_PRESERVING or node.domain not in ("", "ai.onnx"):
+            continue
+        data = node.input[: _VALUE_PRESERVING[node.op_type]]
+        if data and all(name in fp16_values for name in data):
+            found.update(name for name in node.output if name in half_tensors)
+    return found
 
 
 # Ops between a tensor and its QuantizeLinear that TensorRT fuses with it (Relu into the
