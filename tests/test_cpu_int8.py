@@ -241,6 +241,41 @@ def test_cpu_layout_runs_every_conv_with_a_quantized_output_on_integer_kernels(c
     assert cpu.count("MatMulIntegerToFloat") == 1
 
 
+class HardSwishNet(torch.nn.Module):
+    """MobileNetV3's pattern: Convs whose outputs go on through hard-swish and a hard-sigmoid gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.depthwise = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.gate = torch.nn.Conv2d(8, 8, 1)
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.hardswish(self.stem(x))
+        h = torch.nn.functional.hardswish(self.depthwise(h))
+        h = h * torch.nn.functional.hardsigmoid(self.gate(h))
+        return self.head(h.mean((2, 3)))
+
+
+def test_cpu_layout_quantizes_conv_outputs_that_go_on_in_float(digits, tmp_path):
+    model = HardSwishNet().eval()
+    module = trtopt.compile(
+        model, (digits.test_x[:4],), precision="int8", int8_layout="cpu",
+        calibration_data=digits.calibration_batches(), dynamic_shapes={"x": {0: (1, 64, 512)}},
+    )
+    ops = optimized_ops(module.onnx_model, tmp_path)
+    # Each Conv's output is quantized before its hard-swish/hard-sigmoid: every Conv is a QLinearConv.
+    assert ops.count("QLinearConv") == 3 and "Conv" not in ops, ops
+    x = digits.test_x[:256]
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = module(x.numpy())
+    assert float(np.mean(got.argmax(1) == expected.argmax(1))) >= 0.95
+    assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()
+
+
 def test_cpu_layout_accuracy_on_digits(cnn_int8, cnn_cpu_layout, digits):
     model, faithful = cnn_int8
     x = digits.test_x.numpy()

@@ -150,8 +150,9 @@ def plan_int8(
     of activation-by-activation MatMuls (attention's Q.K^T and P.V, per tensor), the
     placement TensorRT's INT8 multi-head-attention fusion looks for; off, they stay
     in the float precision. ``quantize_conv_outputs`` (the CPU layout) also quantizes
-    the Conv-fed input of a residual Add, so the Conv runs on integer kernels from
-    end to end (TensorRT fuses that Add into the Conv instead).
+    a quantized Conv's output where a float op other than Relu reads it (a residual
+    Add, HardSwish, HardSigmoid, ...), so the Conv runs on integer kernels from end
+    to end (TensorRT fuses those ops into the Conv instead).
     """
     fmt = quant_format(fmt)
     if quantize_pooling is None:
@@ -179,7 +180,9 @@ def plan_int8(
             quantized_convs.add(id(node))
     excluded = (exclude_nodes, exclude_op_types, modules)
     if quantize_residual:
-        _plan_residual_adds(graph, plan, quantized_convs, excluded, quantize_conv_outputs)
+        _plan_residual_adds(graph, plan, quantized_convs, excluded)
+    if quantize_conv_outputs:
+        _plan_conv_outputs(graph, plan, quantized_convs, excluded)
     if quantize_pooling:
         # Reverse order, so a chain of pools in front of a quantized op is covered.
         for node in reversed(graph.nodes):
@@ -227,11 +230,8 @@ def _quantizable_weighted_ops(
     return weighted
 
 
-def _plan_residual_adds(
-    graph: gs.Graph, plan: Int8Plan, quantized_convs: set[int], excluded: tuple[Any, ...], conv_outputs: bool
-) -> None:
-    """The skip input of each Add that follows a quantized Conv (and, with ``conv_outputs``, the
-    Conv-fed input too)."""
+def _plan_residual_adds(graph: gs.Graph, plan: Int8Plan, quantized_convs: set[int], excluded: tuple[Any, ...]) -> None:
+    """The skip input of each Add that follows a quantized Conv."""
     exclude_nodes, exclude_op_types, modules = excluded
     for node in graph.nodes:
         if node.op != "Add" or user_exclusion(node, exclude_nodes, exclude_op_types, modules.get(node.name)):
@@ -243,8 +243,25 @@ def _plan_residual_adds(
             # The first Conv-fed input fuses into that Conv; the other one is the residual.
             skip = 1 if from_conv[0] else 0
             plan._use(node.inputs[skip].name, node.name, skip)
-            if conv_outputs:
-                plan._use(node.inputs[1 - skip].name, node.name, 1 - skip)
+
+
+def _plan_conv_outputs(graph: gs.Graph, plan: Int8Plan, quantized_convs: set[int], excluded: tuple[Any, ...]) -> None:
+    """A quantized Conv's output where an op other than Relu reads it (the CPU layout).
+
+    ONNX Runtime's integer Conv writes quantized codes; a Conv whose output goes on
+    in float runs as a float Conv. A Relu is left out: the CPU lowering drops a
+    Relu in front of a uint8 QuantizeLinear with zero point 0, which clips at 0 itself.
+    """
+    exclude_nodes, exclude_op_types, modules = excluded
+    for node in graph.nodes:
+        if id(node) not in quantized_convs:
+            continue
+        for user in node.outputs[0].outputs:
+            if user.op == "Relu" or user_exclusion(user, exclude_nodes, exclude_op_types, modules.get(user.name)):
+                continue
+            for index, tensor in enumerate(user.inputs):
+                if tensor is node.outputs[0]:
+                    plan._use(tensor.name, user.name, index)
 
 
 @dataclass
