@@ -78,7 +78,6 @@ def test_fp16_emulation_skips_tensors_inside_fused_int8_kernels(cnn_int8):
     _, module = cnn_int8
     graph = module.onnx_model
     fused = fused_int8_tensors(graph)
-    producers = {o: n for n in graph.graph.node for o in n.output}
     # Every Relu output that only feeds a Q, and every dequantized Conv/Gemm input, is fused.
     relu_into_q = [n.output[0] for n in graph.graph.node if n.op_type == "Relu"
                    and all(c.op_type == "QuantizeLinear" for c in graph.graph.node if n.output[0] in c.input)]
