@@ -570,9 +570,9 @@ class SwitchedInt8:
     equal ``build_int8``'s graph for the same set: keeping a unit high there
     removes exactly those Q/DQ uses (``keep_high``). Only the branch taken runs,
     and each branch reads its weight where it lies; a ``Where`` between the two
-    weights instead copied every weight on every run (40% of a BERT-base run).
-    The graph and session are made on the first ``run``, so a fully cached
-    search builds nothing.
+    weights instead copied every weight on every run (two BERT-base layers: 105
+    ms a run against 62 ms). The graph and session are made on the first
+    ``run``, so a fully cached search builds nothing.
     """
 
     def __init__(
