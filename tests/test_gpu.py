@@ -19,6 +19,7 @@ import torch
 
 import trtopt
 from trtopt import _deps
+from trtopt.backends.fp16_emulation import check_against_engine
 
 from ._models import ResidualCNN
 from .helpers import max_relative_error
@@ -92,6 +93,18 @@ def test_int8_engine(model) -> None:
         x = torch.randn(batch, 3, 32, 32, device="cuda")
         # Random weights and data: a loose bound that still fails on wrong scales or a broken graph.
         assert max_relative_error(fast(x), reference(model, x)) < 0.15
+
+
+def test_the_cpu_fp16_emulation_is_never_looser_than_the_engine(model) -> None:
+    """Every graph tensor a real INT8 engine (FP16 float part) writes in FP16 is one the CPU emulation
+    rounds or knows to hold FP16 values; what it rounds that the engine never stores is only logged
+    (there the emulation is stricter than TensorRT; benchmarks/fp16_fidelity.py lists it)."""
+    calibration = [torch.randn(8, 3, 32, 32) for _ in range(4)]
+    fast = trtopt.compile(model, (torch.randn(4, 3, 32, 32),), precision="int8", backend="tensorrt",
+                          dynamic_shapes=DYNAMIC, calibration_data=calibration)
+    check = check_against_engine(fast.onnx_model, fast.backend.layer_information())
+    logging.getLogger(__name__).info("rounded on the CPU, never stored in FP16: %s", check["rounded_not_stored"])
+    assert not check["stored_not_rounded"], check
 
 
 def test_second_compile_hits_the_engine_cache(fp32, model, cache_dir, caplog) -> None:

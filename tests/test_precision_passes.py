@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import trtopt
+from trtopt.backends.fp16_emulation import check_against_engine
 from trtopt.backends.onnxruntime import OnnxRuntimeBackend
 from trtopt.config import build_profiles
 from trtopt.errors import CalibrationError, GraphError
@@ -131,6 +132,24 @@ def test_fp16_emulation_rounds_only_where_values_change(monkeypatch):
     every = emulate_fp16(plain)
     assert sum(n.op_type == "Cast" for n in every.graph.node) > sum(n.op_type == "Cast" for n in emulated.graph.node)
     assert np.array_equal(run(emulated, x), run(every, x))
+
+
+def test_fp16_emulation_is_checked_against_an_engine_listing():
+    """``check_against_engine`` on a hand-written engine inspector listing: a test double of the
+    JSON TensorRT writes (each layer's outputs with their format and data type)."""
+    plain, _ = convert_to_fp16(exported(Heads(), torch.randn(4, 16)), ranges=None)
+    fp16 = "Row major linear FP16 format"
+    layers = [  # the engine fused the input Cast into the first Gemm, so "x__cast_float16" is never stored
+        {"Name": "a", "Outputs": [{"Name": "linear", "Format/Datatype": fp16}]},
+        {"Name": "shuffle + relu + shuffle", "Outputs": [{"Name": "_unsafe_view", "Format/Datatype": "Half"}]},
+        {"Name": "b", "Outputs": [{"Name": "output__fp16", "Format/Datatype": fp16}]},
+        {"Name": "cast", "Outputs": [{"Name": "output", "Format/Datatype": "Row major linear FP32 format"}]},
+    ]
+    check = check_against_engine(plain, {"Layers": layers})
+    # "_unsafe_view" is not rounded, but the emulation knows it holds FP16 values (a Reshape of them).
+    assert check == {"rounded_not_stored": ["x__cast_float16"], "stored_not_rounded": []}
+    layers[-1]["Outputs"][0]["Format/Datatype"] = "Half"  # an FP32 output the engine writes in FP16
+    assert check_against_engine(plain, {"Layers": layers})["stored_not_rounded"] == ["output"]
 
 
 def test_fp16_exclusions_and_oversized_weights_are_reported():

@@ -31,13 +31,9 @@ def emulate_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     (``already_fp16``).
     """
     half = onnx.TensorProto.FLOAT16
-    half_tensors = {
-        vi.name for vi in [*model.graph.value_info, *model.graph.output] if vi.type.tensor_type.elem_type == half
-    }
+    half_tensors, to_round = _fp16_tensors(model)
     if not half_tensors:
         return model
-    half_tensors -= fused_int8_tensors(model)
-    to_round = half_tensors - already_fp16(model, half_tensors)
     emulated = onnx.ModelProto()
     emulated.CopyFrom(model)
     graph = emulated.graph
@@ -69,6 +65,46 @@ def emulate_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
         if vi.type.tensor_type.elem_type == half:
             vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
     return emulated
+
+
+def _fp16_tensors(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
+    """(the FP16 tensors outside TensorRT's fused INT8 kernels, those of them ``emulate_fp16`` rounds)."""
+    half_tensors = {
+        vi.name for vi in [*model.graph.value_info, *model.graph.output]
+        if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    }
+    if not half_tensors:
+        return set(), set()
+    half_tensors -= fused_int8_tensors(model)
+    return half_tensors, half_tensors - already_fp16(model, half_tensors)
+
+
+def check_against_engine(model: onnx.ModelProto, layer_information: dict) -> dict[str, list[str]]:
+    """Where the emulation's FP16 rounding of ``model`` and a TensorRT engine built from it disagree.
+
+    ``layer_information`` is the engine inspector's JSON (``TensorRTBackend.layer_information``;
+    trtopt builds engines with detailed profiling verbosity, so each layer lists its output
+    tensors with their data type). Returns two sorted lists of tensor names:
+
+    - ``rounded_not_stored``: the emulation rounds them, but no engine layer writes them in
+      FP16 (TensorRT fused them away, or keeps them in another precision): the emulation
+      is stricter than the engine there, and slower than it needs to be;
+    - ``stored_not_rounded``: an engine layer writes them in FP16, but the emulation
+      neither rounds them nor knows them to hold FP16 values: the emulation is looser
+      than the engine there.
+    """
+    half_tensors, rounded = _fp16_tensors(model)
+    produced = {name for node in model.graph.node for name in node.output}
+    stored = {
+        output.get("Name")
+        for layer in layer_information.get("Layers", []) if isinstance(layer, dict)
+        for output in layer.get("Outputs", [])
+        if any(word in str(output.get("Format/Datatype", "")).lower() for word in ("fp16", "half"))
+    }
+    return {
+        "rounded_not_stored": sorted(rounded - stored),
+        "stored_not_rounded": sorted((stored & produced) - half_tensors),
+    }
 
 
 # Ops whose output holds only values of their data inputs (moved, selected, or max'ed with 0),
