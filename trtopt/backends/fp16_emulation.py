@@ -31,8 +31,8 @@ def emulate_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     (``already_fp16``).
     """
     half = onnx.TensorProto.FLOAT16
-    half_tensors, to_round = _fp16_tensors(model)
-    if not half_tensors:
+    typed_half, half_tensors, to_round = _fp16_tensors(model)
+    if not typed_half:
         return model
     emulated = onnx.ModelProto()
     emulated.CopyFrom(model)
@@ -67,16 +67,16 @@ def emulate_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return emulated
 
 
-def _fp16_tensors(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
-    """(the FP16 tensors outside TensorRT's fused INT8 kernels, those of them ``emulate_fp16`` rounds)."""
-    half_tensors = {
+def _fp16_tensors(model: onnx.ModelProto) -> tuple[set[str], set[str], set[str]]:
+    """(the graph's FP16 tensors, those outside TensorRT's fused INT8 kernels, those ``emulate_fp16`` rounds)."""
+    typed_half = {
         vi.name for vi in [*model.graph.value_info, *model.graph.output]
         if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     }
-    if not half_tensors:
-        return set(), set()
-    half_tensors -= fused_int8_tensors(model)
-    return half_tensors, half_tensors - already_fp16(model, half_tensors)
+    if not typed_half:
+        return set(), set(), set()
+    half_tensors = typed_half - fused_int8_tensors(model)
+    return typed_half, half_tensors, half_tensors - already_fp16(model, half_tensors)
 
 
 def check_against_engine(model: onnx.ModelProto, layer_information: dict) -> dict[str, list[str]]:
@@ -93,7 +93,7 @@ def check_against_engine(model: onnx.ModelProto, layer_information: dict) -> dic
       neither rounds them nor knows them to hold FP16 values: the emulation is looser
       than the engine there.
     """
-    half_tensors, rounded = _fp16_tensors(model)
+    _, half_tensors, rounded = _fp16_tensors(model)
     produced = {name for node in model.graph.node for name in node.output}
     stored = {
         output.get("Name")
