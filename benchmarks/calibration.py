@@ -287,12 +287,9 @@ def main() -> None:
         "runs": runs,
         "summary": summary,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    from trtopt.files import atomic_write
+    from trtopt.bench.results import write_results
 
-    atomic_write(args.out / "calibration.json", json.dumps(report, indent=1))
-    atomic_write(args.out / "calibration.md", markdown(report))
-    print(markdown(report))
+    write_results(args.out, "calibration", report, markdown(report))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ graph must reproduce.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -41,7 +40,7 @@ import torch
 import torchvision
 
 import trtopt
-from trtopt.files import atomic_write
+from trtopt.bench.results import write_results
 from trtopt.backends.onnxruntime import DISABLED_OPTIMIZERS
 from trtopt.bench import prepare_random_model, structured_images
 from trtopt.precision import emulate_fp16
@@ -227,11 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "calls": args.calls,
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out / f"{STEM}.json", json.dumps(result, indent=1).encode())
-    table = markdown(result)
-    atomic_write(args.out / f"{STEM}.md", table.encode())
-    print(table)
+    write_results(args.out, STEM, result, markdown(result))
     return result
 
 

@@ -66,7 +66,7 @@ import trtopt  # noqa: E402
 from tests import _digits  # noqa: E402
 from trtopt.config import BuildConfig, build_profiles  # noqa: E402
 from trtopt.export import export  # noqa: E402
-from trtopt.files import atomic_write  # noqa: E402
+from trtopt.bench.results import write_results  # noqa: E402
 from trtopt.graph import cleanup  # noqa: E402
 from trtopt.precision import emulate_fp16  # noqa: E402
 
@@ -379,10 +379,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "models": models,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out / "int8_accuracy.json", json.dumps(report, indent=1))
-    atomic_write(args.out / "int8_accuracy.md", markdown(report))
-    print(markdown(report))
+    write_results(args.out, "int8_accuracy", report, markdown(report))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ microseconds. Target: < 10 us.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 import trtopt
-from trtopt.files import atomic_write
+from trtopt.bench.results import write_results
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 STEM = "overhead"
@@ -147,11 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parser.parse_args(argv)
     result = measure(args.rounds, args.calls, args.batch, args.backend)
     stem = STEM if args.backend == "onnxruntime" else f"{STEM}_{args.backend}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out / f"{stem}.json", json.dumps(result, indent=1).encode())
-    table = markdown(result)
-    atomic_write(args.out / f"{stem}.md", table.encode())
-    print(table)
+    write_results(args.out, stem, result, markdown(result))
     return result
 
 

@@ -27,6 +27,16 @@ SCHEMA = "trtopt-bench"
 SCHEMA_VERSION = 1
 
 
+
+def write_results(out_dir: str | os.PathLike[str], stem: str, result: Mapping[str, Any], table: str) -> None:
+    """A benchmark script's result as ``<stem>.json`` and its markdown ``table`` as ``<stem>.md``
+    in ``out_dir`` (both written atomically); the table is printed too."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / f"{stem}.json", json.dumps(result, indent=1))
+    atomic_write(out / f"{stem}.md", table)
+    print(table)
+
 @dataclass
 class BenchResult:
     """One row: a model run one way (torch eager, or trtopt at one precision on one backend)."""
