@@ -24,7 +24,8 @@ GPU = {"name": "Fake GPU 80GB", "compute_capability": "8.9"}
 
 
 def fields(**changes):
-    base = dict(onnx_digest="a" * 64, profiles=[profile()], config=BuildConfig(), tensorrt_version="10.16.1", gpu=GPU)
+    base = dict(onnx_digest="a" * 64, profiles=[profile()], config=BuildConfig(), tensorrt_version="10.16.1", gpu=GPU,
+                tensorrt_build="cu12", builder_settings=2)
     base.update(changes)
     return engine_key_fields(**base)
 
@@ -43,6 +44,7 @@ ENGINE_SETTING_CHANGES = {
     "int8_attention": True,
     "smoothquant": 0.5,
     "fp16_threshold": 4096.0,
+    "tf32": True,
 }
 
 
@@ -57,6 +59,8 @@ def test_every_engine_setting_has_a_change_here() -> None:
         {"profiles": [profile(1, 8, 64)]},
         {"profiles": [profile(), profile(33, 40, 64)]},
         {"tensorrt_version": "11.4.0"},
+        {"tensorrt_build": "cu13"},  # tensorrt-cu12 and -cu13 of one release report the same version
+        {"builder_settings": 3},  # trtopt's builder sets something new: engines built before are not reused
         {"gpu": {"name": "Other GPU", "compute_capability": "8.9"}},
         {"gpu": {"name": "Fake GPU 80GB", "compute_capability": "9.0"}},
     ]
