@@ -598,6 +598,7 @@ class FakeStream:
         self.done = 0
         self.synchronized = 0
         self.waits: dict[int, int] = {}  # other stream's handle -> position this stream waits for
+        self.wait_list: list[tuple[int, FakeStream, int]] = []  # (this stream's position, other, its position)
         self.capturing: FakeGraph | None = None
         FakeStream._registry[self.handle] = self
 
@@ -633,9 +634,23 @@ class FakeStream:
 
     query = is_done
 
-    def ordered_after(self, other: FakeStream, position: int) -> bool:
-        """True when work enqueued here from now on cannot start before ``other``'s first ``position`` ops end."""
-        return other.done >= position or self.waits.get(other.handle, 0) >= position
+    def ordered_after(self, other: FakeStream, position: int, upto: int | None = None, seen: set[int] | None = None) -> bool:
+        """True when work enqueued here from now on (or after this stream's first ``upto`` ops) cannot
+        start before ``other``'s first ``position`` ops end; waits are followed through other streams,
+        as CUDA orders them (this stream waits for C, which had waited for ``other``)."""
+        if other.done >= position:
+            return True
+        seen = set() if seen is None else seen
+        for at, source, source_position in self.wait_list:
+            if upto is not None and at > upto:
+                continue
+            if source is other and source_position >= position:
+                return True
+            if source.handle not in seen:
+                seen.add(source.handle)
+                if source.ordered_after(other, position, source_position, seen):
+                    return True
+        return False
 
     def wait_event(self, event: FakeEvent) -> None:
         if event.stream is None:
@@ -643,6 +658,7 @@ class FakeStream:
         source, position = event.stream, event.position
         self.waits[source.handle] = max(self.waits.get(source.handle, 0), position)
         self.enqueue(lambda: source.run_until(position))
+        self.wait_list.append((self.enqueued, source, position))
 
     wait_for_event = wait_event
 
@@ -982,7 +998,12 @@ class FakeTorchCuda:
         if not self.is_device_tensor(source):
             source = source.clone()
         stream = self.current_stream()
-        stream.enqueue(lambda: dest.copy_(source))
+        if self.is_device_tensor(source) and source.is_contiguous() and source.dtype == dest.dtype:
+            # By address, as a CUDA copy is: queued work keeps no tensor (and no block) alive.
+            dest_ptr, source_ptr, nbytes = dest.data_ptr(), source.data_ptr(), source.numel() * source.element_size()
+            stream.enqueue(lambda: ctypes.memmove(dest_ptr, source_ptr, nbytes))
+        else:
+            stream.enqueue(lambda: dest.copy_(source))
         _note_uses((dest.data_ptr(), source.data_ptr()), stream)
         return dest
 

@@ -692,12 +692,21 @@ class TensorRTBackend:
     def _run_host(
         self, state: ExecutionState, feeds: Mapping[str, torch.Tensor], profile_index: int
     ) -> list[torch.Tensor]:
-        cuda = self._cuda
         if state.stream is None:
-            state.stream = cuda.Stream()
-        stream = state.stream
+            state.stream = self._cuda.Stream()
         # This path blocks at its end anyway, so waiting on the host costs nothing extra.
         self._finish_last_launch(state)
+        try:
+            return self._host_launch(state, feeds, profile_index)
+        except BaseException:
+            # A call that fails part-way leaves no copy queued into buffers the next call may free.
+            state.stream.synchronize()
+            raise
+
+    def _host_launch(
+        self, state: ExecutionState, feeds: Mapping[str, torch.Tensor], profile_index: int
+    ) -> list[torch.Tensor]:
+        cuda, stream = self._cuda, state.stream
         self._select_profile(state, profile_index, stream.handle)
         input_shapes = {}
         for name in self.inputs:
