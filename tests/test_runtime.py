@@ -650,3 +650,30 @@ def test_the_cli_passes_allow_host_code_to_load(fakes) -> None:
     parser = build_parser()
     assert parser.parse_args(["export-triton", "m.trtopt", "repo", "--name", "m", "--allow-host-code"]).allow_host_code
     assert not parser.parse_args(["bench", "m.trtopt"]).allow_host_code
+
+
+def test_data_dependent_outputs_found_only_at_call_time_run_without_a_graph(gpu) -> None:
+    """A spec without profiles cannot be probed at creation; the first call finds the output."""
+    spec = ModuleSpec(SPEC_DD.inputs, SPEC_DD.outputs, SPEC_DD.output_structure, (), "fp32")
+    backend = TensorRTBackend(ENGINE_DD, spec, cuda_graph=True)
+    assert backend.data_dependent == [] and not backend.graph_unsupported
+    x = torch.randn(4, 4)
+    (y,) = backend.run({"x": gpu.tensor(x)}, 0)
+    gpu.synchronize()
+    torch.testing.assert_close(y, _positives(x))
+    assert backend.data_dependent == ["x_out"] and backend.graph_unsupported
+
+
+def test_a_failed_device_call_still_orders_its_queued_profile_switch(gpu) -> None:
+    """set_optimization_profile_async queues work on the stream; a call that fails after it (here: the
+    inputs are inconsistent) must still order the context's next use on another stream after it."""
+    backend = TensorRTBackend(ENGINE_XY, SPEC_XY)
+    first = gpu.new_stream()
+    with gpu.use_stream(first), pytest.raises(ShapeError):
+        backend.run({"x": gpu.tensor(torch.ones(2, 4)), "y": gpu.tensor(torch.ones(3, 4))}, 0)
+    x = torch.rand(3, 4)
+    with gpu.use_stream(gpu.new_stream()):
+        out = backend.run({"x": gpu.tensor(x), "y": gpu.tensor(x)}, 0)
+    gpu.synchronize()
+    torch.testing.assert_close(out[0], expected(x))
+    assert FakeTensorRT.overlaps == []

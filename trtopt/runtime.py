@@ -580,9 +580,10 @@ class TensorRTBackend:
             return self._run_device(state, feeds, profile_index, use_graph)
         return self._run_host(state, feeds, profile_index)
 
-    def _select_profile(self, state: ExecutionState, profile_index: int, stream_handle: int) -> None:
+    def _select_profile(self, state: ExecutionState, profile_index: int, stream_handle: int) -> bool:
+        """Switch the context's profile (queued on the stream); True when it switched."""
         if state.profile_index == profile_index:
-            return
+            return False
         # The bindings raise RuntimeError when TensorRT refuses, and otherwise return True (pyCore.cpp).
         try:
             with self._bridge.errors.capture() as errors:
@@ -593,6 +594,7 @@ class TensorRTBackend:
                 + format_errors(errors, self._bridge.errors.recent)
             ) from exc
         state.profile_index = profile_index
+        return True
 
     def _set_input(self, state: ExecutionState, name: str, shape: tuple[int, ...], address: int) -> None:
         with self._bridge.errors.capture() as errors:
@@ -768,10 +770,11 @@ class TensorRTBackend:
         return tensors
 
     def _bind_device(
-        self, state: ExecutionState, tensors: Mapping[str, torch.Tensor], profile_index: int, stream_handle: int
+        self, state: ExecutionState, tensors: Mapping[str, torch.Tensor], profile_index: int, stream: Any
     ) -> dict[str, torch.Tensor]:
         """Bind the inputs and fresh outputs, allocated on the *current* torch stream (their blocks' pool)."""
-        self._select_profile(state, profile_index, stream_handle)
+        if self._select_profile(state, profile_index, stream.cuda_stream):
+            state.launched(stream, self._gpu.new_event)  # queued work: a later use elsewhere waits for it
         for name, tensor in tensors.items():
             self._set_input(state, name, tuple(tensor.shape), tensor.data_ptr())
         outputs = {}
@@ -812,7 +815,7 @@ class TensorRTBackend:
         self, state: ExecutionState, tensors: Mapping[str, torch.Tensor], profile_index: int, stream: Any
     ) -> list[torch.Tensor]:
         self._wait_for_last_launch(state, stream)
-        outputs = self._bind_device(state, tensors, profile_index, stream.cuda_stream)
+        outputs = self._bind_device(state, tensors, profile_index, stream)
         allocator = None
         if self.data_dependent:
             gpu = self._gpu
@@ -881,7 +884,9 @@ class TensorRTBackend:
         capture_stream = gpu.new_stream()
         capture_stream.wait_stream(stream)
         self._wait_for_last_launch(state, capture_stream)
-        outputs = self._bind_device(state, static_inputs, profile_index, capture_stream.cuda_stream)
+        outputs = self._bind_device(state, static_inputs, profile_index, capture_stream)
+        if self.data_dependent:  # found by _bind_device on this first call: TensorRT sizes them while running
+            raise GraphCaptureError(f"outputs {self.data_dependent} have data-dependent shapes")
         with gpu.use_stream(capture_stream):
             # One plain launch first: TensorRT's deferred set-up after a shape change must not be captured.
             self._execute(state, capture_stream.cuda_stream)
