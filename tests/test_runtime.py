@@ -677,3 +677,28 @@ def test_a_failed_device_call_still_orders_its_queued_profile_switch(gpu) -> Non
     gpu.synchronize()
     torch.testing.assert_close(out[0], expected(x))
     assert FakeTensorRT.overlaps == []
+
+
+@pytest.mark.parametrize(
+    "record, here, problem",
+    [
+        ({"gpu": {"name": "Fake GPU 80GB", "compute_capability": "8.9"}}, {}, None),
+        ({"gpu": {"name": "A", "compute_capability": "8.9"}, "hardware_compatibility": "same_compute_capability"}, {}, None),
+        ({"gpu": {"name": "A", "compute_capability": "9.0"}, "hardware_compatibility": "same_compute_capability"}, {},
+         "its compute capability only"),
+        ({"gpu": {"name": "A", "compute_capability": "9.0"}, "hardware_compatibility": "ampere_plus"}, {}, None),
+        ({"gpu": {"name": "A", "compute_capability": "9.0"}, "hardware_compatibility": "ampere_plus"},
+         {"compute_capability": (7, 5)}, "8.0 and newer"),
+        ({"tensorrt_version": "10.99.0-fake", "tensorrt_build": "cu13"}, {"build": "cu12"}, "10.99.0-fake cu13"),
+        ({"tensorrt_version": "10.98.0-fake", "version_compatible": True}, {}, None),  # with allow_host_code
+        ({"version_compatible": False}, {}, None),  # a file from before the record: nothing to compare
+    ],
+)
+def test_which_saved_engines_are_used_here(fakes, monkeypatch, record, here, problem) -> None:
+    from trtopt import builder
+
+    if "compute_capability" in here:
+        FakeCuda.compute_capability = here["compute_capability"]
+    monkeypatch.setattr(builder, "tensorrt_build", lambda trt: here.get("build", ""))
+    found = builder.saved_engine_problem(record, allow_host_code=True)
+    assert (found is None) if problem is None else (problem in found), found

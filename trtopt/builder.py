@@ -234,16 +234,16 @@ def saved_engine_problem(record: dict[str, Any] | None, *, allow_host_code: bool
         here_gpu = gpu_fingerprint()
         level = record.get("hardware_compatibility", "none")
         if level == "ampere_plus":
-            fits = _capability(here_gpu) >= (8, 0)
+            fits, rule = _capability(here_gpu) >= (8, 0), "runs on compute capability 8.0 and newer"
         elif level == "same_compute_capability":
-            fits = _capability(here_gpu) == _capability(built_on)
+            fits, rule = _capability(here_gpu) == _capability(built_on), "runs on its compute capability only"
         else:
-            fits = dict(built_on) == here_gpu
+            fits, rule = dict(built_on) == here_gpu, "runs only on the GPU model it was built on"
         if not fits:
             return (
                 f"it was built for {built_on.get('name')} (compute capability {built_on.get('compute_capability')}), "
                 f"this GPU is {here_gpu['name']} (compute capability {here_gpu['compute_capability']}); "
-                "an engine built with hardware_compatibility='none' runs only on the GPU model it was built on"
+                f"an engine built with hardware_compatibility={level!r} {rule}"
             )
     return None
 
