@@ -146,3 +146,31 @@ def test_a_dynamic_dim_fixed_to_one_size_still_gets_its_shapes(compiled, tmp_pat
                 if l.startswith("trtexec"))
     # The graph's dims stay symbolic; without shapes trtexec would build them at size 1.
     assert "--minShapes=tokens:4x12x32,padding_mask:4x12" in line and "--maxShapes=tokens:4x12x32" in line
+
+
+def test_the_build_script_reproduces_the_engine_settings(compiled, tmp_path):
+    """Issue 26 item 9: the script built a different engine (defaults, and trtexec's TF32 on)."""
+    import dataclasses
+
+    from trtopt import compiler
+    from trtopt.config import BuildConfig
+    from trtopt.module import CompiledModule
+
+    settings = BuildConfig(version_compatible=True, hardware_compatibility="ampere_plus", optimization_level=5,
+                           workspace_bytes=3 << 29)
+    info = {**compiled.spec.info, "build_config": compiler._engine_config_json(settings)}
+    module = CompiledModule(compiled.onnx_model, dataclasses.replace(compiled.spec, info=info), compiled.backend)
+    script = module.export_onnx(tmp_path / "encoder.onnx")["build_script"].read_text()
+    (line,) = [l for l in script.splitlines() if l.startswith("trtexec")]
+    args = shlex.split(line)
+    for flag in ("--versionCompatible", "--hardwareCompatibilityLevel=ampere+", "--builderOptimizationLevel=5",
+                 f"--memPoolSize=workspace:{3 << 29}B", "--noTF32"):
+        assert flag in args, (flag, args)
+    tf32 = compiler._engine_config_json(settings.replace(tf32=True, version_compatible=False))
+    assert "--noTF32" not in trtexec_line(tf32) and "--versionCompatible" not in trtexec_line(tf32)
+
+
+def trtexec_line(build_config):
+    from trtopt.artifacts import trtexec_command
+
+    return trtexec_command("m.onnx", [], "m.plan", build_config)

@@ -281,3 +281,29 @@ def test_availability_probes_the_builder(monkeypatch, caplog) -> None:
             compiler.select_backend("tensorrt")
     finally:
         _deps.tensorrt_unavailable_reason.cache_clear()
+
+
+def test_tf32_is_cleared_unless_asked_for(fake_trt: FakeTensorRT) -> None:
+    """Issue 26 item 4: TensorRT sets TF32 by default, so "fp32" engines ran TF32 math."""
+    builder.build_engine(relu_model(), [profile()], BuildConfig())
+    assert fake_trt.BuilderFlag.TF32 not in fake_trt.builders[-1].config.flags
+    builder.build_engine(relu_model(), [profile()], BuildConfig(tf32=True))
+    assert fake_trt.BuilderFlag.TF32 in fake_trt.builders[-1].config.flags
+
+
+def test_a_static_shape_tensor_input_is_refused(fake_trt: FakeTensorRT) -> None:
+    """Issue 26 item 13: the refusal ran only when some dimension was dynamic."""
+    FakeTensorRT.shape_tensor_inputs = {"x"}
+    static = ShapeProfile((InputRange("x", (2, 4), (2, 4), (2, 4), ()),))
+    with pytest.raises(BuildError, match="'x' is a shape tensor"):
+        builder.build_engine(relu_model((2, 4)), [static], BuildConfig())
+
+
+def test_tensorrt_build_names_the_cuda_major_version(monkeypatch) -> None:
+    """Issue 26 item 1: tensorrt-cu12 and -cu13 of one release report the same __version__."""
+    from importlib import metadata
+
+    monkeypatch.setattr(metadata, "packages_distributions", lambda: {"tensorrt": ["tensorrt_cu13_bindings"]})
+    assert builder.tensorrt_build(FakeTensorRT()) == "cu13"
+    monkeypatch.setattr(metadata, "packages_distributions", lambda: {"tensorrt": ["tensorrt"]})
+    assert builder.tensorrt_build(FakeTensorRT()) == ""  # NVIDIA's tar/deb packages do not say

@@ -24,7 +24,8 @@ GPU = {"name": "Fake GPU 80GB", "compute_capability": "8.9"}
 
 
 def fields(**changes):
-    base = dict(onnx_digest="a" * 64, profiles=[profile()], config=BuildConfig(), tensorrt_version="10.16.1", gpu=GPU)
+    base = dict(onnx_digest="a" * 64, profiles=[profile()], config=BuildConfig(), tensorrt_version="10.16.1", gpu=GPU,
+                tensorrt_build="cu12", builder_settings=2)
     base.update(changes)
     return engine_key_fields(**base)
 
@@ -43,6 +44,7 @@ ENGINE_SETTING_CHANGES = {
     "int8_attention": True,
     "smoothquant": 0.5,
     "fp16_threshold": 4096.0,
+    "tf32": True,
 }
 
 
@@ -57,6 +59,8 @@ def test_every_engine_setting_has_a_change_here() -> None:
         {"profiles": [profile(1, 8, 64)]},
         {"profiles": [profile(), profile(33, 40, 64)]},
         {"tensorrt_version": "11.4.0"},
+        {"tensorrt_build": "cu13"},  # tensorrt-cu12 and -cu13 of one release report the same version
+        {"builder_settings": 3},  # trtopt's builder sets something new: engines built before are not reused
         {"gpu": {"name": "Other GPU", "compute_capability": "8.9"}},
         {"gpu": {"name": "Fake GPU 80GB", "compute_capability": "9.0"}},
     ]
@@ -171,3 +175,29 @@ def test_build_engine_hits_misses_and_rebuilds(fake_trt: FakeTensorRT, tmp_path:
     assert fake_trt.builds == 6  # rebuilt, not used
     assert builder.build_engine(relu_model(), [profile()], config) == first
     assert fake_trt.builds == 6  # and stored again
+
+
+def test_a_cached_engine_tensorrt_cannot_deserialize_is_a_miss(fake_trt: FakeTensorRT, tmp_path: Path, caplog) -> None:
+    """Issue 26 item 1: an entry intact on disk (checksum fine) that TensorRT refuses made compile fail."""
+    import hashlib
+    import logging
+
+    from trtopt import compiler
+    from trtopt.config import Backend
+
+    from .test_runtime import PROFILES, SPEC
+
+    config = BuildConfig(engine_cache_dir=str(tmp_path))
+    spec = lambda: type(SPEC)(SPEC.inputs, SPEC.outputs, SPEC.output_structure, PROFILES, "fp32", {})  # noqa: E731
+    compiler.make_backend(Backend.TENSORRT, relu_model(), spec(), config)
+    (manifest_path,) = tmp_path.glob("*.json")
+    bad = b"an engine of another TensorRT build"
+    manifest_path.with_suffix(".plan").write_bytes(bad)
+    manifest = json.loads(manifest_path.read_text())
+    manifest.update(engine_bytes=len(bad), engine_sha256=hashlib.sha256(bad).hexdigest())
+    manifest_path.write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING, logger="trtopt.engine_cache"):
+        backend, engine = compiler.make_backend(Backend.TENSORRT, relu_model(), spec(), config)
+    assert fake_trt.builds == 2 and engine.startswith(b"FAKE-ENGINE") and backend.name == "tensorrt"
+    assert len([r for r in caplog.records if "cannot deserialize" in r.getMessage()]) == 1
+    assert manifest_path.with_suffix(".plan").read_bytes() == engine  # the entry now holds the rebuilt engine

@@ -80,3 +80,10 @@ def test_gpu_tests_compare_separate_builds_only_at_the_fp32_tolerance() -> None:
         if builds >= 2 and tight and not same_engine:
             offenders.append(function.name)
     assert offenders == []
+
+
+def test_the_cuda_13_extra_needs_a_pycuda_that_builds_against_cuda_13() -> None:
+    """Issue 26 item 10: pycuda before 2025.1.2 does not compile against CUDA 13's headers."""
+    (pycuda,) = [d for d in gpu_extras()["gpu-cu13"] if requirement_name(d) == "pycuda"]
+    floor = re.search(r">=\s*([\d.]+)", pycuda)
+    assert floor and tuple(int(p) for p in floor.group(1).split(".")) >= (2025, 1, 2), pycuda

@@ -26,7 +26,7 @@ from trtopt.config import Backend, BuildConfig, InputRange, ShapeProfile
 from trtopt import runtime
 from trtopt.errors import EngineError, ShapeError
 from trtopt.module import CompiledModule
-from trtopt.runtime import DataDependentShapeError, TensorRTBackend, numpy_dtype_name, torch_dtype
+from trtopt.runtime import TensorRTBackend, numpy_dtype_name, torch_dtype
 from trtopt.spec import TRT_TO_NUMPY, ModuleSpec, TensorSpec
 
 from .test_builder import relu_model
@@ -155,14 +155,6 @@ def test_execution_failure_and_bad_profile_become_engine_errors(fakes) -> None:
         backend.run({"x": torch.ones(12, 4)}, 0)  # the module would have chosen profile 1
 
 
-def test_data_dependent_output_shape_is_refused(fakes, monkeypatch) -> None:
-    backend = TensorRTBackend(ENGINE, SPEC)
-    context = backend._state().context
-    monkeypatch.setattr(context, "get_tensor_shape", lambda name: (-1, 4))
-    with pytest.raises(EngineError, match="data-dependent shape"):
-        backend.run({"x": torch.ones(2, 4)}, 0)
-
-
 def test_one_execution_context_per_thread(fakes) -> None:
     backend = TensorRTBackend(ENGINE, SPEC)
     backend.run({"x": torch.ones(2, 4)}, 0)
@@ -204,15 +196,17 @@ def test_compile_wiring_builds_runs_and_rebuilds_unloadable_engine(fakes, caplog
     spec = ModuleSpec(SPEC.inputs, SPEC.outputs, SPEC.output_structure, PROFILES, "fp32", {})
     backend, engine = compiler.make_backend(Backend.TENSORRT, relu_model(), spec, config)
     assert trt.builds == 1 and backend._runtime.engine_host_code_allowed
-    assert spec.info["tensorrt"] == {"version_compatible": True}  # saved with the module, read at load
+    assert spec.info["tensorrt"]["version_compatible"] is True  # saved with the module, read at load
 
-    backend, engine = compiler.make_backend(Backend.TENSORRT, relu_model(), spec, BuildConfig(), engine)
+    backend, engine = compiler.make_backend(Backend.TENSORRT, relu_model(), spec, BuildConfig(), engine,
+                                            allow_host_code=True)
     assert trt.builds == 1  # the saved engine was used
-    assert backend._runtime.engine_host_code_allowed  # from spec.info, not the default config
+    assert backend._runtime.engine_host_code_allowed  # asked for by the caller, as load(allow_host_code=True) does
 
-    backend, rebuilt = compiler.make_backend(Backend.TENSORRT, relu_model(), spec, BuildConfig(), b"stale")
+    backend, rebuilt = compiler.make_backend(Backend.TENSORRT, relu_model(), spec, BuildConfig(), b"stale",
+                                             allow_host_code=True)
     assert trt.builds == 2 and rebuilt.startswith(b"FAKE-ENGINE")
-    assert "rebuilding it from the ONNX graph" in caplog.text
+    assert "rebuilding it from the ONNX graph" in caplog.text and "cannot load it" in caplog.text
 
 
 def test_load_uses_the_saved_engine(fakes, tmp_path, monkeypatch) -> None:
@@ -377,21 +371,6 @@ def test_a_failed_capture_falls_back_to_plain_launches(gpu, caplog) -> None:
     assert gpu.captures == 1 and backend.graph_unsupported and FakeTensorRT.overlaps == []
 
 
-def test_data_dependent_outputs_are_refused_when_the_backend_is_created(fakes, caplog) -> None:
-    """Issue 15 (7): found at creation (not the first call), so backend='auto' can fall back."""
-    engine = ENGINE[:-1] + b', "data_dependent": ["x_out"]}'
-    with pytest.raises(DataDependentShapeError, match=r"x_out.*data-dependent"):
-        TensorRTBackend(engine, SPEC)
-    assert FakeCuda.depth == 0
-    spec = ModuleSpec(SPEC.inputs, SPEC.outputs, SPEC.output_structure, PROFILES, "fp32", {})
-    FakeTensorRT.plan_extras = {"data_dependent": ["x_out"]}
-    with pytest.raises(DataDependentShapeError):
-        compiler.make_backend(Backend.TENSORRT, relu_model(), spec, BuildConfig())
-    with caplog.at_level(logging.INFO, logger="trtopt.compiler"):
-        backend, _ = compiler.make_backend(Backend.TENSORRT, relu_model(), spec, BuildConfig(), allow_fallback=True)
-    assert backend.name == "onnxruntime" and "backend: onnxruntime" in caplog.text
-
-
 def test_a_rejected_tensor_address_is_an_engine_error(fakes) -> None:
     """Issue 15 (8): set_tensor_address returns False (here: a misaligned buffer); it was ignored."""
     backend = TensorRTBackend(ENGINE, SPEC)
@@ -409,10 +388,11 @@ def test_a_rebuild_at_load_with_version_compatible_allows_host_code(fakes, tmp_p
     spec = ModuleSpec(SPEC.inputs, SPEC.outputs, SPEC.output_structure, PROFILES, "fp32", {})
     backend, engine = compiler.make_backend(Backend.TENSORRT, relu_model(), spec, BuildConfig())
     CompiledModule(relu_model(), spec, backend, engine).save(tmp_path / "m.trtopt")
-    FakeTensorRT.version = "10.100.0-fake"  # TensorRT upgraded: the saved engine no longer loads
+    trt.__version__ = FakeTensorRT.version = "10.100.0-fake"  # TensorRT upgraded: the saved engine no longer loads
     loaded = compiler.load(tmp_path / "m.trtopt", version_compatible=True)
     assert trt.builds == 2 and loaded.backend._runtime.engine_host_code_allowed
-    assert loaded.spec.info["tensorrt"] == {"version_compatible": True}
+    assert loaded.spec.info["tensorrt"]["version_compatible"] is True
+    assert loaded.spec.info["tensorrt"]["tensorrt_version"] == "10.100.0-fake"
     x = torch.rand(2, 4)
     torch.testing.assert_close(loaded(x), expected(x))
 
@@ -434,3 +414,291 @@ def test_machine_paths_are_not_saved_or_reused_by_load(fakes, tmp_path, monkeypa
     assert trt.builds == 2
     assert trt.builders[-1].config.timing_cache is None
     assert not (here / "tc2").exists() and not (here / "engines2").exists()
+
+
+# ------------------------------------------------------------- issue 26: GPU path, second review
+def test_a_refused_profile_is_an_engine_error_with_tensorrt_log(fakes) -> None:
+    """Item 7: the bindings raise RuntimeError (and otherwise return True); it escaped untranslated."""
+    backend = TensorRTBackend(ENGINE, SPEC)
+    FakeTensorRT.fail_profile = True
+    with pytest.raises(EngineError, match=r"(?s)optimization profile 0.*cannot be selected on this context"):
+        backend.run({"x": torch.ones(2, 4)}, 0)
+    assert FakeCuda.depth == 0
+
+
+SPEC_XY = ModuleSpec(
+    inputs=(TensorSpec("x", "float32", ("batch", 4)), TensorSpec("y", "float32", ("batch", 4))),
+    outputs=(TensorSpec("x_out", "float32", ("batch", 4)), TensorSpec("y_out", "float32", ("batch", 4))),
+    output_structure={"type": "tuple", "items": [{"type": "tensor"}] * 2},
+    profiles=(ShapeProfile((InputRange("x", (1, 4), (4, 4), (8, 4), (0,)), InputRange("y", (1, 4), (4, 4), (8, 4), (0,)))),),
+    precision="fp32",
+)
+ENGINE_XY = (b'FAKE-ENGINE{"inputs": ["x", "y"], "same_batch": true, '
+             b'"profiles": [{"x": [[1, 4], [4, 4], [8, 4]], "y": [[1, 4], [4, 4], [8, 4]]}]}')
+
+
+def test_inputs_inconsistent_with_each_other_are_a_shape_error_naming_them(fakes) -> None:
+    """Item 8: each input inside the profile but batch sizes that must match differ; the output shapes
+    then read -1 and were reported as a data-dependent shape."""
+    backend = TensorRTBackend(ENGINE_XY, SPEC_XY)
+    with pytest.raises(ShapeError, match=r"(?s)x=\(2, 4\), y=\(3, 4\).*inconsistent.*infer_shapes error code"):
+        backend.run({"x": torch.ones(2, 4), "y": torch.ones(3, 4)}, 0)
+    x, y = torch.rand(3, 4), torch.rand(3, 4)
+    out = backend.run({"x": x, "y": y}, 0)
+    torch.testing.assert_close(out[1], expected(y))
+    assert FakeTensorRT.infer_shapes_calls >= 2  # called before the output shapes are read
+
+
+SPEC_DD = ModuleSpec(
+    inputs=(TensorSpec("x", "float32", ("batch", 4)),),
+    outputs=(TensorSpec("x_out", "float32", ("n",)),),
+    output_structure={"type": "tensor"},
+    profiles=PROFILES,
+    precision="fp32",
+)
+ENGINE_DD = ENGINE[:-1] + b', "data_dependent": ["x_out"]}'
+
+
+def _positives(x: torch.Tensor) -> torch.Tensor:
+    return 2 * x[x > 0] + 1
+
+
+def test_data_dependent_outputs_run_through_an_output_allocator(fakes) -> None:
+    """Item 11: such engines were refused; TensorRT sizes the output through IOutputAllocator."""
+    backend = TensorRTBackend(ENGINE_DD, SPEC_DD)
+    assert backend.data_dependent == ["x_out"]
+    for batch in (3, 6, 2):
+        x = torch.randn(batch, 4)
+        (y,) = backend.run({"x": x}, 0)
+        torch.testing.assert_close(y, _positives(x))
+    assert FakeCuda.depth == 0
+
+
+def test_data_dependent_outputs_on_the_device_path_are_fresh_each_call(gpu) -> None:
+    backend = TensorRTBackend(ENGINE_DD, SPEC_DD, cuda_graph=True)
+    assert backend.graph_unsupported  # sized during the launch: never captured
+    x1, x2 = torch.randn(5, 4), torch.randn(5, 4)
+    (y1,) = backend.run({"x": gpu.tensor(x1)}, 0)
+    (y2,) = backend.run({"x": gpu.tensor(x2)}, 0)
+    gpu.synchronize()
+    torch.testing.assert_close(y1, _positives(x1))  # not overwritten by the second call
+    torch.testing.assert_close(y2, _positives(x2))
+    assert gpu.captures == 0
+
+
+def test_sizing_host_outputs_allocates_no_tensor(fakes, monkeypatch) -> None:
+    """Item 13: the output byte count used to allocate a tensor per output per call."""
+    backend = TensorRTBackend(ENGINE, SPEC)
+
+    def no_empty(*args, **kwargs):
+        raise AssertionError("torch.empty called on the host path")
+
+    monkeypatch.setattr(torch, "empty", no_empty)
+    x = torch.rand(3, 4)
+    torch.testing.assert_close(backend.run({"x": x}, 0)[0], expected(x))
+
+
+def test_cuda_graph_static_tensors_come_from_the_callers_stream(gpu) -> None:
+    """Item 3: outputs came from the capture stream's pool while replays wrote them on the caller's
+    stream; dropping the graph (new shapes) returned blocks that stream still used."""
+    backend = _graph_backend()
+    caller = gpu.new_stream()
+    with gpu.use_stream(caller):
+        for x in (torch.rand(4, 4), torch.rand(4, 4)):
+            backend.run({"x": gpu.tensor(x)}, 0)
+        other = gpu.new_stream()
+        other.wait_stream(caller)
+    with gpu.use_stream(other):  # a replay on another stream: the static tensors are recorded there
+        backend.run({"x": gpu.tensor(torch.rand(4, 4))}, 0)
+    with gpu.use_stream(caller):
+        x = torch.rand(2, 4)
+        (y,) = backend.run({"x": gpu.tensor(x)}, 0)  # new shapes: the old graph is dropped, unsynchronised
+    gc.collect()
+    assert gpu.hazards == []
+    gpu.synchronize()
+    torch.testing.assert_close(y, expected(x))
+
+
+def test_concurrent_first_captures_keep_cuda_graphs_on(gpu) -> None:
+    """Item 5: torch.cuda.graph's __enter__ fails while another thread captures; that marked the
+    engine uncapturable for good. Captures now take turns (runtime.CAPTURE_LOCK)."""
+    backend = _graph_backend()
+    inside, attempted = threading.Event(), threading.Event()
+    real_capture = gpu.capture
+
+    def capture(graph, stream):
+        if inside.is_set():
+            attempted.set()  # the second thread reached the capture while the first one is in it
+        return _holding(real_capture(graph, stream))
+
+    import contextlib
+
+    @contextlib.contextmanager
+    def _holding(context):
+        with context:
+            if not inside.is_set():
+                inside.set()
+                attempted.wait(0.5)  # give the other thread time to collide
+            yield
+
+    gpu.capture = capture
+    results: dict[str, torch.Tensor] = {}
+
+    def first() -> None:
+        results["a"] = backend.run({"x": gpu.tensor(torch.ones(4, 4))}, 0)[0]
+
+    def second() -> None:
+        inside.wait(5)
+        results["b"] = backend.run({"x": gpu.tensor(torch.ones(4, 4))}, 0)[0]
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    gpu.synchronize()
+    assert not backend.graph_unsupported and gpu.captures == 2
+    torch.testing.assert_close(results["b"], expected(torch.ones(4, 4)))
+
+
+def test_a_capture_that_fails_before_it_begins_is_retried(gpu, monkeypatch) -> None:
+    """Item 5: only a failure of the capture itself marks the engine uncapturable."""
+    backend = _graph_backend()
+    real_capture = gpu.capture
+    calls = []
+
+    def failing_once(graph, stream):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("fake: empty_cache() while another thread is capturing a CUDA graph")
+        return real_capture(graph, stream)
+
+    monkeypatch.setattr(gpu, "capture", failing_once)
+    x = torch.rand(4, 4)
+    (y,) = backend.run({"x": gpu.tensor(x)}, 0)  # a plain launch this time
+    assert not backend.graph_unsupported
+    (y2,) = backend.run({"x": gpu.tensor(x)}, 0)
+    gpu.synchronize()
+    torch.testing.assert_close(y, expected(x))
+    torch.testing.assert_close(y2, expected(x))
+    assert gpu.captures == 1 and backend._state().graph is not None
+
+
+def test_launches_from_the_legacy_default_stream_go_to_a_side_stream(gpu) -> None:
+    """Item 6: TensorRT synchronises the device around launches on stream 0 and serialises threads."""
+    backend = TensorRTBackend(ENGINE, SPEC)
+    x = torch.rand(3, 4)
+    (y,) = backend.run({"x": gpu.tensor(x)}, 0)
+    assert FakeTensorRT.default_stream_launches == 0
+    side = backend._state().side_stream
+    assert side is not None and gpu.blocks[y.data_ptr()].recorded == {gpu.current_stream().handle}
+    gpu.current_stream().synchronize()  # the caller's stream waits for the side stream
+    torch.testing.assert_close(y, expected(x))
+    with gpu.use_stream(gpu.new_stream()):
+        backend.run({"x": gpu.tensor(x)}, 0)  # a non-default stream is used as it is
+    assert FakeTensorRT.default_stream_launches == 0 and FakeTensorRT.overlaps == []
+
+
+def _saved_module(tmp_path, config: BuildConfig):
+    spec = ModuleSpec(SPEC.inputs, SPEC.outputs, SPEC.output_structure, PROFILES, "fp32",
+                      {"build_config": compiler._engine_config_json(config)})
+    backend, engine = compiler.make_backend(Backend.TENSORRT, relu_model(), spec, config)
+    return CompiledModule(relu_model(), spec, backend, engine).save(tmp_path / "m.trtopt")
+
+
+def test_a_saved_engine_from_another_gpu_model_is_rebuilt(fakes, tmp_path, monkeypatch, caplog) -> None:
+    """Item 2: TensorRT loads an engine from another GPU model of the same compute capability with
+    only a warning, and it may fail in enqueueV3; the module file now records the GPU."""
+    trt, _ = fakes
+    monkeypatch.setattr(_deps, "tensorrt_unavailable_reason", lambda: None)
+    path = _saved_module(tmp_path, BuildConfig())
+    FakeCuda.device_name = "Other GPU 24GB"  # same compute capability 8.9
+    with caplog.at_level(logging.WARNING, logger="trtopt.compiler"):
+        loaded = compiler.load(path)
+    assert trt.builds == 2
+    assert "built for Fake GPU 80GB" in caplog.text and "Other GPU 24GB" in caplog.text
+    assert loaded.spec.info["tensorrt"]["gpu"]["name"] == "Other GPU 24GB"
+
+
+def test_hardware_compatible_engines_are_kept_on_another_gpu(fakes, tmp_path, monkeypatch) -> None:
+    trt, _ = fakes
+    monkeypatch.setattr(_deps, "tensorrt_unavailable_reason", lambda: None)
+    path = _saved_module(tmp_path, BuildConfig(hardware_compatibility="ampere_plus"))
+    FakeCuda.device_name, FakeCuda.compute_capability = "Other GPU 24GB", (9, 0)
+    compiler.load(path)
+    assert trt.builds == 1
+
+
+def test_a_version_compatible_engine_runs_its_host_code_only_when_allowed(fakes, tmp_path, monkeypatch, caplog) -> None:
+    """Item 12: the file's own manifest used to allow its engine's embedded native code."""
+    trt, _ = fakes
+    monkeypatch.setattr(_deps, "tensorrt_unavailable_reason", lambda: None)
+    path = _saved_module(tmp_path, BuildConfig(version_compatible=True))
+    with caplog.at_level(logging.WARNING, logger="trtopt.compiler"):
+        rebuilt = compiler.load(path)
+    assert trt.builds == 2  # rebuilt from the graph the file carries
+    assert [r.getMessage() for r in caplog.records if "allow_host_code=True" in r.getMessage()]
+    trusted = compiler.load(path, allow_host_code=True)
+    assert trt.builds == 2 and trusted.backend._runtime.engine_host_code_allowed
+    x = torch.rand(2, 4)
+    torch.testing.assert_close(rebuilt(x), expected(x))
+
+
+def test_the_cli_passes_allow_host_code_to_load(fakes) -> None:
+    from trtopt.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["export-triton", "m.trtopt", "repo", "--name", "m", "--allow-host-code"]).allow_host_code
+    assert not parser.parse_args(["bench", "m.trtopt"]).allow_host_code
+
+
+def test_data_dependent_outputs_found_only_at_call_time_run_without_a_graph(gpu) -> None:
+    """A spec without profiles cannot be probed at creation; the first call finds the output."""
+    spec = ModuleSpec(SPEC_DD.inputs, SPEC_DD.outputs, SPEC_DD.output_structure, (), "fp32")
+    backend = TensorRTBackend(ENGINE_DD, spec, cuda_graph=True)
+    assert backend.data_dependent == [] and not backend.graph_unsupported
+    x = torch.randn(4, 4)
+    (y,) = backend.run({"x": gpu.tensor(x)}, 0)
+    gpu.synchronize()
+    torch.testing.assert_close(y, _positives(x))
+    assert backend.data_dependent == ["x_out"] and backend.graph_unsupported
+
+
+def test_a_failed_device_call_still_orders_its_queued_profile_switch(gpu) -> None:
+    """set_optimization_profile_async queues work on the stream; a call that fails after it (here: the
+    inputs are inconsistent) must still order the context's next use on another stream after it."""
+    backend = TensorRTBackend(ENGINE_XY, SPEC_XY)
+    first = gpu.new_stream()
+    with gpu.use_stream(first), pytest.raises(ShapeError):
+        backend.run({"x": gpu.tensor(torch.ones(2, 4)), "y": gpu.tensor(torch.ones(3, 4))}, 0)
+    x = torch.rand(3, 4)
+    with gpu.use_stream(gpu.new_stream()):
+        out = backend.run({"x": gpu.tensor(x), "y": gpu.tensor(x)}, 0)
+    gpu.synchronize()
+    torch.testing.assert_close(out[0], expected(x))
+    assert FakeTensorRT.overlaps == []
+
+
+@pytest.mark.parametrize(
+    "record, here, problem",
+    [
+        ({"gpu": {"name": "Fake GPU 80GB", "compute_capability": "8.9"}}, {}, None),
+        ({"gpu": {"name": "A", "compute_capability": "8.9"}, "hardware_compatibility": "same_compute_capability"}, {}, None),
+        ({"gpu": {"name": "A", "compute_capability": "9.0"}, "hardware_compatibility": "same_compute_capability"}, {},
+         "its compute capability only"),
+        ({"gpu": {"name": "A", "compute_capability": "9.0"}, "hardware_compatibility": "ampere_plus"}, {}, None),
+        ({"gpu": {"name": "A", "compute_capability": "9.0"}, "hardware_compatibility": "ampere_plus"},
+         {"compute_capability": (7, 5)}, "8.0 and newer"),
+        ({"tensorrt_version": "10.99.0-fake", "tensorrt_build": "cu13"}, {"build": "cu12"}, "10.99.0-fake cu13"),
+        ({"tensorrt_version": "10.98.0-fake", "version_compatible": True}, {}, None),  # with allow_host_code
+        ({"version_compatible": False}, {}, None),  # a file from before the record: nothing to compare
+    ],
+)
+def test_which_saved_engines_are_used_here(fakes, monkeypatch, record, here, problem) -> None:
+    from trtopt import builder
+
+    if "compute_capability" in here:
+        FakeCuda.compute_capability = here["compute_capability"]
+    monkeypatch.setattr(builder, "tensorrt_build", lambda trt: here.get("build", ""))
+    found = builder.saved_engine_problem(record, allow_host_code=True)
+    assert (found is None) if problem is None else (problem in found), found

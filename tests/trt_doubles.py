@@ -20,6 +20,23 @@ What each double enforces, and why:
   ``ContextOverlapError`` and is recorded in ``FakeTensorRT.overlaps``.
 - ``FakeOptimizationProfile.set_shape`` raises RuntimeError on an inconsistent
   range (rank mismatch, or not 0 <= min <= opt <= max), like the real bindings.
+- ``set_optimization_profile_async`` raises RuntimeError("Error in set
+  optimization profile async.") when TensorRT refuses and otherwise returns
+  True, and ``infer_shapes`` raises RuntimeError("infer_shapes error code: -1")
+  for inconsistent input shapes, as the bindings' lambdas in TensorRT's
+  python/src/infer/pyCore.cpp do (``PY_ASSERT_RUNTIME_ERROR`` and
+  ``throwPyError``); an engine whose plan says ``same_batch`` needs every
+  input's dimension 0 equal, and its output shapes read -1 otherwise.
+- ``FakeBuilderConfig`` starts with ``BuilderFlag.TF32`` set, as TensorRT's
+  builder config does (NvInfer.h: kTF32 "enabled by default"; Polygraphy's
+  ``CreateConfig`` clears it for that reason).
+- Data-dependent outputs (plan ``data_dependent``: ``y = 2 * x[x > 0] + 1``,
+  flattened): their shape reads -1 until a launch; ``execute_async_v3`` fails
+  unless an ``IOutputAllocator`` is set for them, then, like enqueueV3, waits
+  for the inputs, calls ``reallocate_output_async(name, memory, size,
+  alignment, stream)`` and ``notify_shape(name, dims)`` before returning
+  (NvInferRuntime.h's IOutputAllocator contract; the callback names are the
+  ones pyCore.cpp's ``PyOutputAllocator`` looks up).
 - ``FakeStream`` models a CUDA stream: enqueued work (copies, launches) runs
   only when the stream is synchronised, or when an event recorded after it is
   synchronised or waited for by another stream that is synchronised.
@@ -36,13 +53,24 @@ What each double enforces, and why:
   tensors are CPU tensors backed by FakeCuda memory, streams and events are
   FakeStream/FakeEvent, and ``capture`` models CUDA-graph capture (a launch
   TensorRT cannot capture invalidates it; ending an invalidated capture raises,
-  as torch does).
+  as torch does). It models torch's caching allocator where it matters for
+  reuse: a block returns to the pool of the stream it was allocated on when
+  its last tensor dies, and is then reused by that stream at once; so if
+  another stream's work on it may still run (not finished, not waited for by
+  the allocation stream, not announced with ``record_stream``) the double
+  records a use-after-free hazard in ``FakeTorchCuda.hazards``. Entering a
+  capture while another thread captures raises before the capture begins
+  (``torch.cuda.graph.__enter__`` empties the cache, which fails then). A
+  launch on the legacy default stream is recorded in
+  ``FakeTensorRT.default_stream_launches`` (TensorRT synchronises the device
+  around it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import enum
 import itertools
 import json
@@ -83,6 +111,13 @@ class FakeIProgressMonitor:
 
 
 class FakeIProfiler:
+    def __init__(self) -> None:
+        pass
+
+
+class FakeIOutputAllocator:
+    """``trt.IOutputAllocator``: subclasses define reallocate_output(_async) and notify_shape."""
+
     def __init__(self) -> None:
         pass
 
@@ -150,6 +185,7 @@ class FakeOnnxParser:
             if vi.name not in initializers:
                 dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim)
                 self.network.inputs.append(FakeTensor(vi.name, dims))
+                self.network.inputs[-1].is_shape_tensor = vi.name in FakeTensorRT.shape_tensor_inputs
         return not self.errors
 
     @property
@@ -193,7 +229,7 @@ class FakeBuilderConfig:
     def __init__(self, logger: Any) -> None:
         self.logger = logger
         self.pool_limits: dict[Any, int] = {}
-        self.flags: set[Any] = set()
+        self.flags: set[Any] = {FakeTensorRT.BuilderFlag.TF32}  # TensorRT's default (see the module docstring)
         self.profiles: list[FakeOptimizationProfile] = []
         self.timing_cache: FakeTimingCache | None = None
         self.builder_optimization_level = 3
@@ -206,6 +242,9 @@ class FakeBuilderConfig:
 
     def set_flag(self, flag: Any) -> None:
         self.flags.add(flag)
+
+    def clear_flag(self, flag: Any) -> None:
+        self.flags.discard(flag)
 
     def add_optimization_profile(self, profile: FakeOptimizationProfile) -> int:
         for name, (lo, opt, hi) in profile.shapes.items():
@@ -269,6 +308,7 @@ class FakeBuilder:
             "inputs": [t.name for t in network.inputs],
             "profiles": ranges or [{}],
             "version_compatible": FakeTensorRT.BuilderFlag.VERSION_COMPATIBLE in config.flags,
+            "tf32": FakeTensorRT.BuilderFlag.TF32 in config.flags,
             "built_by": FakeTensorRT.version,
             **FakeTensorRT.plan_extras,
         }
@@ -285,6 +325,7 @@ class FakeExecutionContext:
         self.profile_switches: list[int] = []
         self.executions = 0
         self.profiler = None
+        self.allocators: dict[str, Any] = {}
         self.nvtx_verbosity = FakeTensorRT.ProfilingVerbosity.DETAILED  # the engine's, as built
         self._last_use: tuple[FakeStream, int] | None = None
 
@@ -306,9 +347,11 @@ class FakeExecutionContext:
         self._last_use = (stream, stream.enqueued)
 
     def set_optimization_profile_async(self, index: int, stream: int) -> bool:
+        """pyCore.cpp: PY_ASSERT_RUNTIME_ERROR(setOptimizationProfileAsync(...), ...); return true."""
         target = self._use(stream, "set_optimization_profile_async")
-        if not 0 <= index < self.engine.num_optimization_profiles:
-            return False
+        if not 0 <= index < self.engine.num_optimization_profiles or FakeTensorRT.fail_profile:
+            self.engine.logger.log(_Severity.ERROR, f"fake: profile {index} cannot be selected on this context")
+            raise RuntimeError("Error in set optimization profile async.")
         self.profile = index
         self.profile_switches.append(index)
         target.enqueue(lambda: None)
@@ -330,11 +373,32 @@ class FakeExecutionContext:
         self.addresses[name] = int(address)
         return True
 
+    def _consistent(self) -> bool:
+        if not self.engine.plan.get("same_batch"):
+            return True
+        return len({shape[0] for shape in self.shapes.values() if shape}) <= 1
+
+    def infer_shapes(self) -> list[str]:
+        """Names of inputs without a shape; raises for inconsistent shapes (pyCore.cpp's infer_shapes)."""
+        FakeTensorRT.infer_shapes_calls += 1
+        if not self._consistent():
+            self.engine.logger.log(_Severity.ERROR, f"fake: inconsistent input dimensions {self.shapes}")
+            raise RuntimeError("infer_shapes error code: -1")
+        return [name for name in self.engine.plan["inputs"] if name not in self.shapes]
+
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-        shape = self.shapes.get(self.engine.output_of[name], ())
         if name in self.engine.plan.get("data_dependent", ()):
-            return (-1, *shape[1:])
+            return (-1,)
+        shape = self.shapes.get(self.engine.output_of[name], ())
+        if not self._consistent():
+            return tuple(-1 for _ in shape)
         return shape
+
+    def set_output_allocator(self, name: str, allocator: Any) -> bool:
+        if name not in self.engine.output_of:
+            return False
+        self.allocators[name] = allocator
+        return True
 
     def execute_async_v3(self, stream: int) -> bool:
         if FakeTensorRT.fail_execute:
@@ -349,7 +413,20 @@ class FakeExecutionContext:
             target.capturing.ops.append(self._launch())
             return True
         target = self._use(stream, "execute_async_v3")
-        target.enqueue(self._launch())
+        if FakeTorchCuda.active is not None and target is FakeTorchCuda.active._default:
+            FakeTensorRT.default_stream_launches += 1
+        data_dependent = self.engine.plan.get("data_dependent", ())
+        if data_dependent:
+            missing = [n for n in data_dependent if n not in self.allocators]
+            if missing:
+                self.engine.logger.log(_Severity.ERROR, f"fake: neither address nor allocator is set for {missing}")
+                return False
+            target.synchronize()  # enqueueV3 waits for the inputs to learn the output sizes
+            if not self._allocate_data_dependent(stream):
+                return False
+        launch = self._launch()
+        target.enqueue(launch)
+        _note_uses(launch.addresses, target)
         self._mark(target)
         self.executions += 1
         if self.profiler is not None:
@@ -357,19 +434,36 @@ class FakeExecutionContext:
             self.profiler.report_layer_time("fake_relu", 0.05)
         return True
 
+    def _allocate_data_dependent(self, stream: int) -> bool:
+        """Ask each data-dependent output's allocator for memory and report its shape, as enqueueV3 does."""
+        for out in self.engine.plan["data_dependent"]:
+            inp = self.engine.output_of[out]
+            x = np.frombuffer(FakeCuda.memory[self.addresses[inp]], np.float32, int(np.prod(self.shapes[inp])))
+            count = int((x > 0).sum())
+            allocator = self.allocators[out]
+            address = allocator.reallocate_output_async(out, self.addresses.get(out, 0), max(count * 4, 1), ALIGNMENT, stream)
+            if not address or int(address) not in FakeCuda.memory:
+                self.engine.logger.log(_Severity.ERROR, f"fake: the output allocator gave no memory for {out}")
+                return False
+            self.addresses[out] = int(address)
+            allocator.notify_shape(out, (count,))
+        return True
+
     def _launch(self) -> Callable[[], None]:
         """The work of one launch: bindings are read now (at enqueue), memory when the stream runs."""
         jobs = []
+        data_dependent = set(self.engine.plan.get("data_dependent", ()))
         for out, inp in self.engine.output_of.items():
             count = int(np.prod(self.shapes[inp]))
-            jobs.append((self.addresses[inp], self.addresses[out], count))
+            jobs.append((self.addresses[inp], self.addresses[out], count, out in data_dependent))
 
         def run() -> None:
-            for source, dest, count in jobs:
+            for source, dest, count, positives_only in jobs:
                 x = np.frombuffer(FakeCuda.memory[source], np.float32, count)
-                y = 2 * x + 1
-                FakeCuda.memory[dest][: y.nbytes] = y.tobytes()
+                y = 2 * (x[x > 0] if positives_only else x) + 1
+                FakeCuda.memory[dest][: y.nbytes] = y.astype(np.float32).tobytes()
 
+        run.addresses = [a for job in jobs for a in job[:2]]  # type: ignore[attr-defined]
         return run
 
 
@@ -437,8 +531,12 @@ class FakeTensorRT(types.ModuleType):
     fail_execute = False
     reject_profiles = False
     builder_error: str | None = None
+    fail_profile = False
+    shape_tensor_inputs: set[str] = set()
     plan_extras: dict[str, Any] = {}
     builds = 0
+    infer_shapes_calls = 0
+    default_stream_launches = 0
     builders: list[FakeBuilder] = []
     overlaps: list[str] = []
     gpu = "fake-gpu"
@@ -448,13 +546,14 @@ class FakeTensorRT(types.ModuleType):
     ILogger = FakeILogger
     IProgressMonitor = FakeIProgressMonitor
     IProfiler = FakeIProfiler
+    IOutputAllocator = FakeIOutputAllocator
     Builder = FakeBuilder
     OnnxParser = FakeOnnxParser
     Runtime = FakeRuntime
     NetworkDefinitionCreationFlag = _enum("NetworkDefinitionCreationFlag", "STRONGLY_TYPED")
     MemoryPoolType = _enum("MemoryPoolType", "WORKSPACE")
     ProfilingVerbosity = _enum("ProfilingVerbosity", "LAYER_NAMES_ONLY", "NONE", "DETAILED")
-    BuilderFlag = _enum("BuilderFlag", "VERSION_COMPATIBLE")
+    BuilderFlag = _enum("BuilderFlag", "VERSION_COMPATIBLE", "TF32")
     HardwareCompatibilityLevel = _enum("HardwareCompatibilityLevel", "NONE", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY")
     TensorIOMode = _enum("TensorIOMode", "NONE", "INPUT", "OUTPUT")
     DataType = _enum("DataType", "FLOAT", "HALF", "BF16", "INT8", "INT32", "INT64", "BOOL", "UINT8", "FP8")
@@ -470,8 +569,12 @@ class FakeTensorRT(types.ModuleType):
         cls.fail_execute = False
         cls.reject_profiles = False
         cls.builder_error = None
+        cls.fail_profile = False
+        cls.shape_tensor_inputs = set()
         cls.plan_extras = {}
         cls.builds = 0
+        cls.infer_shapes_calls = 0
+        cls.default_stream_launches = 0
         cls.builders = []
         cls.overlaps = []
 
@@ -495,6 +598,7 @@ class FakeStream:
         self.done = 0
         self.synchronized = 0
         self.waits: dict[int, int] = {}  # other stream's handle -> position this stream waits for
+        self.wait_list: list[tuple[int, FakeStream, int]] = []  # (this stream's position, other, its position)
         self.capturing: FakeGraph | None = None
         FakeStream._registry[self.handle] = self
 
@@ -530,9 +634,23 @@ class FakeStream:
 
     query = is_done
 
-    def ordered_after(self, other: FakeStream, position: int) -> bool:
-        """True when work enqueued here from now on cannot start before ``other``'s first ``position`` ops end."""
-        return other.done >= position or self.waits.get(other.handle, 0) >= position
+    def ordered_after(self, other: FakeStream, position: int, upto: int | None = None, seen: set[int] | None = None) -> bool:
+        """True when work enqueued here from now on (or after this stream's first ``upto`` ops) cannot
+        start before ``other``'s first ``position`` ops end; waits are followed through other streams,
+        as CUDA orders them (this stream waits for C, which had waited for ``other``)."""
+        if other.done >= position:
+            return True
+        seen = set() if seen is None else seen
+        for at, source, source_position in self.wait_list:
+            if upto is not None and at > upto:
+                continue
+            if source is other and source_position >= position:
+                return True
+            if source.handle not in seen:
+                seen.add(source.handle)
+                if source.ordered_after(other, position, source_position, seen):
+                    return True
+        return False
 
     def wait_event(self, event: FakeEvent) -> None:
         if event.stream is None:
@@ -540,6 +658,7 @@ class FakeStream:
         source, position = event.stream, event.position
         self.waits[source.handle] = max(self.waits.get(source.handle, 0), position)
         self.enqueue(lambda: source.run_until(position))
+        self.wait_list.append((self.enqueued, source, position))
 
     wait_for_event = wait_event
 
@@ -704,7 +823,7 @@ class FakeDevice:
         self.index = index
 
     def name(self) -> str:
-        return "Fake GPU 80GB"
+        return FakeCuda.device_name
 
     def compute_capability(self) -> tuple[int, int]:
         return FakeCuda.compute_capability
@@ -724,6 +843,7 @@ class FakeCuda(types.ModuleType):
     _keep: list[bytearray] = []
     depth = 0
     compute_capability = (8, 9)
+    device_name = "Fake GPU 80GB"
     leaks: list[str] = []
     freed: list[str] = []
     misalign = 0
@@ -740,6 +860,7 @@ class FakeCuda(types.ModuleType):
         cls._keep = []
         cls.depth = 0
         cls.compute_capability = (8, 9)
+        cls.device_name = "Fake GPU 80GB"
         cls.leaks = []
         cls.freed = []
         cls.misalign = 0
@@ -787,23 +908,49 @@ class FakeGraph:
         stream = FakeTorchCuda.active.current_stream()
         for op in self.ops:
             stream.enqueue(op)
+            _note_uses(getattr(op, "addresses", ()), stream)
         self.replays += 1
+
+
+@dataclasses.dataclass
+class _Block:
+    """A torch caching-allocator block: the stream it came from, and the work of other streams on it."""
+
+    stream: FakeStream
+    uses: list[tuple[FakeStream, int]] = dataclasses.field(default_factory=list)
+    recorded: set[int] = dataclasses.field(default_factory=set)  # handles given to record_stream
+
+
+def _note_uses(addresses: Any, stream: FakeStream) -> None:
+    """Work just enqueued on ``stream`` reads or writes these device addresses."""
+    active = FakeTorchCuda.active
+    if active is None:
+        return
+    for address in addresses:
+        block = active.blocks.get(int(address))
+        if block is not None and block.stream is not stream:
+            block.uses.append((stream, stream.enqueued))
 
 
 class FakeTorchCuda:
     """Stands in for ``runtime.TorchCuda``; "device" tensors are CPU tensors in FakeCuda memory.
 
     ``active`` is the instance in use, for FakeEvent.record()/FakeGraph.replay()
-    without a stream (torch's current-stream default).
+    without a stream (torch's current-stream default). ``blocks`` and
+    ``hazards`` model torch's caching allocator (see the module docstring).
     """
 
-    active: FakeTorchCuda
+    active: FakeTorchCuda | None = None
+    _capturing = 0  # captures in progress, any thread
+    _capture_guard = threading.Lock()
 
     def __init__(self, device_index: int = 0) -> None:
         self.device = torch.device("cpu")
         self._default = FakeStream()
         self._current = threading.local()
         self.captures = 0
+        self.blocks: dict[int, _Block] = {}
+        self.hazards: list[str] = []
         FakeTorchCuda.active = self
 
     def available(self) -> bool:
@@ -814,9 +961,31 @@ class FakeTorchCuda:
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         numel = int(np.prod(shape, dtype=np.int64))
-        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
-        _, view = _device_block(nbytes)
-        return torch.frombuffer(view, dtype=dtype, count=max(numel, 1))[:numel].view(shape)
+        nbytes = numel * dtype.itemsize
+        address, view = _device_block(nbytes)
+        # The block is freed when the last tensor on it dies: torch keeps the buffer's exporter alive.
+        owner = np.frombuffer(view, np.uint8)
+        self.blocks[address] = _Block(self.current_stream())
+        weakref.finalize(owner, self._free, address)
+        return torch.frombuffer(owner, dtype=dtype, count=max(numel, 1))[:numel].view(shape)
+
+    def _free(self, address: int) -> None:
+        """The block goes back to its stream's pool, reusable there at once: other streams must be done."""
+        block = self.blocks.pop(address, None)
+        if block is None:
+            return
+        for stream, position in block.uses:
+            done = stream.done >= position or block.stream.ordered_after(stream, position)
+            if not done and stream.handle not in block.recorded:
+                self.hazards.append(
+                    f"block {address:#x} of stream {block.stream.handle} freed while stream {stream.handle} "
+                    "may still use it (no wait, no record_stream)"
+                )
+
+    def record_stream(self, tensor: torch.Tensor, stream: FakeStream) -> None:
+        block = self.blocks.get(tensor.data_ptr())
+        if block is not None:
+            block.recorded.add(stream.handle)
 
     def tensor(self, value: torch.Tensor) -> torch.Tensor:
         """A "device" copy of ``value`` (for tests: what ``x.cuda()`` would give)."""
@@ -828,11 +997,21 @@ class FakeTorchCuda:
         """Stream-ordered like torch's: a device source is read when the stream runs, a host one now."""
         if not self.is_device_tensor(source):
             source = source.clone()
-        self.current_stream().enqueue(lambda: dest.copy_(source))
+        stream = self.current_stream()
+        if self.is_device_tensor(source) and source.is_contiguous() and source.dtype == dest.dtype:
+            # By address, as a CUDA copy is: queued work keeps no tensor (and no block) alive.
+            dest_ptr, source_ptr, nbytes = dest.data_ptr(), source.data_ptr(), source.numel() * source.element_size()
+            stream.enqueue(lambda: ctypes.memmove(dest_ptr, source_ptr, nbytes))
+        else:
+            stream.enqueue(lambda: dest.copy_(source))
+        _note_uses((dest.data_ptr(), source.data_ptr()), stream)
         return dest
 
     def current_stream(self) -> FakeStream:
         return getattr(self._current, "stream", None) or self._default
+
+    def is_default_stream(self, stream: FakeStream) -> bool:
+        return stream is self._default
 
     def new_stream(self) -> FakeStream:
         return FakeStream()
@@ -854,7 +1033,12 @@ class FakeTorchCuda:
 
     @contextlib.contextmanager
     def capture(self, graph: FakeGraph, stream: FakeStream) -> Iterator[None]:
-        """Like torch.cuda.graph: ending an invalidated capture raises, whatever happened inside."""
+        """Like torch.cuda.graph: entering while another capture runs fails before it begins (the
+        cache cannot be emptied then); ending an invalidated capture raises, whatever happened inside."""
+        with FakeTorchCuda._capture_guard:
+            if FakeTorchCuda._capturing:
+                raise RuntimeError("fake: empty_cache() while another thread is capturing a CUDA graph")
+            FakeTorchCuda._capturing += 1
         self.captures += 1
         stream.capturing = graph
         try:
@@ -862,6 +1046,8 @@ class FakeTorchCuda:
                 yield
         finally:
             stream.capturing = None
+            with FakeTorchCuda._capture_guard:
+                FakeTorchCuda._capturing -= 1
             if graph.invalid:
                 raise RuntimeError("fake CUDA error: operation failed due to a previous error during capture")
 

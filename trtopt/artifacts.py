@@ -5,6 +5,8 @@
 - ``<name>.build.sh``: the trtexec (and Polygraphy) command lines that build the
   equivalent engine on the target — strongly typed and without precision flags,
   because the precision is already in the graph (valid on TensorRT 10 and 11),
+  with the module's engine settings (version and hardware compatibility,
+  optimization level, workspace, TF32 off unless ``tf32=True``),
 - ``<name>.calib.cache``: the TensorRT calibration cache, for INT8 modules whose
   precision report carries calibrated ranges (for tools that read one).
 
@@ -21,7 +23,7 @@ import logging
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,8 +48,54 @@ def trtexec_shapes(profile: ShapeProfile, which: str) -> str:
     return ",".join(parts)
 
 
-def trtexec_command(onnx_path: str, profiles: Sequence[ShapeProfile], engine_path: str) -> str:
-    """The trtexec line that builds every optimization profile.
+_HARDWARE_LEVELS = {  # BuildConfig.hardware_compatibility -> (trtexec, polygraphy) spelling
+    "ampere_plus": ("ampere+", "ampere_plus"),
+    "same_compute_capability": ("sameComputeCapability", "same_compute_capability"),
+}
+
+
+def trtexec_settings(build_config: Mapping[str, Any]) -> list[str]:
+    """trtexec flags for the engine settings the module was built with (``spec.info["build_config"]``).
+
+    trtexec enables TF32 unless told ``--noTF32``, while trtopt clears it unless ``tf32=True``.
+    A setting the file does not record (written before it existed) keeps trtexec's default.
+    """
+    flags = []
+    if build_config.get("version_compatible"):
+        flags.append("--versionCompatible")
+    level = _HARDWARE_LEVELS.get(build_config.get("hardware_compatibility", "none"))
+    if level:
+        flags.append(f"--hardwareCompatibilityLevel={level[0]}")
+    if build_config.get("optimization_level") is not None:
+        flags.append(f"--builderOptimizationLevel={int(build_config['optimization_level'])}")
+    if build_config.get("workspace_bytes") is not None:
+        flags.append(f"--memPoolSize=workspace:{int(build_config['workspace_bytes'])}B")
+    if "tf32" in build_config and not build_config["tf32"]:
+        flags.append("--noTF32")
+    return flags
+
+
+def polygraphy_settings(build_config: Mapping[str, Any]) -> list[str]:
+    """The same settings in ``polygraphy convert``'s flags (Polygraphy leaves TF32 off unless ``--tf32``)."""
+    flags = []
+    if build_config.get("version_compatible"):
+        flags.append("--version-compatible")
+    level = _HARDWARE_LEVELS.get(build_config.get("hardware_compatibility", "none"))
+    if level:
+        flags += ["--hardware-compatibility-level", level[1]]
+    if build_config.get("optimization_level") is not None:
+        flags += ["--builder-optimization-level", str(int(build_config["optimization_level"]))]
+    if build_config.get("workspace_bytes") is not None:
+        flags += ["--pool-limit", f"workspace:{int(build_config['workspace_bytes'])}"]
+    if build_config.get("tf32"):
+        flags.append("--tf32")
+    return flags
+
+
+def trtexec_command(
+    onnx_path: str, profiles: Sequence[ShapeProfile], engine_path: str, build_config: Mapping[str, Any] | None = None
+) -> str:
+    """The trtexec line that builds every optimization profile with the module's engine settings.
 
     With several profiles, each one's shape flags follow ``--profile=N``, the form
     trtexec reads as one profile per shape set (as in NVIDIA's TensorRT cookbook).
@@ -55,6 +103,7 @@ def trtexec_command(onnx_path: str, profiles: Sequence[ShapeProfile], engine_pat
     typing is always on; no --fp16/--int8 flags, which 11 removed.
     """
     args = ["trtexec", f"--onnx={onnx_path}", "--stronglyTyped", f"--saveEngine={engine_path}"]
+    args += trtexec_settings(build_config or {})
     for index, profile in enumerate(profiles):
         if not trtexec_shapes(profile, "min"):
             continue
@@ -65,9 +114,12 @@ def trtexec_command(onnx_path: str, profiles: Sequence[ShapeProfile], engine_pat
     return " ".join(shlex.quote(a) for a in args)
 
 
-def polygraphy_command(onnx_path: str, profiles: Sequence[ShapeProfile], engine_path: str) -> str:
+def polygraphy_command(
+    onnx_path: str, profiles: Sequence[ShapeProfile], engine_path: str, build_config: Mapping[str, Any] | None = None
+) -> str:
     """The Polygraphy line: repeating the shape flags creates one profile per repetition."""
     args = ["polygraphy", "convert", onnx_path, "--convert-to", "trt", "--strongly-typed", "-o", engine_path]
+    args += polygraphy_settings(build_config or {})
     for profile in profiles:
         for r in profile.inputs:
             if not r.dynamic and r.min == r.max:
@@ -115,6 +167,7 @@ def export_onnx(module: CompiledModule, path: str | os.PathLike[str]) -> dict[st
     )
     engine = path.with_suffix(".plan").name
     profiles = module.spec.profiles
+    build_config = module.spec.info.get("build_config", {})  # the engine settings compile recorded
     lines = [
         "#!/bin/sh",
         "# Build the TensorRT engine for this graph on the target GPU (TensorRT 10 or 11).",
@@ -127,12 +180,12 @@ def export_onnx(module: CompiledModule, path: str | os.PathLike[str]) -> dict[st
     if len(profiles) > 1:
         lines += [
             f"# The module has {len(profiles)} optimization profiles, in this order (--profile=N).",
-            trtexec_command(path.name, profiles, engine),
+            trtexec_command(path.name, profiles, engine, build_config),
             "# Or with Polygraphy (pip install polygraphy), which makes one profile per repetition:",
-            "# " + polygraphy_command(path.name, profiles, engine),
+            "# " + polygraphy_command(path.name, profiles, engine, build_config),
         ]
     else:
-        lines.append(trtexec_command(path.name, profiles, engine))
+        lines.append(trtexec_command(path.name, profiles, engine, build_config))
     written["build_script"] = atomic_write(path.with_suffix(".build.sh"), "\n".join(lines) + "\n")
     os.chmod(written["build_script"], 0o755)
     report = module.precision_report

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -43,6 +44,9 @@ from .trt_logging import format_errors, tensorrt_logger
 
 logger = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 10.0
+# What ``configure`` sets beyond the config's own fields, versioned: part of the engine-cache key,
+# so a change here (2: TF32 cleared unless BuildConfig.tf32) never reuses engines built before it.
+BUILDER_SETTINGS_VERSION = 2
 
 
 # --------------------------------------------------------------- build progress
@@ -150,12 +154,98 @@ def current_device_index() -> int:
     return torch.cuda.current_device() if torch.cuda.is_available() else 0
 
 
+def tensorrt_build(trt: ModuleType) -> str:
+    """Which CUDA build of TensorRT this is ("cu12", "cu13"), or "" when the package does not say.
+
+    ``tensorrt-cu12`` and ``tensorrt-cu13`` of one release report the same ``__version__`` but
+    build different engines; the distribution that installed the ``tensorrt`` module names it
+    (``tensorrt_cu13_bindings``). A TensorRT from NVIDIA's tar or deb packages gives "".
+    """
+    from importlib import metadata
+
+    top_level = getattr(trt, "__name__", "tensorrt").split(".")[0]
+    for distribution in metadata.packages_distributions().get(top_level, []):
+        match = re.search(r"cu(\d+)", distribution.lower())
+        if match:
+            return f"cu{match.group(1)}"
+    return ""
+
+
 def gpu_fingerprint(device_index: int | None = None) -> dict[str, str]:
     """The GPU's name and compute capability: an engine runs only where these match."""
     cuda = _deps.cuda()
     device = cuda.Device(current_device_index() if device_index is None else device_index)
     major, minor = device.compute_capability()
     return {"name": str(device.name()), "compute_capability": f"{major}.{minor}"}
+
+
+def engine_record(config: BuildConfig) -> dict[str, Any]:
+    """What a module file keeps about the engine it holds: how it was built, by which TensorRT, for which GPU.
+
+    Read back by ``saved_engine_problem`` when the file is loaded.
+    """
+    trt = _deps.tensorrt()
+    return {
+        "version_compatible": config.version_compatible,
+        "hardware_compatibility": config.hardware_compatibility,
+        "tensorrt_version": str(trt.__version__),
+        "tensorrt_build": tensorrt_build(trt),
+        "gpu": gpu_fingerprint(),
+    }
+
+
+def _capability(gpu: dict[str, str]) -> tuple[int, ...]:
+    return tuple(int(part) for part in str(gpu.get("compute_capability", "0.0")).split(".")[:2])
+
+
+def saved_engine_problem(record: dict[str, Any] | None, *, allow_host_code: bool) -> str | None:
+    """Why a module file's engine must not be used on this machine, or None when it may be tried.
+
+    TensorRT deserializes an engine built for another GPU model of the same
+    compute capability with only a warning, and it may then fail inside
+    enqueueV3 ("Cask unknown internal error"); so the GPU and TensorRT recorded
+    at build time (``engine_record``) must match this machine's, unless the
+    engine was built hardware- or version-compatible. A version-compatible
+    engine embeds the lean runtime's native code: it runs only with
+    ``allow_host_code``. Files written before the record had these fields are
+    checked for what they have.
+    """
+    record = record or {}
+    version_compatible = bool(record.get("version_compatible"))
+    if version_compatible and not allow_host_code:
+        return (
+            "it is version-compatible, so it carries native code (TensorRT's lean runtime) that runs "
+            "only when host code is allowed; for a file you trust, load it with allow_host_code=True "
+            "(CLI: --allow-host-code)"
+        )
+    trt = _deps.tensorrt()
+    built_by = record.get("tensorrt_version")
+    if built_by is not None and not version_compatible:
+        here = str(trt.__version__)
+        build, build_here = record.get("tensorrt_build", ""), tensorrt_build(trt)
+        if built_by != here or (build and build_here and build != build_here):
+            return (
+                f"it was built by TensorRT {built_by} {build}".rstrip()
+                + f", this machine has {here} {build_here}".rstrip()
+                + " (an engine runs only on the TensorRT that built it unless built with version_compatible=True)"
+            )
+    built_on = record.get("gpu")
+    if built_on:
+        here_gpu = gpu_fingerprint()
+        level = record.get("hardware_compatibility", "none")
+        if level == "ampere_plus":
+            fits, rule = _capability(here_gpu) >= (8, 0), "runs on compute capability 8.0 and newer"
+        elif level == "same_compute_capability":
+            fits, rule = _capability(here_gpu) == _capability(built_on), "runs on its compute capability only"
+        else:
+            fits, rule = dict(built_on) == here_gpu, "runs only on the GPU model it was built on"
+        if not fits:
+            return (
+                f"it was built for {built_on.get('name')} (compute capability {built_on.get('compute_capability')}), "
+                f"this GPU is {here_gpu['name']} (compute capability {here_gpu['compute_capability']}); "
+                f"an engine built with hardware_compatibility={level!r} {rule}"
+            )
+    return None
 
 
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # Ada; Hopper is 9.0, Blackwell 10.x and 12.x
@@ -187,12 +277,18 @@ def require_fp8_support(trt: ModuleType, device_index: int | None = None) -> Non
 
 # ------------------------------------------------------------------------ build
 def build_engine(
-    onnx_model: onnx.ModelProto, profiles: Sequence[ShapeProfile], config: BuildConfig
+    onnx_model: onnx.ModelProto,
+    profiles: Sequence[ShapeProfile],
+    config: BuildConfig,
+    *,
+    accept_cached: Callable[[bytes], bool] | None = None,
 ) -> bytes:
     """Build (or fetch from ``config.engine_cache_dir``) a serialized engine for ``onnx_model``.
 
     The model is written to a temporary directory and parsed from the file, so
-    models with external weights (over protobuf's 2 GB) work too.
+    models with external weights (over protobuf's 2 GB) work too. A cached
+    engine that ``accept_cached`` refuses (the caller could not deserialize it)
+    is a miss: the entry is deleted, with one warning, and the engine rebuilt.
     """
     from .precision import FP8, graph_format, validate_qdq
 
@@ -212,10 +308,14 @@ def build_engine(
                 config,
                 str(trt.__version__),
                 gpu_fingerprint(),
+                tensorrt_build=tensorrt_build(trt),
+                builder_settings=BUILDER_SETTINGS_VERSION,
             )
             cached = cache.get(fields)
             if cached is not None:
-                return cached
+                if accept_cached is None or accept_cached(cached):
+                    return cached
+                cache.discard(fields, f"TensorRT {trt.__version__} cannot deserialize it")
         start = time.perf_counter()
         engine = build_from_file(trt, model_path, profiles, config)
         logger.info(
@@ -303,6 +403,11 @@ def configure(trt: ModuleType, builder_config: Any, config: BuildConfig) -> None
     # makes NVTX ranges detailed, which TensorRT says generally increases enqueue latency, so the
     # runtime lowers each execution context's nvtx_verbosity unless it is profiling.
     builder_config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    # TensorRT sets TF32 by default; cleared unless asked for, so FP32 means FP32 (Polygraphy does the same).
+    if config.tf32:
+        builder_config.set_flag(trt.BuilderFlag.TF32)
+    else:
+        builder_config.clear_flag(trt.BuilderFlag.TF32)
     if config.version_compatible:
         builder_config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     if config.hardware_compatibility == "ampere_plus":
@@ -357,15 +462,17 @@ def add_profiles(
     the profile indices TensorRT assigned (0, 1, ... in order).
     """
     network_inputs = [network.get_input(i) for i in range(network.num_inputs)]
-    shapes = {network_input.name: tuple(network_input.shape) for network_input in network_inputs}
-    if not any(d < 0 for shape in shapes.values() for d in shape):
-        return []
+    # Checked before the static case returns: a shape-tensor input needs a profile of its *values*
+    # even when its own dimensions are fixed, and trtopt's profiles cover only execution tensors.
     for network_input in network_inputs:
         if network_input.is_shape_tensor:
             raise BuildError(
                 f"network input {network_input.name!r} is a shape tensor; trtopt's profiles cover "
                 "only execution tensors. Pass that value as a constant (a Python int) instead."
             )
+    shapes = {network_input.name: tuple(network_input.shape) for network_input in network_inputs}
+    if not any(d < 0 for shape in shapes.values() for d in shape):
+        return []
     indices = []
     for index, shape_profile in enumerate(profiles):
         given = [r.name for r in shape_profile.inputs]

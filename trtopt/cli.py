@@ -291,7 +291,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     batch_sizes = args.batch_sizes
     if args.source.endswith(".trtopt"):
         _check_file(args.source, "module file")
-        module = trtopt.load(args.source, backend=args.backend)
+        module = trtopt.load(args.source, backend=args.backend, allow_host_code=args.allow_host_code)
         batches = batch_sizes or [module.profiles[0][module.input_names[0]].opt[0]]
         candidates = [
             bench.compiled_candidate(Path(args.source).stem, module, artifact_bytes=Path(args.source).stat().st_size)
@@ -549,7 +549,8 @@ def _node_entry(value: Any) -> str:
 def cmd_export_triton(args: argparse.Namespace) -> int:
     import trtopt
 
-    module = trtopt.load(_check_file(args.module, "module file"), backend=args.backend)
+    module = trtopt.load(_check_file(args.module, "module file"), backend=args.backend,
+                         allow_host_code=args.allow_host_code)
     path = module.export_triton(  # trtopt.triton is imported there, only when used
         args.repo,
         args.name,
@@ -630,6 +631,12 @@ def _add_backend_option(p: argparse.ArgumentParser) -> None:
                    help="auto: TensorRT where it and a GPU are available, else ONNX Runtime (default)")
 
 
+def _add_host_code_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-host-code", action="store_true",
+                   help="let a version-compatible engine in a .trtopt file run the native code it carries "
+                        "(only for files you trust; otherwise it is rebuilt from the file's graph)")
+
+
 def _add_shapes_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes", action="append", default=[], metavar="NAME:MIN,OPT,MAX",
                    help="input shape range in trtexec's 1x3x224x224 notation; repeatable (see below)")
@@ -702,6 +709,7 @@ def _add_bench_command(add_parser: AddParser) -> None:
     p.add_argument("--warmup", type=_positive, default=5, help="untimed calls per batch size (default 5)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-': stdout)")
     _add_backend_option(p)
+    _add_host_code_option(p)
     p.set_defaults(func=cmd_bench)
 
 
@@ -727,6 +735,7 @@ def _add_export_triton_command(add_parser: AddParser) -> None:
     p.add_argument("--instances", type=_positive, default=1, help="model instances per GPU (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing version directory")
     _add_backend_option(p)
+    _add_host_code_option(p)
     p.set_defaults(func=cmd_export_triton)
 
 

@@ -69,24 +69,18 @@ def make_backend(
     config: BuildConfig,
     engine: bytes | None = None,
     *,
-    allow_fallback: bool = False,
+    allow_host_code: bool = False,
 ) -> tuple[Any, bytes | None]:
     """Create the backend object; for TensorRT, build (or reuse) the engine first.
 
-    A given engine (from a module file) that this machine's TensorRT or GPU
-    cannot load is rebuilt from the ONNX graph, with a warning. With
-    ``allow_fallback`` (``backend="auto"``), an engine whose outputs have
-    data-dependent shapes runs under ONNX Runtime instead, with a log line.
+    A given engine (from a module file) is used only where it was built for:
+    the same TensorRT and GPU (unless built version- or hardware-compatible),
+    and, when it is version-compatible, only with ``allow_host_code`` (it runs
+    the lean runtime's code embedded in the file). Otherwise, or when TensorRT
+    cannot load it, it is rebuilt from the ONNX graph with one warning saying why.
     """
     if kind is Backend.TENSORRT:
-        from .runtime import DataDependentShapeError
-
-        try:
-            return _tensorrt_backend(onnx_model, spec, config, engine)
-        except DataDependentShapeError as exc:
-            if not allow_fallback:
-                raise
-            logger.info("backend: onnxruntime on the CPU, because %s", first_line(exc))
+        return _tensorrt_backend(onnx_model, spec, config, engine, allow_host_code)
     from .backends.onnxruntime import OnnxRuntimeBackend
 
     # The backend emulates TensorRT's FP16 tensors (ORT's CPU provider would run most FP16 ops in FP32).
@@ -95,27 +89,41 @@ def make_backend(
 
 
 def _tensorrt_backend(
-    onnx_model: onnx.ModelProto, spec: ModuleSpec, config: BuildConfig, engine: bytes | None
+    onnx_model: onnx.ModelProto,
+    spec: ModuleSpec,
+    config: BuildConfig,
+    engine: bytes | None,
+    allow_host_code: bool,
 ) -> tuple[Any, bytes]:
-    from .builder import build_engine
+    from .builder import build_engine, engine_record, saved_engine_problem
     from .errors import EngineError
-    from .runtime import DataDependentShapeError, TensorRTBackend
+    from .runtime import TensorRTBackend
 
-    # Recorded with the engine, so that loading a saved version-compatible engine allows its host code.
-    trt_info = spec.info.setdefault("tensorrt", {"version_compatible": config.version_compatible})
     if engine is not None:
-        options = {"cuda_graph": config.cuda_graph, "allow_host_code": bool(trt_info["version_compatible"])}
-        try:
-            return TensorRTBackend(engine, spec, **options), engine
-        except DataDependentShapeError:
-            raise
-        except EngineError as exc:
-            logger.warning("the saved engine cannot be used here, rebuilding it from the ONNX graph: %s", exc)
-    engine = build_engine(onnx_model, spec.profiles, config)
-    # The engine is new: what it needs comes from the config it was just built with, not from the file.
-    spec.info["tensorrt"] = {"version_compatible": config.version_compatible}
+        problem = saved_engine_problem(spec.info.get("tensorrt"), allow_host_code=allow_host_code)
+        if problem is None:
+            try:
+                options = {"cuda_graph": config.cuda_graph, "allow_host_code": allow_host_code}
+                return TensorRTBackend(engine, spec, **options), engine
+            except EngineError as exc:
+                problem = f"this machine's TensorRT cannot load it: {exc}"
+        logger.warning("the saved engine is not used, rebuilding it from the ONNX graph: %s", problem)
+    # Engines built here, or cached by builds here, are trusted: a version-compatible one may run its host code.
     options = {"cuda_graph": config.cuda_graph, "allow_host_code": config.version_compatible}
-    return TensorRTBackend(engine, spec, **options), engine
+    loaded: list[Any] = []
+
+    def accept_cached(candidate: bytes) -> bool:
+        try:
+            loaded.append(TensorRTBackend(candidate, spec, **options))
+        except EngineError as exc:
+            logger.debug("cached engine refused: %s", exc)
+            return False
+        return True
+
+    engine = build_engine(onnx_model, spec.profiles, config, accept_cached=accept_cached)
+    # The engine is new: what it needs and where it runs come from this build, not from the file.
+    spec.info["tensorrt"] = engine_record(config)
+    return (loaded[0] if loaded else TensorRTBackend(engine, spec, **options)), engine
 
 
 def _example_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -243,9 +251,7 @@ def compile(  # noqa: A001 - the public name docs/design.md fixes
     graph = _graph_of(source, example_inputs, dynamic_shapes, config)
     onnx_model, report = apply_precision(graph.model, config, calibration_data, accuracy_budget, validation_data)
     spec = _module_spec(onnx_model, graph, report.precision or config.precision.value, report.to_json(), config)
-    backend_obj, engine = make_backend(
-        kind, onnx_model, spec, config, allow_fallback=Backend(config.backend) is Backend.AUTO
-    )
+    backend_obj, engine = make_backend(kind, onnx_model, spec, config)
     logger.info(
         "compiled %s: %s, %s, %.1f s",
         type(source).__name__,
@@ -345,15 +351,26 @@ def _engine_config_json(config: BuildConfig) -> dict[str, Any]:
     return {k: v.value if isinstance(v, Enum) else list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
-def load(path: str | os.PathLike[str], *, backend: Backend | str = "auto", **overrides: Any) -> CompiledModule:
+def load(
+    path: str | os.PathLike[str],
+    *,
+    backend: Backend | str = "auto",
+    allow_host_code: bool = False,
+    **overrides: Any,
+) -> CompiledModule:
     """Load a module written by ``CompiledModule.save``.
 
     The file holds the final ONNX graph and, when it was built, the TensorRT
     engine; with ``backend="auto"`` the engine is used where TensorRT can run,
-    otherwise the graph runs under ONNX Runtime. An engine this machine cannot
-    load is rebuilt with the engine settings it was compiled with; ``overrides``
-    (``BuildConfig`` fields such as ``cuda_graph=True`` or ``engine_cache_dir``)
-    change them.
+    otherwise the graph runs under ONNX Runtime. An engine built for another
+    TensorRT or GPU, or that this machine cannot load, is rebuilt with the
+    engine settings it was compiled with; ``overrides`` (``BuildConfig`` fields
+    such as ``cuda_graph=True`` or ``engine_cache_dir``) change them.
+
+    A version-compatible engine carries the lean runtime's native code, which
+    TensorRT runs only when host code is allowed: pass ``allow_host_code=True``
+    for files you trust (the file's checksums prove it is intact, not who made
+    it). Without it, such an engine is rebuilt from the graph instead.
     """
     from .backends.qdq_cpu import is_cpu_layout
 
@@ -363,6 +380,5 @@ def load(path: str | os.PathLike[str], *, backend: Backend | str = "auto", **ove
         stored.pop(name, None)
     config = BuildConfig().replace(**{**stored, **overrides})
     kind = select_backend(backend, cpu_layout=is_cpu_layout(onnx_model))
-    allow_fallback = Backend(backend.value if isinstance(backend, Backend) else backend) is Backend.AUTO
-    backend_obj, engine = make_backend(kind, onnx_model, spec, config, engine, allow_fallback=allow_fallback)
+    backend_obj, engine = make_backend(kind, onnx_model, spec, config, engine, allow_host_code=allow_host_code)
     return CompiledModule(onnx_model, spec, backend_obj, engine)

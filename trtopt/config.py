@@ -116,6 +116,9 @@ class BuildConfig:
     optimization_level: int = 3  # builder_optimization_level, 0-5
     version_compatible: bool = False
     hardware_compatibility: str = "none"  # "none" | "ampere_plus" | "same_compute_capability"
+    # TensorRT turns TF32 on by default, which rounds FP32 matmul/conv inputs to a 10-bit mantissa;
+    # off here (as Polygraphy does), so an "fp32" engine computes what the CPU readout assumed.
+    tf32: bool = False
     timing_cache: str | None = None
     engine_cache_dir: str | None = None  # None: no engine cache (see trtopt/engine_cache.py)
     engine_cache_max_bytes: int = 8 << 30
@@ -249,6 +252,7 @@ ENGINE_SETTINGS: tuple[str, ...] = (
     "optimization_level",
     "version_compatible",
     "hardware_compatibility",
+    "tf32",
 )
 
 

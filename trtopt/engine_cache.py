@@ -2,7 +2,8 @@
 
 Building an engine takes seconds to many minutes; the result depends only on
 the final ONNX graph, the settings in ``ENGINE_SETTINGS``, the optimization
-profiles, the TensorRT version and the GPU. Those, and nothing else, make up
+profiles, the TensorRT version and CUDA build, the version of trtopt's builder
+settings and the GPU. Those, and nothing else, make up
 the key. Each entry is two files in ``cache_dir``::
 
     <key>.plan   the serialized engine
@@ -11,7 +12,8 @@ the key. Each entry is two files in ``cache_dir``::
 The manifest is written last (atomically, like the plan), so an entry exists
 only once it is complete. On lookup the manifest's fields must equal the
 expected ones and the plan must match its checksum; an entry that fails either
-check is deleted and reported as a miss, so it is rebuilt, never used. The
+check, or that TensorRT then cannot deserialize (``discard``), is deleted and
+reported as a miss, so it is rebuilt, never used. The
 cache is kept under ``max_bytes`` by deleting the least recently used entries
 (a hit touches the manifest's mtime). Several processes may share a directory:
 every write is a rename, and an entry deleted under a reader is just a miss.
@@ -60,8 +62,17 @@ def engine_key_fields(
     config: BuildConfig,
     tensorrt_version: str,
     gpu: Mapping[str, Any],
+    *,
+    tensorrt_build: str,
+    builder_settings: int,
 ) -> dict[str, Any]:
-    """Everything an engine depends on, as JSON-ready data (hashed into the key, kept in the manifest)."""
+    """Everything an engine depends on, as JSON-ready data (hashed into the key, kept in the manifest).
+
+    ``tensorrt_build`` tells the CUDA builds of one TensorRT version apart (``tensorrt-cu12`` and
+    ``-cu13`` report the same ``__version__``); ``builder_settings`` is the version of what trtopt's
+    builder sets beyond ``config`` (``builder.BUILDER_SETTINGS_VERSION``), so engines built before
+    such a change are not reused.
+    """
     settings = {}
     for name in ENGINE_SETTINGS:
         value = getattr(config, name)
@@ -71,6 +82,8 @@ def engine_key_fields(
         "settings": settings,
         "profiles": [p.to_json() for p in profiles],
         "tensorrt_version": tensorrt_version,
+        "tensorrt_build": tensorrt_build,
+        "builder_settings": builder_settings,
         "gpu": dict(gpu),
     }
 
@@ -104,6 +117,10 @@ class EngineCache:
 
     def _paths(self, key: str) -> tuple[Path, Path]:
         return self.dir / f"{key}.plan", self.dir / f"{key}.json"
+
+    def discard(self, fields: Mapping[str, Any], why: str) -> None:
+        """Delete the entry for ``fields`` (one warning), e.g. an engine TensorRT cannot deserialize."""
+        self._discard(engine_key(fields), why)
 
     def _discard(self, key: str, why: str) -> None:
         logger.warning("engine cache: discarding entry %s (%s); the engine will be rebuilt", key, why)

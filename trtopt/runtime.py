@@ -10,7 +10,11 @@ Two data paths:
   TensorRT wants 256-byte aligned addresses) and the engine runs on the
   caller's current torch stream; outputs are new torch CUDA tensors from
   torch's caching allocator, so a returned tensor is never overwritten by a
-  later call.
+  later call. On the legacy default stream, where TensorRT adds device-wide
+  synchronisation and serialises threads, the launch goes to a side stream of
+  the thread's state that waits for the caller's stream and is waited for by
+  it (as Torch-TensorRT does); its outputs are ``record_stream``-ed on the
+  caller's stream.
 - numpy arrays and CPU tensors go through pinned host buffers
   (``pycuda.driver.pagelocked_empty``) and device buffers (``mem_alloc``) on a
   pycuda stream; both kinds of buffer are kept per tensor name and reused
@@ -24,7 +28,21 @@ CUDA graph (after one plain launch: TensorRT does deferred set-up on the first
 launch after a shape change) and later calls of the same shapes replay it;
 a call with other shapes captures again. Meant for static shapes. Engines
 that cannot be captured (loops, conditionals, data-dependent shapes) fall
-back to plain launches, with one warning, as trtexec does.
+back to plain launches, with one warning, as trtexec does. Captures are
+serialised process-wide (``CAPTURE_LOCK``): ``torch.cuda.graph`` empties the
+caching allocator on entry, which fails while another thread captures, and
+only a failure of the capture itself marks an engine uncapturable. The graph's
+static inputs and outputs are allocated on the caller's stream, where replays
+run and where their blocks return when the graph is dropped; a replay on
+another stream ``record_stream``-s them there.
+
+Outputs whose shape depends on input *values* (NonZero, NonMaxSuppression) get
+their memory from an ``IOutputAllocator`` that TensorRT calls during the
+launch with the size it needs, as Polygraphy's and Torch-TensorRT's runners
+do; such engines run with plain launches. Before any output shape is read,
+``infer_shapes`` checks the inputs against each other: inputs each inside the
+profile but inconsistent (two batch sizes that must match) are a ShapeError
+naming them.
 
 Threads: an ``IExecutionContext`` must not be used by two threads at once, so
 each thread gets its own execution context, buffers, pycuda stream and CUDA
@@ -70,7 +88,7 @@ import torch
 from . import _deps
 from .backends.profiling import LayerProfile, join_layer_types
 from .builder import current_device_index
-from .errors import EngineError, InputError
+from .errors import EngineError, InputError, ShapeError
 from .spec import NUMPY_TO_TORCH, TORCH_TO_NUMPY, TRT_TO_NUMPY, ModuleSpec
 from .trt_logging import format_errors, tensorrt_logger
 
@@ -78,9 +96,9 @@ logger = logging.getLogger(__name__)
 
 ALIGNMENT = 256  # bytes; TensorRT's requirement for I/O tensor addresses
 
-
-class DataDependentShapeError(EngineError):
-    """The engine has outputs whose shape depends on input values (NonZero, NMS); this runtime cannot size them."""
+# One CUDA-graph capture at a time in this process: torch.cuda.graph's __enter__ synchronises and
+# empties torch's caching allocator, which fails while another thread is capturing.
+CAPTURE_LOCK = threading.Lock()
 
 
 def numpy_dtype_name(trt_dtype: Any) -> str:
@@ -129,6 +147,80 @@ def make_profiler(trt: ModuleType) -> Any:
     return LayerTimes()
 
 
+class OutputAllocations:
+    """Memory and shapes of the data-dependent outputs of one launch (what the ``IOutputAllocator`` reports).
+
+    ``start`` is called before each launch with ``allocate(name, nbytes) ->
+    (address, owner)``; ``owner`` keeps the memory alive. Errors are kept in
+    ``error`` rather than raised: they happen inside TensorRT's callbacks.
+    """
+
+    def __init__(self) -> None:
+        self._allocate: Any = None
+        self.buffers: dict[str, tuple[int, int, Any]] = {}  # name -> (address, nbytes, owner)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.error: str | None = None
+
+    def start(self, allocate: Any) -> None:
+        """Forget the last launch's outputs (they belong to its caller now) and allocate with ``allocate``."""
+        self._allocate = allocate
+        self.buffers, self.shapes, self.error = {}, {}, None
+
+    def reallocate(self, name: str, size: int, alignment: int) -> int:
+        try:
+            size = max(int(size), 1)
+            current = self.buffers.get(name)
+            if current is not None and current[1] >= size and current[0] % max(int(alignment), 1) == 0:
+                return current[0]
+            address, owner = self._allocate(name, size)
+            self.buffers[name] = (int(address), size, owner)
+            return int(address)
+        except Exception as exc:  # noqa: BLE001 - reported after the launch
+            self.error = f"allocating {size} bytes for output {name!r} failed: {exc}"
+            return 0
+
+    def notify_shape(self, name: str, shape: Any) -> None:
+        try:
+            self.shapes[name] = tuple(int(d) for d in shape)
+        except Exception as exc:  # noqa: BLE001
+            self.error = f"reading the shape of output {name!r} failed: {exc}"
+
+
+def make_output_allocator(trt: ModuleType, allocations: OutputAllocations) -> Any:
+    """Create a ``trt.IOutputAllocator`` for outputs whose size TensorRT learns only while running.
+
+    TensorRT calls ``reallocate_output_async`` (or ``reallocate_output``) with the
+    bytes an output needs and ``notify_shape`` with its shape, both before
+    ``execute_async_v3`` returns; the bindings' ``PyOutputAllocator`` looks the
+    methods up by these names. They hand everything to ``allocations``; like
+    every TensorRT callback they never raise into C++.
+    """
+
+    class OutputAllocator(trt.IOutputAllocator):  # type: ignore[name-defined,misc]
+        def __init__(self) -> None:
+            trt.IOutputAllocator.__init__(self)
+            self.allocations = allocations
+
+        def reallocate_output(self, tensor_name: str, memory: int, size: int, alignment: int) -> int:
+            return self.reallocate_output_async(tensor_name, memory, size, alignment, 0)
+
+        def reallocate_output_async(
+            self, tensor_name: str, memory: int, size: int, alignment: int, stream: int
+        ) -> int:
+            try:
+                return self.allocations.reallocate(str(tensor_name), size, alignment)
+            except BaseException:  # noqa: BLE001 - nothing may propagate into TensorRT's C++
+                return 0
+
+        def notify_shape(self, tensor_name: str, shape: Any) -> None:
+            try:
+                self.allocations.notify_shape(str(tensor_name), shape)
+            except BaseException:  # noqa: BLE001
+                pass
+
+    return OutputAllocator()
+
+
 class TorchCuda:
     """The slice of ``torch.cuda`` the device path uses, for one device.
 
@@ -154,6 +246,14 @@ class TorchCuda:
 
     def current_stream(self) -> Any:
         return torch.cuda.current_stream(self.device)
+
+    def is_default_stream(self, stream: Any) -> bool:
+        """The legacy default stream (handle 0), on which TensorRT synchronises the device."""
+        return stream == torch.cuda.default_stream(self.device)
+
+    def record_stream(self, tensor: torch.Tensor, stream: Any) -> None:
+        """Tell the caching allocator ``tensor`` is used on ``stream`` (its block is reused only after that work)."""
+        tensor.record_stream(stream)
 
     def new_stream(self) -> Any:
         return torch.cuda.Stream(self.device)
@@ -234,6 +334,14 @@ class CapturedGraph:
     graph: Any  # torch.cuda.CUDAGraph
     inputs: dict[str, torch.Tensor]
     outputs: dict[str, torch.Tensor]
+    stream: Any  # the torch stream whose pool the static tensors came from
+
+    def static_tensors(self) -> list[torch.Tensor]:
+        return [*self.inputs.values(), *self.outputs.values()]
+
+
+class _CaptureNotStarted(Exception):
+    """``torch.cuda.graph`` failed before the capture began: says nothing about the engine."""
 
 
 class ExecutionState:
@@ -251,6 +359,8 @@ class ExecutionState:
         self.profile_index: int | None = None
         self.stream: Any = None  # pycuda stream, for host inputs
         self.graph: CapturedGraph | None = None
+        self.side_stream: Any = None  # torch stream for launches when the caller is on the legacy default stream
+        self.output_allocator: Any = None  # trt.IOutputAllocator for data-dependent outputs (TensorRT keeps a raw pointer)
         self.profiler: Any = None
         # The last launch's completion event (torch) and its stream's handle, while it may still run.
         self.pending_event: Any = None
@@ -284,7 +394,9 @@ class ExecutionState:
             # Dropped here so their destructors run with the context current.
             self.stream = None
             self.graph = None
+            self.side_stream = None
             self.context = None
+            self.output_allocator = None
             self.pending_event = self._event = None
 
     def __del__(self) -> None:
@@ -302,8 +414,8 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
+def _volume(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64))
 
 
 class TensorRTBackend:
@@ -353,7 +465,11 @@ class TensorRTBackend:
         self._create_lock = threading.Lock()
         self._states: weakref.WeakSet[ExecutionState] = weakref.WeakSet()
         self.contexts_created = 0
-        self._refuse_data_dependent_outputs()
+        self.data_dependent = self._find_data_dependent_outputs()
+        if self.data_dependent and cuda_graph:
+            # TensorRT sizes these outputs during the launch, which a CUDA graph cannot replay.
+            logger.info("CUDA graphs are off for this engine: outputs %s have data-dependent shapes", self.data_dependent)
+            self.graph_unsupported = True
 
     # --------------------------------------------------------------- set-up
     def _check_spec(self) -> None:
@@ -368,32 +484,23 @@ class TensorRTBackend:
                 "model: rebuild it from this module's ONNX graph"
             )
 
-    def _refuse_data_dependent_outputs(self) -> None:
-        """Raise DataDependentShapeError now, not at the first call, for outputs sized by input values.
+    def _find_data_dependent_outputs(self) -> list[str]:
+        """The outputs sized by input *values* (NonZero, NonMaxSuppression): they need an output allocator.
 
         Probed on this thread's first execution context (kept for its first
         call): a context that is the engine's first uses profile 0, and once
         every input has profile 0's opt shape, an output dim still -1 depends on
-        input *values*.
+        input values.
         """
         if not self.spec.profiles:
-            return
+            return []
         profile = self.spec.profiles[0]
         with self.activated():
             context = self._state().context
             for name in self.inputs:
                 if not context.set_input_shape(name, tuple(profile[name].opt)):
-                    return  # not probeable here; the call-time check still applies
-            unknown = [
-                name for name in self._output_order if any(int(d) < 0 for d in context.get_tensor_shape(name))
-            ]
-        if unknown:
-            self.close()
-            raise DataDependentShapeError(
-                f"the engine's output(s) {unknown} have a data-dependent shape (NonZero, "
-                "NonMaxSuppression and the like); trtopt's TensorRT runtime needs output shapes that "
-                "follow from the input shapes. Use backend='onnxruntime' (backend='auto' falls back to it)."
-            )
+                    return []  # not probeable here; a call still finds them (_output_shapes)
+            return [name for name in self._output_order if any(int(d) < 0 for d in context.get_tensor_shape(name))]
 
     def activated(self) -> contextlib.AbstractContextManager[None]:
         """Make the device's primary CUDA context current in this thread for the block."""
@@ -473,14 +580,21 @@ class TensorRTBackend:
             return self._run_device(state, feeds, profile_index, use_graph)
         return self._run_host(state, feeds, profile_index)
 
-    def _select_profile(self, state: ExecutionState, profile_index: int, stream_handle: int) -> None:
+    def _select_profile(self, state: ExecutionState, profile_index: int, stream_handle: int) -> bool:
+        """Switch the context's profile (queued on the stream); True when it switched."""
         if state.profile_index == profile_index:
-            return
-        with self._bridge.errors.capture() as errors:
-            ok = state.context.set_optimization_profile_async(profile_index, stream_handle)
-        if not ok:
-            raise EngineError(f"TensorRT could not select optimization profile {profile_index}. " + format_errors(errors))
+            return False
+        # The bindings raise RuntimeError when TensorRT refuses, and otherwise return True (pyCore.cpp).
+        try:
+            with self._bridge.errors.capture() as errors:
+                state.context.set_optimization_profile_async(profile_index, stream_handle)
+        except RuntimeError as exc:
+            raise EngineError(
+                f"TensorRT could not select optimization profile {profile_index} ({_one_line(exc)}). "
+                + format_errors(errors, self._bridge.errors.recent)
+            ) from exc
         state.profile_index = profile_index
+        return True
 
     def _set_input(self, state: ExecutionState, name: str, shape: tuple[int, ...], address: int) -> None:
         with self._bridge.errors.capture() as errors:
@@ -501,18 +615,62 @@ class TensorRTBackend:
                 f"address aligned to {ALIGNMENT} bytes). " + format_errors(errors)
             )
 
-    def _output_shapes(self, state: ExecutionState) -> dict[str, tuple[int, ...]]:
+    def _output_shapes(
+        self, state: ExecutionState, input_shapes: Mapping[str, tuple[int, ...]]
+    ) -> dict[str, tuple[int, ...]]:
+        """The shapes of the outputs sized by the input shapes (data-dependent ones are left out).
+
+        ``infer_shapes`` first: inputs each within the profile can still be
+        inconsistent with each other, and then the output shapes read as -1.
+        """
+        described = ", ".join(f"{name}={tuple(shape)}" for name, shape in input_shapes.items())
+        try:
+            with self._bridge.errors.capture() as errors:
+                unspecified = state.context.infer_shapes()  # raises RuntimeError on a failure (pyCore.cpp)
+        except RuntimeError as exc:
+            raise ShapeError(
+                f"the input shapes {described} are each within optimization profile {state.profile_index} "
+                "but inconsistent with each other (e.g. dimensions the model requires to be equal differ); "
+                f"give inputs whose shapes fit together ({_one_line(exc)}). "
+                + format_errors(errors, self._bridge.errors.recent)
+            ) from exc
+        if unspecified:
+            raise EngineError(f"TensorRT reports input(s) {list(unspecified)} without a shape or address")
         shapes = {}
         for name in self._output_order:
+            if name in self.data_dependent:
+                continue
             shape = tuple(int(d) for d in state.context.get_tensor_shape(name))
-            if any(d < 0 for d in shape):
-                raise DataDependentShapeError(
-                    f"output {name!r} has a data-dependent shape {shape}; the TensorRT runtime here "
-                    "needs output shapes that follow from the input shapes. Use backend='onnxruntime' "
-                    "for this model."
-                )
+            if any(d < 0 for d in shape):  # found now rather than by the probe at creation
+                self.data_dependent.append(name)
+                self.graph_unsupported = True
+                continue
             shapes[name] = shape
         return shapes
+
+    def _prepare_output_allocator(self, state: ExecutionState, allocate: Any) -> OutputAllocations:
+        """This state's output allocator, set on every data-dependent output, ready for one launch."""
+        if state.output_allocator is None:
+            state.output_allocator = make_output_allocator(self._trt, OutputAllocations())
+        for name in self.data_dependent:  # every launch: one found only at call time joins the list
+            with self._bridge.errors.capture() as errors:
+                ok = state.context.set_output_allocator(name, state.output_allocator)
+            if not ok:
+                raise EngineError(f"TensorRT refused an output allocator for {name!r}. " + format_errors(errors))
+        allocations: OutputAllocations = state.output_allocator.allocations
+        allocations.start(allocate)
+        return allocations
+
+    def _allocated_outputs(self, allocations: OutputAllocations) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """After a launch: each data-dependent output's shape and the owner of its memory."""
+        if allocations.error is not None:
+            raise EngineError(f"TensorRT's output allocation failed: {allocations.error}")
+        found = {}
+        for name in self.data_dependent:
+            if name not in allocations.shapes or name not in allocations.buffers:
+                raise EngineError(f"TensorRT did not report the shape or memory of data-dependent output {name!r}")
+            found[name] = (allocations.shapes[name], allocations.buffers[name][2])
+        return found
 
     def _execute(self, state: ExecutionState, stream_handle: int) -> None:
         with self._bridge.errors.capture() as errors:
@@ -536,13 +694,23 @@ class TensorRTBackend:
     def _run_host(
         self, state: ExecutionState, feeds: Mapping[str, torch.Tensor], profile_index: int
     ) -> list[torch.Tensor]:
-        cuda = self._cuda
         if state.stream is None:
-            state.stream = cuda.Stream()
-        stream = state.stream
+            state.stream = self._cuda.Stream()
         # This path blocks at its end anyway, so waiting on the host costs nothing extra.
         self._finish_last_launch(state)
+        try:
+            return self._host_launch(state, feeds, profile_index)
+        except BaseException:
+            # A call that fails part-way leaves no copy queued into buffers the next call may free.
+            state.stream.synchronize()
+            raise
+
+    def _host_launch(
+        self, state: ExecutionState, feeds: Mapping[str, torch.Tensor], profile_index: int
+    ) -> list[torch.Tensor]:
+        cuda, stream = self._cuda, state.stream
         self._select_profile(state, profile_index, stream.handle)
+        input_shapes = {}
         for name in self.inputs:
             tensor = feeds[name].detach().cpu().contiguous()
             nbytes = _nbytes(tensor)
@@ -551,15 +719,25 @@ class TensorRTBackend:
             device = state.buffers.device_buffer(name, nbytes)
             if nbytes:
                 cuda.memcpy_htod_async(device, host, stream)
-            self._set_input(state, name, tuple(tensor.shape), int(device))
-        shapes = self._output_shapes(state)
-        sizes = {
-            name: int(np.prod(shape, dtype=np.int64)) * _element_size(self.outputs[name])
-            for name, shape in shapes.items()
-        }
+            input_shapes[name] = tuple(tensor.shape)
+            self._set_input(state, name, input_shapes[name], int(device))
+        shapes = self._output_shapes(state, input_shapes)
+        sizes = {name: _volume(shape) * self.outputs[name].itemsize for name, shape in shapes.items()}
         for name, nbytes in sizes.items():
             self._set_address(state, name, int(state.buffers.device_buffer(name, nbytes)))
+        allocator = None
+        if self.data_dependent:
+            # The pycuda buffers are reused (and grown) like the others; the copy below leaves them.
+            def allocate(name: str, nbytes: int) -> tuple[int, Any]:
+                buffer = state.buffers.device_buffer(name, nbytes)
+                return int(buffer), buffer
+
+            allocator = self._prepare_output_allocator(state, allocate)
         self._execute(state, stream.handle)
+        if allocator is not None:
+            for name, (shape, _) in self._allocated_outputs(allocator).items():
+                shapes[name] = shape
+                sizes[name] = _volume(shape) * self.outputs[name].itemsize
         hosts = {}
         for name, nbytes in sizes.items():
             hosts[name] = state.buffers.host_buffer(name, nbytes)
@@ -592,13 +770,15 @@ class TensorRTBackend:
         return tensors
 
     def _bind_device(
-        self, state: ExecutionState, tensors: Mapping[str, torch.Tensor], profile_index: int, stream_handle: int
+        self, state: ExecutionState, tensors: Mapping[str, torch.Tensor], profile_index: int, stream: Any
     ) -> dict[str, torch.Tensor]:
-        self._select_profile(state, profile_index, stream_handle)
+        """Bind the inputs and fresh outputs, allocated on the *current* torch stream (their blocks' pool)."""
+        if self._select_profile(state, profile_index, stream.cuda_stream):
+            state.launched(stream, self._gpu.new_event)  # queued work: a later use elsewhere waits for it
         for name, tensor in tensors.items():
             self._set_input(state, name, tuple(tensor.shape), tensor.data_ptr())
         outputs = {}
-        for name, shape in self._output_shapes(state).items():
+        for name, shape in self._output_shapes(state, {n: tuple(t.shape) for n, t in tensors.items()}).items():
             outputs[name] = self._gpu.empty(shape, self.outputs[name])
             self._set_address(state, name, outputs[name].data_ptr())
         return outputs
@@ -607,7 +787,26 @@ class TensorRTBackend:
         self, state: ExecutionState, feeds: Mapping[str, torch.Tensor], profile_index: int, use_graph: bool
     ) -> list[torch.Tensor]:
         tensors = self._device_inputs(feeds)
-        stream = self._gpu.current_stream()
+        caller = self._gpu.current_stream()
+        if not self._gpu.is_default_stream(caller):
+            return self._run_on(state, tensors, profile_index, caller, use_graph)
+        # The legacy default stream: TensorRT would synchronise the device around the launch and
+        # serialise the threads. Run on this state's side stream instead, ordered after the caller's
+        # work and before whatever the caller enqueues next (Torch-TensorRT does the same).
+        if state.side_stream is None:
+            state.side_stream = self._gpu.new_stream()
+        side = state.side_stream
+        side.wait_stream(caller)
+        with self._gpu.use_stream(side):
+            outputs = self._run_on(state, tensors, profile_index, side, use_graph)
+        caller.wait_stream(side)
+        for output in outputs:  # allocated from the side stream's pool, used on the caller's
+            self._gpu.record_stream(output, caller)
+        return outputs
+
+    def _run_on(
+        self, state: ExecutionState, tensors: Mapping[str, torch.Tensor], profile_index: int, stream: Any, use_graph: bool
+    ) -> list[torch.Tensor]:
         if use_graph:
             return self._run_graph(state, tensors, profile_index, stream)
         return self._launch_plain(state, tensors, profile_index, stream)
@@ -616,9 +815,22 @@ class TensorRTBackend:
         self, state: ExecutionState, tensors: Mapping[str, torch.Tensor], profile_index: int, stream: Any
     ) -> list[torch.Tensor]:
         self._wait_for_last_launch(state, stream)
-        outputs = self._bind_device(state, tensors, profile_index, stream.cuda_stream)
+        outputs = self._bind_device(state, tensors, profile_index, stream)
+        allocator = None
+        if self.data_dependent:
+            gpu = self._gpu
+
+            def allocate(name: str, nbytes: int) -> tuple[int, torch.Tensor]:
+                block = gpu.empty((nbytes,), torch.uint8)  # fresh each call: the caller keeps the output
+                return block.data_ptr(), block
+
+            allocator = self._prepare_output_allocator(state, allocate)
         self._execute(state, stream.cuda_stream)
         state.launched(stream, self._gpu.new_event)
+        if allocator is not None:
+            for name, (shape, block) in self._allocated_outputs(allocator).items():
+                dtype = self.outputs[name]
+                outputs[name] = block[: _volume(shape) * dtype.itemsize].view(dtype).reshape(shape)
         return [outputs[name] for name in self._output_order]
 
     def _run_graph(
@@ -630,7 +842,10 @@ class TensorRTBackend:
                 logger.debug("CUDA graph: input shapes changed, capturing again")
             state.graph = None
             try:
-                state.graph = self._capture(state, tensors, profile_index, key)
+                state.graph = self._capture(state, tensors, profile_index, key, stream)
+            except _CaptureNotStarted as exc:
+                logger.debug("CUDA graph: the capture did not start (%s); a plain launch this time", exc)
+                return self._launch_plain(state, tensors, profile_index, stream)
             except GraphCaptureError as exc:
                 self.graph_unsupported = True
                 logger.warning(
@@ -640,6 +855,10 @@ class TensorRTBackend:
                 )
                 return self._launch_plain(state, tensors, profile_index, stream)
         captured = state.graph
+        if int(captured.stream.cuda_stream) != int(stream.cuda_stream):
+            # Replayed on another stream than the static tensors' pool: keep their blocks until this work ends.
+            for tensor in captured.static_tensors():
+                self._gpu.record_stream(tensor, stream)
         self._wait_for_last_launch(state, stream)  # also protects the static inputs a replay reads
         for name, tensor in tensors.items():
             self._gpu.copy(captured.inputs[name], tensor)
@@ -652,35 +871,53 @@ class TensorRTBackend:
         return self._gpu.copy(self._gpu.empty(tuple(tensor.shape), tensor.dtype), tensor)
 
     def _capture(
-        self, state: ExecutionState, tensors: Mapping[str, torch.Tensor], profile_index: int, key: tuple[Any, ...]
+        self,
+        state: ExecutionState,
+        tensors: Mapping[str, torch.Tensor],
+        profile_index: int,
+        key: tuple[Any, ...],
+        stream: Any,
     ) -> CapturedGraph:
+        """Capture one launch on a new stream; the static tensors come from ``stream``'s pool (the caller's)."""
         gpu = self._gpu
         static_inputs = {name: self._copy_of(t) for name, t in tensors.items()}
         capture_stream = gpu.new_stream()
-        capture_stream.wait_stream(gpu.current_stream())
+        capture_stream.wait_stream(stream)
         self._wait_for_last_launch(state, capture_stream)
+        outputs = self._bind_device(state, static_inputs, profile_index, capture_stream)
+        if self.data_dependent:  # found by _bind_device on this first call: TensorRT sizes them while running
+            raise GraphCaptureError(f"outputs {self.data_dependent} have data-dependent shapes")
         with gpu.use_stream(capture_stream):
-            outputs = self._bind_device(state, static_inputs, profile_index, capture_stream.cuda_stream)
             # One plain launch first: TensorRT's deferred set-up after a shape change must not be captured.
             self._execute(state, capture_stream.cuda_stream)
             state.launched(capture_stream, gpu.new_event)
             graph = self._capture_launch(state, capture_stream)
-        gpu.current_stream().wait_stream(capture_stream)
-        return CapturedGraph(key, graph, static_inputs, outputs)
+        stream.wait_stream(capture_stream)
+        return CapturedGraph(key, graph, static_inputs, outputs, stream)
 
     def _capture_launch(self, state: ExecutionState, capture_stream: Any) -> Any:
-        """Capture one launch; a failure inside is reported, not masked by the capture's own error."""
+        """Capture one launch; a failure inside is reported, not masked by the capture's own error.
+
+        Only a failure after the capture began marks the engine uncapturable; one
+        before it (``torch.cuda.graph`` synchronising and emptying the cache) is
+        ``_CaptureNotStarted``.
+        """
         graph = self._gpu.new_graph()
         launch_error: EngineError | None = None
-        try:
-            with self._gpu.capture(graph, capture_stream):
-                try:
-                    self._execute(state, capture_stream.cuda_stream)
-                except EngineError as exc:
-                    launch_error = exc  # let the capture end normally, then report this one
-        except RuntimeError as exc:  # ending an invalidated capture raises (torch's cudaErrorStreamCapture*)
-            cause = launch_error or exc
-            raise GraphCaptureError(_one_line(cause)) from cause
+        began = False
+        with CAPTURE_LOCK:
+            try:
+                with self._gpu.capture(graph, capture_stream):
+                    began = True
+                    try:
+                        self._execute(state, capture_stream.cuda_stream)
+                    except EngineError as exc:
+                        launch_error = exc  # let the capture end normally, then report this one
+            except RuntimeError as exc:  # ending an invalidated capture raises (torch's cudaErrorStreamCapture*)
+                if not began:
+                    raise _CaptureNotStarted(_one_line(exc)) from exc
+                cause = launch_error or exc
+                raise GraphCaptureError(_one_line(cause)) from cause
         if launch_error is not None:
             raise GraphCaptureError(_one_line(launch_error)) from launch_error
         return graph
