@@ -17,6 +17,7 @@ from typing import Any
 
 import onnx
 
+from ..backends.fp16_emulation import widen_to_fp32
 from ..backends.onnxruntime import run_graph
 from ..config import BuildConfig, Precision
 from ..errors import ConfigError
@@ -56,6 +57,20 @@ def apply_precision(
             f"not to precision={config.precision.value!r}"
         )
     carried = carried_precision(model)
+    if computes_in_bf16(model) and config.precision is not Precision.FP32:
+        raise ConfigError(
+            f"the model computes in BF16, and trtopt writes precision={config.precision.value!r} only into "
+            "FP32 or FP16 models: compile model.float() (or model.half()) with this precision, "
+            "or this model at precision='fp32', which runs it in BF16 as it is"
+        )
+    if carried == "fp16" and config.precision.quantized:
+        # A model.half() (or a graph cast to FP16 elsewhere): quantize what it computes, widened to
+        # FP32 first (exact for its weights), as if compiled from its FP32 original; FP16 I/O stays.
+        logger.info(
+            "the graph computes in FP16; widening it to FP32 (exact for its weights) before %s",
+            config.precision.value.upper(),
+        )
+        model, carried = widen_to_fp32(model), None
     if carried is not None:
         return model, carried_report(model, carried, config, accuracy_budget)
     if config.precision is Precision.FP32:
@@ -66,6 +81,15 @@ def apply_precision(
     if config.precision is Precision.FP16:
         return fp16_path(model, config, data)
     return int8_path(model, config, data)
+
+
+def computes_in_bf16(model: onnx.ModelProto) -> bool:
+    """Whether the graph has BF16 weights or Casts to BF16 (a ``model.bfloat16()``)."""
+    bf16 = onnx.TensorProto.BFLOAT16
+    return any(t.data_type == bf16 for t in model.graph.initializer) or any(
+        node.op_type == "Cast" and any(a.name == "to" and a.i == bf16 for a in node.attribute)
+        for node in model.graph.node
+    )
 
 
 def carried_precision(model: onnx.ModelProto) -> str | None:
