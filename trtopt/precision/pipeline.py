@@ -249,11 +249,24 @@ class Calibrated:
     seconds: float
     smoothed: list[Any] = field(default_factory=list)  # SmoothedTensor
     smoothed_ranges: dict[str, float] = field(default_factory=dict)
+    smoothed_calibration: Any = None  # CalibrationResult of the smoothed tensors, when data allowed a pass
 
     @property
     def extents(self) -> dict[str, tuple[float, float]]:
-        """Observed (min, max) per tensor for the CPU layout; a smoothed tensor's is unknown (x / s)."""
-        return {k: v for k, v in self.calibration.extents.items() if k not in self.smoothed_ranges}
+        """Observed (min, max) per tensor for the CPU layout; a smoothed tensor's only when it was calibrated."""
+        extents = {k: v for k, v in self.calibration.extents.items() if k not in self.smoothed_ranges}
+        if self.smoothed_calibration is not None:
+            extents.update(self.smoothed_calibration.extents)
+        return extents
+
+    @property
+    def smoothed_method(self) -> str | None:
+        """How the smoothed tensors' ranges were chosen (None: nothing was smoothed)."""
+        if not self.smoothed_ranges:
+            return None
+        if self.smoothed_calibration is not None:
+            return self.smoothed_calibration.method
+        return "minmax"  # max |x / s| from the per-channel statistics (a cached calibration has no data)
 
 
 def int8_path(model: onnx.ModelProto, config: BuildConfig, data: PreparedData) -> tuple[onnx.ModelProto, PrecisionReport]:
@@ -309,6 +322,22 @@ def calibrate_plan(model: onnx.ModelProto, config: BuildConfig, data: PreparedDa
             model, groups, calibration.channel_max, config.smoothquant
         )
         calibrated.amax.update(calibrated.smoothed_ranges)
+        if calibrated.smoothed_ranges and not calibration.from_cache:
+            # The smoothed tensors x / s get their ranges from the chosen calibrator, with range
+            # checks, like every other activation: a second pass, over these tensors only.
+            calibrated.smoothed_calibration = calibrate(
+                calibrated.model, list(calibrated.smoothed_ranges), data.calibration_data, input_specs=data.inputs,
+                method=config.calibration_method.value, percentile=config.percentile,
+                max_batches=config.calibration_batches, progress=logger.isEnabledFor(logging.INFO),
+            )
+            calibrated.amax.update(calibrated.smoothed_calibration.amax)
+        elif calibrated.smoothed_ranges:
+            logger.info(
+                "smoothquant: the calibration came from the cache, so the %d smoothed tensor(s) take max |x / s| "
+                "from its per-channel statistics (minmax), not the %s calibrator",
+                len(calibrated.smoothed_ranges), calibration.method,
+            )
+        calibrated.seconds = time.perf_counter() - start
         # The units now read the smoothed tensors: plan again, every other Q/DQ stays where it was.
         calibrated.plan = plan_int8(calibrated.model, **plan_options)
     return calibrated
@@ -376,7 +405,10 @@ def int8_report_of(
     )
     report.activation_amax = {name: calibrated.amax[name] for name in plan.activation_tensors}
     if calibrated.smoothed:
-        report.smoothquant = {"alpha": config.smoothquant, "tensors": [t.to_json() for t in calibrated.smoothed]}
+        report.smoothquant = {
+            "alpha": config.smoothquant, "calibrator": calibrated.smoothed_method,
+            "tensors": [t.to_json() for t in calibrated.smoothed],
+        }
     checks = _quantized_checks(calibrated)
     if checks:
         # Each range with the module of the layer it feeds (its quantized tensor keeps its ONNX name).
@@ -388,13 +420,11 @@ def int8_report_of(
 
 
 def _quantized_checks(calibrated: Calibrated) -> dict[str, Any]:
-    """Checked ranges of the tensors quantized as calibrated (a smoothed tensor's range is max |x / s|)."""
-    checks = calibrated.calibration.checks
-    return {
-        name: checks[name]
-        for name in calibrated.plan.activation_tensors
-        if name in checks and name not in calibrated.smoothed_ranges
-    }
+    """Checked ranges of the tensors quantized as calibrated (smoothed ones from their own pass, when it ran)."""
+    checks = {k: v for k, v in calibrated.calibration.checks.items() if k not in calibrated.smoothed_ranges}
+    if calibrated.smoothed_calibration is not None:
+        checks.update(calibrated.smoothed_calibration.checks)
+    return {name: checks[name] for name in calibrated.plan.activation_tensors if name in checks}
 
 
 def int8_hints(calibrated: Calibrated, checks: Mapping[str, Any], feeds: Sequence[Any], inputs: Sequence[Any]) -> list[str]:
@@ -411,8 +441,11 @@ def int8_hints(calibrated: Calibrated, checks: Mapping[str, Any], feeds: Sequenc
     consumers = [modules.get(node) or node for name, _ in worst for node, _ in plan.activations.get(name, [])[:1]]
     others = " or ".join(repr(m) for m in ("auto", "minmax") if m != calibration.method)
     retry = "delete the calibration cache to calibrate again, " if calibration.from_cache else ""
+    how = calibration.method + (", from the calibration cache" if calibration.from_cache else "")
+    if calibrated.smoothed_method not in (None, calibration.method):
+        how += f"; SmoothQuant's smoothed tensors: {calibrated.smoothed_method}"
     return [
-        f"Worst ranges ({calibration.method}{', from the calibration cache' if calibration.from_cache else ''}): {shown}.",
+        f"Worst ranges ({how}): {shown}.",
         f"Try: {retry}calibrator={others}, accuracy_budget='cosine>=0.99', or exclude_nodes={consumers[:3]!r}.",
     ]
 
