@@ -197,3 +197,46 @@ def test_opset17_file_with_weight_casts_quantizes_and_validates(tmp_path) -> Non
     x = np.random.default_rng(1).standard_normal((4, 16)).astype(np.float32)
     expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert worst_cosine(fast(x), expected) > 0.99
+
+
+def with_fp16_weight_casts(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Each MatMul/Gemm weight stored in FP16 and cast to FP32 in front of its op, as exporters of
+    models saved in half precision write it."""
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in inits:
+            weight = inits[node.input[1]]
+            half = numpy_helper.from_array(numpy_helper.to_array(weight).astype(np.float16), weight.name + "_fp16")
+            model.graph.initializer.append(half)
+            cast_out = weight.name + "_cast"
+            nodes.append(helper.make_node("Cast", [half.name], [cast_out], to=TensorProto.FLOAT))
+            node.input[1] = cast_out
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def test_torchscript_opset17_encoder_with_weight_casts_quantizes(tmp_path) -> None:
+    from tests._models import MaskedEncoder, padding_mask
+
+    torch.manual_seed(0)
+    encoder = MaskedEncoder().eval()
+    path = tmp_path / "encoder17.onnx"
+    torch.onnx.export(encoder, (torch.randn(2, 8, 32), padding_mask(2, 8)), str(path), opset_version=17,
+                      dynamo=False, input_names=["tokens", "mask"], output_names=["y"],
+                      dynamic_axes={"tokens": {0: "batch"}, "mask": {0: "batch"}})
+    model = with_fp16_weight_casts(onnx.load(str(path)))
+    assert sum(n.op_type == "Cast" for n in model.graph.node) >= 4
+    onnx.save(model, str(path))
+    rng = np.random.default_rng(0)
+    batches = [(rng.standard_normal((2, 8, 32)).astype(np.float32), padding_mask(2, 8).numpy()) for _ in range(10)]
+    fast = trtopt.compile(path, precision="int8", calibration_data=batches, backend="onnxruntime",
+                          dynamic_shapes={"tokens": {0: (1, 2, 4)}, "mask": {0: (1, 2, 4)}})
+    assert fast.precision_report.quantized_weights >= 4
+    assert trtopt.precision.validate_qdq(fast.onnx_model) == fast.precision_report.qdq_nodes
+    tokens, mask = batches[0]
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"tokens": tokens, "mask": mask})[0]
+    assert worst_cosine(fast(tokens, mask).reshape(-1, 8), expected.reshape(-1, 8)) > 0.98
