@@ -46,7 +46,7 @@ FP16_TOLERANCE = 8 * 2.0**-10
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_half_torch_model_runs_with_fp16_io(precision: str) -> None:
+def test_half_torch_model_runs_with_fp16_io(precision: str, tmp_path) -> None:
     model = cnn().half()
     x = images(0).half()
     data = [(images(s).half(),) for s in range(1, 6)] if precision == "fp16" else None
@@ -57,6 +57,8 @@ def test_half_torch_model_runs_with_fp16_io(precision: str) -> None:
         assert relative(y, model(x)) < FP16_TOLERANCE
     # numpy in, numpy out, FP16 as well (the call's fast path)
     assert fast(x.numpy()).dtype == np.float16
+    loaded = trtopt.load(fast.save(tmp_path / "half.trtopt"), backend="onnxruntime")
+    assert torch.equal(loaded(x), y)
 
 
 def test_half_torch_model_quantizes_like_its_fp32_original() -> None:
