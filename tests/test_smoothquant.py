@@ -168,3 +168,8 @@ def test_smoothed_activations_are_calibrated_by_the_chosen_calibrator():
     minmax, percentile = reports["minmax"].activation_amax, reports["percentile"].activation_amax
     assert all(percentile[name] < minmax[name] for name in smoothed)
     assert reports["percentile"].range_checks[smoothed[0]]["clipped"] > 0
+    # auto (the default) keeps max |x| for the smoothed tensors, checked, and says so
+    default = trtopt.compile(model, batches[0], precision="int8", calibration_data=batches,
+                             backend="onnxruntime").precision_report
+    assert default.smoothquant["calibrator"] == "minmax" and set(smoothed) <= set(default.range_checks)
+    assert all(default.range_checks[name]["method"] == "minmax" for name in smoothed)

@@ -19,7 +19,7 @@ import onnx
 
 from ..backends.fp16_emulation import widen_to_fp32
 from ..backends.onnxruntime import run_graph
-from ..config import BuildConfig, Precision
+from ..config import BuildConfig, CalibratorKind, Precision
 from ..errors import ConfigError
 from ..names import node_modules
 from .budget import AccuracyBudget, BudgetReport, FinalModule, check_final, find_units_to_keep_high, keep_high
@@ -327,7 +327,7 @@ def calibrate_plan(model: onnx.ModelProto, config: BuildConfig, data: PreparedDa
             # checks, like every other activation: a second pass, over these tensors only.
             calibrated.smoothed_calibration = calibrate(
                 calibrated.model, list(calibrated.smoothed_ranges), data.calibration_data, input_specs=data.inputs,
-                method=config.calibration_method.value, percentile=config.percentile,
+                method=smoothed_calibrator(config.calibration_method).value, percentile=config.percentile,
                 max_batches=config.calibration_batches, progress=logger.isEnabledFor(logging.INFO),
             )
             calibrated.amax.update(calibrated.smoothed_calibration.amax)
@@ -341,6 +341,16 @@ def calibrate_plan(model: onnx.ModelProto, config: BuildConfig, data: PreparedDa
         # The units now read the smoothed tensors: plan again, every other Q/DQ stays where it was.
         calibrated.plan = plan_int8(calibrated.model, **plan_options)
     return calibrated
+
+
+def smoothed_calibrator(method: CalibratorKind) -> CalibratorKind:
+    """The calibrator of SmoothQuant's smoothed tensors: the one chosen, but max |x| for ``auto``.
+
+    SmoothQuant flattens the outlier channels so that the max range fits (ModelOpt calibrates
+    smoothed activations with max too); ``auto`` clips their tail instead, which cost MiniLM's
+    worst unseen sentence 0.995 -> 0.984 cosine to FP32 (0.9947 with max).
+    """
+    return CalibratorKind.MINMAX if method == CalibratorKind.AUTO else CalibratorKind(method)
 
 
 class Int8Builder:
