@@ -25,9 +25,16 @@ def same_structure(a: Any, b: Any) -> bool:
 
 
 def max_relative_error(actual: Any, expected: Any) -> float:
-    """max |actual - expected| / max |expected| over all leaves (a scale-aware relative error)."""
+    """max |actual - expected| / max |expected| over all leaves (a scale-aware relative error).
+
+    A missing or extra output is an AssertionError, not a pass: the leaves are counted first.
+    """
+    actual_leaves, expected_leaves = flat(actual), flat(expected)
+    assert len(actual_leaves) == len(expected_leaves), (
+        f"{len(actual_leaves)} output(s) where {len(expected_leaves)} were expected"
+    )
     worst = 0.0
-    for x, y in zip(flat(actual), flat(expected)):
+    for x, y in zip(actual_leaves, expected_leaves):
         x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
         y = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
         assert x.shape == y.shape, (x.shape, y.shape)

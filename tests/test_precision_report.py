@@ -39,3 +39,15 @@ def test_nested_reports_are_typed_and_unknown_keys_are_kept():
     assert report.accuracy_budget == budget and report.accuracy == readout
     assert report.extra == {"from_the_future": [1]} and report.to_json() == data
     assert PrecisionReport.from_json({}) == PrecisionReport() and PrecisionReport().precision is None
+
+
+def test_budget_reports_with_unmeasured_figures_compare_equal():
+    """NaN marks a figure the search did not measure; a report read back from JSON text holds NaN
+    objects of its own, which the generated dataclass __eq__ found unequal (and 3.13's always does)."""
+    import json
+
+    budget = BudgetReport(budget="cosine >= 0.99", kept_high=["a/MatMul"], final=0.995, met=True)
+    again = BudgetReport(**json.loads(json.dumps(budget.to_json())))
+    assert again == budget
+    assert again != BudgetReport(budget="cosine >= 0.99", kept_high=["a/MatMul"], final=0.996, met=True)
+    assert again != BudgetReport(budget="cosine >= 0.99", kept_high=["a/MatMul"], final=float("nan"), met=True)

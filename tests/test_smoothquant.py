@@ -140,3 +140,36 @@ def test_compile_reports_smoothquant_and_stays_accurate():
     assert off.precision_report.smoothquant is None
     with pytest.raises(ConfigError, match="alpha"):
         trtopt.BuildConfig(smoothquant=1.5)
+
+
+def test_smoothed_activations_are_calibrated_by_the_chosen_calibrator():
+    """calibrator= reaches the tensors SmoothQuant made (x / s): their ranges differ by calibrator,
+    and they are range-checked like every other activation."""
+    from tests._models import MaskedEncoder, padding_mask
+
+    torch.manual_seed(0)
+    model = MaskedEncoder().eval()
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(6):
+        tokens = torch.randn(4, 8, 32, generator=generator)
+        tokens[..., 5] *= 20  # an outlier channel, as transformer hidden states carry
+        batches.append((tokens, padding_mask(4, 8)))
+    reports = {}
+    for method in ("minmax", "percentile"):
+        module = trtopt.compile(model, batches[0], precision="int8", calibration_data=batches,
+                                backend="onnxruntime", calibrator=method, percentile=99.0)
+        reports[method] = module.precision_report
+    smoothed = [t["tensor"] for t in reports["percentile"].smoothquant["tensors"]]
+    assert smoothed
+    for method, report in reports.items():
+        assert report.smoothquant["calibrator"] == method
+        assert set(smoothed) <= set(report.range_checks)  # checked, with the share each range clips
+    minmax, percentile = reports["minmax"].activation_amax, reports["percentile"].activation_amax
+    assert all(percentile[name] < minmax[name] for name in smoothed)
+    assert reports["percentile"].range_checks[smoothed[0]]["clipped"] > 0
+    # auto (the default) keeps max |x| for the smoothed tensors, checked, and says so
+    default = trtopt.compile(model, batches[0], precision="int8", calibration_data=batches,
+                             backend="onnxruntime").precision_report
+    assert default.smoothquant["calibrator"] == "minmax" and set(smoothed) <= set(default.range_checks)
+    assert all(default.range_checks[name]["method"] == "minmax" for name in smoothed)

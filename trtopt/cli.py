@@ -10,12 +10,13 @@ usage errors exit with 2). Progress goes to stderr through ``logging``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
 import logging
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -739,17 +740,26 @@ def _add_export_triton_command(add_parser: AddParser) -> None:
     p.set_defaults(func=cmd_export_triton)
 
 
-def _setup_logging(verbose: bool, quiet: bool) -> None:
+@contextlib.contextmanager
+def _setup_logging(verbose: bool, quiet: bool) -> Iterator[None]:
+    """trtopt's log lines on stderr while one command runs; the logger is left as it was found.
+
+    ``main()`` is also called in-process (tests, notebooks, scripts): a handler left behind
+    would hold that call's ``sys.stderr`` (pytest's capture closes it: "I/O operation on
+    closed file" on the next log line) and repeat every later line of the host program.
+    """
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     root = logging.getLogger("trtopt")
-    for handler in list(root.handlers):
-        if getattr(handler, "_trtopt_cli", False):
-            root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
-    handler._trtopt_cli = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(name)s: %(message)s" if verbose else "trtopt: %(message)s"))
+    previous_level = root.level
     root.addHandler(handler)
     root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -759,9 +769,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors
         return int(exc.code or 0)
-    _setup_logging(args.verbose, args.quiet)
     try:
-        return args.func(args)
+        with _setup_logging(args.verbose, args.quiet):
+            return args.func(args)
     except TrtoptError as exc:
         message = " ".join(str(exc).split())  # one line, whatever the exception held
         print(f"trtopt: error: {message}", file=sys.stderr)

@@ -111,6 +111,9 @@ class CompiledModule:
         self._torch_dtypes = tuple(NUMPY_TO_TORCH.get(t.dtype) for t in spec.inputs)
         self._checked_shapes: dict[tuple[tuple[int, ...], ...], int] = {}
         self._single_tensor = spec.output_structure.get("type") == "tensor"
+        # torch cannot share a bfloat16 tensor with numpy: a model with BF16 inputs or outputs always
+        # takes the full path, where the backend converts them
+        self._fast = all(t.dtype != "bfloat16" for t in (*spec.inputs, *spec.outputs))
 
     # ------------------------------------------------------------ properties
     @property
@@ -204,7 +207,7 @@ class CompiledModule:
         copy. Anything else returns None and the full path checks it, with its errors.
         """
         run_numpy = getattr(self.backend, "run_numpy", None)
-        if run_numpy is None or kwargs or len(args) != len(self._names):
+        if run_numpy is None or not self._fast or kwargs or len(args) != len(self._names):
             return None
         first = args[0]
         if type(first) is np.ndarray:

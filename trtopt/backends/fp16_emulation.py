@@ -12,15 +12,22 @@ import onnx
 
 
 def emulate_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """An FP32 graph that rounds every FP16 tensor of ``model`` to FP16, for running on a CPU.
+    """An FP32 graph that rounds every FP16 (and BF16) tensor of ``model`` as stored, for running on a CPU.
 
     ONNX Runtime's CPU provider has no FP16 kernel for most ops: it computes
     them in FP32 and drops the Casts between them, so an FP16 graph's
     intermediate overflow and rounding do not show there. TensorRT stores each
     FP16 tensor in FP16. This copy computes every op in FP32 but sends each
     FP16 tensor through an explicit Cast to FP16 and back, which ONNX Runtime
-    keeps; the values it sees are the FP16 values TensorRT would see. A graph
-    without FP16 tensors is returned as is.
+    keeps; the values it sees are the FP16 values TensorRT would see. BF16
+    tensors (a ``model.bfloat16()``) are rounded to BF16 the same way. A graph
+    without FP16 or BF16 tensors is returned as is.
+
+    The graph's inputs and outputs keep their types: an FP16 input (a
+    ``model.half()``) is widened by a Cast as it enters, an FP16 output narrowed
+    as it leaves, so the session takes and returns what the model does. (A BF16
+    input or output becomes FP32 here: numpy, hence ONNX Runtime's Python API,
+    has no bfloat16; ``OnnxRuntimeBackend`` converts at the boundary, exactly.)
 
     Tensors that live inside TensorRT's fused INT8 kernels (``fused_int8_tensors``)
     are not rounded: TensorRT never stores them in FP16, and the Casts would keep
@@ -30,53 +37,130 @@ def emulate_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     values already, so its Casts would change nothing and cost a copy each
     (``already_fp16``).
     """
-    half = onnx.TensorProto.FLOAT16
     typed_half, half_tensors, to_round = _fp16_tensors(model)
     if not typed_half:
         return model
+    return _in_fp32(model, to_round, half_tensors, keep_io=frozenset({onnx.TensorProto.FLOAT16}))
+
+
+def widen_to_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` computing in FP32 where it computed in FP16 or BF16, its inputs and outputs unchanged.
+
+    Exact for the weights (FP16 and BF16 values are FP32 values): what a
+    ``model.half()`` is before trtopt writes INT8 or FP8 into it, as if the user had
+    compiled the ``model.float()`` that it was made from, but still taking and
+    returning FP16 (or BF16) tensors through Casts at the boundary.
+    """
+    if not _low_precision_types(model):
+        return model
+    return _in_fp32(model, set(), set(), keep_io=LOW_PRECISION)
+
+
+def _in_fp32(
+    model: onnx.ModelProto, to_round: set[str], half_tensors: set[str], keep_io: frozenset[int]
+) -> onnx.ModelProto:
+    """A copy of ``model`` computing in FP32: FP16/BF16 initializers, Casts and tensors made FP32,
+    each tensor of ``to_round`` rounded by a Cast to its type and back; graph inputs and outputs of
+    a type in ``keep_io`` keep it (a Cast as they enter or leave), the others become FP32."""
+    types = _low_precision_types(model)
+    taken = {name for node in model.graph.node for name in [*node.input, *node.output]}
+    taken |= {vi.name for vi in [*model.graph.input, *model.graph.output]}
+
+    def fresh(name: str) -> str:
+        # a graph widened before (widen_to_fp32, then emulated) holds these names already
+        candidate, n = name, 1
+        while candidate in taken:
+            candidate, n = f"{name}{n}", n + 1
+        taken.add(candidate)
+        return candidate
+
+    fp32 = onnx.TensorProto.FLOAT
     emulated = onnx.ModelProto()
     emulated.CopyFrom(model)
     graph = emulated.graph
     for init in graph.initializer:
-        if init.data_type == half:  # FP16 values are exact in FP32
+        if init.data_type in LOW_PRECISION:  # FP16 and BF16 values are exact in FP32
             values = onnx.numpy_helper.to_array(init).astype(np.float32)
             init.CopyFrom(onnx.numpy_helper.from_array(values, init.name))
+    initializers = {init.name for init in graph.initializer}
+    entry = []
+    widened_inputs = {}
+    for vi in graph.input:
+        elem = vi.type.tensor_type.elem_type
+        if vi.name in initializers or elem not in LOW_PRECISION:
+            continue
+        if elem in keep_io:
+            widened_inputs[vi.name] = fresh(f"{vi.name}__fp32")
+            entry.append(onnx.helper.make_node("Cast", [vi.name], [widened_inputs[vi.name]], to=fp32))
+        else:
+            vi.type.tensor_type.elem_type = fp32
     # A dequantized tensor read by an INT8 kernel and by other ops: the kernel reads it unrounded.
     dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"} & half_tensors
-    nodes = []
+    wide_of = {name: fresh(f"{name}__fp32") for name in sorted(to_round)}  # each before its rounding
+    nodes = entry
     for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = widened_inputs.get(name, name)
         if node.op_type in _INT8_KERNEL_OPS:
             for i in range(min(2, len(node.input))):
-                if node.input[i] in dequantized:
-                    node.input[i] = f"{node.input[i]}__fp32"
+                if node.input[i] in dequantized and node.input[i] in wide_of:
+                    node.input[i] = wide_of[node.input[i]]
         for attr in node.attribute:
-            if node.op_type == "Cast" and attr.name == "to" and attr.i == half:
-                attr.i = onnx.TensorProto.FLOAT
+            if node.op_type == "Cast" and attr.name == "to" and attr.i in LOW_PRECISION:
+                attr.i = fp32
         nodes.append(node)
         for i, name in enumerate(node.output):
             if name in to_round:
-                wide, rounded = f"{name}__fp32", f"{name}__as_fp16"
+                wide, rounded = wide_of[name], fresh(f"{name}__as_fp16")
                 node.output[i] = wide
-                nodes.append(onnx.helper.make_node("Cast", [wide], [rounded], to=half))
-                nodes.append(onnx.helper.make_node("Cast", [rounded], [name], to=onnx.TensorProto.FLOAT))
+                nodes.append(onnx.helper.make_node("Cast", [wide], [rounded], to=types[name]))
+                nodes.append(onnx.helper.make_node("Cast", [rounded], [name], to=fp32))
+    # Outputs kept FP16/BF16 are narrowed as they leave (exact where the values were rounded already).
+    narrowed = {
+        vi.name: fresh(f"{vi.name}__emulated")
+        for vi in graph.output
+        if vi.type.tensor_type.elem_type in keep_io and vi.name not in widened_inputs
+    }
+    if narrowed:
+        for node in nodes:
+            for i, name in enumerate(node.input):
+                node.input[i] = narrowed.get(name, name)
+            for i, name in enumerate(node.output):
+                node.output[i] = narrowed.get(name, name)
+        nodes.extend(onnx.helper.make_node("Cast", [wide], [name], to=types[name]) for name, wide in narrowed.items())
     del graph.node[:]
     graph.node.extend(nodes)
     for vi in [*graph.value_info, *graph.output]:  # same names, now FP32 holding FP16 values
-        if vi.type.tensor_type.elem_type == half:
-            vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        if vi.type.tensor_type.elem_type in LOW_PRECISION and vi.name not in narrowed:
+            vi.type.tensor_type.elem_type = fp32
     return emulated
 
 
-def _fp16_tensors(model: onnx.ModelProto) -> tuple[set[str], set[str], set[str]]:
-    """(the graph's FP16 tensors, those outside TensorRT's fused INT8 kernels, those ``emulate_fp16`` rounds)."""
-    typed_half = {
-        vi.name for vi in [*model.graph.value_info, *model.graph.output]
-        if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+# The float types below FP32 that the emulation rounds to (ONNX Runtime's CPU kernels lack them).
+LOW_PRECISION = frozenset({onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
+
+
+def _low_precision_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Every FP16/BF16 tensor of the graph (inputs, outputs, value_info, initializers) with its type."""
+    graph = model.graph
+    types = {
+        vi.name: vi.type.tensor_type.elem_type
+        for vi in [*graph.input, *graph.value_info, *graph.output]
+        if vi.type.tensor_type.elem_type in LOW_PRECISION
     }
+    types.update({t.name: t.data_type for t in graph.initializer if t.data_type in LOW_PRECISION})
+    return types
+
+
+def _fp16_tensors(model: onnx.ModelProto) -> tuple[set[str], set[str], set[str]]:
+    """(the graph's FP16/BF16 tensors, those outside TensorRT's fused INT8 kernels, those ``emulate_fp16`` rounds)."""
+    initializers = {t.name for t in model.graph.initializer}
+    typed_half = set(_low_precision_types(model)) - initializers
     if not typed_half:
         return set(), set(), set()
     half_tensors = typed_half - fused_int8_tensors(model)
-    return typed_half, half_tensors, half_tensors - already_fp16(model, half_tensors)
+    inputs = {vi.name for vi in model.graph.input}  # they come in holding FP16/BF16 values
+    return typed_half, half_tensors, half_tensors - already_fp16(model, half_tensors) - inputs
 
 
 def check_against_engine(model: onnx.ModelProto, layer_information: dict) -> dict[str, list[str]]:
@@ -123,16 +207,20 @@ def already_fp16(model: onnx.ModelProto, half_tensors: set[str]) -> set[str]:
     After emulation every tensor of ``half_tensors`` holds FP16 values (rounded, or made
     from FP16 values), as does every FP16 initializer, so one pass decides each node.
     """
-    fp16_values = half_tensors | {
-        init.name for init in model.graph.initializer if init.data_type == onnx.TensorProto.FLOAT16
-    }
+    types = _low_precision_types(model)
+    initializers = {init.name for init in model.graph.initializer}
+    fp16_values = half_tensors | (initializers & set(types))
     found = set()
     for node in model.graph.node:
         if node.op_type not in _VALUE_PRESERVING or node.domain not in ("", "ai.onnx"):
             continue
         data = node.input[: _VALUE_PRESERVING[node.op_type]]
         if data and all(name in fp16_values for name in data):
-            found.update(name for name in node.output if name in half_tensors)
+            # FP16 values in, FP16 values out (BF16 likewise; a mix is rounded)
+            found.update(
+                name for name in node.output
+                if name in half_tensors and all(types[d] == types[name] for d in data)
+            )
     return found
 
 

@@ -139,18 +139,27 @@ class OnnxRuntimeBackend:
             self.session = make_session(model, intra_op_threads=intra_op_threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # numpy has no bfloat16: BF16 inputs go in as FP32 and BF16 outputs come out as FP32 holding
+        # BF16 values (emulate_fp16 widens them), converted here, exactly, to and from torch.bfloat16.
+        bf16 = onnx.TensorProto.BFLOAT16
+        self._bf16_outputs = {o.name for o in model.graph.output if o.type.tensor_type.elem_type == bf16}
+        if any(i.type.tensor_type.elem_type == bf16 for i in model.graph.input) and not emulate_fp16:
+            raise EngineError("a graph with BF16 inputs runs on the CPU only with emulate_fp16=True")
 
     def run(self, feeds: Mapping[str, torch.Tensor], profile_index: int = 0) -> list[torch.Tensor]:
         """Run one batch. ``profile_index`` only matters to TensorRT; ORT takes any shape."""
         arrays = {
-            name: feeds[name].detach().cpu().contiguous().numpy()
+            name: _numpy_of(feeds[name])
             for name in self.input_names
         }
         try:
             outputs = self.session.run(self.output_names, arrays)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise EngineError(f"ONNX Runtime failed to run the graph: {exc}") from exc
-        return [torch.from_numpy(o) for o in outputs]
+        return [
+            torch.from_numpy(o).to(torch.bfloat16) if name in self._bf16_outputs else torch.from_numpy(o)
+            for name, o in zip(self.output_names, outputs)
+        ]
 
     def run_numpy(self, arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run one batch of arrays the caller has checked (``CompiledModule``'s fast path)."""
@@ -168,6 +177,14 @@ class OnnxRuntimeBackend:
         run), so the module's ``graph`` is profiled in a session of its own.
         """
         return profile_graph(graph, feeds, runs)
+
+
+def _numpy_of(x: torch.Tensor) -> np.ndarray:
+    """The tensor as a numpy array; a BF16 one as FP32 (exact), since numpy has no bfloat16."""
+    x = x.detach().cpu()
+    if x.dtype == torch.bfloat16:
+        x = x.float()
+    return x.contiguous().numpy()
 
 
 # ------------------------------------------------------------------ the executor

@@ -227,6 +227,7 @@ def convert_to_fp16(
     )
     _keep_requested(kept, graph, keep or {}, modules)
     _keep_dequantize_with_its_users(kept, graph, modules)
+    _keep_users_of_fp32_dequantize(kept, graph, modules)
     half_nodes = [
         n
         for n in graph.nodes
@@ -270,6 +271,24 @@ def _keep_dequantize_with_its_users(kept: dict[str, KeptNode], graph: gs.Graph, 
         users = node.outputs[0].outputs if node.op == "DequantizeLinear" else []
         if users and node.name not in kept and all(u.name in kept for u in users):
             kept[node.name] = KeptNode(node.name, node.op, "feeds only nodes kept in FP32", modules.get(node.name))
+
+
+def _keep_users_of_fp32_dequantize(kept: dict[str, KeptNode], graph: gs.Graph, modules: Mapping[str, str]) -> None:
+    """Keep FP32 every node reading a DequantizeLinear that stays FP32.
+
+    The other half of ``_keep_dequantize_with_its_users``: before opset 19 a DequantizeLinear
+    has no FP16 form (its scale is FP32), so an FP16 consumer would read it through a Cast.
+    TensorRT fuses a DequantizeLinear only into the op it feeds directly, and a per-channel
+    weight's scales belong to that op alone (``validate_qdq`` refuses them on a Cast), so the
+    consumer stays FP32 with its INT8 inputs and the Cast moves to its output.
+    """
+    for node in graph.nodes:
+        if node.op != "DequantizeLinear" or node.name not in kept:
+            continue
+        for user in node.outputs[0].outputs:
+            if user.name not in kept and user.op != "QuantizeLinear":
+                reason = f"reads {node.name!r}, which stays FP32 ({kept[node.name].reason})"
+                kept[user.name] = KeptNode(user.name, user.op, reason, modules.get(user.name))
 
 
 class _Fp16Rewrite:

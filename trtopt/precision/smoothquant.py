@@ -23,10 +23,11 @@ Where ``1/s`` goes:
 
 Units that read the same activation (query, key and value) share one ``s``,
 taken over all their weights. ``max|X_j|`` comes from the same streaming
-calibration pass that measures every range (``calibrate(channel_max_for=...)``),
-so smoothing costs no extra pass; the smoothed activation's INT8 range is then
-``max_j(max|X_j| / s_j)`` (max calibration, as ModelOpt's SmoothQuant recipe
-uses), exact from those statistics.
+calibration pass that measures every range (``calibrate(channel_max_for=...)``).
+``smooth`` returns each smoothed activation's max, ``max_j(max|X_j| / s_j)``,
+exact from those statistics; the pipeline then calibrates the smoothed tensors
+with the chosen calibrator in a second pass over them alone (keeping that max
+only when the ranges came from a calibration cache, which has no data).
 """
 
 from __future__ import annotations
