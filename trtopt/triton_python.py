@@ -31,6 +31,13 @@ logger = logging.getLogger(__name__)
 MODULE_FILE = "model.trtopt"  # trtopt.triton.MODULE_FILE (that module needs tritonclient, this one not)
 
 
+def _numpy_dtype(name: str) -> np.dtype | None:
+    try:
+        return np.dtype(name)
+    except TypeError:  # bfloat16: numpy has none, the backend's array goes out as it is
+        return None
+
+
 class TritonPythonModel:
     """Triton's Python-backend model interface: ``initialize``, ``execute``, ``finalize``."""
 
@@ -48,6 +55,8 @@ class TritonPythonModel:
         self.module = load(path)
         self.input_names = self.module.input_names
         self.output_names = self.module.output_names
+        # The dtypes the config promises the client (a backend may hand back FP16 outputs as FP32).
+        self.output_dtypes = [_numpy_dtype(t.dtype) for t in self.module.spec.outputs]
         pb_utils.Logger.log_info(
             f"trtopt: {self.name} loaded ({self.module.backend_name}, {self.module.precision}, "
             f"{'batched' if self.batched else 'unbatched'})"
@@ -96,7 +105,10 @@ class TritonPythonModel:
         else:
             arrays = [np.concatenate(parts, axis=0) for parts in zip(*group)]
         leaves = structure_leaves(self.module.spec.output_structure, self.module(*arrays))
-        leaves = [np.asarray(leaf) for leaf in leaves]
+        leaves = [
+            np.asarray(leaf) if dtype is None else np.asarray(leaf).astype(dtype, copy=False)
+            for leaf, dtype in zip(leaves, self.output_dtypes)
+        ]
         if len(group) == 1:
             return [leaves]
         bounds = np.cumsum([request[0].shape[0] for request in group])[:-1]
