@@ -435,6 +435,10 @@ def test_clean_stale_removes_a_dead_callers_processes_segments_and_workspace(tmp
         json.dumps({"caller_pid": os.getpid(), "caller_start": _start_time_of_self(), "shm_prefix": "x"})
     )
     try:
+        deadline = time.monotonic() + 30
+        while not processes_mentioning(str(workspace)):  # a just-started process shows no cmdline yet
+            assert time.monotonic() < deadline and orphan.poll() is None
+            time.sleep(0.05)
         assert clean_stale(tmp_path / "root") == [workspace]
         assert orphan.wait(timeout=10) == -signal.SIGKILL
         assert not segment.exists() and not workspace.exists()
@@ -485,6 +489,20 @@ def test_an_unexpected_exception_is_reported_by_type_only(tagger):
 
 
 # ------------------------------------------------------------------ the CLI, stopped and killed
+
+
+def test_cli_serve_options_and_bad_model_pairs(tagger_file, capsys):
+    from trtopt.cli import main
+
+    assert main(["serve", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    for flag in ("--name", "--host", "--http-port", "--grpc-port", "--metrics-port", "--max-batch-size",
+                 "--queue-delay-us", "--no-dynamic-batching", "--instances", "--ready-file", "default 127.0.0.1"):
+        assert flag in help_text
+    assert main(["serve", str(tagger_file), "oops"]) == 1
+    assert "give extra models as NAME=PATH" in capsys.readouterr().err
+    assert main(["serve", str(tagger_file), f"tagger={tagger_file}", "--name", "tagger"]) == 1
+    assert "given twice" in capsys.readouterr().err
 
 
 def start_cli(module_file: Path, tmp_path: Path) -> tuple[subprocess.Popen, dict]:
