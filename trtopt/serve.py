@@ -71,6 +71,7 @@ MACHINES = ("x86_64", "aarch64")
 # in what is left of that timeout, and ends in "Exit timeout expired" with the stubs killed.
 UNLOAD_TIMEOUT_S = 30.0
 EXIT_TIMEOUT_S = 3
+STOP_TIMEOUT_S = UNLOAD_TIMEOUT_S + EXIT_TIMEOUT_S + 15  # the caller's bound on a graceful stop
 STARTUP_TIMEOUT_S = 180.0
 # Endpoints that need the access token (as PyTriton protects them): statistics, the repository
 # API, shared-memory registration, tracing and log settings. Health, metadata, config and inference
@@ -372,7 +373,9 @@ def supervise_main() -> int:
     _remove_segments(launch["shm_prefix"])
     if caller_gone.is_set():
         shutil.rmtree(workspace, ignore_errors=True)  # nobody else will
-    return 0 if stop_requested.is_set() and code in (0, -signal.SIGINT) else (code or 1)
+    if stop_requested.is_set() and code in (0, -signal.SIGINT):
+        return 0
+    return 128 - code if code < 0 else (code or 1)  # killed by a signal: the shell's 128 + N
 
 
 def _repository_call(launch: Mapping[str, Any], path: str, timeout: float) -> Any:
@@ -477,6 +480,8 @@ class Server:
         self._cleaned = False
         root = _runtime_root()
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if root.stat().st_uid != os.getuid() or root.is_symlink():
+            raise ConfigError(f"{root} belongs to another user; remove it, or set TMPDIR to a private directory")
         self.workspace = Path(tempfile.mkdtemp(dir=root, prefix=f"{os.getpid()}-"))
         self.shm_prefix = f"trtopt_{self.workspace.name.replace('-', '_')}_"
         try:
@@ -526,7 +531,7 @@ class Server:
         self._shutdown(graceful=False)
         return self.exit_code
 
-    def stop(self, timeout: float = EXIT_TIMEOUT_S + 20) -> int | None:
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
         """Stop gracefully (in-flight requests finish), clean up; idempotent. The exit code."""
         self._stopping = True
         self._shutdown(graceful=True, timeout=timeout)
@@ -661,7 +666,7 @@ class Server:
 
     # -------------------------------------------------------------- stop
 
-    def _shutdown(self, graceful: bool, timeout: float = EXIT_TIMEOUT_S + 20) -> None:
+    def _shutdown(self, graceful: bool, timeout: float = STOP_TIMEOUT_S) -> None:
         with self._lock:
             process = self._process
             if process is not None and process.poll() is None:

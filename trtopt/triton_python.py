@@ -65,7 +65,12 @@ class TritonPythonModel:
     def execute(self, requests: Sequence[Any]) -> list[Any]:
         """One response per request, in order; a failed group answers each of its requests with the error."""
         responses: list[Any] = [None] * len(requests)
-        inputs = [self._inputs(request) for request in requests]
+        inputs: dict[int, list[np.ndarray]] = {}
+        for i, request in enumerate(requests):
+            try:
+                inputs[i] = self._inputs(request)
+            except Exception as exc:  # answered; the other requests still run
+                responses[i] = self._pb.InferenceResponse(error=self._pb.TritonError(self._client_message(exc)))
         for indices in self._groups(inputs):
             try:
                 outputs = self._run([inputs[i] for i in indices])
@@ -87,13 +92,13 @@ class TritonPythonModel:
     def _inputs(self, request: Any) -> list[np.ndarray]:
         return [self._pb.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names]
 
-    def _groups(self, inputs: list[list[np.ndarray]]) -> list[list[int]]:
+    def _groups(self, inputs: dict[int, list[np.ndarray]]) -> list[list[int]]:
         """Requests that can run as one batch: equal shapes past the batch dim (Triton batches only
         those, but a request carrying its own batch of another length must not be mixed in)."""
         if not self.batched:
-            return [[i] for i in range(len(inputs))]
+            return [[i] for i in inputs]
         groups: dict[tuple[Any, ...], list[int]] = {}
-        for i, arrays in enumerate(inputs):
+        for i, arrays in inputs.items():
             key = tuple((a.shape[1:], a.dtype.str) for a in arrays)
             groups.setdefault(key, []).append(i)
         return list(groups.values())
