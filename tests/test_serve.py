@@ -39,11 +39,18 @@ from trtopt.serve import (
 )
 from trtopt.triton import build_config, export_triton
 
-REASON = serving_unavailable_reason()
+try:  # the clients come with trtopt[serve]; without them only the live tests are skipped
+    import tritonclient.grpc as grpc_client
+    import tritonclient.http as http_client
+    from tritonclient.utils import InferenceServerException
+except (ImportError, RuntimeError) as exc:  # tritonclient raises RuntimeError for a missing protocol extra
+    CLIENTS_MISSING: str | None = f"tritonclient[grpc,http] is not installed ({exc})"
+    InferenceServerException = Exception
+else:
+    CLIENTS_MISSING = None
+
+REASON = serving_unavailable_reason() or CLIENTS_MISSING
 live = pytest.mark.skipif(REASON is not None, reason=f"the bundled Triton server cannot run here: {REASON}")
-http_client = pytest.importorskip("tritonclient.http")
-grpc_client = pytest.importorskip("tritonclient.grpc")
-from tritonclient.utils import InferenceServerException  # noqa: E402 - after the skip above
 
 HOST = "127.0.0.1"
 CLIENT_TIMEOUT_S = 60.0
@@ -357,6 +364,21 @@ def test_exported_python_repository_runs_on_the_bundled_server(tagger, tmp_path)
     assert running.exit_code == 0
     assert not processes_mentioning(str(workspace)) and not segments(prefix) and not workspace.exists()
     assert (model_dir / "1" / "model.trtopt").is_file()  # the user's repository is left as it was
+
+
+@live
+@pytest.mark.slow
+def test_a_model_that_fails_to_load_is_a_serve_error_quoting_the_log(tagger, tmp_path):
+    model_dir = export_triton(tagger, tmp_path / "repo", "broken", flavour="python")
+    module_file = model_dir / "1" / "model.trtopt"
+    module_file.write_bytes(module_file.read_bytes()[:-100])  # truncated
+    root = SERVE_MODULE._runtime_root()
+    workspaces, own_segments = set(root.iterdir()), set(segments(f"trtopt_{os.getpid()}_"))  # other servers'
+    with pytest.raises(trtopt.ServeError, match="exited while starting.*broken.*(truncated|corrupt)"):
+        trtopt.serve(tmp_path / "repo", host=HOST, http_port=0, grpc_port=0, metrics_port=0, block=False)
+    assert set(root.iterdir()) == workspaces  # its workspace is gone
+    assert not processes_mentioning(str(tmp_path / "repo"))
+    assert set(segments(f"trtopt_{os.getpid()}_")) <= own_segments
 
 
 # ------------------------------------------------------------------ no server needed
