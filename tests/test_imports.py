@@ -12,9 +12,9 @@ BLOCKER = """
 import importlib, pkgutil, sys
 
 class Block:
-    # A meta-path finder that makes tensorrt and pycuda unimportable, as on a machine without them.
+    # A meta-path finder that makes tensorrt, pycuda and pytriton unimportable, as on a machine without them.
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("tensorrt", "pycuda", "tensorrt_bindings"):
+        if name.split(".")[0] in ("tensorrt", "pycuda", "tensorrt_bindings", "pytriton"):
             raise ImportError(f"{name} is blocked for this test")
         return None
 

@@ -421,3 +421,39 @@ def test_missing_tritonclient_is_a_dependency_error(static, tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "tritonclient.grpc", None)  # import now fails
     with pytest.raises(DependencyError, match=r"trtopt\[triton\]"):
         export_triton(static, tmp_path, "m")
+
+
+# ------------------------------------------------------------------ python flavour
+
+
+def test_python_flavour_writes_the_module_and_a_model_py_with_the_same_config(tagger, tagger_repo, tmp_path):
+    model_dir = export_triton(tagger, tmp_path, "tagger", flavour="python", max_queue_delay_us=250)
+    config, native = read_config(model_dir), read_config(tagger_repo)
+    assert (config.backend, config.platform) == ("python", "")
+    # One derivation: everything but the runtime and the queue delay is the native flavour's.
+    config.ClearField("backend")
+    config.platform = native.platform
+    assert config.dynamic_batching.max_queue_delay_microseconds == 250
+    config.dynamic_batching.ClearField("max_queue_delay_microseconds")
+    assert config == native
+    assert visible_entries(model_dir / "1") == ["model.py", "model.trtopt"]
+    assert "from trtopt.triton_python import TritonPythonModel" in (model_dir / "1" / "model.py").read_text()
+    reloaded = trtopt.load(model_dir / "1" / "model.trtopt", backend="onnxruntime")
+    x, ids = np.ones((2, 4), np.float32), np.array([1, 2])
+    np.testing.assert_array_equal(reloaded(x, ids)[0], tagger(x, ids)[0])
+
+
+def test_python_flavour_of_an_engine_module_runs_on_the_gpu(tagger, tmp_path):
+    """Test double (FakeEngineModule): checks the config only (the stub runs trtopt on the GPU)."""
+    config = read_config(export_triton(FakeEngineModule(tagger), tmp_path, "t", flavour="python"))
+    assert config.backend == "python" and config.instance_group[0].kind == KIND_GPU
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"flavour": "pytorch"}, "flavour='pytorch'"), ({"max_queue_delay_us": -5}, "max_queue_delay_us=-5")],
+)
+def test_bad_flavour_and_queue_delay(static, tmp_path, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        export_triton(static, tmp_path / "repo", "m", **kwargs)
+    assert not (tmp_path / "repo").exists()

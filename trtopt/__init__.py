@@ -24,12 +24,14 @@ from .errors import (
     GraphError,
     InputError,
     ModuleFileError,
+    ServeError,
     ShapeError,
     TrtoptError,
 )
 from .module import CompiledModule
 from .precision.budget import AccuracyBudget
 from .precision.report import PrecisionReport
+from .serve import serve  # the function; other names: `from trtopt.serve import ...`
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -37,6 +39,7 @@ __all__ = [
     "__version__",
     "compile",
     "load",
+    "serve",
     "CompiledModule",
     "AccuracyBudget",
     "AccuracyBudgetError",
@@ -57,4 +60,5 @@ __all__ = [
     "CalibrationError",
     "BuildError",
     "EngineError",
+    "ServeError",
 ]

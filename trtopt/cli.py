@@ -1,4 +1,4 @@
-"""The ``trtopt`` command line: compile, bench, inspect, export-triton.
+"""The ``trtopt`` command line: compile, bench, inspect, export-triton, serve.
 
 Every subcommand is a thin layer over the library (``trtopt.compile``,
 ``trtopt.bench``, ``CompiledModule``); errors trtopt raises on purpose are
@@ -566,6 +566,75 @@ def cmd_export_triton(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT (exit 0) or until the server dies (exit 1)."""
+    import os
+    import signal
+    import threading
+
+    from .errors import ServeError
+    from .files import atomic_write
+    from .serve import serve
+
+    models: dict[str, Any] = {}
+    if Path(args.module).is_dir():
+        if args.models or args.name:
+            raise ConfigError("a model repository directory is served as it is: drop NAME=PATH and --name")
+        source: Any = Path(args.module)
+    else:
+        models[args.name or Path(args.module).stem] = _check_file(args.module, "module file")
+        for pair in args.models:
+            name, sep, path = pair.partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"{pair!r}: give extra models as NAME=PATH, e.g. resnet=resnet.trtopt")
+            if name in models:
+                raise ConfigError(f"model name {name!r} is given twice; give each model its own name")
+            models[name] = _check_file(path, "module file")
+        source = models
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server = serve(
+            source,
+            host=args.host,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port,
+            max_batch_size=args.max_batch_size,
+            max_queue_delay_us=args.queue_delay_us,
+            dynamic_batching=not args.no_dynamic_batching,
+            instances=args.instances,
+            block=False,
+        )
+        with server:
+            urls = server.urls
+            for name in server.models:
+                print(f"serving {name} at {urls['http']} {urls['grpc']}", flush=True)
+            if args.ready_file:
+                ready = {
+                    "models": server.models,
+                    "host": server.host,
+                    **{f"{what}_port": port for what, port in server.ports.items()},
+                    "urls": urls,
+                    "access_token": server.access_token,
+                    "pid": os.getpid(),
+                }
+                atomic_write(args.ready_file, json.dumps(ready, indent=1))
+                os.chmod(args.ready_file, 0o600)  # holds the access token
+            while not stop.wait(0.5) and server.alive():
+                pass
+            if not stop.is_set():
+                raise ServeError(f"the Triton server stopped unexpectedly (exit code {server.wait()})")
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 # ------------------------------------------------------------------ parser
 
 
@@ -616,7 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug output on stderr")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add_command in (_add_compile_command, _add_bench_command, _add_inspect_command, _add_export_triton_command):
+    for add_command in (_add_compile_command, _add_bench_command, _add_inspect_command, _add_export_triton_command,
+                        _add_serve_command):
         add_command(subcommands.add_parser)
     return parser
 
@@ -738,6 +808,34 @@ def _add_export_triton_command(add_parser: AddParser) -> None:
     _add_backend_option(p)
     _add_host_code_option(p)
     p.set_defaults(func=cmd_export_triton)
+
+
+def _add_serve_command(add_parser: AddParser) -> None:
+    from .serve import DEFAULT_HOST
+
+    p = add_parser("serve", help="serve .trtopt files on NVIDIA Triton Inference Server (HTTP, gRPC, metrics)",
+                   description="Serve one or more .trtopt files, or a model repository written by "
+                   "export_triton(flavour='python'), on the Triton Inference Server bundled in NVIDIA PyTriton "
+                   "(pip install \"trtopt[serve]\"). Prints one 'serving NAME at http://... grpc://...' line per "
+                   "model when ready; SIGTERM or Ctrl-C stops it (exit code 0).")
+    p.add_argument("module", metavar="MODULE.trtopt", help="a module file (or a model repository directory)")
+    p.add_argument("models", nargs="*", metavar="NAME=PATH", help="more models to serve, each under its NAME")
+    p.add_argument("--name", help="the first module's model name (default: its file name without .trtopt)")
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help=f"address to listen on (default {DEFAULT_HOST}, this machine only; 0.0.0.0 for all interfaces)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000; 0 picks a free one)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0 picks a free one)")
+    p.add_argument("--metrics-port", type=int, default=8002,
+                   help="Prometheus metrics port (default 8002; 0 picks a free one)")
+    p.add_argument("--max-batch-size", type=int, metavar="N",
+                   help="default: the profile's largest batch, or 0 when the batch dim is static")
+    p.add_argument("--queue-delay-us", type=int, default=100, metavar="US",
+                   help="how long the dynamic batcher may hold a request to batch it (default 100)")
+    p.add_argument("--no-dynamic-batching", action="store_true", help="leave Triton's dynamic batcher off")
+    p.add_argument("--instances", type=_positive, default=1, help="model copies serving in parallel (default 1)")
+    p.add_argument("--ready-file", metavar="PATH",
+                   help="write JSON with the ports, URLs and access token here once every model is ready")
+    p.set_defaults(func=cmd_serve)
 
 
 @contextlib.contextmanager

@@ -58,6 +58,10 @@ class EngineError(TrtoptError):
     """A serialized TensorRT engine could not be loaded or run."""
 
 
+class ServeError(TrtoptError, RuntimeError):
+    """The Triton server failed to start or stopped unexpectedly (the message quotes its log)."""
+
+
 class AccuracyBudgetError(TrtoptError):
     """INT8 (or FP8) cannot meet the accuracy budget even with every unit in float.
 

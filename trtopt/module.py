@@ -296,8 +296,10 @@ class CompiledModule:
         version: int = 1,
         max_batch_size: int | None = None,
         dynamic_batching: bool = True,
+        max_queue_delay_us: int | None = None,
         instances: int = 1,
         overwrite: bool = False,
+        flavour: str = "native",
     ) -> Path:
         """Write this module into a Triton model repository; see ``trtopt.triton.export_triton``."""
         from .triton import export_triton
@@ -309,8 +311,10 @@ class CompiledModule:
             version=version,
             max_batch_size=max_batch_size,
             dynamic_batching=dynamic_batching,
+            max_queue_delay_us=max_queue_delay_us,
             instances=instances,
             overwrite=overwrite,
+            flavour=flavour,
         )
 
 

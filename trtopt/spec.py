@@ -183,3 +183,12 @@ def unflatten_outputs(structure: dict[str, Any], leaves: Sequence[Any]) -> Any:
         return items if kind == "list" else tuple(items)
 
     return build(structure)
+
+
+def structure_leaves(structure: dict[str, Any], outputs: Any) -> list[Any]:
+    """The leaves of nested ``outputs`` in flat order: the inverse of ``unflatten_outputs``."""
+    kind = structure["type"]
+    if kind == "tensor":
+        return [outputs]
+    items = [outputs[key] for key in structure["keys"]] if kind == "dict" else list(outputs)
+    return [leaf for node, item in zip(structure["items"], items) for leaf in structure_leaves(node, item)]

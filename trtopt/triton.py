@@ -1,10 +1,20 @@
 """Export a compiled module as a Triton Inference Server model repository.
 
 Triton serves a directory ``<repo>/<name>/`` holding ``config.pbtxt`` and one
-numbered directory per version with the model file (``model.plan`` for a
-TensorRT engine, ``model.onnx`` for ONNX Runtime). The config is built as the
-real ``inference.ModelConfig`` protobuf message from ``tritonclient`` and
-printed with protobuf's text format, so it always parses with Triton's schema.
+numbered directory per version with the model file. Two flavours:
+
+- ``native``: ``model.plan`` for a TensorRT engine (``tensorrt_plan``) or
+  ``model.onnx`` for ONNX Runtime (``onnxruntime_onnx``), for full Triton
+  containers, which run the model without Python;
+- ``python``: Triton's Python backend runs ``model.py``, which loads
+  ``model.trtopt`` and runs it with trtopt (``trtopt.triton_python``). It runs
+  on any Triton whose Python environment has trtopt, including the one
+  bundled in PyTriton that ``trtopt serve`` starts (``trtopt.serve``).
+
+The config is built as the real ``inference.ModelConfig`` protobuf message
+from ``tritonclient`` and printed with protobuf's text format, so it always
+parses with Triton's schema. Both flavours and ``trtopt serve`` derive it with
+the one ``build_config`` below.
 
 Triton batches along the first dimension of every input and output, and may
 form any batch size from 1 to ``max_batch_size``. Everything below checks that
@@ -38,6 +48,14 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.pbtxt"
 PLAN_FILE = "model.plan"  # Triton's default file name for platform tensorrt_plan
 ONNX_FILE = "model.onnx"  # ... and for platform onnxruntime_onnx
+PYTHON_FILE = "model.py"  # the Python backend's entry point ...
+MODULE_FILE = "model.trtopt"  # ... and the module file it loads
+FLAVOURS = ("native", "python")
+# The whole model.py of the python flavour: the model class lives in trtopt, where it is tested.
+PYTHON_MODEL_SOURCE = (
+    '"""Triton Python-backend model written by trtopt: runs model.trtopt with trtopt."""\n'
+    "from trtopt.triton_python import TritonPythonModel  # noqa: F401\n"
+)
 TRITON_INSTALL_HINT = 'install it with `pip install "trtopt[triton]"` (tritonclient[grpc])'
 
 BatchRange = tuple[int, int, int]  # (min, opt, max) of the batch dimension in one profile
@@ -58,7 +76,9 @@ def _model_config_pb2() -> ModuleType:
 # ------------------------------------------------------------------ checks
 
 
-def _check_arguments(name: str, version: int, max_batch_size: int | None, instances: int) -> None:
+def _check_arguments(
+    name: str, version: int, max_batch_size: int | None, instances: int, flavour: str, max_queue_delay_us: int | None
+) -> None:
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
         raise ConfigError(
             f"Triton model name {name!r} is not a single directory name; use a name without "
@@ -77,6 +97,16 @@ def _check_arguments(name: str, version: int, max_batch_size: int | None, instan
     if not _is_int(instances) or instances < 1:
         raise ConfigError(
             f"instances={instances!r} must be a positive integer (model instances per device)"
+        )
+    if flavour not in FLAVOURS:
+        raise ConfigError(
+            f"flavour={flavour!r}: use 'native' (model.plan / model.onnx, for full Triton containers) "
+            "or 'python' (Triton's Python backend runs the .trtopt file with trtopt)"
+        )
+    if max_queue_delay_us is not None and (not _is_int(max_queue_delay_us) or max_queue_delay_us < 0):
+        raise ConfigError(
+            f"max_queue_delay_us={max_queue_delay_us!r} must be None (Triton's default) or an integer >= 0 "
+            "(microseconds a request may wait for others to batch with)"
         )
 
 
@@ -236,33 +266,45 @@ def build_config(
     *,
     max_batch_size: int | None = None,
     dynamic_batching: bool = True,
+    max_queue_delay_us: int | None = None,
     instances: int = 1,
+    flavour: str = "native",
 ) -> Any:
-    """The ``inference.ModelConfig`` message for ``module`` (see ``export_triton``)."""
+    """The ``inference.ModelConfig`` message for ``module`` (see ``export_triton``).
+
+    The one derivation of a Triton config from a module: both flavours of
+    ``export_triton`` and ``trtopt serve`` use it, so they agree on dims,
+    dtypes, batching and errors.
+    """
     pb2 = _model_config_pb2()
     is_plan = module.engine is not None
     batch, preferred = _resolve_batching(module, max_batch_size)
-    config = pb2.ModelConfig(
-        name=name,
-        platform="tensorrt_plan" if is_plan else "onnxruntime_onnx",
-        max_batch_size=batch,
-    )
+    if flavour == "python":
+        config = pb2.ModelConfig(name=name, backend="python", max_batch_size=batch)
+    else:
+        config = pb2.ModelConfig(
+            name=name,
+            platform="tensorrt_plan" if is_plan else "onnxruntime_onnx",
+            max_batch_size=batch,
+        )
     for spec in module.spec.inputs:
         _add_tensor(config.input, pb2, spec, batch, "input")
     for spec in module.spec.outputs:
         _add_tensor(config.output, pb2, spec, batch, "output")
     if dynamic_batching and batch > 0:
         config.dynamic_batching.preferred_batch_size.extend(preferred)
+        if max_queue_delay_us is not None:
+            config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
     elif dynamic_batching:
         logger.info("Triton export: no dynamic_batching, as the model is not batched (max_batch_size 0)")
     group = config.instance_group.add(
         count=instances,
         kind=pb2.ModelInstanceGroup.KIND_GPU if is_plan else pb2.ModelInstanceGroup.KIND_CPU,
     )
-    if is_plan and len(module.profiles) > 1:
+    if is_plan and flavour == "native" and len(module.profiles) > 1:
         # Without it Triton's TensorRT backend uses profile 0 only; listed, it picks per request shape.
         group.profile.extend(str(i) for i in range(len(module.profiles)))
-    if not is_plan and module.precision == "fp8":
+    if not is_plan and flavour == "native" and module.precision == "fp8":
         # ONNX Runtime's extended rewrites drop a Relu in front of an FP8 QuantizeLinear (FP8 is
         # signed; see trtopt/backends/onnxruntime.py). Triton's ONNX Runtime backend has no way to
         # disable one rewrite: level -1 keeps only the basic ones, which compute the graph faithfully.
@@ -273,12 +315,15 @@ def build_config(
 # ------------------------------------------------------------------ files
 
 
-def _write_version(module: CompiledModule, model_dir: Path, version_dir: Path) -> None:
+def _write_version(module: CompiledModule, model_dir: Path, version_dir: Path, flavour: str) -> None:
     """Fill a hidden staging directory, then rename it to ``version_dir`` in one step."""
     staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".{version_dir.name}.", suffix=".tmp"))
     trash = None
     try:
-        if module.engine is not None:
+        if flavour == "python":
+            module.save(staging / MODULE_FILE)
+            atomic_write(staging / PYTHON_FILE, PYTHON_MODEL_SOURCE)
+        elif module.engine is not None:
             with open(staging / PLAN_FILE, "wb") as handle:
                 handle.write(bytes(module.engine))
                 handle.flush()
@@ -309,8 +354,10 @@ def export_triton(
     version: int = 1,
     max_batch_size: int | None = None,
     dynamic_batching: bool = True,
+    max_queue_delay_us: int | None = None,
     instances: int = 1,
     overwrite: bool = False,
+    flavour: str = "native",
 ) -> Path:
     """Write ``module`` into a Triton model repository; return the model directory ``<repo>/<name>``.
 
@@ -321,14 +368,22 @@ def export_triton(
     optimization profiles (0 when the first dim is not dynamic); ``instances``
     is the instance count per device. An existing version is only replaced
     with ``overwrite=True``. Raises ConfigError for what Triton cannot serve.
+
+    ``flavour="python"`` writes ``model.trtopt`` and a ``model.py`` for
+    Triton's Python backend instead, which runs the module with trtopt (on
+    the GPU when it holds an engine, else on the CPU); the serving Triton's
+    Python environment needs trtopt installed. ``max_queue_delay_us`` sets how
+    long the dynamic batcher may hold a request to batch it with others.
     """
-    _check_arguments(name, version, max_batch_size, instances)
+    _check_arguments(name, version, max_batch_size, instances, flavour, max_queue_delay_us)
     config = build_config(
         module,
         name,
         max_batch_size=max_batch_size,
         dynamic_batching=dynamic_batching,
+        max_queue_delay_us=max_queue_delay_us,
         instances=instances,
+        flavour=flavour,
     )
     from google.protobuf import text_format
 
@@ -351,14 +406,14 @@ def export_triton(
             name,
             ", ".join(sorted(others, key=int)),
         )
-    _write_version(module, model_dir, version_dir)
+    _write_version(module, model_dir, version_dir, flavour)
     atomic_write(config_path, text)  # after the model file, so Triton never sees a config without one
     logger.info(
         "exported %s to %s (version %d, %s, max_batch_size %d)",
         name,
         model_dir,
         version,
-        config.platform,
+        config.platform or f"{config.backend} backend",
         config.max_batch_size,
     )
     return model_dir
