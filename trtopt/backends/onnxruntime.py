@@ -30,6 +30,7 @@ import torch
 
 from ..errors import CalibrationError, ConfigError, EngineError, first_line
 from ..graph import EXTERNAL_DATA_THRESHOLD, initializer_bytes, save_model
+from .call_checks import check_embedding_indices, embedding_indices, run_failure
 from .fp16_emulation import emulate_fp16
 from .profiling import LayerProfile, parse_onnxruntime_profile
 from .qdq_cpu import is_cpu_layout, lower_qdq_for_cpu
@@ -139,6 +140,11 @@ class OnnxRuntimeBackend:
             self.session = make_session(model, intra_op_threads=intra_op_threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # Token ids are checked as eager checks them (ORT's Gather reads id -1 as the last row).
+        self._embedding_indices = embedding_indices(model)
+        # A failed kernel becomes run_failure's error; ORT's own log line of it would only repeat it.
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
 
     def run(self, feeds: Mapping[str, torch.Tensor], profile_index: int = 0) -> list[torch.Tensor]:
         """Run one batch. ``profile_index`` only matters to TensorRT; ORT takes any shape."""
@@ -146,18 +152,16 @@ class OnnxRuntimeBackend:
             name: feeds[name].detach().cpu().contiguous().numpy()
             for name in self.input_names
         }
-        try:
-            outputs = self.session.run(self.output_names, arrays)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise EngineError(f"ONNX Runtime failed to run the graph: {exc}") from exc
-        return [torch.from_numpy(o) for o in outputs]
+        return [torch.from_numpy(o) for o in self.run_numpy(arrays)]
 
     def run_numpy(self, arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run one batch of arrays the caller has checked (``CompiledModule``'s fast path)."""
+        if self._embedding_indices:
+            check_embedding_indices(self._embedding_indices, arrays)
         try:
-            return self.session.run(self.output_names, arrays)
+            return self.session.run(self.output_names, arrays, self._run_options)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise EngineError(f"ONNX Runtime failed to run the graph: {exc}") from exc
+            raise run_failure(exc, arrays) from None
 
     def layer_profile(
         self, graph: onnx.ModelProto, feeds: Mapping[str, torch.Tensor], profile_index: int = 0, runs: int = 10
