@@ -152,10 +152,13 @@ class OnnxRuntimeBackend:
             name: feeds[name].detach().cpu().contiguous().numpy()
             for name in self.input_names
         }
-        return [torch.from_numpy(o) for o in self.run_numpy(arrays)]
+        return [torch.from_numpy(o) for o in self._run_arrays(arrays)]
 
     def run_numpy(self, arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run one batch of arrays the caller has checked (``CompiledModule``'s fast path)."""
+        return self._run_arrays(arrays)
+
+    def _run_arrays(self, arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         if self._embedding_indices:
             check_embedding_indices(self._embedding_indices, arrays)
         try:
