@@ -410,11 +410,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 )
             )
     logger.info("timing batch sizes %s, %d iterations", ",".join(map(str, batches)), args.iterations)
-    results = bench.run_side_by_side(candidates, make_inputs, batches, warmup=args.warmup, iterations=args.iterations)
+    results = bench.run_side_by_side(candidates, make_inputs, batches, warmup=args.warmup,
+                                     iterations=args.iterations, threads=args.threads)
     report = bench.BenchReport(
         results=results,
         settings={"source": args.source, "batch_sizes": batch_sizes, "warmup": args.warmup,
-                  "iterations": args.iterations, "backend": args.backend},
+                  "iterations": args.iterations, "backend": args.backend, "threads": args.threads},
     )
     print(report.markdown())
     if args.json == "-":
@@ -791,6 +792,9 @@ def _add_bench_command(add_parser: AddParser) -> None:
     p.add_argument("--calib", metavar="DATA.npz", help="factory only: calibration data for fp16, int8 and fp8 (as for compile)")
     p.add_argument("--iterations", type=_positive, default=50, help="timed calls per batch size (default 50)")
     p.add_argument("--warmup", type=_positive, default=5, help="untimed calls per batch size (default 5)")
+    p.add_argument("--threads", type=_positive, metavar="N",
+                   help="intra-op CPU threads for every row alike: torch's and ONNX Runtime's (default: torch's "
+                   "count, the physical cores)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-': stdout)")
     _add_backend_option(p)
     p.set_defaults(func=cmd_bench)
