@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -159,6 +160,7 @@ def run_side_by_side(
     runnable = [c for c in candidates if c.fn is not None]
     for candidate in runnable:
         _pin_threads(candidate, threads)
+    _warn_if_busy(threads)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -179,6 +181,23 @@ def run_side_by_side(
                     r.model, r.runtime, r.precision, s.batch_size, s.p90_ms, s.spread, s.p50_ms,
                 )
     return [c.result for c in candidates]
+
+
+def _warn_if_busy(threads: int) -> None:
+    """A call on several threads waits at each parallel region for its slowest thread; on a machine
+    with more runnable processes than cores that thread is often descheduled, and a many-small-ops
+    model (eager torch) loses far more than a few fused kernels do: the ratios stop meaning anything."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return
+    cores = os.cpu_count() or 1
+    if threads > 1 and load > cores:
+        logger.warning(
+            "the machine is busy (load average %.1f on %d cores): timings with %d threads wait on descheduled "
+            "threads, eager torch far more than ONNX Runtime; time with threads=1 (trtopt bench --threads 1) "
+            "for ratios that hold", load, cores, threads,
+        )
 
 
 def _pin_threads(candidate: Candidate, threads: int) -> None:

@@ -106,8 +106,15 @@ def markdown_table(report: BenchReport) -> str:
     return text
 
 
-def plot_latency_vs_accuracy(report: BenchReport, path: str | os.PathLike[str] | None = None, batch_size: int | None = None):
+def plot_latency_vs_accuracy(
+    report: BenchReport,
+    path: str | os.PathLike[str] | None = None,
+    batch_size: int | None = None,
+    title: str | None = None,
+):
     """Scatter of p50 latency against accuracy, one colour per model, one marker per precision.
+
+    ``title`` heads the figure (name the models' weights there); the batch and backend follow it.
 
     Accuracy is top-1 agreement with the FP32 torch model where the model is a
     classifier (left panel) and the max absolute error (right panel, log scale).
@@ -152,7 +159,8 @@ def plot_latency_vs_accuracy(report: BenchReport, path: str | os.PathLike[str] |
     ]
     fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
     backends = ", ".join(sorted({r.backend for r in ok if r.runtime == "trtopt"})) or "–"
-    fig.suptitle(f"Latency against accuracy vs FP32 torch, batch {batch_size} (trtopt on {backends})")
+    heading = title or "Latency against accuracy vs FP32 torch"
+    fig.suptitle(f"{heading}, batch {batch_size} (trtopt on {backends})", fontsize=10 if title else None)
     left.set_title("top-1 agreement: higher is closer", fontsize=10)
     right.set_title("max abs error: lower is closer", fontsize=10)
     fig.tight_layout(rect=(0, 0, 0.86, 0.95))
