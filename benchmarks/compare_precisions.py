@@ -48,9 +48,8 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -72,8 +71,7 @@ MODELS = ("digits_cnn", "minilm", *TORCHVISION)
 RANDOM = "random weights, latency only"
 
 
-@dataclass
-class Workload:
+class Workload(NamedTuple):
     """One model as the benchmark runs it: its weights named, and what it is timed and judged on."""
 
     name: str  # the table's model column: the architecture and, in brackets, its weights
@@ -84,7 +82,6 @@ class Workload:
     calibration: list[dict[str, torch.Tensor]]
     eval_inputs: tuple[torch.Tensor, ...] | None = None  # None: latency only
     classifier: bool | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def _batches(tensors: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
