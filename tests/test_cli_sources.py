@@ -74,6 +74,8 @@ def test_a_factory_that_raises_is_one_line(factory_path, tmp_path, capsys):
     code, _, err = run_cli(capsys, "compile", f"{factory_path}:make_broken", "-o", tmp_path / "x.trtopt")
     assert_one_line_error(code, err, "make_broken' raised ValueError: weights file missing: /data/w.bin", "-v")
     assert "Traceback" not in err
+    code, _, err = run_cli(capsys, "-v", "compile", f"{factory_path}:make_broken", "-o", tmp_path / "x.trtopt")
+    assert code == 1 and "Traceback" in err and "in make_broken" in err  # -v: where the user's code raised
     broken_module = tmp_path / "broken.py"
     broken_module.write_text("import torch\nraise RuntimeError('no GPU here')\ndef make(): pass\n")
     code, _, err = run_cli(capsys, "compile", f"{broken_module}:make")

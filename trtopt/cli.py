@@ -201,6 +201,12 @@ def load_torch_file(source: str, shape_options: Sequence[str]) -> tuple[Any, tup
     return model, tuple(torch.randn(profiles[0][n][1]) for n in names)
 
 
+def _user_code_error(what: str, exc: Exception) -> ConfigError:
+    """The user's code raised: one line for the terminal (the README's promise), the traceback under -v."""
+    logger.debug("%s raised:", what, exc_info=exc)
+    return ConfigError(f"{what} raised {type(exc).__name__}: {first_line(exc)} (run with -v for the traceback)")
+
+
 def load_factory(source: str) -> tuple[Any, tuple[Any, ...]]:
     """Call a ``module:function`` factory; return ``(model, example_inputs)``."""
     module_name, sep, func_name = source.rpartition(":")
@@ -218,11 +224,7 @@ def load_factory(source: str) -> tuple[Any, tuple[Any, ...]]:
         try:
             spec.loader.exec_module(module)  # type: ignore[union-attr]
         except Exception as exc:  # the user's code
-            logger.debug("importing %s raised:", path, exc_info=True)
-            raise ConfigError(
-                f"importing {path} for factory {source!r} raised {type(exc).__name__}: {first_line(exc)} "
-                "(run with -v for the traceback)"
-            ) from exc
+            raise _user_code_error(f"importing {path} for factory {source!r}", exc) from exc
     else:
         if "" not in sys.path:
             sys.path.insert(0, "")  # like `python -m`: modules in the current directory import
@@ -233,22 +235,14 @@ def load_factory(source: str) -> tuple[Any, tuple[Any, ...]]:
                 f"cannot import {module_name!r} for factory {source!r} ({exc}); check the name and PYTHONPATH"
             ) from None
         except Exception as exc:  # the user's module raised while importing
-            logger.debug("importing %s raised:", module_name, exc_info=True)
-            raise ConfigError(
-                f"importing {module_name!r} for factory {source!r} raised {type(exc).__name__}: "
-                f"{first_line(exc)} (run with -v for the traceback)"
-            ) from exc
+            raise _user_code_error(f"importing {module_name!r} for factory {source!r}", exc) from exc
     factory = getattr(module, func_name, None)
     if not callable(factory):
         raise ConfigError(f"{module_name!r} has no function {func_name!r} (factory {source!r})")
     try:
         made = factory()
-    except Exception as exc:  # the user's code: one line, the traceback only with -v
-        logger.debug("factory %s raised:", source, exc_info=True)
-        raise ConfigError(
-            f"factory {source!r} raised {type(exc).__name__}: {first_line(exc)} "
-            "(run with -v for the traceback)"
-        ) from exc
+    except Exception as exc:  # the user's code
+        raise _user_code_error(f"factory {source!r}", exc) from exc
     if not isinstance(made, (tuple, list)) or len(made) != 2:
         raise InputError(
             f"factory {source!r} returned a {type(made).__name__}; it must return (model, example_inputs)"
