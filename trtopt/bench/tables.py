@@ -128,6 +128,7 @@ def plot_latency_vs_accuracy(
     markers = {"torch-eager": "s", "fp32": "o", "fp16": "^", "int8": "D", "fp8": "v"}
     models = sorted({r.model for r in ok})
     colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(models)}
+    classifiers = {r.model for r in ok if r.accuracy and r.accuracy.top1_agreement is not None}
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for r in ok:
         s = r.latency_at(batch_size)
@@ -135,7 +136,10 @@ def plot_latency_vs_accuracy(
             continue
         key = "torch-eager" if r.runtime == "torch-eager" else r.precision
         a = r.accuracy
-        top1 = 100.0 if r.runtime == "torch-eager" else (a.top1_agreement * 100 if a and a.top1_agreement is not None else None)
+        if r.runtime == "torch-eager":  # the reference: 100% of itself, where the model is a classifier
+            top1 = 100.0 if r.model in classifiers else None
+        else:
+            top1 = a.top1_agreement * 100 if a and a.top1_agreement is not None else None
         err = a.max_abs_error if a else None
         style = dict(color=colours[r.model], marker=markers.get(key, "x"), s=60, edgecolors="black", linewidths=0.5)
         if top1 is not None:
@@ -163,7 +167,8 @@ def plot_latency_vs_accuracy(
     fig.suptitle(f"{heading}, batch {batch_size} (trtopt on {backends})", fontsize=10 if title else None)
     left.set_title("top-1 agreement: higher is closer", fontsize=10)
     right.set_title("max abs error: lower is closer", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.86, 0.95))
+    longest = max((len(m) for m in models), default=0)
+    fig.tight_layout(rect=(0, 0, 0.86 if longest <= 20 else 0.78, 0.95))  # room for the legend's names
     if path is not None:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=120, format="png")
