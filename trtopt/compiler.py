@@ -362,7 +362,8 @@ def check_profile_shapes(
                     f"dynamic_shapes lets the model take {_shapes_text(names, shapes)} (profile {index} {point}), "
                     f"but the model cannot run at that shape: {kernel_failure(exc)}. It ran at {worked}. "
                     "Narrow the range in dynamic_shapes to what the model supports (a sequence no longer "
-                    "than its position embeddings, an image size its layers divide)"
+                    "than its position embeddings, an image size its layers divide); if it fails only on these "
+                    "stand-in inputs (examples resized, or ones), pass check_shapes=False"
                 ) from None
             done[shapes] = f"profile {index} {point}"
     logger.debug("the graph runs at every profile's min, opt and max shapes (%d shape sets)", len(done))
