@@ -114,6 +114,14 @@ def test_shared_dims_need_equal_ranges():
         )
 
 
+@pytest.fixture(autouse=True)
+def export_logs_in_tmp_path(tmp_path, monkeypatch):
+    """A failed export writes its log to the temp dir (the ExportError names it): keep it in tmp_path."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
 class Eig(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.linalg.eig(x)[0].real
