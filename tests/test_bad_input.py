@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -111,6 +114,14 @@ def test_shared_dims_need_equal_ranges():
         )
 
 
+@pytest.fixture(autouse=True)
+def export_logs_in_tmp_path(tmp_path, monkeypatch):
+    """A failed export writes its log to the temp dir (the ExportError names it): keep it in tmp_path."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
 class Eig(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.linalg.eig(x)[0].real
@@ -131,6 +142,36 @@ def test_unsupported_operator_is_an_export_error():
 def test_data_dependent_control_flow_is_refused_not_traced():
     with pytest.raises(trtopt.ExportError, match="data-dependent value"):
         trtopt.compile(DataDependentBranch(), (torch.randn(4, 4),))
+
+
+def test_export_error_gives_each_exporters_root_cause_and_keeps_fx_graphs_off_the_terminal(capfd):
+    with pytest.raises(trtopt.ExportError) as caught:
+        trtopt.compile(DataDependentBranch(), (torch.randn(4, 4),))
+    message = str(caught.value)
+    # torch.export's own cause and the user's line, not its "step 1/3 ... Next steps" page.
+    assert re.search(r"torch.export-based exporter said: \w+: Could not guard on data-dependent expression", message)
+    assert "in forward: if x.sum() > 0:" in message
+    assert "TorchScript exporter (fallback) said: had to fix a data-dependent value" in message
+    assert "step 1/3" not in message and "torch.where" in message
+    log = Path(re.search(r"full output and tracebacks: (\S+)\.$", message).group(1))
+    assert "GuardOnDataDependentSymNode" in log.read_text()
+    log.unlink()
+    printed = capfd.readouterr()
+    assert "def forward(" not in printed.err + printed.out  # the FX graphs went to the log file
+
+
+@pytest.mark.slow
+def test_t5_encoder_export_error_names_the_view_torch_export_could_not_do():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    model = transformers.T5EncoderModel(config).eval()
+    with pytest.raises(trtopt.ExportError) as caught:
+        trtopt.compile(model, (torch.randint(0, 64, (2, 8)),),
+                       dynamic_shapes={"input_ids": {0: (1, 2, 4), 1: (2, 8, 16)}})
+    message = str(caught.value)
+    assert re.search(r"torch.export-based exporter said: ValueError: Cannot view a tensor with shape", message)
+    assert "modeling_t5.py" in message and "TorchScript exporter (fallback) said:" in message
+    Path(re.search(r"full output and tracebacks: (\S+)\.$", message).group(1)).unlink()
 
 
 def test_settings_errors():

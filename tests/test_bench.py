@@ -192,7 +192,7 @@ def test_report_json_schema_and_round_trip(tmp_path):
     row = data["results"][1]
     assert set(row) == {
         "model", "runtime", "precision", "backend", "device", "status", "reason",
-        "compile_time_s", "artifact_bytes", "memory", "latency", "accuracy",
+        "compile_time_s", "artifact_bytes", "memory", "latency", "accuracy", "threads",
     }
     assert set(row["latency"][0]) == {
         "batch_size", "iterations", "clock", "mean_ms", "std_ms", "min_ms",
@@ -377,3 +377,45 @@ def test_profile_tensorrt_joins_times_with_layer_types(tiny):
     assert on_ort.backend == "onnxruntime" and on_ort.runs == 2 and on_ort.layers
     with pytest.raises(ConfigError, match="cannot profile"):
         bench.profile_layers(CompiledModule(module.onnx_model, module.spec, object()), (images[:1],))
+
+
+# ------------------------------------------------------- fair and readable rows
+
+
+def test_every_row_is_timed_with_the_same_thread_count(tiny):
+    """torch eager ran with all threads while ONNX Runtime ran with its own count: absurd speedups."""
+    model, images = tiny
+    seen = []
+
+    def make_inputs(b):
+        return (bench.structured_images(b, 16, seed=2),)
+
+    eager = bench.torch_candidate("tiny", model)
+    timed_eager = eager.fn
+
+    def eager_call(*inputs):
+        seen.append(torch.get_num_threads())
+        return timed_eager(*inputs)
+
+    eager.fn = eager_call
+    compiled = bench.trtopt_candidate("tiny", model, make_inputs(2), precision="fp32", backend="onnxruntime")
+    before = torch.get_num_threads()
+    rows = bench.run_side_by_side([eager, compiled], make_inputs, [2], warmup=1, iterations=2, threads=1)
+    assert set(seen) == {1} and torch.get_num_threads() == before
+    assert [r.threads for r in rows] == [1, 1]
+    assert compiled.fn.backend.session.get_session_options().intra_op_num_threads == 1
+    table = bench.BenchReport(results=rows).markdown()
+    assert "every CPU row ran with 1 intra-op thread(s)" in table
+
+
+def test_table_marks_unstable_timings_and_shows_small_sizes():
+    report = _report()
+    eager, ok, _ = report.results
+    eager.latency = [bench.LatencyStats.from_samples([4.0] * 8 + [9.0, 9.0], 1, "perf_counter")]
+    assert eager.latency[0].unstable and not ok.latency[0].unstable
+    lines = report.markdown().splitlines()
+    eager_row = next(line for line in lines if "| torch-eager |" in line)
+    assert "4.00 / 9.00 †" in eager_row
+    assert any(line.startswith("† unstable") and "tiny torch-eager fp32 batch 1: p90 2.2x p50" in line for line in lines)
+    trtopt_row = next(line for line in lines if "| trtopt | fp32 |" in line)
+    assert "| 0.001 |" in trtopt_row  # 1000 bytes, not "0.0"

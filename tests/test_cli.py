@@ -180,7 +180,7 @@ def test_compile_bad_input_gives_one_line_errors(factory, tmp_path, capsys):
         (["compile", "no_such_module_xyz:make"], "cannot import 'no_such_module_xyz'"),
         (["compile", f"{path}:nothing"], "no function 'nothing'"),
         (["compile", f"{path}:make_wrong"], "must return (model, example_inputs)"),
-        (["compile", "model.txt"], "neither an .onnx file nor a MODULE:FUNCTION"),
+        (["compile", "model.txt"], "neither a model file (.onnx, .pt2, .pt) nor a MODULE:FUNCTION"),
         (["compile", factory, "--shapes", "x:1x3x9x8,2x3x9x8,4x3x9x8"], "dim 2 at 9"),
         (["compile", factory, "--shapes", "x:4x3x8x8,2x3x8x8,1x3x8x8"], "min <= opt <= max"),
         (["compile", factory, "--calib", tmp_path / "none.npz", "--precision", "int8"], "calibration file"),

@@ -24,20 +24,27 @@ def script():
 @pytest.mark.slow
 def test_tiny_run_writes_json_table_and_plot(script, tmp_path, capsys):
     code = script.main([
-        "--models", "resnet18", "--precisions", "fp32,int8,fp8", "--image-size", "32", "--batch-sizes", "1,2",
-        "--iterations", "2", "--warmup", "1", "--eval-samples", "4", "--calib-samples", "4",
+        "--models", "digits_cnn,resnet18", "--precisions", "fp32,int8,fp8", "--image-size", "32",
+        "--batch-sizes", "1,2", "--iterations", "2", "--warmup", "1", "--calib-samples", "4", "--threads", "1",
         "--backend", "onnxruntime", "--device", "cpu", "--out", str(tmp_path), "-q",
     ])
     assert code == 0
     report = bench.BenchReport.from_json(json.loads((tmp_path / "compare_precisions.json").read_text()))
-    rows = [(r.runtime, r.precision, r.status) for r in report.results]
-    assert rows == [("torch-eager", "fp32", "ok"), ("trtopt", "fp32", "ok"), ("trtopt", "int8", "ok"), ("trtopt", "fp8", "ok")]
-    assert all([s.batch_size for s in r.latency] == [1, 2] for r in report.results)
-    assert report.results[1].accuracy.samples == 4 and report.results[1].accuracy.top1_agreement == 1.0
+    rows = [(r.model, r.runtime, r.precision, r.status) for r in report.results]
+    digits, resnet = "digits_cnn (trained)", "resnet18 (random weights, latency only)"
+    assert rows == [(m, rt, p, "ok") for m in (digits, resnet)
+                    for rt, p in [("torch-eager", "fp32"), ("trtopt", "fp32"), ("trtopt", "int8"), ("trtopt", "fp8")]]
+    assert all([s.batch_size for s in r.latency] == [1, 2] and r.threads == 1 for r in report.results)
+    # Accuracy only where the weights mean something: the trained CNN on its 500 held-out images.
+    trained = [r for r in report.results if r.model == digits and r.runtime == "trtopt"]
+    assert all(r.accuracy.samples == 500 and r.accuracy.top1_agreement > 0.9 for r in trained)
+    assert all(r.accuracy is None for r in report.results if r.model == resnet)
+    assert "held-out test images" in report.settings["weights"][digits]
     assert report.settings["command"].startswith("python benchmarks/compare_precisions.py")
     table = (tmp_path / "compare_precisions.md").read_text()
-    assert "| resnet18 | trtopt | int8 | onnxruntime |" in table and table in capsys.readouterr().out
-    assert "| resnet18 | trtopt | fp8 | onnxruntime |" in table
+    assert f"| {digits} | trtopt | int8 | onnxruntime |" in table and table in capsys.readouterr().out
+    assert f"| {resnet} | trtopt | fp8 | onnxruntime |" in table
+    assert "Weights and data:" in table and "shared with other jobs" in table
     assert (tmp_path / "compare_precisions.png").read_bytes()[:4] == b"\x89PNG"
 
 

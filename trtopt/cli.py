@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, InputError, TrtoptError
+from .errors import ConfigError, InputError, TrtoptError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +43,12 @@ shapes (--shapes NAME:MIN,OPT,MAX), trtexec's dims notation:
 """
 
 SOURCE_HELP = """\
-SOURCE is an ONNX file (model.onnx) or a Python factory MODULE:FUNCTION that
-returns (model, example_inputs), e.g. mypkg.models:make_resnet or
-./models.py:make_resnet (the current directory is importable).
+SOURCE is an ONNX file (model.onnx), a torch.export.save file (model.pt2), a
+TorchScript archive from torch.jit.save (model.pt; give every input's shapes
+with --shapes: its examples are float32 random tensors at the OPT shapes), or a
+Python factory MODULE:FUNCTION that returns (model, example_inputs), e.g.
+mypkg.models:make_resnet or ./models.py:make_resnet (the current directory is
+importable).
 """
 
 
@@ -160,12 +163,58 @@ def is_onnx_file(source: str) -> bool:
     return source.lower().endswith(".onnx")
 
 
+# Saved model files `trtopt compile` reads besides ONNX (what trtopt.compile accepts as a path).
+TORCH_FILE_SUFFIXES = (".pt", ".pt2", ".jit", ".ts")
+
+
+def is_torch_file(source: str) -> bool:
+    return source.lower().endswith(TORCH_FILE_SUFFIXES)
+
+
+def load_torch_file(source: str, shape_options: Sequence[str]) -> tuple[Any, tuple[Any, ...]]:
+    """A ``torch.export.save`` (.pt2) or ``torch.jit.save`` file, and example inputs for it.
+
+    An ExportedProgram carries its examples. A TorchScript archive does not: its
+    examples are float32 random tensors at the first profile's OPT shapes from
+    ``--shapes`` (models taking other dtypes need a factory).
+    """
+    import torch
+
+    from .compiler import load_source
+    from .export import forward_input_names
+
+    model = load_source(_check_file(source, "model file"))
+    if isinstance(model, torch.export.ExportedProgram):
+        examples = model.example_inputs[0] if model.example_inputs else None
+        if not examples:
+            raise ConfigError(f"{source} holds no example inputs; save it with torch.export.save from torch.export.export")
+        return model, tuple(examples)
+    profiles = shapes_to_profiles(shape_options)
+    names = forward_input_names(model, len(model.forward.schema.arguments) - 1)
+    missing = [n for n in names if not profiles or n not in profiles[0]]
+    if missing:
+        example = f"--shapes {missing[0]}:1x3x224x224"
+        raise ConfigError(
+            f"{source} is a TorchScript archive, which keeps no input shapes: give --shapes for "
+            f"{', '.join(map(repr, missing))} (e.g. {example}), or compile it from a MODULE:FUNCTION factory"
+        )
+    torch.manual_seed(0)
+    return model, tuple(torch.randn(profiles[0][n][1]) for n in names)
+
+
+def _user_code_error(what: str, exc: Exception) -> ConfigError:
+    """The user's code raised: one line for the terminal (the README's promise), the traceback under -v."""
+    logger.debug("%s raised:", what, exc_info=exc)
+    return ConfigError(f"{what} raised {type(exc).__name__}: {first_line(exc)} (run with -v for the traceback)")
+
+
 def load_factory(source: str) -> tuple[Any, tuple[Any, ...]]:
     """Call a ``module:function`` factory; return ``(model, example_inputs)``."""
     module_name, sep, func_name = source.rpartition(":")
     if not sep or not module_name or not func_name:
         raise ConfigError(
-            f"{source!r} is neither an .onnx file nor a MODULE:FUNCTION factory, e.g. mypkg.models:make_model"
+            f"{source!r} is neither a model file (.onnx, .pt2, .pt) nor a MODULE:FUNCTION factory, "
+            "e.g. mypkg.models:make_model"
         )
     if module_name.endswith(".py"):
         path = Path(module_name)
@@ -173,7 +222,10 @@ def load_factory(source: str) -> tuple[Any, tuple[Any, ...]]:
             raise ConfigError(f"factory file {path} does not exist")
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        try:
+            spec.loader.exec_module(module)  # type: ignore[union-attr]
+        except Exception as exc:  # the user's code
+            raise _user_code_error(f"importing {path} for factory {source!r}", exc) from exc
     else:
         if "" not in sys.path:
             sys.path.insert(0, "")  # like `python -m`: modules in the current directory import
@@ -183,10 +235,15 @@ def load_factory(source: str) -> tuple[Any, tuple[Any, ...]]:
             raise ConfigError(
                 f"cannot import {module_name!r} for factory {source!r} ({exc}); check the name and PYTHONPATH"
             ) from None
+        except Exception as exc:  # the user's module raised while importing
+            raise _user_code_error(f"importing {module_name!r} for factory {source!r}", exc) from exc
     factory = getattr(module, func_name, None)
     if not callable(factory):
         raise ConfigError(f"{module_name!r} has no function {func_name!r} (factory {source!r})")
-    made = factory()
+    try:
+        made = factory()
+    except Exception as exc:  # the user's code
+        raise _user_code_error(f"factory {source!r}", exc) from exc
     if not isinstance(made, (tuple, list)) or len(made) != 2:
         raise InputError(
             f"factory {source!r} returned a {type(made).__name__}; it must return (model, example_inputs)"
@@ -228,6 +285,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if is_onnx_file(args.source):
         _check_file(args.source, "ONNX file")
         model, examples = None, None
+    elif is_torch_file(args.source):
+        model, examples = load_torch_file(args.source, args.shapes)
     else:
         model, examples = load_factory(args.source)
     dynamic = None
@@ -293,6 +352,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.source.endswith(".trtopt"):
         _check_file(args.source, "module file")
         module = trtopt.load(args.source, backend=args.backend, allow_host_code=args.allow_host_code)
+        if args.precision not in (None, [module.precision]) or args.calib:
+            given = "--calib" if args.calib else f"--precision {','.join(args.precision)}"
+            raise ConfigError(
+                f"{given} applies to a factory; {args.source} is already compiled at {module.precision}. "
+                "Compile the model again at that precision (`trtopt compile SOURCE --precision P`) and bench "
+                "that file, or bench a MODULE:FUNCTION factory with --precision to compare precisions"
+            )
         batches = batch_sizes or [module.profiles[0][module.input_names[0]].opt[0]]
         candidates = [
             bench.compiled_candidate(Path(args.source).stem, module, artifact_bytes=Path(args.source).stat().st_size)
@@ -301,7 +367,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         def make_inputs(batch: int) -> list[Any]:
             return bench.inputs_for_spec(module.spec, batch)
 
-    elif is_onnx_file(args.source):
+    elif is_onnx_file(args.source) or is_torch_file(args.source):
         raise ConfigError(
             f"trtopt bench takes a .trtopt file or a MODULE:FUNCTION factory; compile {args.source} "
             "first with `trtopt compile`"
@@ -322,7 +388,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         reference = bench.torch_reference(model, examples, max(batches))
         calibration = str(_check_file(args.calib, "calibration file")) if args.calib else None
         candidates = [bench.torch_candidate(name, model)]
-        for precision in args.precision:
+        for precision in args.precision or ["fp32"]:
             logger.info("compiling %s at %s", name, precision)
             candidates.append(
                 bench.trtopt_candidate(
@@ -339,11 +405,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 )
             )
     logger.info("timing batch sizes %s, %d iterations", ",".join(map(str, batches)), args.iterations)
-    results = bench.run_side_by_side(candidates, make_inputs, batches, warmup=args.warmup, iterations=args.iterations)
+    results = bench.run_side_by_side(candidates, make_inputs, batches, warmup=args.warmup,
+                                     iterations=args.iterations, threads=args.threads)
     report = bench.BenchReport(
         results=results,
         settings={"source": args.source, "batch_sizes": batch_sizes, "warmup": args.warmup,
-                  "iterations": args.iterations, "backend": args.backend},
+                  "iterations": args.iterations, "backend": args.backend, "threads": args.threads},
     )
     print(report.markdown())
     if args.json == "-":
@@ -439,8 +506,19 @@ def _size(count: int) -> str:
     return f"{count} B"
 
 
+def _check_module_file(path: str) -> Path:
+    """A .trtopt module file; an ONNX or torch model file is named as such, with the command that makes one."""
+    if is_onnx_file(path) or is_torch_file(path):
+        kind = "an ONNX file" if is_onnx_file(path) else "a PyTorch model file"
+        raise ConfigError(
+            f"{path} is {kind}, not a trtopt module file; compile it first (`trtopt compile {path} "
+            f"-o {Path(path).stem}.trtopt`) and pass the .trtopt file"
+        )
+    return _check_file(path, "module file")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
-    desc = describe_module(_check_file(args.module, "module file").as_posix())
+    desc = describe_module(_check_module_file(args.module).as_posix())
     if args.json:
         print(json.dumps(desc, indent=1))
         return 0
@@ -550,8 +628,14 @@ def _node_entry(value: Any) -> str:
 def cmd_export_triton(args: argparse.Namespace) -> int:
     import trtopt
 
-    module = trtopt.load(_check_file(args.module, "module file"), backend=args.backend,
-                         allow_host_code=args.allow_host_code)
+    module_file = _check_module_file(args.module)
+    version_dir = Path(args.repo) / args.name / str(args.version)
+    if version_dir.exists() and not args.overwrite:
+        raise ConfigError(
+            f"{version_dir} already exists; pass --overwrite to replace it, or --version "
+            f"{args.version + 1} to add a new version (Triton serves the highest version by default)"
+        )
+    module = trtopt.load(module_file, backend=args.backend, allow_host_code=args.allow_host_code)
     path = module.export_triton(  # trtopt.triton is imported there, only when used
         args.repo,
         args.name,
@@ -773,11 +857,15 @@ def _add_bench_command(add_parser: AddParser) -> None:
     p.add_argument("source", metavar="SOURCE", help="a .trtopt file or MODULE:FUNCTION")
     p.add_argument("--batch-sizes", type=_int_list, metavar="B1,B2,...",
                    help="default: the profile's opt batch (module) or the example's batch (factory)")
-    p.add_argument("--precision", type=lambda s: [v.strip() for v in s.split(",") if v.strip()], default=["fp32"],
-                   metavar="P1,P2", help="factory only: precisions to compile at, e.g. fp32,fp16,int8,fp8 (default fp32)")
+    p.add_argument("--precision", type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
+                   metavar="P1,P2", help="factory only: precisions to compile at, e.g. fp32,fp16,int8,fp8 (default "
+                   "fp32); a module file runs at the precision it was compiled at")
     p.add_argument("--calib", metavar="DATA.npz", help="factory only: calibration data for fp16, int8 and fp8 (as for compile)")
     p.add_argument("--iterations", type=_positive, default=50, help="timed calls per batch size (default 50)")
     p.add_argument("--warmup", type=_positive, default=5, help="untimed calls per batch size (default 5)")
+    p.add_argument("--threads", type=_positive, metavar="N",
+                   help="intra-op CPU threads for every row alike: torch's and ONNX Runtime's (default: torch's "
+                   "count, the physical cores)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-': stdout)")
     _add_backend_option(p)
     _add_host_code_option(p)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 
@@ -303,7 +304,87 @@ def _graph_of(source: Any, example_inputs: Any, dynamic_shapes: Any, config: Bui
         )
     profiles = tuple(ShapeProfile(tuple(p[n] for n in graph_shapes)) for p in profiles)
     check_profiles_against_graph(profiles, graph_shapes)
+    if config.check_shapes:
+        examples_by_name = None if isinstance(source, onnx.ModelProto) else dict(zip(names, examples))
+        check_profile_shapes(onnx_model, profiles, examples_by_name)
     return _Graph(onnx_model, names, structure, profiles, exporter, report.summary())
+
+
+_PROFILE_POINTS = ("min", "opt", "max")
+
+
+def check_profile_shapes(
+    onnx_model: onnx.ModelProto,
+    profiles: Sequence[ShapeProfile],
+    examples: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Run the graph under ONNX Runtime at every profile's min, opt and max shapes.
+
+    The exporter only proves the graph at the example's shape, and a dynamic range
+    can go where the model cannot (a BERT with 32 position embeddings has no 64th
+    position): that would compile and then fail at call time inside a kernel. The
+    inputs are the examples resized to each shape (their slices repeated, so values
+    stay realistic), or ones for an ONNX source (valid token ids and masks). A
+    graph ONNX Runtime cannot load here is left to the backend to report.
+    """
+    if all(r.min == r.max for p in profiles for r in p.inputs):
+        return  # static: the export already ran at the only shape
+    import onnxruntime as ort
+
+    from .backends.call_checks import kernel_failure
+    from .backends.onnxruntime import make_session
+    from .errors import EngineError
+    from .export import resize_dim
+
+    try:
+        session = make_session(onnx_model)
+    except EngineError as exc:
+        logger.debug("profile shapes not checked: %s", exc)
+        return
+    dtypes = {i.name: i.type for i in session.get_inputs()}
+    run_options = ort.RunOptions()
+    run_options.log_severity_level = 4  # the ConfigError below says it; ORT's error log line would repeat it
+    names = [r.name for r in profiles[0].inputs]
+    done: dict[tuple[tuple[int, ...], ...], str] = {}
+    for index, profile in enumerate(profiles):
+        for point in _PROFILE_POINTS:
+            shapes = tuple(tuple(getattr(profile[n], point)) for n in names)
+            if shapes in done:
+                continue
+            feeds = {}
+            for name, shape in zip(names, shapes):
+                if examples is not None and name in examples:
+                    tensor = examples[name].detach().cpu()
+                    for d, size in enumerate(shape):
+                        tensor = resize_dim(tensor, d, size)
+                    feeds[name] = tensor.contiguous().numpy()
+                else:
+                    feeds[name] = np.ones(shape, dtype=_ORT_NUMPY_TYPES.get(dtypes[name], np.float32))
+            try:
+                session.run(None, feeds, run_options)
+            except Exception as exc:  # onnxruntime raises its own exception types
+                worked = ", ".join(f"{p} {_shapes_text(names, s)}" for s, p in done.items()) or "no other shape"
+                raise ConfigError(
+                    f"dynamic_shapes lets the model take {_shapes_text(names, shapes)} (profile {index} {point}), "
+                    f"but the model cannot run at that shape: {kernel_failure(exc)}. It ran at {worked}. "
+                    "Narrow the range in dynamic_shapes to what the model supports (a sequence no longer "
+                    "than its position embeddings, an image size its layers divide); if it fails only on these "
+                    "stand-in inputs (examples resized, or ones), pass check_shapes=False"
+                ) from None
+            done[shapes] = f"profile {index} {point}"
+    logger.debug("the graph runs at every profile's min, opt and max shapes (%d shape sets)", len(done))
+
+
+# ONNX Runtime's input type strings -> numpy (bool and integer inputs get ones: valid ids, masks).
+_ORT_NUMPY_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def _shapes_text(names: Sequence[str], shapes: Sequence[Sequence[int]]) -> str:
+    return ", ".join(f"{n} {tuple(s)}" for n, s in zip(names, shapes))
 
 
 def _module_spec(

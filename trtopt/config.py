@@ -111,6 +111,9 @@ class BuildConfig:
     # SmoothQuant's migration strength alpha for MatMul/Gemm units (trtopt/precision/smoothquant.py); None: off.
     smoothquant: float | None = 0.85
     fp16_threshold: float = DEFAULT_FP16_THRESHOLD  # keep FP32 a node whose activations reach this on calibration data
+    # Run the FP32 graph at every profile's min, opt and max shapes under ONNX Runtime at compile time, so a
+    # range the model cannot take (a sequence past its position embeddings) fails there, not at call time.
+    check_shapes: bool = True
     # TensorRT engine settings.
     workspace_bytes: int | None = None  # None: TensorRT's default (the device's memory)
     optimization_level: int = 3  # builder_optimization_level, 0-5

@@ -30,6 +30,10 @@ class InputError(TrtoptError, TypeError):
     """An input is missing, unknown, of the wrong dtype, or not a tensor/array."""
 
 
+class IndexRangeError(TrtoptError, IndexError):
+    """An input holds an index outside the table it indexes (a token id outside the vocabulary)."""
+
+
 class ExportError(TrtoptError):
     """The PyTorch model could not be turned into ONNX."""
 

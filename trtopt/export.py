@@ -12,9 +12,12 @@ import contextlib
 import inspect
 import io
 import logging
+import os
 import re
+import tempfile
+import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +88,77 @@ def _shape_conflict(error: BaseException) -> str | None:
         current = current.__cause__ or current.__context__
     return None
 
+
+# Where the innermost exception's text names the user's code: torch.export writes
+# "The following call raised this error:" or "Original traceback:" followed by frames.
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(\S[^\n]*)')
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _innermost(error: BaseException) -> BaseException:
+    """The exception at the bottom of ``error``'s chain (``__cause__``, else ``__context__``)."""
+    seen = {id(error)}
+    while True:
+        inner = error.__cause__ or error.__context__
+        if inner is None or id(inner) in seen:
+            return error
+        seen.add(id(inner))
+        error = inner
+
+
+def root_cause(error: BaseException) -> str:
+    """``Type: first line`` of the exception that started ``error``, and the user's line it names.
+
+    torch.export wraps the real error ("Could not guard on data-dependent expression",
+    "Cannot view a tensor with shape ...") in a "This is step 1/3 ... Next steps"
+    page whose first line says nothing about the model.
+    """
+    inner = _innermost(error)
+    text = _ANSI.sub("", str(inner))
+    line = f"{type(inner).__name__}: {first_line(inner)}" if text.strip() else type(inner).__name__
+    frames = _FRAME.findall(text)
+    if frames:
+        path, number, function, code = frames[-1]  # the innermost frame of the printed stack
+        line += f" (at {path}:{number} in {function}: {code.strip()})"
+    return _ANSI.sub("", line)
+
+
+def _is_data_dependent(error: BaseException) -> bool:
+    inner = _innermost(error)
+    return "DataDependent" in type(inner).__name__ or "data-dependent" in str(inner)
+
+
+@contextlib.contextmanager
+def _captured(log: io.StringIO) -> Iterator[None]:
+    """Send what the exporters print (progress, torch's logging, pages of FX graph on failure)
+    into ``log`` instead of the user's terminal; torch's log handlers write to ``sys.stderr``
+    as it is at each call, so redirecting it catches them too."""
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        yield
+
+
+def _write_export_log(model_name: str, sections: Sequence[tuple[str, io.StringIO, BaseException]]) -> str | None:
+    """Write each exporter's captured output and full traceback to a file; return its path.
+
+    A failed export is where that output is worth reading, so it is kept in a file the
+    ExportError names rather than printed (a detection model prints ~1,500 lines).
+    """
+    parts = []
+    for title, log, error in sections:
+        parts.append(f"===== {title}: output =====\n{log.getvalue()}")
+        parts.append(f"===== {title}: traceback =====\n" + "".join(traceback.format_exception(error)))
+    try:
+        fd, path = tempfile.mkstemp(prefix=f"trtopt-export-{model_name}-", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(parts))
+    except OSError as exc:  # a full or read-only temp dir must not hide the export error itself
+        logger.debug("could not write the export log: %s", exc)
+        return None
+    return path
+
+
+class _TracerRefusal(ExportError):
+    """The TorchScript exporter traced a data-dependent value into the graph."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +232,7 @@ def _dynamo_export(
     output_names: list[str],
     profiles: Sequence[ShapeProfile],
     opset: int,
+    log: io.StringIO,
 ) -> onnx.ModelProto:
     Dim = torch.export.Dim
     dynamic_shapes: dict[str, dict[int, Any]] = {}
@@ -169,9 +244,8 @@ def _dynamo_export(
             if lo != hi:
                 dims[d] = Dim.DYNAMIC(min=lo, max=hi)
         dynamic_shapes[name] = dims
-    # The exporter prints progress to stdout; keep it in the debug log instead.
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer), warnings.catch_warnings():
+    # The exporter prints progress to stdout and, on failure, FX graphs to stderr: keep both in ``log``.
+    with _captured(log), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model,
@@ -184,7 +258,6 @@ def _dynamo_export(
             verbose=False,
             optimize=True,
         )
-    logger.debug("torch.onnx (dynamo) said:\n%s", buffer.getvalue())
     return program.model_proto
 
 
@@ -195,12 +268,13 @@ def _torchscript_export(
     output_names: list[str],
     profiles: Sequence[ShapeProfile],
     opset: int,
+    log: io.StringIO,
 ) -> onnx.ModelProto:
     dynamic_axes = {
         name: {d: f"{name}_dim{d}" for d in profiles[0][name].dynamic} for name in names
     }
     buffer = io.BytesIO()
-    with warnings.catch_warnings(record=True) as caught:
+    with _captured(log), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.onnx.export(
             model,
@@ -214,13 +288,41 @@ def _torchscript_export(
         )
     traced = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
     if traced:
-        raise ExportError(
-            "the TorchScript exporter had to fix a data-dependent value of the example inputs "
-            f"into the graph ({traced[0].message}); that graph would be wrong for other inputs. "
-            "Make forward() free of Python control flow on tensor values (use torch.where / "
-            "torch.cond), or export the model yourself and compile the ONNX file"
+        raise _TracerRefusal(
+            "had to fix a data-dependent value of the example inputs "
+            f"into the graph ({first_line(Exception(str(traced[0].message)))}); that graph would be wrong "
+            "for other inputs"
         )
     return onnx.load_from_string(buffer.getvalue())
+
+
+_DATA_DEPENDENT_FIX = (
+    "Make forward() free of Python control flow on tensor values (use torch.where / torch.cond), "
+    "or export the model to ONNX yourself and compile the file"
+)
+
+
+def _both_failed(
+    model: Any, dynamo_error: Exception, dynamo_log: io.StringIO, ts_error: Exception, script_log: io.StringIO
+) -> ExportError:
+    """One ExportError with each exporter's root cause, said by which exporter, and the fix
+    for the torch.export-based exporter's cause (the TorchScript one is only a fallback)."""
+    name = type(model).__name__
+    ts_cause = str(ts_error) if isinstance(ts_error, _TracerRefusal) else root_cause(ts_error)
+    if _is_data_dependent(dynamo_error):
+        fix = _DATA_DEPENDENT_FIX
+    else:
+        fix = (
+            "Change the operation at the line the torch.export-based exporter names, "
+            "or export the model to ONNX yourself and compile the file"
+        )
+    path = _write_export_log(name, [("torch.export-based exporter", dynamo_log, dynamo_error),
+                                    ("TorchScript exporter", script_log, ts_error)])
+    where = f" Both exporters' full output and tracebacks: {path}." if path else ""
+    return ExportError(
+        f"{name} could not be exported to ONNX. The torch.export-based exporter said: {root_cause(dynamo_error)}. "
+        f"The TorchScript exporter (fallback) said: {ts_cause}. {fix}.{where}"
+    )
 
 
 def export(
@@ -251,12 +353,17 @@ def export(
             outputs = runnable(*args)
         _, structure, output_names = flatten_outputs(outputs)
         output_names = _unique(output_names)
+        dynamo_log, script_log = io.StringIO(), io.StringIO()
         if is_script:
-            onnx_model = _torchscript_export(model, args, names, output_names, profiles, opset)
+            try:
+                onnx_model = _torchscript_export(model, args, names, output_names, profiles, opset, script_log)
+            except _TracerRefusal as refusal:
+                raise ExportError(f"the TorchScript exporter {refusal}. {_DATA_DEPENDENT_FIX}") from refusal
             exporter = "torchscript"
         else:
+            failed: Exception | None = None
             try:
-                onnx_model = _dynamo_export(model, args, names, output_names, profiles, opset)
+                onnx_model = _dynamo_export(model, args, names, output_names, profiles, opset, dynamo_log)
                 exporter = "dynamo"
             except Exception as dynamo_error:  # the exporter raises many unrelated types
                 conflict = _shape_conflict(dynamo_error)
@@ -267,26 +374,23 @@ def export(
                     ) from dynamo_error
                 if is_program:
                     raise ExportError(
-                        f"the ExportedProgram could not be converted to ONNX: {first_line(dynamo_error)}. "
+                        f"the ExportedProgram could not be converted to ONNX: {root_cause(dynamo_error)}. "
                         "Pass the nn.Module instead, so the TorchScript exporter can be tried"
                     ) from dynamo_error
                 logger.warning(
-                    "torch.export-based ONNX export failed (%s: %s); trying the TorchScript exporter",
-                    type(dynamo_error).__name__,
-                    first_line(dynamo_error),
+                    "torch.export-based ONNX export failed (%s); trying the TorchScript exporter",
+                    root_cause(dynamo_error),
                 )
+                failed = dynamo_error
+            if failed is not None:
+                # Outside the except block, so that the fallback's errors do not chain onto torch.export's
+                # and each exporter's root cause stays its own.
                 try:
-                    onnx_model = _torchscript_export(model, args, names, output_names, profiles, opset)
+                    onnx_model = _torchscript_export(model, args, names, output_names, profiles, opset, script_log)
                     exporter = "torchscript"
-                except ExportError:
-                    raise
                 except Exception as ts_error:
-                    raise ExportError(
-                        f"{type(model).__name__} could not be exported to ONNX. torch.export-based "
-                        f"exporter: {type(dynamo_error).__name__}: {first_line(dynamo_error)} | "
-                        f"TorchScript exporter: {type(ts_error).__name__}: {first_line(ts_error)}. "
-                        "Replace the unsupported operation, or export to ONNX yourself and compile the file"
-                    ) from ts_error
+                    raise _both_failed(model, failed, dynamo_log, ts_error, script_log) from ts_error
+        logger.debug("the exporter printed:\n%s%s", dynamo_log.getvalue(), script_log.getvalue())
     finally:
         if not is_program:
             runnable.train(was_training)

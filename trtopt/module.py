@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import re
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -318,6 +319,22 @@ class CompiledModule:
         )
 
 
+def _release(version: str) -> tuple[int, ...]:
+    """``"0.10.2rc1"`` -> ``(0, 10, 2)``: the numeric release, enough to order trtopt's versions."""
+    match = re.match(r"\d+(?:\.\d+)*", version)
+    return tuple(int(n) for n in match.group(0).split(".")) if match else ()
+
+
+def warn_if_newer(path: Path, written_by: Any) -> None:
+    """Warn when a newer trtopt wrote the file: same file format, but it may record what this one ignores."""
+    if isinstance(written_by, str) and _release(written_by) > _release(__version__):
+        logger.warning(
+            "%s was written by trtopt %s, newer than this trtopt (%s); it loads, but settings or precision "
+            "details that version added are ignored here. Upgrade trtopt (pip install -U trtopt) to use them",
+            path, written_by, __version__,
+        )
+
+
 def read_module_file(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, ModuleSpec, bytes | None]:
     """Read and verify a file written by ``CompiledModule.save``."""
     path = Path(path)
@@ -338,6 +355,7 @@ def read_module_file(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, Mod
                     f"{path} has file format version {manifest.get('format_version')}, this trtopt "
                     f"({__version__}) reads version {FILE_VERSION}; recompile the model"
                 )
+            warn_if_newer(path, manifest.get("trtopt_version"))
             members = {}
             for name, digest in manifest["sha256"].items():
                 if name not in names:

@@ -30,6 +30,7 @@ import torch
 
 from ..errors import CalibrationError, ConfigError, EngineError, first_line
 from ..graph import EXTERNAL_DATA_THRESHOLD, initializer_bytes, save_model
+from .call_checks import check_embedding_indices, embedding_indices, run_failure
 from .fp16_emulation import emulate_fp16
 from .profiling import LayerProfile, parse_onnxruntime_profile
 from .qdq_cpu import is_cpu_layout, lower_qdq_for_cpu
@@ -145,6 +146,11 @@ class OnnxRuntimeBackend:
         self._bf16_outputs = {o.name for o in model.graph.output if o.type.tensor_type.elem_type == bf16}
         if any(i.type.tensor_type.elem_type == bf16 for i in model.graph.input) and not emulate_fp16:
             raise EngineError("a graph with BF16 inputs runs on the CPU only with emulate_fp16=True")
+        # Token ids are checked as eager checks them (ORT's Gather reads id -1 as the last row).
+        self._embedding_indices = embedding_indices(model)
+        # A failed kernel becomes run_failure's error; ORT's own log line of it would only repeat it.
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
 
     def run(self, feeds: Mapping[str, torch.Tensor], profile_index: int = 0) -> list[torch.Tensor]:
         """Run one batch. ``profile_index`` only matters to TensorRT; ORT takes any shape."""
@@ -152,10 +158,7 @@ class OnnxRuntimeBackend:
             name: _numpy_of(feeds[name])
             for name in self.input_names
         }
-        try:
-            outputs = self.session.run(self.output_names, arrays)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise EngineError(f"ONNX Runtime failed to run the graph: {exc}") from exc
+        outputs = self._run_arrays(arrays)
         return [
             torch.from_numpy(o).to(torch.bfloat16) if name in self._bf16_outputs else torch.from_numpy(o)
             for name, o in zip(self.output_names, outputs)
@@ -163,10 +166,15 @@ class OnnxRuntimeBackend:
 
     def run_numpy(self, arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run one batch of arrays the caller has checked (``CompiledModule``'s fast path)."""
+        return self._run_arrays(arrays)
+
+    def _run_arrays(self, arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        if self._embedding_indices:
+            check_embedding_indices(self._embedding_indices, arrays)
         try:
-            return self.session.run(self.output_names, arrays)
+            return self.session.run(self.output_names, arrays, self._run_options)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise EngineError(f"ONNX Runtime failed to run the graph: {exc}") from exc
+            raise run_failure(exc, arrays) from None
 
     def layer_profile(
         self, graph: onnx.ModelProto, feeds: Mapping[str, torch.Tensor], profile_index: int = 0, runs: int = 10

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -141,13 +142,74 @@ def run_side_by_side(
     *,
     warmup: int,
     iterations: int,
+    threads: int | None = None,
 ) -> list[BenchResult]:
-    """Time every runnable candidate side by side (``measure_side_by_side``); return all results."""
+    """Time every runnable candidate side by side (``measure_side_by_side``); return all results.
+
+    Every candidate runs with the same number of intra-op CPU threads, ``threads``
+    (default: torch's current count): torch through ``torch.set_num_threads`` for the
+    run, trtopt modules on ONNX Runtime through a session with that many
+    ``intra_op_num_threads``. Otherwise eager torch may use every core while ONNX
+    Runtime uses its own count, and on a busy machine the side with more threads
+    than free cores stalls (speedups of several hundred times were seen). Rows
+    whose calls varied widely (``LatencyStats.unstable``) get a warning.
+    """
+    threads = threads or torch.get_num_threads()
+    if threads < 1:
+        raise ConfigError(f"threads={threads}; use a positive count (default: torch.get_num_threads())")
     runnable = [c for c in candidates if c.fn is not None]
-    stats, memory = measure_side_by_side(
-        [c.fn for c in runnable], make_inputs, batch_sizes, warmup=warmup, iterations=iterations
-    )
+    for candidate in runnable:
+        _pin_threads(candidate, threads)
+    _warn_if_busy(threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        stats, memory = measure_side_by_side(
+            [c.fn for c in runnable], make_inputs, batch_sizes, warmup=warmup, iterations=iterations
+        )
+    finally:
+        torch.set_num_threads(previous)
     for candidate, latency, peak in zip(runnable, stats, memory):
         candidate.result.latency = latency
         candidate.result.memory = peak
+        for s in latency:
+            if s.unstable:
+                r = candidate.result
+                logger.warning(
+                    "unstable timings: %s %s %s at batch %d: p90 %.2f ms is %.1fx the median %.2f ms; the machine "
+                    "may be busy: compare rows of one run only, or rerun with more iterations",
+                    r.model, r.runtime, r.precision, s.batch_size, s.p90_ms, s.spread, s.p50_ms,
+                )
     return [c.result for c in candidates]
+
+
+def _warn_if_busy(threads: int) -> None:
+    """A call on several threads waits at each parallel region for its slowest thread; on a machine
+    with more runnable processes than cores that thread is often descheduled, and a many-small-ops
+    model (eager torch) loses far more than a few fused kernels do: the ratios stop meaning anything."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return
+    cores = os.cpu_count() or 1
+    if threads > 1 and load > cores:
+        logger.warning(
+            "the machine is busy (load average %.1f on %d cores): timings with %d threads wait on descheduled "
+            "threads, eager torch far more than ONNX Runtime; time with threads=1 (trtopt bench --threads 1) "
+            "for ratios that hold", load, cores, threads,
+        )
+
+
+def _pin_threads(candidate: Candidate, threads: int) -> None:
+    """Record ``threads`` on a CPU row; give a trtopt module on ONNX Runtime a session with that many."""
+    from ..module import CompiledModule
+
+    result = candidate.result
+    module = candidate.fn
+    if isinstance(module, CompiledModule) and module.backend_name == "onnxruntime":
+        from ..backends.onnxruntime import OnnxRuntimeBackend
+
+        module.backend = OnnxRuntimeBackend(module.onnx_model, intra_op_threads=threads, emulate_fp16=True)
+        result.threads = threads
+    elif result.runtime == "torch-eager" and result.device == "cpu":
+        result.threads = threads

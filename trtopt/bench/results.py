@@ -53,6 +53,7 @@ class BenchResult:
     memory: MemoryUsage | None = None
     latency: list[LatencyStats] = field(default_factory=list)
     accuracy: Accuracy | None = None
+    threads: int | None = None  # intra-op CPU threads it was timed with (torch's and ONNX Runtime's alike)
 
     def latency_at(self, batch_size: int) -> LatencyStats | None:
         return next((s for s in self.latency if s.batch_size == batch_size), None)

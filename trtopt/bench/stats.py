@@ -11,6 +11,9 @@ import numpy as np
 from ..errors import InputError
 
 PERCENTILE_METHOD = "linear"  # numpy's default, Hyndman-Fan type 7
+# p90 above this multiple of p50: a tenth of the calls took half as long again as the median, so
+# something else was using the cores and one run's ratios may not repeat (a shared or busy machine).
+UNSTABLE_SPREAD = 1.5
 
 
 def percentiles(samples: Sequence[float], qs: Sequence[float] = (50, 90, 99)) -> list[float]:
@@ -36,6 +39,15 @@ class LatencyStats:
     p99_ms: float
     max_ms: float
     throughput_per_s: float  # samples per second at the median latency
+
+    @property
+    def spread(self) -> float:
+        """p90 / p50: how much slower the slowest tenth of the calls were than the median."""
+        return self.p90_ms / self.p50_ms if self.p50_ms > 0 else math.inf
+
+    @property
+    def unstable(self) -> bool:
+        return self.spread > UNSTABLE_SPREAD
 
     @classmethod
     def from_samples(cls, samples_ms: Sequence[float], batch_size: int, clock: str) -> LatencyStats:
