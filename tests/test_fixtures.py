@@ -2,7 +2,8 @@
 
 The trained-model cache hands every test module the weights it would have trained itself:
 training must be reproducible, and a module's copy its own. Tests that train are in the
-slow tier, others are not; the CLI's logging set-up does not outlive its test.
+slow tier, others are not; the CLI's logging set-up does not outlive its test; an export
+is the same with torch's op registry built once per session as with one built per export.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import sys
 import pytest
 import torch
 
+import trtopt
+from tests._models import ResidualCNN
 from tests.conftest import TrainedDigits, trtopt_logging_kept
 from trtopt import cli
 from trtopt.bench import digits as digits_data
@@ -57,3 +60,20 @@ def test_the_cli_logging_set_up_does_not_outlive_its_test(tmp_path, capsys):
         assert cli.main(["-v", "inspect", str(tmp_path / "missing.trtopt")]) == 1
         assert logger.handlers != before[0] and logger.level == logging.DEBUG  # what the CLI sets up
     assert (list(logger.handlers), logger.level, logger.propagate) == before
+
+
+def test_an_export_is_byte_identical_with_the_registry_built_once(torchlib_registry_built_once, monkeypatch):
+    original = torchlib_registry_built_once
+    if original is None:
+        pytest.skip("this torch's ONNX exporter has no torchlib registry to build once")
+    from torch.onnx._internal.exporter import _registration
+
+    def exported() -> bytes:
+        torch.manual_seed(0)
+        module = trtopt.compile(ResidualCNN().eval(), (torch.randn(2, 3, 16, 16),), backend="onnxruntime")
+        return module.onnx_model.SerializeToString()
+
+    assert _registration.ONNXRegistry.from_torchlib.__func__ is not original  # the session's cache is on
+    cached = exported()
+    monkeypatch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(original))
+    assert exported() == cached
