@@ -7,8 +7,8 @@
 - Every test that uses a trained digits model is marked ``slow`` (see
   ``pytest_collection_modifyitems``): ``pytest -m "not slow"`` is the fast tier.
 - ``torchlib_registry_built_once`` (autouse, session): torch.onnx.export's op registry is
-  built once per session instead of once per export, which halves the cost of exporting a
-  small model; the exported graphs are the same.
+  built once per session instead of once per export (building it is about half the CPU
+  time of exporting a small model); the exported graphs are the same.
 - ``fake_trt``: TensorRT and pycuda replaced by the doubles of ``tests/trt_doubles.py``.
 - ``restore_trtopt_logging`` (autouse): the ``trtopt`` logger as it was before each test.
 """

@@ -62,6 +62,7 @@ def test_the_cli_logging_set_up_does_not_outlive_its_test(tmp_path, capsys):
     assert (list(logger.handlers), logger.level, logger.propagate) == before
 
 
+@pytest.mark.slow
 def test_an_export_is_byte_identical_with_the_registry_built_once(torchlib_registry_built_once, monkeypatch):
     original = torchlib_registry_built_once
     if original is None:
