@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   create .venv, install trtopt, compile ResNet-18 and print a comparison table
 #   make test   create .venv, install trtopt with test tools, run the test suite
+# (make test-fast runs the fast tier: every test not marked slow.)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-.PHONY: install demo test test-gpu
+.PHONY: install demo test test-fast test-gpu
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -22,6 +23,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
 
 test-gpu: $(VENV)/.installed
 	$(PY) -m pytest -q -m gpu

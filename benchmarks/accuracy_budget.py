@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests._digits import DigitsTransformer, load_digits, top1, train  # noqa: E402
+from trtopt.bench.digits import DigitsTransformer, load_digits, top1, train  # noqa: E402
 from trtopt.calibrators import calibrate  # noqa: E402
 from trtopt.config import build_profiles  # noqa: E402
 from trtopt.export import export  # noqa: E402

@@ -25,7 +25,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import trtopt  # noqa: E402
-from tests._digits import DigitsCNN, load_digits, top1, train  # noqa: E402
+from trtopt.bench.digits import DigitsCNN, load_digits, top1, train  # noqa: E402
 
 
 def median_ms(fn: Any, x: torch.Tensor, iterations: int) -> float:

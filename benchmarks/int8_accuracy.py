@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import trtopt  # noqa: E402
-from tests import _digits  # noqa: E402
+from trtopt.bench import digits as digits_data  # noqa: E402
 from trtopt.config import BuildConfig, build_profiles  # noqa: E402
 from trtopt.export import export  # noqa: E402
 from trtopt.bench.results import write_results  # noqa: E402
@@ -102,15 +102,15 @@ def _split(x: torch.Tensor, size: int = 64) -> list[Feeds]:
 
 
 def digits_task(name: str, seed: int) -> Task:
-    digits = _digits.load_digits()
+    digits = digits_data.load_digits()
     encode, make, rows, description = {
-        "cnn-signed": (_digits.signed, _digits.DigitsCNN, False, "CNN, digits in [-1, 1] (17 levels)"),
-        "transformer-signed": (_digits.signed, _digits.DigitsTransformer, True, "transformer encoder, rows of digits in [-1, 1]"),
-        "depthwise-uint8": (_digits.uint8_imagenet, _digits.DigitsDepthwiseCNN, False, "depthwise CNN, uint8 16x16 RGB, ImageNet-normalised"),
-        "mlp-tabular": (_digits.standardized_features, _digits.DigitsMLP, False, "MLP, 64 standardised tabular features"),
+        "cnn-signed": (digits_data.signed, digits_data.DigitsCNN, False, "CNN, digits in [-1, 1] (17 levels)"),
+        "transformer-signed": (digits_data.signed, digits_data.DigitsTransformer, True, "transformer encoder, rows of digits in [-1, 1]"),
+        "depthwise-uint8": (digits_data.uint8_imagenet, digits_data.DigitsDepthwiseCNN, False, "depthwise CNN, uint8 16x16 RGB, ImageNet-normalised"),
+        "mlp-tabular": (digits_data.standardized_features, digits_data.DigitsMLP, False, "MLP, 64 standardised tabular features"),
     }[name]
     data = encode(digits)
-    model = _digits.train(make, data, rows=rows, epochs=10, seed=seed)
+    model = digits_data.train(make, data, rows=rows, epochs=10, seed=seed)
     train_x = data.train_x[:, 0] if rows else data.train_x
     test_x = data.test_x[:, 0] if rows else data.test_x
     graph = _graph(model, (test_x[:4],), ["x"], (1, 64, 512))

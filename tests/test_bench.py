@@ -143,6 +143,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_peak_memory_sees_an_allocation_inside_the_window():
     # A fresh process: in a long test run the block can land in memory an earlier test
     # freed but the allocator kept resident, and then RSS rightly does not grow.

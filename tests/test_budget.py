@@ -310,6 +310,7 @@ def test_when_the_module_as_built_misses_even_with_every_unit_high_all_are_kept_
         check_final(report, None, reference, [], None, budget, value=report.final)
 
 
+@pytest.mark.slow
 def test_compile_meets_a_tight_then_a_looser_budget_on_one_cache(tmp_path):
     """End to end on the OutlierMLP, FP16 float part: both budgets are met by the module as built."""
     import trtopt

@@ -6,13 +6,12 @@ import pytest
 import torch
 
 import trtopt
-from tests._digits import DigitsCNN, load_digits, top1, train
+from trtopt.bench.digits import top1
 
 
 @pytest.fixture(scope="module")
-def trained():
-    digits = load_digits()
-    return digits, train(DigitsCNN, digits)
+def trained(digits, digits_cnn):
+    return digits, digits_cnn
 
 
 VALIDATION = 250  # the test set's first half judges the budget, the second half the result

@@ -22,7 +22,7 @@ from trtopt import _deps, builder, graph, trt_logging
 from trtopt.config import BuildConfig, InputRange, ShapeProfile
 from trtopt.errors import BuildError
 
-from .trt_doubles import FakeBuilder, FakeCuda, FakeTensorRT, fake_trt  # noqa: F401 - fake_trt is a fixture
+from .trt_doubles import FakeBuilder, FakeCuda, FakeTensorRT
 
 
 def relu_model(dims: tuple = ("batch", 4), op: str = "Relu") -> onnx.ModelProto:

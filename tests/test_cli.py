@@ -73,6 +73,7 @@ def compiled(factory, tmp_path_factory) -> Path:
 # ------------------------------------------------------------------ help
 
 
+@pytest.mark.slow
 def test_help_in_a_subprocess():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", "trtopt.cli", "--help"], capture_output=True, text=True,

@@ -73,6 +73,7 @@ def test_cnn_matches_torch_across_profile(cnn, batch, size):
     assert max_relative_error(actual, expected) <= TOLERANCE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch,seq", [(1, 2), (4, 12), (8, 24), (3, 17)])
 def test_encoder_with_padding_mask_matches_torch(encoder, batch, seq):
     model, compiled = encoder

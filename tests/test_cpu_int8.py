@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import trtopt
-from tests._digits import DigitsCNN, DigitsTransformer, load_digits, top1, train
+from trtopt.bench.digits import DigitsTransformer, top1
 from trtopt.backends.onnxruntime import DISABLED_OPTIMIZERS, make_session
 from trtopt.backends.qdq_cpu import is_cpu_layout, lower_qdq_for_cpu
 from trtopt.precision import emulate_fp16, validate_qdq
@@ -51,13 +51,8 @@ def optimized_ops(model: onnx.ModelProto, tmp_path: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_digits()
-
-
-@pytest.fixture(scope="module")
-def cnn_int8(digits):
-    model = train(DigitsCNN, digits, epochs=8)
+def cnn_int8(digits, digits_cnn):
+    model = digits_cnn
     module = trtopt.compile(
         model, (digits.test_x[:4],), precision="int8", calibration_data=digits.calibration_batches(),
         dynamic_shapes={"x": {0: (1, 64, 512)}}, backend="onnxruntime",
@@ -143,8 +138,8 @@ def test_fast_path_stays_within_int8_tolerance_on_digits(cnn_int8, digits):
     assert fp32 - top1(fast, digits.test_y) <= INT8_TOLERANCE
 
 
-def test_transformer_fast_path_stays_within_int8_tolerance(digits):
-    model = train(DigitsTransformer, digits, rows=True, epochs=8)
+def test_transformer_fast_path_stays_within_int8_tolerance(digits, trained_digits):
+    model = trained_digits.get(DigitsTransformer, rows=True, epochs=8)
     x = digits.test_x[:, 0]
     module = trtopt.compile(
         model, (x[:4],), precision="int8", calibration_data=digits.calibration_batches(rows=True),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from trtopt import _deps, builder
+from trtopt import builder
 from trtopt.config import ENGINE_SETTINGS, BuildConfig
 from trtopt.engine_cache import EngineCache, engine_key, engine_key_fields
 
@@ -144,15 +144,6 @@ def test_no_cache_without_a_directory() -> None:
 
 
 # --------------------------------------------------------------- through the builder
-@pytest.fixture()
-def fake_trt(monkeypatch: pytest.MonkeyPatch) -> FakeTensorRT:
-    fake = FakeTensorRT()
-    cuda = FakeCuda()
-    monkeypatch.setattr(_deps, "tensorrt", lambda: fake)
-    monkeypatch.setattr(_deps, "cuda", lambda: cuda)
-    return fake
-
-
 def test_build_engine_hits_misses_and_rebuilds(fake_trt: FakeTensorRT, tmp_path: Path) -> None:
     config = BuildConfig(engine_cache_dir=str(tmp_path))
     first = builder.build_engine(relu_model(), [profile()], config)

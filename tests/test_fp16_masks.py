@@ -9,7 +9,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import trtopt
-from trtopt.precision import convert_to_fp16, emulate_fp16, make_masks_fp16_safe, to_fp16, to_int8, plan_int8
+from trtopt.precision import convert_to_fp16, emulate_fp16, make_masks_fp16_safe, to_fp16
 from trtopt.precision import tensor_ranges
 from trtopt.precision.masks import MASK_VALUE
 from tests._models import MaskedEncoder, padding_mask
@@ -169,6 +169,7 @@ def encoder():
     return model, calibration
 
 
+@pytest.mark.slow
 def test_transformer_encoder_with_a_padding_mask_runs_its_attention_in_fp16(encoder):
     model, calibration = encoder
     fast = trtopt.compile(
@@ -196,6 +197,7 @@ def test_transformer_encoder_with_a_padding_mask_runs_its_attention_in_fp16(enco
     assert max_relative_error(out[[0, 1, 3, 4]], expected[[0, 1, 3, 4]]) < 5e-3
 
 
+@pytest.mark.slow
 def test_int8_float_part_gets_the_same_rewrite(encoder):
     model, calibration = encoder
     fast = trtopt.compile(
@@ -239,6 +241,7 @@ def _bert_batch(n: int, seq: int, generator: torch.Generator) -> tuple[torch.Ten
     return ids, mask
 
 
+@pytest.mark.slow
 def test_hugging_face_bert_attention_mask_runs_in_fp16():
     pytest.importorskip("transformers")
     torch.manual_seed(0)

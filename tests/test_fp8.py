@@ -26,12 +26,12 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import trtopt
-from tests._digits import DigitsCNN, DigitsTransformer, load_digits, top1, train
 from trtopt import _deps, builder, cli
 from trtopt.backends.onnxruntime import OnnxRuntimeBackend, make_session
 from trtopt.backends.qdq_cpu import lower_qdq_for_cpu
 from trtopt.calibrators import calibrate
 from trtopt.config import BuildConfig, InputRange, ShapeProfile, build_profiles
+from trtopt.bench.digits import DigitsCNN, top1
 from trtopt.errors import ConfigError, DependencyError, GraphError
 from trtopt.export import export
 from trtopt.graph import cleanup
@@ -48,7 +48,7 @@ from trtopt.precision import (
 )
 from trtopt.precision.budget import keep_high
 
-from .trt_doubles import FakeCuda, FakeTensorRT, fake_trt  # noqa: F401 - fake_trt is a fixture
+from .trt_doubles import FakeCuda, FakeTensorRT
 
 FP8_TOLERANCE = 0.3  # top-1 points, the target for CNNs
 
@@ -65,13 +65,8 @@ def exported(model: torch.nn.Module, example: torch.Tensor) -> onnx.ModelProto:
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_digits()
-
-
-@pytest.fixture(scope="module")
-def cnn_graph(digits):
-    return exported(train(DigitsCNN, digits, epochs=8), digits.test_x[:4])
+def cnn_graph(digits, digits_cnn):
+    return exported(digits_cnn, digits.test_x[:4])
 
 
 # ------------------------------------------------------------------ the graph
@@ -194,8 +189,8 @@ def test_config_checks_fp8_settings():
 
 
 @pytest.fixture(scope="module")
-def cnn(digits):
-    model = train(DigitsCNN, digits, epochs=8)
+def cnn(digits, digits_cnn):
+    model = digits_cnn
     compiled = {
         precision: trtopt.compile(
             model, (digits.test_x[:4],), precision=precision,
@@ -246,8 +241,8 @@ def test_fp8_triton_export_keeps_onnxruntime_from_dropping_relus(cnn, tmp_path):
     assert "level" not in (cnn[0]["fp32"].export_triton(tmp_path / "repo", "cnn32") / "config.pbtxt").read_text()
 
 
-def test_fp8_calibration_cache_is_reused(digits, tmp_path):
-    model = train(DigitsCNN, digits, epochs=1)
+def test_fp8_calibration_cache_is_reused(digits, trained_digits, tmp_path):
+    model = trained_digits.get(DigitsCNN, epochs=1)
     settings = dict(precision="fp8", dynamic_shapes={"x": {0: (1, 64, 512)}}, backend="onnxruntime",
                     calibration_cache=str(tmp_path / "cnn.cache"))
     first = trtopt.compile(model, (digits.test_x[:4],), calibration_data=digits.calibration_batches(), **settings)
@@ -257,8 +252,8 @@ def test_fp8_calibration_cache_is_reused(digits, tmp_path):
     assert second.precision_report.activation_amax == pytest.approx(first.precision_report.activation_amax)
 
 
-def test_fp8_accuracy_budget_keeps_units_out_of_fp8(digits, tmp_path):
-    model = train(DigitsCNN, digits, epochs=4)
+def test_fp8_accuracy_budget_keeps_units_out_of_fp8(digits, trained_digits, tmp_path):
+    model = trained_digits.get(DigitsCNN, epochs=4)
     module = trtopt.compile(
         model, (digits.test_x[:4],), precision="fp8", calibration_data=digits.calibration_batches(),
         dynamic_shapes={"x": {0: (1, 64, 512)}}, backend="onnxruntime",
@@ -273,8 +268,8 @@ def test_fp8_accuracy_budget_keeps_units_out_of_fp8(digits, tmp_path):
     assert keep_high(plan, [plan.weights[0][0]], {}).fmt is FP8
 
 
-def test_transformer_fp8_within_tolerance(digits):
-    model = train(DigitsTransformer, digits, rows=True, epochs=10)
+def test_transformer_fp8_within_tolerance(digits, digits_transformer):
+    model = digits_transformer
     x = digits.test_x[:, 0]
     graph = exported(model, x[:4])
     calibration = digits.calibration_batches(rows=True)

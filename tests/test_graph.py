@@ -63,7 +63,7 @@ def test_identity_feeding_a_graph_output_is_kept():
     assert report.removed_noops == ()
 
 
-@pytest.mark.parametrize("factory", ["cnn", "encoder"])
+@pytest.mark.parametrize("factory", ["cnn", pytest.param("encoder", marks=pytest.mark.slow)])
 def test_cleanup_never_changes_exported_outputs(factory):
     torch.manual_seed(0)
     if factory == "cnn":

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import trtopt
-from tests._digits import DigitsCNN, load_digits, top1, train
 from tests.test_calibrators import LEVELS, nvidia_entropy_cut
+from trtopt.bench.digits import DigitsCNN, signed, top1
 from trtopt.calibrators import write_cache
 from trtopt.calibrators.observers import HistogramObserver, entropy_cut, entropy_divergences
 from trtopt.precision.readout import AccuracyReadout, compare
@@ -25,15 +25,13 @@ INT8_TOLERANCE = 1.0  # top-1 points
 
 
 @pytest.fixture(scope="module")
-def signed_digits():
-    digits = load_digits()
-    scale = lambda x: x * 2 - 1  # noqa: E731 - 0 -> -1 (background), 1 -> 1
-    return type(digits)(scale(digits.train_x), digits.train_y, scale(digits.test_x), digits.test_y)
+def signed_digits(digits):
+    return signed(digits)  # 0 -> -1 (background), 1 -> 1
 
 
 @pytest.fixture(scope="module")
-def signed_cnn(signed_digits):
-    model = train(DigitsCNN, signed_digits, epochs=8)
+def signed_cnn(signed_digits, trained_digits):
+    model = trained_digits.get(DigitsCNN, epochs=8, encoding=signed)
     fp32 = trtopt.compile(model, (signed_digits.test_x[:4],), dynamic_shapes={"x": {0: (1, 64, 512)}}, backend="onnxruntime")
     return model, top1(fp32(signed_digits.test_x), signed_digits.test_y)
 

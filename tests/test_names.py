@@ -276,7 +276,7 @@ def test_cli_exclude_takes_module_globs():
 
 def test_a_conv_with_its_batchnorm_folded_keeps_the_conv_module_and_profiles_name_it():
     """The exporter folds eval BatchNorm into the Conv and leaves the BatchNorm's metadata on it."""
-    from tests._digits import DigitsCNN
+    from trtopt.bench.digits import DigitsCNN
     from trtopt import bench
 
     torch.manual_seed(0)

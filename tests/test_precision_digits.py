@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import trtopt
-from tests._digits import DigitsCNN, DigitsTransformer, load_digits, top1, train
 from trtopt.backends.onnxruntime import OnnxRuntimeBackend
+from trtopt.bench.digits import top1
 from trtopt.calibrators import calibrate
 from trtopt.config import build_profiles
 from trtopt.export import export
@@ -26,17 +26,12 @@ FP16_TOLERANCE = 0.3  # top-1 points
 INT8_TOLERANCE = 1.0
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits()
-
-
 # ------------------------------------------------------------------ CNN, through trtopt.compile
 
 
 @pytest.fixture(scope="module")
-def cnn(digits):
-    model = train(DigitsCNN, digits, epochs=8)
+def cnn(digits, digits_cnn):
+    model = digits_cnn
     compiled = {}
     for precision in ("fp32", "fp16", "int8"):
         compiled[precision] = trtopt.compile(
@@ -100,8 +95,8 @@ def test_cnn_int8_module_saves_and_reloads(cnn, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def transformer(digits):
-    model = train(DigitsTransformer, digits, rows=True, epochs=10)
+def transformer(digits, digits_transformer):
+    model = digits_transformer
     x = digits.test_x[:, 0]
     profiles = build_profiles({"x": {0: (1, 64, 512)}}, {"x": (4, 8, 8)})
     graph = cleanup(export(model, (x[:4],), profiles, 19, input_names=["x"]).model)[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.test_pinned import FP16_REPORT, INT8_REPORT, PERCENTILE_FP32_REPORT
+from tests.pinned_reports import FP16_REPORT, INT8_REPORT, PERCENTILE_FP32_REPORT
 from trtopt.module import read_module_file
 from trtopt.precision import PrecisionReport
 from trtopt.precision.budget import BudgetReport

@@ -82,10 +82,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-import pytest
 import torch
-
-from trtopt import _deps
 
 ALIGNMENT = 256
 
@@ -1055,12 +1052,3 @@ class FakeTorchCuda:
         for stream in list(FakeStream._registry.values()):
             stream.synchronize()
 
-
-@pytest.fixture()
-def fake_trt(monkeypatch: pytest.MonkeyPatch) -> FakeTensorRT:
-    """TensorRT and pycuda replaced by the doubles above for one test (import it to use it)."""
-    fake = FakeTensorRT()
-    monkeypatch.setattr(_deps, "tensorrt", lambda: fake)
-    cuda = FakeCuda()
-    monkeypatch.setattr(_deps, "cuda", lambda: cuda)
-    return fake

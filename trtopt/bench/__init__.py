@@ -47,7 +47,9 @@ Where things are: ``stats`` (percentiles, ``LatencyStats``), ``compare``
 (``BenchResult``, ``BenchReport`` and their JSON), ``tables`` (markdown table,
 latency-against-accuracy plot), ``candidates`` (the rows: eager torch, trtopt
 modules), ``inputs`` (synthetic images and timing inputs) and ``profiling``
-(per-layer profiles). Every public name is importable from ``trtopt.bench``.
+(per-layer profiles). Every public name is importable from ``trtopt.bench``,
+except those of ``trtopt.bench.digits`` (real data and small trained models for
+the tests, benchmarks and notebook; it needs scikit-learn), imported on their own.
 """
 
 

@@ -1,8 +1,10 @@
-"""Real data and trained weights for the precision tests and benchmarks/int8_accuracy.py.
+"""Real data and small trained models: scikit-learn's digits, for the tests, benchmarks and notebook.
 
 scikit-learn's digits (1797 8x8 images, 10 classes) train a small CNN and a
 small transformer in seconds on a CPU, so FP16 and INT8 are held to a real
-held-out accuracy instead of to random weights.
+held-out accuracy instead of to random weights. scikit-learn is optional
+(the ``bench`` and ``dev`` extras install it); ``load_digits`` says so when it
+is missing. Training is seeded and single-threaded: the same weights each run.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+
+from ..errors import DependencyError
 
 TEST_SIZE = 500
 CALIBRATION_SIZE = 256
@@ -33,7 +37,14 @@ class Digits:
 
 
 def load_digits(seed: int = 0) -> Digits:
-    from sklearn.datasets import load_digits as sklearn_digits
+    """The 1797 images in an order shuffled by ``seed``: the first TEST_SIZE are held out for testing."""
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError as exc:
+        raise DependencyError(
+            f"the digits data set comes with scikit-learn, which is not installed ({exc}); "
+            "install it with `pip install scikit-learn` or `pip install trtopt[bench]`"
+        ) from exc
 
     data = sklearn_digits()
     order = np.random.default_rng(seed).permutation(len(data.target))

@@ -1,0 +1,161 @@
+"""Fixtures shared by the test files.
+
+- ``digits``: scikit-learn's digits (``trtopt.bench.digits``), loaded once per session.
+- ``trained_digits``: models trained on them, each trained once per session and handed out
+  as copies; ``digits_cnn`` and ``digits_transformer`` are the two most tests use. Training
+  is seeded and single-threaded, so a test gets the same weights whichever test asked first.
+- Every test that uses a trained digits model is marked ``slow`` (see
+  ``pytest_collection_modifyitems``): ``pytest -m "not slow"`` is the fast tier.
+- ``torchlib_registry_built_once`` (autouse, session): torch.onnx.export's op registry is
+  built once per session instead of once per export (building it is about half the CPU
+  time of exporting a small model); the exported graphs are the same.
+- ``fake_trt``: TensorRT and pycuda replaced by the doubles of ``tests/trt_doubles.py``.
+- ``restore_trtopt_logging`` (autouse): the ``trtopt`` logger as it was before each test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from torch import nn
+
+from tests.trt_doubles import FakeCuda, FakeTensorRT
+from trtopt import _deps
+from trtopt.bench.digits import Digits, DigitsCNN, DigitsTransformer, load_digits, train
+
+TRAINED_DIGITS_FIXTURE = "trained_digits"
+
+
+class TrainedDigits:
+    """Models trained on the digits, each trained once and copied out, keyed by how it was trained."""
+
+    def __init__(self, digits: Digits) -> None:
+        self.digits = digits
+        self._models: dict[tuple[object, ...], nn.Module] = {}
+
+    def get(
+        self,
+        make_model: Callable[[], nn.Module],
+        *,
+        rows: bool = False,
+        epochs: int = 8,
+        encoding: Callable[[Digits], Digits] | None = None,
+    ) -> nn.Module:
+        """``train(make_model, encoding(digits), rows=rows, epochs=epochs)``, as a copy of its own.
+
+        ``encoding`` is one of ``trtopt.bench.digits``' input encodings (``signed``, ...); a copy
+        per call keeps a test that changes its model from changing anyone else's.
+        """
+        key = (make_model, rows, epochs, encoding)
+        if key not in self._models:
+            data = encoding(self.digits) if encoding else self.digits
+            self._models[key] = train(make_model, data, rows=rows, epochs=epochs)
+        return copy.deepcopy(self._models[key])
+
+
+@pytest.fixture(scope="session")
+def digits() -> Digits:
+    return load_digits()
+
+
+@pytest.fixture(scope="session")
+def trained_digits(digits: Digits) -> TrainedDigits:
+    return TrainedDigits(digits)
+
+
+@pytest.fixture(scope="module")
+def digits_cnn(trained_digits: TrainedDigits) -> nn.Module:
+    """DigitsCNN trained for 8 epochs (about 98% top-1 on the held-out digits)."""
+    return trained_digits.get(DigitsCNN, epochs=8)
+
+
+@pytest.fixture(scope="module")
+def digits_transformer(trained_digits: TrainedDigits) -> nn.Module:
+    """DigitsTransformer trained for 10 epochs on rows of pixels (input ``digits.test_x[:, 0]``)."""
+    return trained_digits.get(DigitsTransformer, rows=True, epochs=10)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Training and compiling a real model takes seconds; such tests belong to the slow tier.
+    for item in items:
+        if TRAINED_DIGITS_FIXTURE in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+def _cached_from_torchlib(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``ONNXRegistry.from_torchlib`` that builds each opset's registry once and returns copies."""
+    built: dict[tuple[type, int], Any] = {}
+
+    def from_torchlib(cls: type, opset_version: int | None = None) -> Any:
+        args = () if opset_version is None else (opset_version,)
+        key = (cls, opset_version)
+        if key not in built:
+            built[key] = original(cls, *args)
+        registry = copy.copy(built[key])
+        # Exports may register their own ops: each gets its own lists (the entries are immutable).
+        registry.functions = {target: list(entries) for target, entries in built[key].functions.items()}
+        return registry
+
+    return from_torchlib
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torchlib_registry_built_once() -> Iterator[Callable[..., Any] | None]:
+    """torch.onnx.export's registry of torchlib functions, built once per session instead of per export.
+
+    The dynamo exporter rebuilds it on every call by parsing the source of some 500 onnxscript
+    functions: about half the CPU time of exporting a small model, and the tests export hundreds.
+    Its content depends only on the opset, so every export still gets the same registry
+    (tests/test_fixtures.py checks that an export is byte-identical either way). Yields the
+    original function, or None where torch has no such registry and nothing is patched.
+    """
+    try:
+        from torch.onnx._internal.exporter import _registration
+
+        original = _registration.ONNXRegistry.__dict__["from_torchlib"].__func__
+    except (ImportError, KeyError, AttributeError):
+        yield None
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(_cached_from_torchlib(original)))
+        yield original
+
+
+@pytest.fixture()
+def fake_trt(monkeypatch: pytest.MonkeyPatch) -> FakeTensorRT:
+    """TensorRT and pycuda replaced by the doubles of tests/trt_doubles.py for one test."""
+    fake = FakeTensorRT()
+    monkeypatch.setattr(_deps, "tensorrt", lambda: fake)
+    cuda = FakeCuda()
+    monkeypatch.setattr(_deps, "cuda", lambda: cuda)
+    return fake
+
+
+@contextlib.contextmanager
+def trtopt_logging_kept() -> Iterator[None]:
+    """Put the ``trtopt`` logger's handlers, level and propagation back as they were on exit."""
+    logger = logging.getLogger("trtopt")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    try:
+        yield
+    finally:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)  # setLevel, not assignment: it also clears the loggers' cached levels
+        logger.propagate = propagate
+
+
+@pytest.fixture(autouse=True)
+def restore_trtopt_logging() -> Iterator[None]:
+    """The ``trtopt`` logger as it was before each test.
+
+    ``trtopt.cli.main`` adds a handler on ``sys.stderr`` and sets a level; under pytest that
+    stream is the test's capture, closed when the test ends, so every later log record would
+    print a "Logging error" traceback, and the level would leak into later tests.
+    """
+    with trtopt_logging_kept():
+        yield

@@ -1,0 +1,80 @@
+"""What the shared fixtures (tests/conftest.py) and ``trtopt.bench.digits`` promise.
+
+The trained-model cache hands every test module the weights it would have trained itself:
+training must be reproducible, and a module's copy its own. Tests that train are in the
+slow tier, others are not; the CLI's logging set-up does not outlive its test; an export
+is the same with torch's op registry built once per session as with one built per export.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+import torch
+
+import trtopt
+from tests._models import ResidualCNN
+from tests.conftest import TrainedDigits, trtopt_logging_kept
+from trtopt import cli
+from trtopt.bench import digits as digits_data
+from trtopt.errors import DependencyError
+
+
+def test_a_test_that_uses_a_trained_digits_model_is_marked_slow(request, trained_digits):
+    assert request.node.get_closest_marker("slow") is not None
+
+
+def test_other_tests_are_in_the_fast_tier(request, digits):
+    assert request.node.get_closest_marker("slow") is None
+
+
+def test_training_is_reproducible_and_each_caller_gets_its_own_copy(digits):
+    small = digits_data.Digits(digits.train_x[:128], digits.train_y[:128], digits.test_x, digits.test_y)
+    trained = TrainedDigits(small)
+    first = trained.get(digits_data.DigitsMLP, epochs=1, encoding=digits_data.standardized_features)
+    second = trained.get(digits_data.DigitsMLP, epochs=1, encoding=digits_data.standardized_features)
+    assert first is not second
+    assert all(a is not b for a, b in zip(first.parameters(), second.parameters()))
+    with torch.no_grad():
+        next(first.parameters()).zero_()  # changing one copy leaves the cached model alone
+    third = trained.get(digits_data.DigitsMLP, epochs=1, encoding=digits_data.standardized_features)
+    assert not torch.equal(next(first.parameters()), next(third.parameters()))
+    # A second training from the same seed gives the same weights, so the cache changes no test.
+    again = digits_data.train(digits_data.DigitsMLP, digits_data.standardized_features(small), epochs=1)
+    for name, value in again.state_dict().items():
+        assert torch.equal(value, third.state_dict()[name]), name
+
+
+def test_load_digits_without_scikit_learn_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # as if scikit-learn were not installed
+    with pytest.raises(DependencyError, match=r"scikit-learn.*pip install scikit-learn"):
+        digits_data.load_digits()
+
+
+def test_the_cli_logging_set_up_does_not_outlive_its_test(tmp_path, capsys):
+    logger = logging.getLogger("trtopt")
+    before = (list(logger.handlers), logger.level, logger.propagate)
+    with trtopt_logging_kept():
+        assert cli.main(["-v", "inspect", str(tmp_path / "missing.trtopt")]) == 1
+        assert logger.handlers != before[0] and logger.level == logging.DEBUG  # what the CLI sets up
+    assert (list(logger.handlers), logger.level, logger.propagate) == before
+
+
+@pytest.mark.slow
+def test_an_export_is_byte_identical_with_the_registry_built_once(torchlib_registry_built_once, monkeypatch):
+    original = torchlib_registry_built_once
+    if original is None:
+        pytest.skip("this torch's ONNX exporter has no torchlib registry to build once")
+    from torch.onnx._internal.exporter import _registration
+
+    def exported() -> bytes:
+        torch.manual_seed(0)
+        module = trtopt.compile(ResidualCNN().eval(), (torch.randn(2, 3, 16, 16),), backend="onnxruntime")
+        return module.onnx_model.SerializeToString()
+
+    assert _registration.ONNXRegistry.from_torchlib.__func__ is not original  # the session's cache is on
+    cached = exported()
+    monkeypatch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(original))
+    assert exported() == cached
