@@ -111,6 +111,9 @@ class BuildConfig:
     # SmoothQuant's migration strength alpha for MatMul/Gemm units (trtopt/precision/smoothquant.py); None: off.
     smoothquant: float | None = 0.85
     fp16_threshold: float = DEFAULT_FP16_THRESHOLD  # keep FP32 a node whose activations reach this on calibration data
+    # The accuracy readout's top-1 agreement: True reads every 2-D float output as class logits, False
+    # none, None those a Linear or softmax produces (an embedding is judged by cosine alone).
+    classifier_outputs: bool | None = None
     # TensorRT engine settings.
     workspace_bytes: int | None = None  # None: TensorRT's default (the device's memory)
     optimization_level: int = 3  # builder_optimization_level, 0-5
@@ -169,6 +172,10 @@ class BuildConfig:
             raise ConfigError(
                 f"smoothquant={self.smoothquant!r} must be SmoothQuant's alpha, between 0 and 1 (default 0.85), "
                 "or None to turn it off"
+            )
+        if self.classifier_outputs not in (None, True, False):
+            raise ConfigError(
+                f"classifier_outputs={self.classifier_outputs!r} must be True, False or None (decide from the graph)"
             )
         if self.calibration_batches is not None and self.calibration_batches < 1:
             raise ConfigError(

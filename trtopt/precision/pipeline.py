@@ -17,7 +17,8 @@ from typing import Any
 
 import onnx
 
-from ..backends.onnxruntime import run_graph
+from ..backends.onnxruntime import run_batches
+from ..calibrators.data import Batches, Spool
 from ..config import BuildConfig, Precision
 from ..errors import ConfigError
 from ..names import node_modules
@@ -25,7 +26,7 @@ from .budget import AccuracyBudget, BudgetReport, FinalModule, check_final, find
 from .fp16 import Fp16Report
 from .int8 import Int8Plan, Int8Report, plan_int8
 from .qformat import graph_format, quant_format
-from .readout import AccuracyReadout, log_readout, measure
+from .readout import AccuracyReadout, class_logit_outputs, log_readout, measure
 from .report import PrecisionReport
 from .validate import validate_qdq
 
@@ -63,9 +64,12 @@ def apply_precision(
             logger.info("calibration_data is ignored at fp32")
         return model, PrecisionReport()
     data = PreparedData.prepare(model, config, calibration_data, accuracy_budget, validation_data)
-    if config.precision is Precision.FP16:
-        return fp16_path(model, config, data)
-    return int8_path(model, config, data)
+    try:
+        if config.precision is Precision.FP16:
+            return fp16_path(model, config, data)
+        return int8_path(model, config, data)
+    finally:
+        data.close()
 
 
 def carried_precision(model: onnx.ModelProto) -> str | None:
@@ -101,19 +105,28 @@ def carried_report(model: onnx.ModelProto, carried: str, config: BuildConfig, ac
 
 @dataclass
 class HeldOut:
-    """Batches the ranges were not calibrated on, with the FP32 graph's outputs on them."""
+    """Batches the ranges were not calibrated on, with the FP32 graph's outputs on them.
 
-    feeds: list[dict[str, Any]]
+    ``feeds`` and ``reference`` are read batch by batch (the reference outputs are spooled to
+    disk), so judging a module costs no memory per batch, whatever the batches' shapes.
+    ``classifiers`` are the outputs read as class logits (``readout.class_logit_outputs``).
+    """
+
+    feeds: Batches
     labels: Any
-    reference: list[Any]
+    reference: Spool
     held_back: bool
+    classifiers: list[int] = field(default_factory=list)
 
     def readout(self, graph: onnx.ModelProto, precision: str, hints: Callable[[], list[str]]) -> AccuracyReadout:
         """Measure ``graph`` against FP32 and log the result; ``hints()`` (what to try, run only
         when the module drifts: it may measure ranges again) goes into the warning."""
-        readout = measure(graph, self.reference, self.feeds, held_back=self.held_back)
+        readout = measure(graph, self.reference, self.feeds, held_back=self.held_back, classifiers=self.classifiers)
         log_readout(readout, precision, [] if readout.ok else hints())
         return readout
+
+    def close(self) -> None:
+        self.reference.close()
 
 
 def hold_back(
@@ -124,27 +137,34 @@ def hold_back(
     max_batches: int | None,
     *,
     required: bool,
-) -> tuple[Any, HeldOut]:
+    classifier_outputs: bool | None = None,
+) -> tuple[Batches | None, HeldOut]:
     """Split off the batches that judge the compiled module (the accuracy readout and budget).
 
-    ``validation_data`` when given, else the last fifth of the calibration batches.
-    Calibration data too small to split is used for both, and the readout says so,
-    unless an accuracy budget needs held-back data (then the error says what to pass).
+    ``validation_data`` when given, else the last fifth of the calibration batches (at most
+    ``HELD_BACK_MAX_BATCHES``). Calibration data too small to split is used for both, and the
+    readout says so, unless an accuracy budget needs held-back data (then the error says what
+    to pass). The FP32 outputs on the held-back batches are spooled to disk as they come.
     """
-    from ..calibrators.data import iter_batches
-    from .budget import split_validation
+    from ..calibrators.data import batches_to_read, open_batches, split_validation
 
-    if isinstance(calibration_data, Iterator):
-        calibration_data = list(calibration_data)  # read once: a failed split must not lose it
+    if calibration_data is not None:
+        # Read once (a one-shot iterator is spooled): a failed split must not lose it.
+        limit = batches_to_read(max_batches) if validation_data is None else max_batches
+        calibration_data = open_batches(calibration_data, inputs, limit)
     try:
-        calibration_data, feeds, labels = split_validation(calibration_data, validation_data, inputs, max_batches)
+        calibration, feeds, labels = split_validation(calibration_data, validation_data, inputs, max_batches)
         held_back = True
     except ConfigError:
         if required or validation_data is not None:
             raise
-        feeds, labels, held_back = [feed for _, feed in iter_batches(calibration_data, inputs, max_batches)], None, False
+        calibration = feeds = open_batches(calibration_data, inputs, max_batches)
+        labels, held_back = None, False
         logger.info("one calibration batch only: the accuracy readout is measured on it, none is held back")
-    return calibration_data, HeldOut(feeds, labels, run_graph(model, feeds), held_back)
+    reference = Spool(prefix="trtopt-reference-")
+    for outputs in run_batches(model, feeds):
+        reference.append(outputs)
+    return calibration, HeldOut(feeds, labels, reference, held_back, class_logit_outputs(model, classifier_outputs))
 
 
 @dataclass
@@ -163,8 +183,8 @@ class PreparedData:
         cls, model: onnx.ModelProto, config: BuildConfig, calibration_data: Any, accuracy_budget: Any,
         validation_data: Any,
     ) -> PreparedData:
+        from ..calibrators.data import open_batches
         from ..spec import tensor_specs
-        from .probe import feed_batches
 
         data = cls(inputs=tensor_specs(model.graph.input), budget=_parse_budget(accuracy_budget))
         data.excluded = {"exclude_nodes": config.exclude_nodes, "exclude_op_types": config.exclude_op_types}
@@ -173,12 +193,21 @@ class PreparedData:
         if calibration_data is not None or validation_data is not None or data.budget is not None:
             calibration_data, data.held_out = hold_back(
                 model, calibration_data, validation_data, data.inputs, config.calibration_batches,
-                required=data.budget is not None,
+                required=data.budget is not None, classifier_outputs=config.classifier_outputs,
             )
         if calibration_data is not None:
-            calibration_data, data.batches = feed_batches(calibration_data, data.inputs, config.calibration_batches)
+            calibration = open_batches(calibration_data, data.inputs, config.calibration_batches)
+            calibration_data, data.batches = calibration, calibration.__iter__
         data.calibration_data = calibration_data
         return data
+
+    def close(self) -> None:
+        """Delete what was spooled to disk (the user's one-shot data, the held-back reference outputs)."""
+        if self.held_out is not None:
+            self.held_out.close()
+            self.held_out.feeds.close()
+        if isinstance(self.calibration_data, Batches):
+            self.calibration_data.close()
 
 
 def _parse_budget(accuracy_budget: Any) -> AccuracyBudget | None:

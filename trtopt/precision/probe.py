@@ -9,7 +9,6 @@ where the calibrator would reject it.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -83,18 +82,11 @@ def feed_batches(
 ) -> tuple[Any, Callable[[], Iterator[dict[str, np.ndarray]]]]:
     """Re-iterable ONNX Runtime feeds from user calibration data (the calibrators' rules).
 
-    Returns ``(data, batches)``: a one-shot iterator (a generator) is read once
-    into a list, because the calibrator and the passes each read the data, so
-    pass the returned ``data`` on to ``calibrate``.
+    Returns ``(data, batches)``: ``data`` as ``calibrators.data.Batches`` (a one-shot
+    iterator is read once and spooled to disk, since the calibrator and the passes each
+    read the data), so pass the returned ``data`` on to ``calibrate``.
     """
-    from ..calibrators.data import iter_batches
+    from ..calibrators.data import open_batches
 
-    if isinstance(data, Iterator):
-        data = list(itertools.islice(data, max_batches))
-
-    def batches() -> Iterator[dict[str, np.ndarray]]:
-        return (feeds for _, feeds in iter_batches(data, input_specs, max_batches))
-
-    return data, batches
-
-
+    data = open_batches(data, input_specs, max_batches)
+    return data, data.__iter__
