@@ -81,18 +81,19 @@ class AccuracyReadout:
 def class_logit_outputs(model: onnx.ModelProto, setting: bool | None = None) -> list[int]:
     """Indices of the graph outputs read as class logits, whose top-1 agreement the readout reports.
 
-    ``setting`` is ``BuildConfig.classifier_outputs``: True takes every rank-2 float output,
+    ``setting`` is ``BuildConfig.classifier_outputs``: True takes every float output of rank 2
+    or more ([N, classes], or per-token logits [N, T, classes]: top-1 then counts positions),
     False none, None (the default) those a Linear or a softmax produces (through reshapes and
     casts), so an embedding model's pooled or normalised output is judged by cosine alone.
     """
     graph = model.graph
-    rank2 = [
+    candidates = [
         k for k, out in enumerate(graph.output)
-        if out.type.tensor_type.HasField("shape") and len(out.type.tensor_type.shape.dim) == 2
+        if out.type.tensor_type.HasField("shape") and len(out.type.tensor_type.shape.dim) >= 2
         and out.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
     ]
     if setting is not None:
-        return rank2 if setting else []
+        return candidates if setting else []
     producers = {name: node for node in graph.node for name in node.output}
     constants = {t.name for t in graph.initializer} | {
         o for node in graph.node if node.op_type == "Constant" for o in node.output
@@ -112,7 +113,7 @@ def class_logit_outputs(model: onnx.ModelProto, setting: bool | None = None) -> 
             node = producers.get(name)
         return False
 
-    return [k for k in rank2 if logits(graph.output[k].name)]
+    return [k for k in candidates if logits(graph.output[k].name)]
 
 
 def _is_classifier(output: np.ndarray) -> bool:
