@@ -22,6 +22,7 @@ from ..calibrators.data import Batches, Spool
 from ..config import BuildConfig, Precision
 from ..errors import ConfigError
 from ..names import node_modules
+from ..stages import StageTimer
 from .budget import AccuracyBudget, BudgetReport, FinalModule, check_final, find_units_to_keep_high, keep_high
 from .fp16 import Fp16Report
 from .int8 import Int8Plan, Int8Report, plan_int8
@@ -41,6 +42,7 @@ def apply_precision(
     calibration_data: Any,
     accuracy_budget: Any = None,
     validation_data: Any = None,
+    timer: StageTimer | None = None,
 ) -> tuple[onnx.ModelProto, PrecisionReport]:
     """Write ``config.precision`` into ``model``; return the graph and its report.
 
@@ -49,8 +51,9 @@ def apply_precision(
     checked for Inf/NaN). INT8 and FP8: Q/DQ pairs with scales from the calibrator
     (needs ``calibration_data`` or an existing ``calibration_cache``), the rest
     in ``config.float_part_precision``; with ``accuracy_budget``, the units the
-    search keeps high stay out of INT8.
+    search keeps high stay out of INT8. ``timer`` collects the seconds of each stage.
     """
+    timer = timer or StageTimer()
     if accuracy_budget is not None and not config.precision.quantized:
         raise ConfigError(
             f"accuracy_budget applies to precision='int8' or 'fp8' (it chooses which layers leave INT8/FP8), "
@@ -63,7 +66,9 @@ def apply_precision(
         if calibration_data is not None:
             logger.info("calibration_data is ignored at fp32")
         return model, PrecisionReport()
-    data = PreparedData.prepare(model, config, calibration_data, accuracy_budget, validation_data)
+    with timer.stage("data split and FP32 reference"):
+        data = PreparedData.prepare(model, config, calibration_data, accuracy_budget, validation_data)
+    data.timer = timer
     try:
         if config.precision is Precision.FP16:
             return fp16_path(model, config, data)
@@ -177,6 +182,7 @@ class PreparedData:
     held_out: HeldOut | None = None
     budget: AccuracyBudget | None = None
     excluded: dict[str, Any] = field(default_factory=dict)  # the user's exclusions, as the passes take them
+    timer: StageTimer = field(default_factory=StageTimer)
 
     @classmethod
     def prepare(
@@ -228,14 +234,16 @@ def fp16_path(model: onnx.ModelProto, config: BuildConfig, data: PreparedData) -
             "precision='fp16' without calibration_data: the FP32 keep-list only covers weights "
             "and exclusions, and the graph is not checked for overflow; pass calibration_data"
         )
-    converted, fp16_report = to_fp16(model, data.batches, threshold=config.fp16_threshold, **data.excluded)
+    with data.timer.stage("fp16 keep-list and overflow check"):
+        converted, fp16_report = to_fp16(model, data.batches, threshold=config.fp16_threshold, **data.excluded)
     report = PrecisionReport(
         precision="fp16", qdq_nodes=0, overflow_checked=data.batches is not None, **fp16_report.to_json()
     )
     if data.held_out is not None:
-        report.accuracy = data.held_out.readout(converted, "fp16", lambda: [
-            "Try exclude_nodes=[...] for the layers that overflow, a lower fp16_threshold, or precision='fp32'."
-        ])
+        with data.timer.stage("readout"):
+            report.accuracy = data.held_out.readout(converted, "fp16", lambda: [
+                "Try exclude_nodes=[...] for the layers that overflow, a lower fp16_threshold, or precision='fp32'."
+            ])
     return converted, report
 
 
@@ -265,9 +273,13 @@ def int8_path(model: onnx.ModelProto, config: BuildConfig, data: PreparedData) -
     """Q/DQ (INT8 or FP8) with calibrated ranges; with a budget, the units it needs stay high."""
     calibrated = calibrate_plan(model, config, data)
     builder = Int8Builder(calibrated, config, data)
-    budget_report = search_budget(calibrated, config, data, builder) if data.budget is not None else None
+    budget_report = None
+    if data.budget is not None:
+        with data.timer.stage("accuracy budget"):
+            budget_report = search_budget(calibrated, config, data, builder)
     kept = frozenset(budget_report.kept_high) if budget_report is not None else frozenset()
-    quantized, int8_report, fp16_report = builder.build(kept)
+    with data.timer.stage("q/dq and float part"):
+        quantized, int8_report, fp16_report = builder.build(kept)
     report = int8_report_of(calibrated, config, data, int8_report, fp16_report)
     if budget_report is not None:
         held_out = data.held_out
@@ -277,9 +289,10 @@ def int8_path(model: onnx.ModelProto, config: BuildConfig, data: PreparedData) -
         report.accuracy_budget = budget_report
     if data.held_out is not None:
         checks = _quantized_checks(calibrated)
-        report.accuracy = data.held_out.readout(
-            quantized, report.precision, lambda: int8_hints(calibrated, checks, data.held_out.feeds, data.inputs)
-        )
+        with data.timer.stage("readout"):
+            report.accuracy = data.held_out.readout(
+                quantized, report.precision, lambda: int8_hints(calibrated, checks, data.held_out.feeds, data.inputs)
+            )
     return quantized, report
 
 
@@ -293,29 +306,32 @@ def calibrate_plan(model: onnx.ModelProto, config: BuildConfig, data: PreparedDa
         "quantize_attention": config.int8_attention, "quantize_conv_outputs": config.int8_layout == "cpu",
         **data.excluded,
     }
-    plan = plan_int8(model, **plan_options)
-    groups = {}
-    if config.smoothquant is not None:
-        from .smoothquant import smoothable_groups
+    with data.timer.stage("q/dq plan"):
+        plan = plan_int8(model, **plan_options)
+        groups = {}
+        if config.smoothquant is not None:
+            from .smoothquant import smoothable_groups
 
-        groups = smoothable_groups(model, plan)
+            groups = smoothable_groups(model, plan)
     start = time.perf_counter()
-    calibration = calibrate(
-        model, plan.activation_tensors, data.calibration_data, input_specs=data.inputs,
-        method=config.calibration_method.value, percentile=config.percentile,
-        max_batches=config.calibration_batches, cache_path=config.calibration_cache,
-        progress=logger.isEnabledFor(logging.INFO), channel_max_for=list(groups),
-    )
+    with data.timer.stage("calibration"):
+        calibration = calibrate(
+            model, plan.activation_tensors, data.calibration_data, input_specs=data.inputs,
+            method=config.calibration_method.value, percentile=config.percentile,
+            max_batches=config.calibration_batches, cache_path=config.calibration_cache,
+            progress=logger.isEnabledFor(logging.INFO), channel_max_for=list(groups),
+        )
     calibrated = Calibrated(model, plan, plan_options, dict(calibration.amax), calibration, time.perf_counter() - start)
     if groups:
         from .smoothquant import smooth
 
-        calibrated.model, calibrated.smoothed_ranges, calibrated.smoothed = smooth(
-            model, groups, calibration.channel_max, config.smoothquant
-        )
-        calibrated.amax.update(calibrated.smoothed_ranges)
-        # The units now read the smoothed tensors: plan again, every other Q/DQ stays where it was.
-        calibrated.plan = plan_int8(calibrated.model, **plan_options)
+        with data.timer.stage("smoothquant"):
+            calibrated.model, calibrated.smoothed_ranges, calibrated.smoothed = smooth(
+                model, groups, calibration.channel_max, config.smoothquant
+            )
+            calibrated.amax.update(calibrated.smoothed_ranges)
+            # The units now read the smoothed tensors: plan again, every other Q/DQ stays where it was.
+            calibrated.plan = plan_int8(calibrated.model, **plan_options)
     return calibrated
 
 
