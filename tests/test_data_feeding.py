@@ -131,7 +131,7 @@ def test_a_one_shot_iterator_is_read_once_spooled_and_cleaned_up(tmp_path, monke
 
     module = trtopt.compile(
         nn.Linear(6, 3).eval(), (torch.zeros(2, 6),), precision="int8", calibration_data=batches(),
-        backend="onnxruntime", dynamic_shapes={"x": {0: (1, 2, 4)}},
+        backend="onnxruntime", dynamic_shapes={"input": {0: (1, 2, 4)}},
     )
     assert read == list(range(10))  # one pass over the user's data, whatever the passes need
     assert module.precision_report.calibration_batches == 8
