@@ -89,9 +89,9 @@ def test_batches_padded_to_different_lengths_compile_and_are_read_out(encoder, p
     assert np.abs(module(ids, mask).numpy() - expected).max() < 0.1 * np.abs(expected).max()
 
 
-def test_an_accuracy_budget_is_judged_on_batches_of_different_lengths(encoder):
+def test_an_accuracy_budget_is_judged_on_batches_of_different_lengths(encoder, tmp_path):
     module = _compile(encoder, padded_loader(LENGTHS[::-1]), "int8", accuracy_budget="top1>=0.5",
-                      sensitivity_cache_dir=tempfile.mkdtemp())
+                      sensitivity_cache_dir=str(tmp_path))
     budget = module.precision_report.accuracy_budget
     assert budget.met and budget.final >= 0.5
 
