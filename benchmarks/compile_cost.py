@@ -10,7 +10,7 @@ inherited across fork and exec), ``wall_s`` the compile (trtopt: export included
 
 Time: ResNet-18 (random weights, 4x3x224x224) and a 3-layer BERT-style encoder (384 wide, 6
 heads, 16x64 token ids), each compiled at FP32, FP16 and INT8 (defaults, 8 calibration batches)
-in one process, side by side; ``quantize_static`` + its ORT session creation on trtopt's FP32
+in one process, side by side, after one untimed FP32 compile (torch's first export is slower); ``quantize_static`` + its ORT session creation on trtopt's FP32
 graph and the same 8 batches. ``int8_vs_quantize_static`` excludes trtopt's export (the
 FP32 compile's ``export and cleanup`` stage), which ``quantize_static`` does not do. Each
 compile's ``stage_seconds`` (``module.spec.info``) is kept.
@@ -129,6 +129,8 @@ def time_model(name: str) -> dict:
         batches = [torch.randint(0, 1000, (16, 64), generator=generator) for _ in range(8)]
         shapes = {"ids": {0: (1, 16, 32)}}
     row: dict = {"model": name}
+    # Warm-up: the first export in a process pays torch's one-time costs, which would flatter FP16/INT8.
+    trtopt.compile(model, (batches[0],), backend="onnxruntime", dynamic_shapes=shapes)
     for precision in ("fp32", "fp16", "int8"):
         start = time.perf_counter()
         module = trtopt.compile(model, (batches[0],), precision=precision, backend="onnxruntime",
