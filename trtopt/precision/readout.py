@@ -3,12 +3,14 @@
 ``compile`` calls ``measure`` whenever it has calibration data, for FP16 and INT8
 alike, so a user never gets a broken module without a warning: one INFO line
 always, a WARNING naming the worst tensors and what to try when the module
-drifts from FP32 (mean cosine or top-1 agreement below ``WARN_BELOW``).
+drifts from FP32 (mean cosine or top-1 agreement below ``WARN_BELOW``; the
+warning names each figure that failed and the threshold).
 
 Both graphs run under ONNX Runtime on the CPU with FP16 tensors rounded as
 TensorRT stores them (the executor's ``emulate_fp16``), on batches the ranges were not
 calibrated on (``validation_data``, or the last fifth of the calibration
-batches, held back). On a GPU the TensorRT engine is built from exactly this
+batches, at most ``HELD_BACK_MAX_BATCHES``, held back), compared batch by batch
+(``metrics.Comparison``), so batch shapes may differ and memory does not grow. On a GPU the TensorRT engine is built from exactly this
 graph; its kernels differ from ONNX Runtime's only by float rounding.
 """
 
