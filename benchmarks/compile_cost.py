@@ -16,7 +16,7 @@ graph and the same 8 batches. ``int8_vs_quantize_static`` excludes trtopt's expo
 FP32 compile's ``export and cleanup`` stage), which ``quantize_static`` does not do. Each
 compile's ``stage_seconds`` (``module.spec.info``) is kept.
 
-    PYTHONPATH=. flock /tmp/trtopt-bigmem.lock python benchmarks/compile_cost.py
+    PYTHONPATH=. python benchmarks/compile_cost.py   # peak RSS about 1 GB
         # writes benchmarks/results/compile_cost.{json,md}
 """
 
@@ -236,7 +236,7 @@ def main() -> None:
     times = [run_child(["--child-time", name]) for name in ("encoder", "resnet18")]
     peaks = {r["batches"]: r["peak_rss_mb"] for r in memory if r["tool"] == "trtopt"}
     result = {
-        "command": "PYTHONPATH=. flock /tmp/trtopt-bigmem.lock python benchmarks/compile_cost.py",
+        "command": "PYTHONPATH=. python benchmarks/compile_cost.py",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared with other jobs (ratios only)",
         "batch_counts": args.batches, "memory": memory, "time": times,
         "trtopt_rss_ratio": round(peaks[max(peaks)] / peaks[min(peaks)], 3),
