@@ -34,7 +34,7 @@ from trtopt.export import export  # noqa: E402
 from trtopt.files import atomic_write  # noqa: E402
 from trtopt.graph import cleanup  # noqa: E402
 from trtopt.precision import convert_to_fp16, make_masks_fp16_safe, plan_int8, tensor_ranges, to_fp16, to_int8  # noqa: E402
-from trtopt.backends.onnxruntime import run_graph  # noqa: E402
+from trtopt.backends.onnxruntime import run_batches, run_graph  # noqa: E402
 from trtopt.spec import tensor_specs  # noqa: E402
 from trtopt.precision.budget import (  # noqa: E402
     AccuracyBudget,
@@ -119,7 +119,7 @@ def main() -> None:
         t = time.perf_counter()
         report = find_units_to_keep_high(
             graph, amax, validation, None, AccuracyBudget("cosine", bound), plan_options={},
-            cache_dir=cache_dir, reference=reference, final=final,
+            cache_dir=cache_dir, reference=list(run_batches(graph, validation)), final=final,
         )
         return {
             "seconds": round(time.perf_counter() - t, 1),

@@ -140,7 +140,7 @@ def test_a_npz_file_is_split_into_calibration_and_validation_batches(tmp_path):
     calibration, validation, labels = split_validation(str(path), None, specs)
     total = sum(len(b["x"]) for b in calibration) + sum(len(v["x"]) for v in validation)
     assert total == 40 and len(validation) >= 1 and labels is None
-    assert validation[-1]["x"][-1, -1] == 159.0  # the last samples are the ones held back
+    assert list(validation)[-1]["x"][-1, -1] == 159.0  # the last samples are the ones held back
 
 
 class DownsampleBlock(nn.Module):
@@ -237,12 +237,12 @@ def _fake_model(metric, final_penalty: float | None = None):
         value = min(1.0, value)
         return [np.array([[value, np.sqrt(1.0 - value * value)]])]
 
-    def run(graph):
+    def run(graph):  # one validation batch
         tag, kept = graph
-        return output(metric(kept) - (final_penalty if tag == "final" else 0.0))
+        return [output(metric(kept) - (final_penalty if tag == "final" else 0.0))]
 
     final = None if final_penalty is None else FinalModule("fp16", lambda kept: ("final", kept))
-    return (lambda kept: ("analysis", kept)), run, [np.array([[1.0, 0.0]])], final
+    return (lambda kept: ("analysis", kept)), run, [[np.array([[1.0, 0.0]])]], final
 
 
 ERRORS = {"u0": 0.004, "u1": 0.003, "u2": 0.002, "u3": 0.001, "u4": 0.0006, "u5": 0.0004}
@@ -342,7 +342,7 @@ def test_the_switched_graph_gives_the_outputs_of_the_graph_built_for_each_set(se
     switched = SwitchedInt8(graph, amax, {}, units)
     for kept in (frozenset(), frozenset([sensitive]), frozenset(list(units)[:2]), frozenset(units)):
         (expected,) = run_graph(build_int8(graph, amax, {}, kept), validation)
-        (got,) = switched.run(kept, validation)
+        got = np.concatenate([out for out, in switched.run(kept, validation)])  # batch by batch
         # The built graph runs its Gemms as integer kernels (make_session lays Q/DQ out for the CPU);
         # the switch keeps them float Q/DQ: equal up to float rounding of the requantization.
         assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max(), kept

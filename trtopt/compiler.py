@@ -30,6 +30,7 @@ from .export import check_example_inputs, export, forward_input_names
 from .graph import cleanup, graph_input_shapes
 from .names import assign_names
 from .module import CompiledModule, read_module_file
+from .stages import StageTimer
 from .spec import ModuleSpec, tensor_specs
 
 logger = logging.getLogger(__name__)
@@ -249,10 +250,16 @@ def compile(  # noqa: A001 - the public name docs/design.md fixes
         require_fp8_support(_deps.tensorrt())  # before the (slow) export and calibration
 
     start = time.perf_counter()
-    graph = _graph_of(source, example_inputs, dynamic_shapes, config)
-    onnx_model, report = apply_precision(graph.model, config, calibration_data, accuracy_budget, validation_data)
+    timer = StageTimer()
+    with timer.stage("export and cleanup"):
+        graph = _graph_of(source, example_inputs, dynamic_shapes, config)
+    onnx_model, report = apply_precision(
+        graph.model, config, calibration_data, accuracy_budget, validation_data, timer=timer
+    )
     spec = _module_spec(onnx_model, graph, report.precision or config.precision.value, report.to_json(), config)
-    backend_obj, engine = make_backend(kind, onnx_model, spec, config)
+    with timer.stage("backend"):
+        backend_obj, engine = make_backend(kind, onnx_model, spec, config)
+    spec.info["stage_seconds"] = timer.to_json()
     logger.info(
         "compiled %s: %s, %s, %.1f s",
         type(source).__name__,

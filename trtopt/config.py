@@ -114,6 +114,9 @@ class BuildConfig:
     # Run the FP32 graph at every profile's min, opt and max shapes under ONNX Runtime at compile time, so a
     # range the model cannot take (a sequence past its position embeddings) fails there, not at call time.
     check_shapes: bool = True
+    # The accuracy readout's top-1 agreement: True reads every 2-D float output as class logits, False
+    # none, None those a Linear or softmax produces (an embedding is judged by cosine alone).
+    classifier_outputs: bool | None = None
     # TensorRT engine settings.
     workspace_bytes: int | None = None  # None: TensorRT's default (the device's memory)
     optimization_level: int = 3  # builder_optimization_level, 0-5
@@ -175,6 +178,10 @@ class BuildConfig:
             raise ConfigError(
                 f"smoothquant={self.smoothquant!r} must be SmoothQuant's alpha, between 0 and 1 (default 0.85), "
                 "or None to turn it off"
+            )
+        if self.classifier_outputs not in (None, True, False):
+            raise ConfigError(
+                f"classifier_outputs={self.classifier_outputs!r} must be True, False or None (decide from the graph)"
             )
         if self.calibration_batches is not None and self.calibration_batches < 1:
             raise ConfigError(

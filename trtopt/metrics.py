@@ -19,7 +19,7 @@ are lists of arrays, one per model output.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 import numpy as np
 
@@ -85,6 +85,115 @@ def label_accuracy(outputs: Outputs, reference: Outputs, labels: np.ndarray | No
 def accuracy_drop(outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> float:
     """FP32 accuracy minus this model's accuracy (0.002 is 0.2 points)."""
     return label_accuracy(reference, reference, labels) - label_accuracy(outputs, reference, labels)
+
+
+# ------------------------------------------------------------------ streamed over batches
+
+
+def rows(output: np.ndarray) -> int:
+    """Samples in one batch of an output: its length along axis 0 (a 0-d output is one sample)."""
+    return int(output.shape[0]) if output.ndim else 1
+
+
+class Comparison:
+    """The metrics above, accumulated batch by batch (``add``), for any mix of batch shapes.
+
+    Outputs are compared per batch and dropped, so memory does not grow with the data: per-sample
+    cosines are kept (one float per sample, so the mean and the worst are exactly those of the
+    concatenated outputs), the rest are running maxima, sums and counts. ``argmax_outputs`` are
+    the outputs whose argmax agreement is counted (the budget's ``top1`` reads the first).
+    """
+
+    def __init__(self, argmax_outputs: Collection[int] = (0,)) -> None:
+        self.argmax_outputs = set(argmax_outputs)
+        self.samples = 0
+        self._cosines: list[list[np.ndarray]] = []
+        self._max_abs = 0.0
+        self._abs_sums: list[float] = []
+        self._abs_counts: list[int] = []
+        self._agree: dict[int, list[int]] = {}  # output -> [agreeing positions, positions]
+        self._labelled = 0
+        self._correct = 0  # first output's argmax equal to the label
+        self._reference_correct = 0
+
+    def add(self, outputs: Outputs, reference: Outputs, labels: np.ndarray | None = None) -> None:
+        """One batch: ``outputs`` and ``reference`` list one array per model output."""
+        if not self._cosines:
+            self._cosines = [[] for _ in reference]
+            self._abs_sums, self._abs_counts = [0.0] * len(reference), [0] * len(reference)
+        if len(outputs) != len(reference) or len(reference) != len(self._cosines):
+            raise ConfigError(
+                f"{len(outputs)} outputs compared with {len(reference)} reference outputs "
+                f"(earlier batches had {len(self._cosines)}); every batch must give every output"
+            )
+        self.samples += rows(np.asarray(reference[0])) if len(reference) else 0
+        for k, (a, b) in enumerate(zip(outputs, reference)):
+            a, b = np.asarray(a), np.asarray(b)
+            self._cosines[k].append(sample_cosines(a, b))
+            diff = np.abs(a.astype(np.float64) - b)
+            if diff.size:
+                self._max_abs = max(self._max_abs, float(diff.max()))
+            self._abs_sums[k] += float(diff.sum())
+            self._abs_counts[k] += diff.size
+            if k in self.argmax_outputs and a.ndim:
+                agree = self._agree.setdefault(k, [0, 0])
+                equal = a.argmax(-1) == b.argmax(-1)
+                agree[0] += int(equal.sum())
+                agree[1] += equal.size
+        if labels is not None and len(outputs):
+            labels = np.asarray(labels).reshape(-1)
+            self._labelled += labels.size
+            self._correct += int((np.asarray(outputs[0]).argmax(-1) == labels).sum())
+            self._reference_correct += int((np.asarray(reference[0]).argmax(-1) == labels).sum())
+
+    def sample_cosines(self, output: int) -> np.ndarray:
+        return np.concatenate(self._cosines[output]) if self._cosines[output] else np.ones(0)
+
+    def mean_sample_cosine(self) -> float:
+        """Mean per-sample cosine, the worst over outputs (the budget's ``cosine``)."""
+        return min((float(self.sample_cosines(k).mean()) for k in range(len(self._cosines))), default=1.0)
+
+    def min_sample_cosine(self) -> float:
+        """The worst sample's cosine over every output."""
+        return min((float(self.sample_cosines(k).min()) for k in range(len(self._cosines))), default=1.0)
+
+    def max_abs_error(self) -> float:
+        return self._max_abs
+
+    def worst_mean_abs_error(self) -> float:
+        return max((s / c if c else 0.0 for s, c in zip(self._abs_sums, self._abs_counts)), default=0.0)
+
+    def argmax_agreement(self, output: int = 0) -> float:
+        agreeing, total = self._agree.get(output, (0, 0))
+        return agreeing / total if total else float("nan")
+
+    def label_accuracy(self) -> float:
+        return self._correct / _need_labels_count(self._labelled)
+
+    def reference_accuracy(self) -> float:
+        return self._reference_correct / _need_labels_count(self._labelled)
+
+
+def compare_batches(
+    pairs: Iterable[tuple[Outputs, Outputs]], labels: np.ndarray | None = None, argmax_outputs: Collection[int] = (0,)
+) -> Comparison:
+    """A ``Comparison`` of ``(outputs, reference)`` batch pairs; ``labels`` (concatenated over the
+    batches, one per sample) are split along the batches' samples."""
+    comparison = Comparison(argmax_outputs)
+    offset = 0
+    for outputs, reference in pairs:
+        batch_labels = None
+        if labels is not None:
+            count = rows(np.asarray(reference[0]))
+            batch_labels, offset = labels[offset:offset + count], offset + count
+        comparison.add(outputs, reference, batch_labels)
+    return comparison
+
+
+def _need_labels_count(count: int) -> int:
+    if count == 0:
+        _need_labels(None)
+    return count
 
 
 # ------------------------------------------------------------------- flattened

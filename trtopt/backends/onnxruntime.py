@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
@@ -225,12 +225,28 @@ def cpu_session(
     return make_session(emulated, intra_op_threads=intra_op_threads)
 
 
-def run_graph(model: onnx.ModelProto, feeds: Sequence[Feeds]) -> list[np.ndarray]:
-    """The graph's outputs on every batch of ``feeds``, concatenated per output."""
+def run_batches(model: onnx.ModelProto, feeds: Iterable[Feeds]) -> Iterator[list[np.ndarray]]:
+    """The graph's outputs batch by batch (one list per batch, one array per output), in one
+    session: what the readout and the budget compare, whatever each batch's shape."""
     session = cpu_session(model)
     names = [o.name for o in session.get_outputs()]
-    per_batch = [session.run(names, dict(feed)) for feed in feeds]
-    return [np.concatenate([b[i] for b in per_batch]) for i in range(len(names))]
+    return (session.run(names, dict(feed)) for feed in feeds)
+
+
+def run_graph(model: onnx.ModelProto, feeds: Sequence[Feeds]) -> list[np.ndarray]:
+    """The graph's outputs on every batch of ``feeds``, concatenated per output (along axis 0;
+    0-d outputs are stacked). Batches whose outputs differ in shape beyond axis 0 cannot be
+    concatenated: compare them batch by batch with ``run_batches``."""
+    per_batch = list(run_batches(model, feeds))
+    if not per_batch:
+        return []
+    try:
+        return [np.concatenate([np.atleast_1d(b[i]) for b in per_batch]) for i in range(len(per_batch[0]))]
+    except ValueError as exc:
+        raise ConfigError(
+            f"the outputs of these batches differ in shape beyond axis 0 ({exc}), so they cannot be "
+            "concatenated; use run_batches to compare them batch by batch"
+        ) from None
 
 
 def value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:

@@ -21,17 +21,21 @@ a CalibrationError naming the batch index and the input.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, ConfigError
 from ..spec import conversion_hint
 
 if TYPE_CHECKING:
@@ -191,44 +195,17 @@ def iter_batches(
     """Yield ``(index, feeds)`` for every validated batch, at most ``max_batches`` of them."""
     if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
         raise CalibrationError(f"max_batches={max_batches!r} must be a positive integer or None")
-    source: Iterable[Any]
-    if data is None:
-        raise CalibrationError("calibration_data is None; INT8 calibration needs representative input batches")
-    if isinstance(data, (str, os.PathLike)):
-        path = Path(data)
-        if path.suffix != ".npz":
-            raise CalibrationError(
-                f"calibration_data={str(data)!r} is a path but not a .npz file; pass a .npz written "
-                "with np.savez, or an iterable of batches"
-            )
-        if not path.is_file():
-            raise CalibrationError(f"calibration data file {path} does not exist")
-        source = _stacked(_load_npz(path, specs), specs, str(path))
-    elif _is_array(data):
-        if len(specs) != 1:
-            raise CalibrationError(
-                f"calibration_data is one tensor but the graph takes {len(specs)} inputs "
-                f"{[s.name for s in specs]}; give an iterable of tuples or dicts"
-            )
-        source = _stacked({specs[0].name: data}, specs, "calibration_data")
-    elif isinstance(data, Iterable) and not isinstance(data, (Mapping, bytes)):
-        source = data
-    else:
-        raise CalibrationError(
-            f"calibration_data is a {type(data).__name__}; pass an iterable of batches (a DataLoader, "
-            "a list of tensors, tuples or dicts), a stacked array, or a .npz path"
-        )
+    if isinstance(data, Batches):  # validated already
+        yield from data.head(max_batches).indexed()
+        return
     count = 0
-    for index, batch in enumerate(source):
+    for index, batch in _raw_batches(data, specs):
         if max_batches is not None and index >= max_batches:
             break
         yield index, check_batch(batch, index, specs)
         count += 1
     if count == 0:
-        raise CalibrationError(
-            "calibration_data yielded no batches; give at least one representative input batch "
-            "(a few hundred samples is typical)"
-        )
+        _no_batches()
 
 
 def expected_batches(data: Any, max_batches: int | None) -> int | None:
@@ -279,3 +256,262 @@ class Progress:
             elapsed = time.perf_counter() - self.start
             sys.stderr.write(f"\rcalibrating: {done} batches in {elapsed:.1f} s" + " " * 20 + "\n")
             sys.stderr.flush()
+
+
+# ------------------------------------------------------------ data read more than once
+#
+# Compiling reads the calibration data several times (the held-back split, the FP16 probe and its
+# Inf/NaN checks, calibration, SmoothQuant's statistics, the readout, the budget search). None of
+# them may hold it in memory: a list or array the user passed is indexed where it lies, anything
+# else (a DataLoader, a generator) is read once and spooled to disk, one .npy file per array, read
+# back memory-mapped. Peak memory then does not grow with the number of batches.
+
+HELD_BACK = 0.2  # share of the calibration batches held back to judge the module, by default
+HELD_BACK_MAX_BATCHES = 32  # ... and at most this many batches (the readout and budget search run them all)
+
+
+class Spool:
+    """Lists of arrays written once to a temporary directory as .npy files, read back memory-mapped.
+
+    The directory (under ``tempfile.gettempdir()``, so ``TMPDIR`` moves it) is deleted by
+    ``close()`` or when the spool is garbage-collected, whichever comes first.
+    """
+
+    def __init__(self, prefix: str = "trtopt-spool-") -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix=prefix))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.directory), ignore_errors=True)
+        self._widths: list[int] = []  # arrays per entry
+
+    def append(self, arrays: Sequence[np.ndarray | None]) -> None:
+        """Store one entry (``None`` items stay None)."""
+        index = len(self._widths)
+        for k, array in enumerate(arrays):
+            if array is not None:
+                np.save(self.directory / f"{index}-{k}.npy", np.asarray(array), allow_pickle=False)
+        self._widths.append(len(arrays))
+
+    def __len__(self) -> int:
+        return len(self._widths)
+
+    def __getitem__(self, index: int) -> list[np.ndarray | None]:
+        return [self._load(self.directory / f"{index}-{k}.npy") for k in range(self._widths[index])]
+
+    def __iter__(self) -> Iterator[list[np.ndarray | None]]:
+        return (self[i] for i in range(len(self)))
+
+    @staticmethod
+    def _load(path: Path) -> np.ndarray | None:
+        if not path.exists():
+            return None
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError:  # an empty array cannot be memory-mapped
+            return np.load(path, allow_pickle=False)
+
+    def close(self) -> None:
+        self._cleanup()
+
+
+class Batches:
+    """Validated calibration batches that may be read any number of times, never held in memory.
+
+    Iterating yields ``{input name: ndarray}`` per batch, each read afresh: from the user's own
+    list or array (validated on every read, cheap next to running a graph) or from a ``Spool``.
+    ``labels()`` gives the labels of ``(inputs..., labels)`` batches, concatenated (None unless
+    every batch has them). Made by ``open_batches``; ``head``/``tail`` are views over the same data.
+    """
+
+    def __init__(
+        self,
+        read: Callable[[int], tuple[dict[str, np.ndarray], np.ndarray | None]],
+        indices: range,
+        owner: Any = None,
+    ) -> None:
+        self._read, self.indices = read, indices
+        self._owner = owner  # keeps a spool alive while any view of it is
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def indexed(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        return ((i, self._read(i)[0]) for i in self.indices)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return (feeds for _, feeds in self.indexed())
+
+    def labels(self) -> np.ndarray | None:
+        found = [self._read(i)[1] for i in self.indices]
+        if not found or any(label is None for label in found):
+            return None
+        return np.concatenate([np.asarray(label).reshape(-1) for label in found])
+
+    def head(self, count: int | None) -> Batches:
+        return self if count is None or count >= len(self) else Batches(self._read, self.indices[:count], self._owner)
+
+    def tail(self, count: int) -> Batches:
+        return Batches(self._read, self.indices[len(self) - count:], self._owner)
+
+    def close(self) -> None:
+        """Delete the spool behind these batches now (views of it become unreadable)."""
+        if isinstance(self._owner, Spool):
+            self._owner.close()
+
+
+def labels_of(batch: Any, n_inputs: int) -> np.ndarray | None:
+    """The item after the inputs in a ``(inputs..., labels)`` tuple, else None."""
+    if isinstance(batch, (tuple, list)) and len(batch) == n_inputs + 1:
+        label = batch[-1]
+        return label.detach().cpu().numpy() if hasattr(label, "detach") else np.asarray(label)
+    return None
+
+
+def _stacked_source(data: Any, specs: Sequence[TensorSpec]) -> list[dict[str, Any]] | None:
+    """The batches of a .npz path or a stacked array (views, no copies); None for other data."""
+    if isinstance(data, (str, os.PathLike)) or _is_array(data):
+        return [batch for _, batch in _raw_batches(data, specs)]
+    return None
+
+
+def _raw_batches(data: Any, specs: Sequence[TensorSpec]) -> Iterator[tuple[int, Any]]:
+    """``(index, batch as given)`` over the accepted forms of calibration data, checking the form only."""
+    if data is None:
+        raise CalibrationError("calibration_data is None; INT8 calibration needs representative input batches")
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if path.suffix != ".npz":
+            raise CalibrationError(
+                f"calibration_data={str(data)!r} is a path but not a .npz file; pass a .npz written "
+                "with np.savez, or an iterable of batches"
+            )
+        if not path.is_file():
+            raise CalibrationError(f"calibration data file {path} does not exist")
+        return enumerate(_stacked(_load_npz(path, specs), specs, str(path)))
+    if _is_array(data):
+        if len(specs) != 1:
+            raise CalibrationError(
+                f"calibration_data is one tensor but the graph takes {len(specs)} inputs "
+                f"{[s.name for s in specs]}; give an iterable of tuples or dicts"
+            )
+        return enumerate(_stacked({specs[0].name: data}, specs, "calibration_data"))
+    if isinstance(data, Iterable) and not isinstance(data, (Mapping, bytes)):
+        return enumerate(data)
+    raise CalibrationError(
+        f"calibration_data is a {type(data).__name__}; pass an iterable of batches (a DataLoader, "
+        "a list of tensors, tuples or dicts), a stacked array, or a .npz path"
+    )
+
+
+def open_batches(data: Any, specs: Sequence[TensorSpec], max_batches: int | None = None) -> Batches:
+    """``data`` (any accepted form) as ``Batches``, at most ``max_batches`` of them.
+
+    A list, tuple, stacked array or .npz file is indexed where it lies. Any other iterable
+    (a DataLoader, a generator) is read exactly once, as before, and its validated batches are
+    spooled to disk, so every later pass sees the very same batches and memory stays flat.
+    """
+    if isinstance(data, Batches):
+        return data.head(max_batches)
+    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
+        raise CalibrationError(f"max_batches={max_batches!r} must be a positive integer or None")
+    n_inputs = len(specs)
+    listed = _stacked_source(data, specs)
+    if listed is None and isinstance(data, (list, tuple)):
+        listed = list(data)
+    if listed is not None:
+        count = len(listed) if max_batches is None else min(len(listed), max_batches)
+        if count == 0:
+            _no_batches()
+
+        def read(i: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+            return check_batch(listed[i], i, specs), labels_of(listed[i], n_inputs)
+
+        return Batches(read, range(count))
+    spool = Spool()
+    try:
+        for index, batch in itertools.islice(_raw_batches(data, specs), max_batches):
+            feeds = check_batch(batch, index, specs)
+            spool.append([*(feeds[s.name] for s in specs), labels_of(batch, n_inputs)])
+    except BaseException:
+        spool.close()
+        raise
+    if len(spool) == 0:
+        spool.close()
+        _no_batches()
+    names = [s.name for s in specs]
+
+    def read_spooled(i: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        *arrays, label = spool[i]
+        return dict(zip(names, arrays)), label
+
+    logger.debug("calibration data spooled: %d batches in %s", len(spool), spool.directory)
+    return Batches(read_spooled, range(len(spool)), owner=spool)
+
+
+def _no_batches() -> None:
+    raise CalibrationError(
+        "calibration_data yielded no batches; give at least one representative input batch "
+        "(a few hundred samples is typical)"
+    )
+
+
+def held_back_count(batches: int) -> int:
+    """How many of ``batches`` calibration batches are held back: a fifth, at least 1, at most the cap."""
+    return min(HELD_BACK_MAX_BATCHES, max(1, round(batches * HELD_BACK)))
+
+
+def batches_to_read(max_batches: int | None) -> int | None:
+    """Calibration batches to read when ``max_batches`` are calibrated on: those plus the share held back."""
+    if max_batches is None:
+        return None
+    return max_batches + min(HELD_BACK_MAX_BATCHES, max(1, round(max_batches * HELD_BACK / (1 - HELD_BACK))))
+
+
+def split_validation(
+    calibration_data: Any,
+    validation_data: Any,
+    input_specs: Sequence[TensorSpec],
+    max_batches: int | None = None,
+) -> tuple[Batches | None, Batches, np.ndarray | None]:
+    """Return (batches to calibrate on, validation batches, validation labels or None).
+
+    Without ``validation_data`` the last ``HELD_BACK`` share of the calibration batches is
+    held back (at least one, at most ``HELD_BACK_MAX_BATCHES``), so the module is never judged
+    on the batches the ranges were calibrated on. With ``max_batches`` (the calibration limit)
+    only that many batches, plus the share held back, are read. Raises ConfigError when there
+    is nothing to hold back.
+    """
+    if validation_data is not None:
+        calibration = open_batches(calibration_data, input_specs, max_batches) if calibration_data is not None else None
+        validation = open_batches(validation_data, input_specs)
+        return calibration, validation, validation.labels()
+    if calibration_data is None:
+        raise ConfigError(
+            "accuracy_budget needs data to judge the budget on: pass validation_data (or "
+            "calibration_data, of which a fifth is held back)"
+        )
+    batches = open_batches(calibration_data, input_specs, batches_to_read(max_batches))
+    if len(batches) == 1 and _stacked_source(calibration_data, input_specs) is not None:
+        batches = _split_rows(batches, input_specs)
+    if len(batches) < 2:
+        raise ConfigError(
+            f"accuracy_budget needs validation data: calibration_data has {len(batches)} batch(es), "
+            "too few to hold one back; pass validation_data or more calibration batches"
+        )
+    held = held_back_count(len(batches))
+    logger.info(
+        "calibrating on %d batches; the last %d held back to measure the module against FP32",
+        len(batches) - held, held,
+    )
+    validation = batches.tail(held)
+    return batches.head(len(batches) - held), validation, validation.labels()
+
+
+def _split_rows(batches: Batches, specs: Sequence[TensorSpec]) -> Batches:
+    """One batch of a stacked array or .npz, with a dynamic batch dim: its last rows held back."""
+    (only,) = batches
+    rows = min(len(a) for a in only.values())
+    dynamic_batch = all(spec.shape and not isinstance(spec.shape[0], int) for spec in specs)
+    if not dynamic_batch or rows < 2:
+        return batches
+    cut = rows - max(1, round(rows * HELD_BACK))
+    parts = [{n: a[:cut] for n, a in only.items()}, {n: a[cut:] for n, a in only.items()}]
+    return Batches(lambda i: (parts[i], None), range(2))

@@ -23,7 +23,6 @@ so a second run with another budget re-measures only what it has not seen.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -41,32 +40,27 @@ import onnx
 
 from ..files import atomic_write
 from .._version import __version__
-from ..backends.onnxruntime import cpu_session, run_graph
+from ..backends.onnxruntime import cpu_session, run_batches
+from ..calibrators.data import split_validation  # noqa: F401 - the split the budget is judged on
 from ..errors import AccuracyBudgetError, ConfigError, TrtoptError
-from ..metrics import (
-    Outputs,
-    accuracy_drop,
-    label_accuracy,
-    max_abs_error,
-    mean_sample_cosine,
-    top1_agreement,
-    worst_mean_abs_error,
-)
+from ..metrics import Comparison, Outputs, compare_batches
 
 logger = logging.getLogger(__name__)
 
 UserMetric = Callable[[Outputs, Outputs], float]
+# Outputs batch by batch: one list of arrays (one per model output) per validation batch.
+BatchOutputs = Iterable[Outputs]
 
 
-# The budget's metric names -> (function in trtopt.metrics, higher is better). The names are what
-# users write ("cosine>=0.99"); the functions' names say what each computes.
-METRICS: dict[str, tuple[Callable[..., float], bool]] = {
-    "cosine": (mean_sample_cosine, True),
-    "top1": (top1_agreement, True),
-    "accuracy": (label_accuracy, True),
-    "max_abs": (max_abs_error, False),
-    "mean_abs": (worst_mean_abs_error, False),
-    "accuracy_drop": (accuracy_drop, False),
+# The budget's metric names -> (what it reads from a metrics.Comparison, higher is better). The
+# names are what users write ("cosine>=0.99"); the methods' names say what each computes.
+METRICS: dict[str, tuple[Callable[[Comparison], float], bool]] = {
+    "cosine": (Comparison.mean_sample_cosine, True),
+    "top1": (Comparison.argmax_agreement, True),
+    "accuracy": (Comparison.label_accuracy, True),
+    "max_abs": (Comparison.max_abs_error, False),
+    "mean_abs": (Comparison.worst_mean_abs_error, False),
+    "accuracy_drop": (lambda c: c.reference_accuracy() - c.label_accuracy(), False),
 }
 
 
@@ -128,9 +122,30 @@ class AccuracyBudget:
         return self.metric if isinstance(self.metric, str) else getattr(self.metric, "__qualname__", "metric")
 
     def evaluate(self, outputs: Outputs, reference: Outputs, labels: np.ndarray | None) -> float:
+        """The metric of ``outputs`` against ``reference`` (lists of arrays, one per model output)."""
+        return self.evaluate_batches([outputs], [reference], labels)
+
+    def evaluate_batches(self, outputs: BatchOutputs, reference: BatchOutputs, labels: np.ndarray | None) -> float:
+        """The metric over batches, each compared as it comes (shapes may differ from batch to batch).
+
+        A callable metric sees every batch at once: its outputs are concatenated along
+        axis 0, which batches of different shapes do not allow (that is a ConfigError).
+        """
         if isinstance(self.metric, str):
-            return float(METRICS[self.metric][0](outputs, reference, labels))
-        return float(self.metric(outputs, reference))
+            return float(METRICS[self.metric][0](compare_batches(zip(outputs, reference), labels)))
+        pairs = list(zip(outputs, reference))
+        try:
+            joined = [
+                [np.concatenate([np.atleast_1d(batch[k]) for batch in side]) for k in range(len(side[0]))]
+                for side in ([o for o, _ in pairs], [r for _, r in pairs])
+            ] if len(pairs) > 1 else [list(pairs[0][0]), list(pairs[0][1])]
+        except ValueError as exc:
+            raise ConfigError(
+                f"the accuracy metric {self.name} takes every validation output at once, but the batches' "
+                f"outputs differ in shape ({exc}); use a built-in metric (they compare batch by batch), "
+                "or give validation_data whose batches share one shape"
+            ) from None
+        return float(self.metric(*joined))
 
     def met(self, value: float) -> bool:
         return value >= self.bound if self.higher_is_better else value <= self.bound
@@ -270,7 +285,7 @@ class _Search:
     """One budget search: measurements (cached), the report, and the phases of ``search``."""
 
     def __init__(self, units: Mapping[str, str], build: Callable[[frozenset[str]], onnx.ModelProto],
-                 run: Callable[[onnx.ModelProto], list[np.ndarray]], reference: list[np.ndarray],
+                 run: Callable[[onnx.ModelProto], BatchOutputs], reference: BatchOutputs,
                  labels: np.ndarray | None, budget: AccuracyBudget, cache: MeasurementCache,
                  final: FinalModule | None, modules: Mapping[str, str] | None = None) -> None:
         self.units, self.build, self.run, self.reference = units, build, run, reference
@@ -283,7 +298,7 @@ class _Search:
         if cached is not None:
             self.report.cached_evaluations += 1
             return cached
-        value = self.budget.evaluate(self.run(build(kept)), self.reference, self.labels)
+        value = self.budget.evaluate_batches(self.run(build(kept)), self.reference, self.labels)
         self.report.evaluations += 1
         self.cache.put(kept, value, tag)
         return value
@@ -383,8 +398,8 @@ def search(
     *,
     units: Mapping[str, str],
     build: Callable[[frozenset[str]], onnx.ModelProto],
-    run: Callable[[onnx.ModelProto], list[np.ndarray]],
-    reference: list[np.ndarray],
+    run: Callable[[onnx.ModelProto], BatchOutputs],
+    reference: BatchOutputs,
     labels: np.ndarray | None,
     budget: AccuracyBudget,
     cache: MeasurementCache,
@@ -397,7 +412,7 @@ def search(
 
     ``build(kept_high)`` returns the INT8 graph with those units left in float
     and an FP32 float part (INT8's error alone); ``run(graph)`` its outputs on
-    the validation data, concatenated per output. ``final`` builds the module as
+    the validation data, batch by batch (``reference`` likewise: re-iterable). ``final`` builds the module as
     it will really be (FP16 float part); without it the analysis graph is final.
 
     The order: every unit INT8 and every unit high; each unit's gain alone;
@@ -443,7 +458,7 @@ def search(
 def analysis_key(
     model: onnx.ModelProto,
     amax: Mapping[str, float],
-    validation: Sequence[Mapping[str, np.ndarray]],
+    validation: Iterable[Mapping[str, np.ndarray]],
     labels: np.ndarray | None,
     budget: AccuracyBudget,
     plan_options: Mapping[str, Any],
@@ -466,91 +481,25 @@ def analysis_key(
 
 # ------------------------------------------------------------ data and driver
 
-HELD_BACK = 0.2  # share of the calibration batches held back for validation by default
-
-
-def _labels_of(batch: Any, n_inputs: int) -> Any:
-    """The item after the inputs in a ``(inputs..., labels)`` tuple, else None."""
-    if isinstance(batch, (tuple, list)) and len(batch) == n_inputs + 1:
-        label = batch[-1]
-        return label.detach().cpu().numpy() if hasattr(label, "detach") else np.asarray(label)
-    return None
-
-
-def split_validation(
-    calibration_data: Any,
-    validation_data: Any,
-    input_specs: Sequence[Any],
-    max_batches: int | None = None,
-) -> tuple[Any, list[dict[str, np.ndarray]], np.ndarray | None]:
-    """Return (data to calibrate on, validation feeds, validation labels or None).
-
-    Without ``validation_data`` the last ``HELD_BACK`` share of the calibration
-    batches is held back (at least one), so the budget is never judged on the
-    batches the ranges were calibrated on. With ``max_batches`` (the
-    calibration limit) only that many batches, plus the share held back, are read.
-    """
-    from ..calibrators.data import iter_batches
-
-    if validation_data is None:
-        if calibration_data is None:
-            raise ConfigError(
-                "accuracy_budget needs data to judge the budget on: pass validation_data (or "
-                "calibration_data, of which a fifth is held back)"
-            )
-        limit = None
-        if max_batches is not None:
-            limit = max_batches + max(1, round(max_batches * HELD_BACK / (1 - HELD_BACK)))
-        if isinstance(calibration_data, (str, os.PathLike)) or hasattr(calibration_data, "shape"):
-            # A .npz file or a stacked array: its batches, as the calibrator would read them.
-            batches = [feed for _, feed in iter_batches(calibration_data, input_specs, limit)]
-            dynamic_batch = all(spec.shape and not isinstance(spec.shape[0], int) for spec in input_specs)
-            rows = min(len(a) for a in batches[0].values())
-            if len(batches) == 1 and dynamic_batch and rows >= 2:
-                # One batch of samples: hold back its last samples instead.
-                (only,) = batches
-                cut = rows - max(1, round(rows * HELD_BACK))
-                batches = [{n: a[:cut] for n, a in only.items()}, {n: a[cut:] for n, a in only.items()}]
-        else:
-            batches = list(itertools.islice(calibration_data, limit))
-        if len(batches) < 2:
-            raise ConfigError(
-                f"accuracy_budget needs validation data: calibration_data has {len(batches)} batch(es), "
-                "too few to hold one back; pass validation_data or more calibration batches"
-            )
-        held = max(1, round(len(batches) * HELD_BACK))
-        calibration_data, validation_data = batches[:-held], batches[-held:]
-        logger.info(
-            "calibrating on %d batches; the last %d held back to measure the module against FP32",
-            len(calibration_data), held,
-        )
-    raw = validation_data if isinstance(validation_data, (str, os.PathLike)) or hasattr(validation_data, "shape") else list(validation_data)
-    feeds = [feed for _, feed in iter_batches(raw, input_specs)]
-    labels = None
-    if isinstance(raw, list):
-        found = [_labels_of(b, len(input_specs)) for b in raw]
-        if all(l is not None for l in found):
-            labels = np.concatenate([np.asarray(l).reshape(-1) for l in found])
-    return calibration_data, feeds, labels
-
-
 def find_units_to_keep_high(
     model: onnx.ModelProto,
     amax: Mapping[str, float],
-    validation: Sequence[Mapping[str, np.ndarray]],
+    validation: Iterable[Mapping[str, np.ndarray]],
     labels: np.ndarray | None,
     budget: AccuracyBudget,
     *,
     plan_options: Mapping[str, Any],
     cache_dir: str | os.PathLike[str] | None,
-    reference: list[np.ndarray] | None = None,
+    reference: BatchOutputs | None = None,
     final: FinalModule | None = None,
 ) -> BudgetReport:
     """Drive ``search`` on ONNX Runtime for an FP32 ``model`` with calibrated ``amax``.
 
-    ``plan_options`` are ``plan_int8``'s keywords (the user's exclusions); a unit
-    kept high loses its Q/DQ from that plan (``keep_high``). ``reference`` is
-    ``model``'s own outputs on ``validation`` when the caller has them already.
+    ``validation`` is re-iterable (a list of feeds, or ``calibrators.data.Batches``,
+    read batch by batch). ``plan_options`` are ``plan_int8``'s keywords (the user's
+    exclusions); a unit kept high loses its Q/DQ from that plan (``keep_high``).
+    ``reference`` is ``model``'s own outputs on ``validation``, batch by batch
+    (re-iterable), when the caller has them already.
     ``final`` builds the module as it will really be (see ``search``).
     """
     units = quantized_units(model, plan_options)
@@ -559,13 +508,13 @@ def find_units_to_keep_high(
     def build(kept: frozenset[str]) -> frozenset[str]:
         return kept  # one switched graph serves every assignment: nothing to build
 
-    def run(graph: onnx.ModelProto | frozenset[str]) -> list[np.ndarray]:
+    def run(graph: onnx.ModelProto | frozenset[str]) -> BatchOutputs:
         if isinstance(graph, frozenset):
             return switched.run(graph, validation)
-        return run_graph(graph, validation)  # the final module, or the FP32 model
+        return run_batches(graph, validation)  # the final module, or the FP32 model
 
     if reference is None:
-        reference = run(model)
+        reference = list(run(model))
     cache = MeasurementCache(
         cache_dir or default_cache_dir(), analysis_key(model, amax, validation, labels, budget, plan_options)
     )
@@ -633,8 +582,8 @@ class SwitchedInt8:
         self.switches = switches
         return graph
 
-    def run(self, kept: frozenset[str], validation: Sequence[Mapping[str, np.ndarray]]) -> list[np.ndarray]:
-        """Outputs on ``validation`` with the units in ``kept`` in float and the rest INT8."""
+    def run(self, kept: frozenset[str], validation: Iterable[Mapping[str, np.ndarray]]) -> BatchOutputs:
+        """Outputs on ``validation``, batch by batch, with the units in ``kept`` in float and the rest INT8."""
         if self._session is None:
             self._session = cpu_session(self.graph())
         unknown = kept - set(self.switches)
@@ -642,8 +591,7 @@ class SwitchedInt8:
             raise ConfigError(f"units {sorted(unknown)[:3]} are not quantized units of this graph")
         switches = {s: np.array(unit in kept) for unit, s in self.switches.items()}
         names = [o.name for o in self._session.get_outputs()]
-        per_batch = [self._session.run(names, {**feed, **switches}) for feed in validation]
-        return [np.concatenate([b[i] for b in per_batch]) for i in range(len(names))]
+        return (self._session.run(names, {**feed, **switches}) for feed in validation)
 
 
 def _branch(node: onnx.NodeProto, inputs: list[str], tag: str) -> onnx.GraphProto:
@@ -717,8 +665,8 @@ def default_cache_dir() -> Path:
 def check_final(
     report: BudgetReport,
     final_graph: onnx.ModelProto,
-    reference: list[np.ndarray],
-    validation: Sequence[Mapping[str, np.ndarray]],
+    reference: BatchOutputs,
+    validation: Iterable[Mapping[str, np.ndarray]],
     labels: np.ndarray | None,
     budget: AccuracyBudget,
     value: float | None = None,
@@ -730,7 +678,7 @@ def check_final(
     AccuracyBudgetError when it misses, unless the budget is best-effort.
     """
     if value is None:
-        value = budget.evaluate(run_graph(final_graph, validation), reference, labels)
+        value = budget.evaluate_batches(run_batches(final_graph, validation), reference, labels)
     report.final, report.met = value, budget.met(value)
     logger.info(
         "accuracy budget %s: final module %.6g with %d unit(s) kept high -> %s",

@@ -18,15 +18,17 @@ from typing import Any
 import onnx
 
 from ..backends.fp16_emulation import widen_to_fp32
-from ..backends.onnxruntime import run_graph
+from ..backends.onnxruntime import run_batches
+from ..calibrators.data import Batches, Spool
 from ..config import BuildConfig, CalibratorKind, Precision
 from ..errors import ConfigError
 from ..names import node_modules
+from ..stages import StageTimer
 from .budget import AccuracyBudget, BudgetReport, FinalModule, check_final, find_units_to_keep_high, keep_high
 from .fp16 import Fp16Report
 from .int8 import Int8Plan, Int8Report, plan_int8
 from .qformat import graph_format, quant_format
-from .readout import AccuracyReadout, log_readout, measure
+from .readout import AccuracyReadout, class_logit_outputs, log_readout, measure
 from .report import PrecisionReport
 from .validate import validate_qdq
 
@@ -41,6 +43,7 @@ def apply_precision(
     calibration_data: Any,
     accuracy_budget: Any = None,
     validation_data: Any = None,
+    timer: StageTimer | None = None,
 ) -> tuple[onnx.ModelProto, PrecisionReport]:
     """Write ``config.precision`` into ``model``; return the graph and its report.
 
@@ -49,8 +52,9 @@ def apply_precision(
     checked for Inf/NaN). INT8 and FP8: Q/DQ pairs with scales from the calibrator
     (needs ``calibration_data`` or an existing ``calibration_cache``), the rest
     in ``config.float_part_precision``; with ``accuracy_budget``, the units the
-    search keeps high stay out of INT8.
+    search keeps high stay out of INT8. ``timer`` collects the seconds of each stage.
     """
+    timer = timer or StageTimer()
     if accuracy_budget is not None and not config.precision.quantized:
         raise ConfigError(
             f"accuracy_budget applies to precision='int8' or 'fp8' (it chooses which layers leave INT8/FP8), "
@@ -77,10 +81,15 @@ def apply_precision(
         if calibration_data is not None:
             logger.info("calibration_data is ignored at fp32")
         return model, PrecisionReport()
-    data = PreparedData.prepare(model, config, calibration_data, accuracy_budget, validation_data)
-    if config.precision is Precision.FP16:
-        return fp16_path(model, config, data)
-    return int8_path(model, config, data)
+    with timer.stage("data split and FP32 reference"):
+        data = PreparedData.prepare(model, config, calibration_data, accuracy_budget, validation_data)
+    data.timer = timer
+    try:
+        if config.precision is Precision.FP16:
+            return fp16_path(model, config, data)
+        return int8_path(model, config, data)
+    finally:
+        data.close()
 
 
 def computes_in_bf16(model: onnx.ModelProto) -> bool:
@@ -125,19 +134,28 @@ def carried_report(model: onnx.ModelProto, carried: str, config: BuildConfig, ac
 
 @dataclass
 class HeldOut:
-    """Batches the ranges were not calibrated on, with the FP32 graph's outputs on them."""
+    """Batches the ranges were not calibrated on, with the FP32 graph's outputs on them.
 
-    feeds: list[dict[str, Any]]
+    ``feeds`` and ``reference`` are read batch by batch (the reference outputs are spooled to
+    disk), so judging a module costs no memory per batch, whatever the batches' shapes.
+    ``classifiers`` are the outputs read as class logits (``readout.class_logit_outputs``).
+    """
+
+    feeds: Batches
     labels: Any
-    reference: list[Any]
+    reference: Spool
     held_back: bool
+    classifiers: list[int] = field(default_factory=list)
 
     def readout(self, graph: onnx.ModelProto, precision: str, hints: Callable[[], list[str]]) -> AccuracyReadout:
         """Measure ``graph`` against FP32 and log the result; ``hints()`` (what to try, run only
         when the module drifts: it may measure ranges again) goes into the warning."""
-        readout = measure(graph, self.reference, self.feeds, held_back=self.held_back)
+        readout = measure(graph, self.reference, self.feeds, held_back=self.held_back, classifiers=self.classifiers)
         log_readout(readout, precision, [] if readout.ok else hints())
         return readout
+
+    def close(self) -> None:
+        self.reference.close()
 
 
 def hold_back(
@@ -148,27 +166,34 @@ def hold_back(
     max_batches: int | None,
     *,
     required: bool,
-) -> tuple[Any, HeldOut]:
+    classifier_outputs: bool | None = None,
+) -> tuple[Batches | None, HeldOut]:
     """Split off the batches that judge the compiled module (the accuracy readout and budget).
 
-    ``validation_data`` when given, else the last fifth of the calibration batches.
-    Calibration data too small to split is used for both, and the readout says so,
-    unless an accuracy budget needs held-back data (then the error says what to pass).
+    ``validation_data`` when given, else the last fifth of the calibration batches (at most
+    ``HELD_BACK_MAX_BATCHES``). Calibration data too small to split is used for both, and the
+    readout says so, unless an accuracy budget needs held-back data (then the error says what
+    to pass). The FP32 outputs on the held-back batches are spooled to disk as they come.
     """
-    from ..calibrators.data import iter_batches
-    from .budget import split_validation
+    from ..calibrators.data import batches_to_read, open_batches, split_validation
 
-    if isinstance(calibration_data, Iterator):
-        calibration_data = list(calibration_data)  # read once: a failed split must not lose it
+    if calibration_data is not None:
+        # Read once (a one-shot iterator is spooled): a failed split must not lose it.
+        limit = batches_to_read(max_batches) if validation_data is None else max_batches
+        calibration_data = open_batches(calibration_data, inputs, limit)
     try:
-        calibration_data, feeds, labels = split_validation(calibration_data, validation_data, inputs, max_batches)
+        calibration, feeds, labels = split_validation(calibration_data, validation_data, inputs, max_batches)
         held_back = True
     except ConfigError:
         if required or validation_data is not None:
             raise
-        feeds, labels, held_back = [feed for _, feed in iter_batches(calibration_data, inputs, max_batches)], None, False
+        calibration = feeds = open_batches(calibration_data, inputs, max_batches)
+        labels, held_back = None, False
         logger.info("one calibration batch only: the accuracy readout is measured on it, none is held back")
-    return calibration_data, HeldOut(feeds, labels, run_graph(model, feeds), held_back)
+    reference = Spool(prefix="trtopt-reference-")
+    for outputs in run_batches(model, feeds):
+        reference.append(outputs)
+    return calibration, HeldOut(feeds, labels, reference, held_back, class_logit_outputs(model, classifier_outputs))
 
 
 @dataclass
@@ -181,14 +206,15 @@ class PreparedData:
     held_out: HeldOut | None = None
     budget: AccuracyBudget | None = None
     excluded: dict[str, Any] = field(default_factory=dict)  # the user's exclusions, as the passes take them
+    timer: StageTimer = field(default_factory=StageTimer)
 
     @classmethod
     def prepare(
         cls, model: onnx.ModelProto, config: BuildConfig, calibration_data: Any, accuracy_budget: Any,
         validation_data: Any,
     ) -> PreparedData:
+        from ..calibrators.data import open_batches
         from ..spec import tensor_specs
-        from .probe import feed_batches
 
         data = cls(inputs=tensor_specs(model.graph.input), budget=_parse_budget(accuracy_budget))
         data.excluded = {"exclude_nodes": config.exclude_nodes, "exclude_op_types": config.exclude_op_types}
@@ -197,12 +223,21 @@ class PreparedData:
         if calibration_data is not None or validation_data is not None or data.budget is not None:
             calibration_data, data.held_out = hold_back(
                 model, calibration_data, validation_data, data.inputs, config.calibration_batches,
-                required=data.budget is not None,
+                required=data.budget is not None, classifier_outputs=config.classifier_outputs,
             )
         if calibration_data is not None:
-            calibration_data, data.batches = feed_batches(calibration_data, data.inputs, config.calibration_batches)
+            calibration = open_batches(calibration_data, data.inputs, config.calibration_batches)
+            calibration_data, data.batches = calibration, calibration.__iter__
         data.calibration_data = calibration_data
         return data
+
+    def close(self) -> None:
+        """Delete what was spooled to disk (the user's one-shot data, the held-back reference outputs)."""
+        if self.held_out is not None:
+            self.held_out.close()
+            self.held_out.feeds.close()
+        if isinstance(self.calibration_data, Batches):
+            self.calibration_data.close()
 
 
 def _parse_budget(accuracy_budget: Any) -> AccuracyBudget | None:
@@ -223,14 +258,16 @@ def fp16_path(model: onnx.ModelProto, config: BuildConfig, data: PreparedData) -
             "precision='fp16' without calibration_data: the FP32 keep-list only covers weights "
             "and exclusions, and the graph is not checked for overflow; pass calibration_data"
         )
-    converted, fp16_report = to_fp16(model, data.batches, threshold=config.fp16_threshold, **data.excluded)
+    with data.timer.stage("fp16 keep-list and overflow check"):
+        converted, fp16_report = to_fp16(model, data.batches, threshold=config.fp16_threshold, **data.excluded)
     report = PrecisionReport(
         precision="fp16", qdq_nodes=0, overflow_checked=data.batches is not None, **fp16_report.to_json()
     )
     if data.held_out is not None:
-        report.accuracy = data.held_out.readout(converted, "fp16", lambda: [
-            "Try exclude_nodes=[...] for the layers that overflow, a lower fp16_threshold, or precision='fp32'."
-        ])
+        with data.timer.stage("readout"):
+            report.accuracy = data.held_out.readout(converted, "fp16", lambda: [
+                "Try exclude_nodes=[...] for the layers that overflow, a lower fp16_threshold, or precision='fp32'."
+            ])
     return converted, report
 
 
@@ -273,9 +310,13 @@ def int8_path(model: onnx.ModelProto, config: BuildConfig, data: PreparedData) -
     """Q/DQ (INT8 or FP8) with calibrated ranges; with a budget, the units it needs stay high."""
     calibrated = calibrate_plan(model, config, data)
     builder = Int8Builder(calibrated, config, data)
-    budget_report = search_budget(calibrated, config, data, builder) if data.budget is not None else None
+    budget_report = None
+    if data.budget is not None:
+        with data.timer.stage("accuracy budget"):
+            budget_report = search_budget(calibrated, config, data, builder)
     kept = frozenset(budget_report.kept_high) if budget_report is not None else frozenset()
-    quantized, int8_report, fp16_report = builder.build(kept)
+    with data.timer.stage("q/dq and float part"):
+        quantized, int8_report, fp16_report = builder.build(kept)
     report = int8_report_of(calibrated, config, data, int8_report, fp16_report)
     if budget_report is not None:
         held_out = data.held_out
@@ -285,9 +326,10 @@ def int8_path(model: onnx.ModelProto, config: BuildConfig, data: PreparedData) -
         report.accuracy_budget = budget_report
     if data.held_out is not None:
         checks = _quantized_checks(calibrated)
-        report.accuracy = data.held_out.readout(
-            quantized, report.precision, lambda: int8_hints(calibrated, checks, data.held_out.feeds, data.inputs)
-        )
+        with data.timer.stage("readout"):
+            report.accuracy = data.held_out.readout(
+                quantized, report.precision, lambda: int8_hints(calibrated, checks, data.held_out.feeds, data.inputs)
+            )
     return quantized, report
 
 
@@ -301,45 +343,48 @@ def calibrate_plan(model: onnx.ModelProto, config: BuildConfig, data: PreparedDa
         "quantize_attention": config.int8_attention, "quantize_conv_outputs": config.int8_layout == "cpu",
         **data.excluded,
     }
-    plan = plan_int8(model, **plan_options)
-    groups = {}
-    if config.smoothquant is not None:
-        from .smoothquant import smoothable_groups
+    with data.timer.stage("q/dq plan"):
+        plan = plan_int8(model, **plan_options)
+        groups = {}
+        if config.smoothquant is not None:
+            from .smoothquant import smoothable_groups
 
-        groups = smoothable_groups(model, plan)
+            groups = smoothable_groups(model, plan)
     start = time.perf_counter()
-    calibration = calibrate(
-        model, plan.activation_tensors, data.calibration_data, input_specs=data.inputs,
-        method=config.calibration_method.value, percentile=config.percentile,
-        max_batches=config.calibration_batches, cache_path=config.calibration_cache,
-        progress=logger.isEnabledFor(logging.INFO), channel_max_for=list(groups),
-    )
+    with data.timer.stage("calibration"):
+        calibration = calibrate(
+            model, plan.activation_tensors, data.calibration_data, input_specs=data.inputs,
+            method=config.calibration_method.value, percentile=config.percentile,
+            max_batches=config.calibration_batches, cache_path=config.calibration_cache,
+            progress=logger.isEnabledFor(logging.INFO), channel_max_for=list(groups),
+        )
     calibrated = Calibrated(model, plan, plan_options, dict(calibration.amax), calibration, time.perf_counter() - start)
     if groups:
         from .smoothquant import smooth
 
-        calibrated.model, calibrated.smoothed_ranges, calibrated.smoothed = smooth(
-            model, groups, calibration.channel_max, config.smoothquant
-        )
-        calibrated.amax.update(calibrated.smoothed_ranges)
-        if calibrated.smoothed_ranges and not calibration.from_cache:
-            # The smoothed tensors x / s get their ranges from the chosen calibrator, with range
-            # checks, like every other activation: a second pass, over these tensors only.
-            calibrated.smoothed_calibration = calibrate(
-                calibrated.model, list(calibrated.smoothed_ranges), data.calibration_data, input_specs=data.inputs,
-                method=smoothed_calibrator(config.calibration_method).value, percentile=config.percentile,
-                max_batches=config.calibration_batches, progress=logger.isEnabledFor(logging.INFO),
+        with data.timer.stage("smoothquant"):
+            calibrated.model, calibrated.smoothed_ranges, calibrated.smoothed = smooth(
+                model, groups, calibration.channel_max, config.smoothquant
             )
-            calibrated.amax.update(calibrated.smoothed_calibration.amax)
-        elif calibrated.smoothed_ranges:
-            logger.info(
-                "smoothquant: the calibration came from the cache, so the %d smoothed tensor(s) take max |x / s| "
-                "from its per-channel statistics (minmax), not the %s calibrator",
-                len(calibrated.smoothed_ranges), calibration.method,
-            )
-        calibrated.seconds = time.perf_counter() - start
-        # The units now read the smoothed tensors: plan again, every other Q/DQ stays where it was.
-        calibrated.plan = plan_int8(calibrated.model, **plan_options)
+            calibrated.amax.update(calibrated.smoothed_ranges)
+            if calibrated.smoothed_ranges and not calibration.from_cache:
+                # The smoothed tensors x / s get their ranges from the chosen calibrator, with range
+                # checks, like every other activation: a second pass, over these tensors only.
+                calibrated.smoothed_calibration = calibrate(
+                    calibrated.model, list(calibrated.smoothed_ranges), data.calibration_data, input_specs=data.inputs,
+                    method=smoothed_calibrator(config.calibration_method).value, percentile=config.percentile,
+                    max_batches=config.calibration_batches, progress=logger.isEnabledFor(logging.INFO),
+                )
+                calibrated.amax.update(calibrated.smoothed_calibration.amax)
+            elif calibrated.smoothed_ranges:
+                logger.info(
+                    "smoothquant: the calibration came from the cache, so the %d smoothed tensor(s) take max |x / s| "
+                    "from its per-channel statistics (minmax), not the %s calibrator",
+                    len(calibrated.smoothed_ranges), calibration.method,
+                )
+            calibrated.seconds = time.perf_counter() - start
+            # The units now read the smoothed tensors: plan again, every other Q/DQ stays where it was.
+            calibrated.plan = plan_int8(calibrated.model, **plan_options)
     return calibrated
 
 

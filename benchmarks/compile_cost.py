@@ -1,0 +1,248 @@
+"""What a compile costs: peak memory against the number of calibration batches, and FP16/INT8
+compile time against FP32 and against onnxruntime's ``quantize_static``.
+
+Memory: a 2-conv model (4x3x32x32 batches, 16-channel activations) compiled at INT8 from a
+one-shot generator of 16, 64, 256 and 1024 batches, each in a fresh subprocess; onnxruntime's
+``quantize_static`` (MinMax, QDQ) on the same FP32 graph (trtopt's export) and the same batches
+next to it. ``peak_rss_mb`` is the child's VmHWM (``/proc/self/status``; ``ru_maxrss`` is
+inherited across fork and exec), ``wall_s`` the compile (trtopt: export included) or
+``quantize_static`` call.
+
+Time: ResNet-18 (random weights, 4x3x224x224) and a 3-layer BERT-style encoder (384 wide, 6
+heads, 16x64 token ids), each compiled at FP32, FP16 and INT8 (defaults, 8 calibration batches)
+in one process, side by side, after one untimed FP32 compile (torch's first export is slower),
+interleaved over 3 rounds, medians (totals and each stage); ``quantize_static`` + its ORT session creation on trtopt's FP32
+graph and the same 8 batches. ``int8_vs_quantize_static`` excludes trtopt's export (the
+FP32 compile's ``export and cleanup`` stage), which ``quantize_static`` does not do. Each
+compile's ``stage_seconds`` (``module.spec.info``) is kept.
+
+    PYTHONPATH=. python benchmarks/compile_cost.py   # peak RSS about 1 GB
+        # writes benchmarks/results/compile_cost.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+BATCH_COUNTS = (16, 64, 256, 1024)
+ROUNDS = 3  # compile-time rounds; medians
+MEMORY_SHAPE = (4, 3, 32, 32)
+
+
+def memory_batch(index: int) -> np.ndarray:
+    return np.random.default_rng(1000 + index).standard_normal(MEMORY_SHAPE).astype(np.float32)
+
+
+def memory_model():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 3, 3, padding=1)).eval()
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def child_memory(tool: str, count: int, graph_path: str) -> dict:
+    """One memory measurement (runs in its own process)."""
+    start = time.perf_counter()
+    if tool == "trtopt":
+        import torch
+
+        import trtopt
+
+        batches = (torch.from_numpy(memory_batch(i)) for i in range(count))
+        trtopt.compile(memory_model(), (torch.zeros(MEMORY_SHAPE),), precision="int8", calibration_data=batches,
+                       backend="onnxruntime", dynamic_shapes={"input": {0: (1, 4, 4)}})
+    else:
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.batches = ({"input": memory_batch(i)} for i in range(count))
+
+            def get_next(self):
+                return next(self.batches, None)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            quantize_static(graph_path, str(Path(tmp) / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ)
+    return {"tool": tool, "batches": count, "wall_s": round(time.perf_counter() - start, 2),
+            "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+# ------------------------------------------------------------------ compile time
+
+
+def encoder_model():
+    import torch
+    from torch import nn
+
+    class Encoder(nn.Module):
+        """BERT-style: token and position embeddings, 3 post-norm layers, a mean-pooled embedding."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.tokens, self.positions = nn.Embedding(1000, 384), nn.Embedding(64, 384)
+            layer = nn.TransformerEncoderLayer(384, 6, 1536, dropout=0.0, batch_first=True, activation="gelu")
+            self.encoder = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            positions = torch.arange(ids.shape[1]).unsqueeze(0)
+            return self.encoder(self.tokens(ids) + self.positions(positions)).mean(dim=1)
+
+    torch.manual_seed(0)
+    return Encoder().eval()
+
+
+def time_model(name: str) -> dict:
+    """FP32, FP16, INT8 compiles and quantize_static + session creation, side by side, one process."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    import trtopt
+
+    if name == "resnet18":
+        import torchvision
+
+        torch.manual_seed(0)
+        model = torchvision.models.resnet18().eval()
+        generator = torch.Generator().manual_seed(1)
+        batches = [torch.rand(4, 3, 224, 224, generator=generator) for _ in range(8)]
+        shapes = {"x": {0: (1, 4, 8)}}
+    else:
+        model = encoder_model()
+        generator = torch.Generator().manual_seed(1)
+        batches = [torch.randint(0, 1000, (16, 64), generator=generator) for _ in range(8)]
+        shapes = {"ids": {0: (1, 16, 32)}}
+    row: dict = {"model": name}
+    # Warm-up: the first export in a process pays torch's one-time costs, which would flatter FP16/INT8.
+    trtopt.compile(model, (batches[0],), backend="onnxruntime", dynamic_shapes=shapes)
+    runs: dict[str, list[tuple[float, dict]]] = {"fp32": [], "fp16": [], "int8": []}
+    for _ in range(ROUNDS):  # interleaved, so a burst of load from other jobs hits every precision alike
+        for precision in runs:
+            start = time.perf_counter()
+            module = trtopt.compile(model, (batches[0],), precision=precision, backend="onnxruntime",
+                                    dynamic_shapes=shapes, calibration_data=None if precision == "fp32" else batches)
+            runs[precision].append((time.perf_counter() - start, module.spec.info["stage_seconds"]))
+            if precision == "fp32":
+                graph = module.onnx_model
+    for precision, measured in runs.items():
+        row[f"{precision}_s"] = round(statistics.median(t for t, _ in measured), 2)
+        stages = measured[0][1]
+        row[f"{precision}_stages"] = {k: round(statistics.median(m[1][k] for m in measured), 2) for k in stages}
+    input_name = graph.graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{input_name: b.numpy()} for b in batches])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "q.onnx"
+        onnx.save(graph, source)
+        start = time.perf_counter()
+        quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ)
+        ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+        row["quantize_static_s"] = round(time.perf_counter() - start, 2)
+    export = row["fp32_stages"]["export and cleanup"]
+    row["fp16_vs_fp32"] = round(row["fp16_s"] / row["fp32_s"], 2)
+    row["int8_vs_fp32"] = round(row["int8_s"] / row["fp32_s"], 2)
+    # trtopt's own INT8 work (its compile less the FP32 compile's export) against quantize_static + session.
+    row["int8_vs_quantize_static"] = round((row["int8_s"] - export) / row["quantize_static_s"], 2)
+    return row
+
+
+def run_child(args: list[str]) -> dict:
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{args} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table(result: dict) -> str:
+    lines = [
+        "# Compile cost", "", f"`{result['command']}`; {result['machine']}", "",
+        "## Peak memory against calibration batches (INT8, 2-conv model, 4x3x32x32 batches)", "",
+        "| batches | trtopt peak RSS MB | trtopt s | quantize_static peak RSS MB | quantize_static s |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    by = {(r["tool"], r["batches"]): r for r in result["memory"]}
+    for count in result["batch_counts"]:
+        t, q = by[("trtopt", count)], by[("quantize_static", count)]
+        lines.append(f"| {count} | {t['peak_rss_mb']:.0f} | {t['wall_s']:.1f} | {q['peak_rss_mb']:.0f} | {q['wall_s']:.1f} |")
+    lines += ["", f"trtopt peak RSS at {result['batch_counts'][-1]} batches / at {result['batch_counts'][0]}: "
+              f"{result['trtopt_rss_ratio']:.2f}x", "",
+              "## Compile time, side by side in one process (onnxruntime backend, 8 calibration batches, "
+              "median of 3 interleaved rounds)", "",
+              "| model | FP32 s | FP16 s | INT8 s | quantize_static + session s | FP16/FP32 | INT8/FP32 | "
+              "(INT8 - FP32 export)/quantize_static |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["time"]:
+        lines.append(f"| {r['model']} | {r['fp32_s']:.1f} | {r['fp16_s']:.1f} | {r['int8_s']:.1f} | "
+                     f"{r['quantize_static_s']:.1f} | {r['fp16_vs_fp32']:.2f} | {r['int8_vs_fp32']:.2f} | "
+                     f"{r['int8_vs_quantize_static']:.2f} |")
+    lines += ["", "Stages (seconds, `module.spec.info['stage_seconds']`):", ""]
+    for r in result["time"]:
+        for precision in ("fp32", "fp16", "int8"):
+            stages = ", ".join(f"{k} {v:.2f}" for k, v in r[f"{precision}_stages"].items())
+            lines.append(f"- {r['model']} {precision}: {stages}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child-memory", nargs=3, metavar=("TOOL", "COUNT", "GRAPH"))
+    parser.add_argument("--child-time", metavar="MODEL")
+    parser.add_argument("--batches", type=int, nargs="*", default=list(BATCH_COUNTS))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    if args.child_memory:
+        tool, count, graph = args.child_memory
+        print(json.dumps(child_memory(tool, int(count), graph)))
+        return
+    if args.child_time:
+        print(json.dumps(time_model(args.child_time)))
+        return
+    import torch
+
+    import trtopt
+    from trtopt.bench.results import write_results
+
+    with tempfile.TemporaryDirectory() as tmp:
+        graph_path = str(Path(tmp) / "fp32.onnx")
+        fp32 = trtopt.compile(memory_model(), (torch.zeros(MEMORY_SHAPE),), backend="onnxruntime",
+                              dynamic_shapes={"input": {0: (1, 4, 4)}})
+        fp32.export_onnx(graph_path)
+        memory = [run_child(["--child-memory", tool, str(n), graph_path])
+                  for n in args.batches for tool in ("trtopt", "quantize_static")]
+    times = [run_child(["--child-time", name]) for name in ("encoder", "resnet18")]
+    peaks = {r["batches"]: r["peak_rss_mb"] for r in memory if r["tool"] == "trtopt"}
+    result = {
+        "command": "PYTHONPATH=. python benchmarks/compile_cost.py",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared with other jobs (ratios only)",
+        "batch_counts": args.batches, "memory": memory, "time": times,
+        "trtopt_rss_ratio": round(peaks[max(peaks)] / peaks[min(peaks)], 3),
+    }
+    write_results(args.out, "compile_cost", result, table(result))
+
+
+if __name__ == "__main__":
+    main()
