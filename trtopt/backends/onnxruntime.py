@@ -29,7 +29,7 @@ import onnxruntime as ort
 import torch
 
 from ..errors import CalibrationError, ConfigError, EngineError, first_line
-from ..graph import EXTERNAL_DATA_THRESHOLD, initializer_bytes, save_model
+from ..graph import needs_external_data, save_model, weights_dir
 from .fp16_emulation import emulate_fp16
 from .profiling import LayerProfile, parse_onnxruntime_profile
 from .qdq_cpu import is_cpu_layout, lower_qdq_for_cpu
@@ -85,8 +85,13 @@ def make_session(
         options.profile_file_prefix = profile_prefix
     if optimized_model_path:
         options.optimized_model_filepath = optimized_model_path
+    directory = weights_dir(model)
+    if directory is not None:
+        # The weights are on disk already (trtopt.graph.offload_weights): ONNX Runtime reads
+        # them from there, and only the small proto goes through memory.
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(directory))
     try:
-        if initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
+        if directory is None and needs_external_data(model):
             # Over protobuf's 2 GB limit the model must go through a file with external data;
             # the copy is deleted with the session.
             workdir = tempfile.mkdtemp(prefix="trtopt-ort-")
