@@ -346,6 +346,22 @@ def read_weight(model: onnx.ModelProto, tensor: onnx.TensorProto) -> np.ndarray:
     return onnx.numpy_helper.to_array(tensor, base_dir=str(directory))
 
 
+def store_weight(model: onnx.ModelProto, values: np.ndarray, name: str) -> onnx.TensorProto:
+    """An initializer ``name`` holding ``values`` for ``model``: written to a new file in the
+    model's weights directory when its weights are on disk (so a pass that rewrites weights
+    one at a time never holds them all), else inside the proto."""
+    tensor = onnx.numpy_helper.from_array(values, name)
+    directory = weights_dir(model)
+    if directory is None or values.nbytes < EXTERNAL_TENSOR_MIN_BYTES:
+        return tensor
+    location = f"weights-{uuid.uuid4().hex[:12]}.bin"
+    with open(directory / location, "wb") as handle:
+        handle.write(tensor.raw_data)
+    _point_at(tensor, location, 0, len(tensor.raw_data))
+    tensor.ClearField("raw_data")
+    return tensor
+
+
 def load_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` with every weight in the proto (for passes that rewrite weights)."""
     loaded = onnx.ModelProto()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from ..graph import read_weight, store_weight
+
 
 def emulate_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """An FP32 graph that rounds every FP16 tensor of ``model`` to FP16, for running on a CPU.
@@ -39,8 +41,8 @@ def emulate_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = emulated.graph
     for init in graph.initializer:
         if init.data_type == half:  # FP16 values are exact in FP32
-            values = onnx.numpy_helper.to_array(init).astype(np.float32)
-            init.CopyFrom(onnx.numpy_helper.from_array(values, init.name))
+            values = read_weight(model, init).astype(np.float32)
+            init.CopyFrom(store_weight(emulated, values, init.name))
     # A dequantized tensor read by an INT8 kernel and by other ops: the kernel reads it unrounded.
     dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"} & half_tensors
     nodes = []
