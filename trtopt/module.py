@@ -47,7 +47,7 @@ MANIFEST = "manifest.json"
 ONNX_MEMBER = "model.onnx"
 ONNX_DATA_MEMBER = "model.onnx.data"
 ENGINE_MEMBER = "engine.plan"
-_CHUNK = 1 << 24  # bytes per read or write when members are streamed
+STREAM_CHUNK_BYTES = 1 << 24  # bytes per read or write when members are streamed
 
 _SHAPE_CACHE_SIZE = 256
 
@@ -372,8 +372,8 @@ def _write_member(archive: zipfile.ZipFile, name: str, data: bytes | bytearray |
     view = memoryview(data)
     with archive.open(name, "w", force_zip64=len(view) > (1 << 31)) as member:
         writer = _HashingWriter(member)
-        for start in range(0, len(view), _CHUNK):
-            writer.write(view[start : start + _CHUNK])
+        for start in range(0, len(view), STREAM_CHUNK_BYTES):
+            writer.write(view[start : start + STREAM_CHUNK_BYTES])
     return writer.hexdigest()
 
 
@@ -383,7 +383,7 @@ def _read_member(archive: zipfile.ZipFile, name: str, target: Any | None = None)
     sha256 = hashlib.sha256()
     buffer = io.BytesIO() if target is None else None
     with archive.open(name) as member:
-        for block in iter(lambda: member.read(_CHUNK), b""):
+        for block in iter(lambda: member.read(STREAM_CHUNK_BYTES), b""):
             sha256.update(block)
             (target or buffer).write(block)
     return (buffer.getvalue() if buffer is not None else None), sha256.hexdigest()
