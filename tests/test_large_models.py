@@ -185,3 +185,11 @@ def test_offload_leaves_the_source_untouched_and_aligns_each_tensor():
             assert np.array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
     finally:
         graph.discard_weights_dir(graph.weights_dir(offloaded))
+
+
+def test_an_exported_program_takes_the_same_path(small_threshold):
+    model = mlp()
+    x = torch.randn(2, WIDTH)
+    module = trtopt.compile(torch.export.export(model, (x,)), (x,), backend="onnxruntime")
+    assert graph.weights_dir(module.onnx_model) is not None
+    np.testing.assert_allclose(module(x).numpy(), model(x).detach().numpy(), rtol=1e-5, atol=1e-5)

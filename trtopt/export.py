@@ -193,7 +193,9 @@ def _dynamo_export(
 
 def _weight_bytes(model: Any) -> int:
     """Bytes of the model's parameters and buffers (what the ONNX initializers will hold)."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
+    state = model.state_dict  # an ExportedProgram's is a dict, an nn.Module's a method
+    tensors = (state() if callable(state) else state).values()
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def _weights_to_disk(program: Any) -> onnx.ModelProto:
