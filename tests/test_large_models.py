@@ -193,3 +193,21 @@ def test_an_exported_program_takes_the_same_path(small_threshold):
     module = trtopt.compile(torch.export.export(model, (x,)), (x,), backend="onnxruntime")
     assert graph.weights_dir(module.onnx_model) is not None
     np.testing.assert_allclose(module(x).numpy(), model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_fp16_and_int8_on_disk_compute_what_they_compute_in_memory(precision, monkeypatch, tmp_path):
+    model = mlp()
+    x = torch.randn(4, WIDTH)
+    calibration = [(torch.randn(4, WIDTH),) for _ in range(10)]
+
+    def compiled():
+        return trtopt.compile(model, (x,), precision=precision, calibration_data=calibration, backend="onnxruntime")
+
+    in_memory = compiled()
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    on_disk = compiled()
+    assert graph.weights_dir(in_memory.onnx_model) is None and graph.weights_dir(on_disk.onnx_model) is not None
+    assert torch.equal(on_disk(x), in_memory(x))
+    assert torch.equal(trtopt.load(on_disk.save(tmp_path / "m.trtopt"))(x), in_memory(x))

@@ -29,7 +29,7 @@ import onnxruntime as ort
 import torch
 
 from ..errors import CalibrationError, ConfigError, EngineError, first_line
-from ..graph import needs_external_data, save_model, weights_dir
+from ..graph import load_weights, needs_external_data, save_model, weights_dir
 from .fp16_emulation import emulate_fp16
 from .profiling import LayerProfile, parse_onnxruntime_profile
 from .qdq_cpu import is_cpu_layout, lower_qdq_for_cpu
@@ -73,6 +73,8 @@ def make_session(
     """
     fusions_exact = is_cpu_layout(model)
     if "CPUExecutionProvider" in providers:
+        if weights_dir(model) is not None and any(n.op_type == "DequantizeLinear" for n in model.graph.node):
+            model = load_weights(model)  # the CPU layout reads the (INT8, a quarter-size) weights
         model = lower_qdq_for_cpu(model)
     disabled = disabled_optimizers(model)
     options = ort.SessionOptions()
