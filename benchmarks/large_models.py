@@ -7,7 +7,8 @@ run, saved, loaded and run again. For every stage the child records the peak
 resident set size (the kernel's VmHWM, reset before the stage) and how far it rose
 above the stage's start; the ratios are to the weights' bytes. ``baseline`` is the
 RSS of the child after its imports, before the model exists: Python, torch, ONNX
-and ONNX Runtime, whatever the model's size.
+and ONNX Runtime, whatever the model's size. Loading runs in a second fresh process
+(what a deployment that only loads pays), checked against the compiled module's outputs.
 
     flock /tmp/trtopt-bigmem.lock env PYTHONPATH=. python benchmarks/large_models.py
     PYTHONPATH=. python benchmarks/large_models.py --cases 0.5:fp32:disk   # the weights-on-disk path at 0.5 GiB
@@ -26,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 STEM = "large_models"
@@ -47,14 +50,33 @@ def shape_of(gib: float) -> tuple[int, int]:
 # ------------------------------------------------------------------ the child
 
 
-def _child(gib: float, precision: str, threshold: int | None, workdir: Path) -> dict[str, Any]:
-    import gc
+def _read_status(field: str) -> int | None:
+    from trtopt.bench.memory import _read_status as read  # noqa: PLC2701 - the benchmark reads RSS directly
 
+    return read(field)
+
+
+def _measured(stages: dict[str, dict[str, float]], name: str, fn: Any) -> Any:
+    """Run ``fn``, recording its time, peak RSS and growth over its start as ``stages[name]``."""
+    from trtopt.bench.memory import PeakMemory
+
+    start = time.perf_counter()
+    with PeakMemory() as peak:
+        result = fn()
+    usage = peak.usage
+    stages[name] = {
+        "seconds": round(time.perf_counter() - start, 2),
+        "peak_rss_gib": round((usage.peak_rss_bytes or 0) / 2**30, 3),
+        "growth_gib": round((usage.growth_bytes or 0) / 2**30, 3),
+    }
+    return result
+
+
+def _child(gib: float, precision: str, threshold: int | None, workdir: Path) -> dict[str, Any]:
     import torch
 
     import trtopt
     from trtopt import graph
-    from trtopt.bench.memory import PeakMemory, _read_status  # noqa: PLC2701 - the benchmark reads RSS directly
 
     if threshold is not None:
         graph.EXTERNAL_DATA_THRESHOLD = threshold
@@ -63,16 +85,7 @@ def _child(gib: float, precision: str, threshold: int | None, workdir: Path) -> 
     stages: dict[str, dict[str, float]] = {}
 
     def measured(name: str, fn: Any) -> Any:
-        start = time.perf_counter()
-        with PeakMemory() as peak:
-            result = fn()
-        usage = peak.usage
-        stages[name] = {
-            "seconds": round(time.perf_counter() - start, 2),
-            "peak_rss_gib": round((usage.peak_rss_bytes or 0) / 2**30, 3),
-            "growth_gib": round((usage.growth_bytes or 0) / 2**30, 3),
-        }
-        return result
+        return _measured(stages, name, fn)
 
     width, layers = shape_of(gib)
     torch.manual_seed(0)
@@ -83,7 +96,7 @@ def _child(gib: float, precision: str, threshold: int | None, workdir: Path) -> 
 
     model = measured("build model", build)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    x = torch.randn(4, width)
+    x = torch.randn(4, width, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(x)
     calibration = [(torch.randn(4, width),) for _ in range(8)] if precision != "fp32" else None
@@ -98,16 +111,20 @@ def _child(gib: float, precision: str, threshold: int | None, workdir: Path) -> 
     measured("save", lambda: module.save(path))
     file_bytes = path.stat().st_size
     del module, model
-    gc.collect()
-    from trtopt.module import read_module_file
-
-    measured("read module file", lambda: read_module_file(path))
-    gc.collect()
-    loaded = measured("load", lambda: trtopt.load(path, backend="onnxruntime"))
-    reloaded = measured("run loaded", lambda: loaded(x))
-    same = bool(torch.equal(reloaded, got))
-    del loaded
-    path.unlink()
+    # Loading runs in a fresh process: what loading costs, not what the compile left behind.
+    np.save(path.with_suffix(".npy"), got.numpy())
+    try:
+        done = subprocess.run(
+            [sys.executable, __file__, "--load-child", str(path)], capture_output=True, text=True, timeout=3600
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"the load child failed: {done.stderr.strip().splitlines()[-3:]}")
+        loading = json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        path.unlink()
+        path.with_suffix(".npy").unlink()
+    stages.update(loading["stages"])
+    same = loading["loaded_equals_compiled"]
     return {
         "weights_gib": round(weights / 2**30, 3),
         "width": width,
@@ -124,6 +141,27 @@ def _child(gib: float, precision: str, threshold: int | None, workdir: Path) -> 
         "save_growth_over_weights": round(stages["save"]["growth_gib"] * 2**30 / weights, 3),
         "read_growth_over_weights": round(stages["read module file"]["growth_gib"] * 2**30 / weights, 3),
         "load_peak_over_weights": round(stages["load"]["peak_rss_gib"] * 2**30 / weights, 2),
+        "load_baseline_rss_gib": loading["baseline_rss_gib"],
+    }
+
+
+def _load_child(path: Path) -> dict[str, Any]:
+    import torch
+
+    import trtopt
+    from trtopt.module import read_module_file
+
+    stages: dict[str, dict[str, float]] = {}
+    baseline = _read_status("VmRSS") or 0
+    expected = torch.from_numpy(np.load(path.with_suffix(".npy")))
+    _measured(stages, "read module file", lambda: read_module_file(path))
+    loaded = _measured(stages, "load", lambda: trtopt.load(path, backend="onnxruntime"))
+    x = torch.randn(4, expected.shape[1], generator=torch.Generator().manual_seed(0))
+    got = _measured(stages, "run loaded", lambda: loaded(x))
+    return {
+        "baseline_rss_gib": round(baseline / 2**30, 3),
+        "stages": stages,
+        "loaded_equals_compiled": bool(torch.equal(got, expected)),
     }
 
 
@@ -177,7 +215,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--load-child", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.load_child:
+        print(json.dumps(_load_child(args.load_child)))
+        return
     if args.child:
         gib, precision = args.child.split(":")
         print(json.dumps(_child(float(gib), precision, args.threshold_bytes, args.workdir)))
