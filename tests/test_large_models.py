@@ -211,3 +211,27 @@ def test_fp16_and_int8_on_disk_compute_what_they_compute_in_memory(precision, mo
     assert graph.weights_dir(in_memory.onnx_model) is None and graph.weights_dir(on_disk.onnx_model) is not None
     assert torch.equal(on_disk(x), in_memory(x))
     assert torch.equal(trtopt.load(on_disk.save(tmp_path / "m.trtopt"))(x), in_memory(x))
+
+
+def test_serialized_parts_parse_back_to_the_model():
+    from onnx import TensorProto, helper, numpy_helper
+
+    values = np.random.default_rng(0).standard_normal((600, 500)).astype(np.float32)
+    weights = numpy_helper.from_array(values, "w")  # 1.2 MB: multi-byte length varints
+    typed = helper.make_tensor("typed", TensorProto.FLOAT, [3], [1.0, 2.0, 3.0])  # float_data, no raw_data
+    empty = numpy_helper.from_array(np.zeros((0,), np.float32), "empty")  # raw_data set and empty
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+    model = helper.make_model(
+        helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 600])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 500])], [weights, typed, empty],
+        ),
+        opset_imports=[helper.make_opsetid("", 19)],
+    )
+    model.metadata_props.add(key="k", value="v")
+    joined = graph.serialize(model)
+    assert len(joined) == model.ByteSize()
+    assert onnx.load_from_string(joined) == model
+    session = ort.InferenceSession(joined, providers=["CPUExecutionProvider"])
+    x = np.ones((2, 600), np.float32)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ values, rtol=1e-4, atol=1e-4)

@@ -25,7 +25,15 @@ from .backends.runner import Runner
 from .config import ShapeProfile
 from .errors import InputError, ModuleFileError, ShapeError
 from .files import atomic_path
-from .graph import discard_weights_dir, hold_weights_dir, new_weights_dir, set_weights_dir, weights_dir, write_external_copy
+from .graph import (
+    discard_weights_dir,
+    hold_weights_dir,
+    new_weights_dir,
+    serialized_parts,
+    set_weights_dir,
+    weights_dir,
+    write_external_copy,
+)
 from .spec import NUMPY_TO_TORCH, TORCH_TO_NUMPY, ModuleSpec, conversion_hint, unflatten_outputs
 
 # The specs moved to trtopt.spec; they stay importable from here, where code written for
@@ -314,7 +322,11 @@ class CompiledModule:
                 writer = _HashingWriter(member)
                 proto = write_external_copy(proto, writer, ONNX_DATA_MEMBER)
             digests[ONNX_DATA_MEMBER] = writer.hexdigest()
-        digests[ONNX_MEMBER] = _write_member(archive, ONNX_MEMBER, proto.SerializeToString())
+        with archive.open(ONNX_MEMBER, "w", force_zip64=True) as member:
+            writer = _HashingWriter(member)
+            for part in serialized_parts(proto):  # one tensor at a time (see serialized_parts)
+                writer.write(part)
+        digests[ONNX_MEMBER] = writer.hexdigest()
         if self.engine is not None:
             digests[ENGINE_MEMBER] = _write_member(archive, ENGINE_MEMBER, self.engine)
         return digests

@@ -29,7 +29,7 @@ import onnxruntime as ort
 import torch
 
 from ..errors import CalibrationError, ConfigError, EngineError, first_line
-from ..graph import load_weights, needs_external_data, save_model, weights_dir
+from ..graph import load_weights, needs_external_data, save_model, serialize, weights_dir
 from .fp16_emulation import emulate_fp16
 from .profiling import LayerProfile, parse_onnxruntime_profile
 from .qdq_cpu import is_cpu_layout, lower_qdq_for_cpu
@@ -104,7 +104,7 @@ def make_session(
             weakref.finalize(session, shutil.rmtree, workdir, ignore_errors=True)
             return session
         return ort.InferenceSession(
-            model.SerializeToString(), options, providers=list(providers), disabled_optimizers=disabled
+            serialize(model), options, providers=list(providers), disabled_optimizers=disabled
         )
     except Exception as exc:  # onnxruntime raises its own exception types
         raise EngineError(f"ONNX Runtime cannot load the graph: {first_line(exc)}") from exc
