@@ -214,6 +214,7 @@ def main() -> None:
     parser.add_argument("--threshold-bytes", type=int, default=None, help="trtopt.graph.EXTERNAL_DATA_THRESHOLD")
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--stem", default=STEM, help="file name of the results (.json and .md)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--load-child", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -234,7 +235,7 @@ def main() -> None:
     }
     from trtopt.bench.results import write_results
 
-    write_results(args.out, STEM, result, table(rows))
+    write_results(args.out, args.stem, result, table(rows))
 
 
 if __name__ == "__main__":
