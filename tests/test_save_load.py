@@ -127,3 +127,51 @@ def test_load_keeps_the_engine_settings_and_takes_overrides(tmp_path):
     assert loaded.spec.info["build_config"] == stored
     with pytest.raises(trtopt.ConfigError, match="unknown setting"):
         trtopt.load(path, backend="onnxruntime", warp_speed=1)
+
+
+# ----------------------------------------------------- issue 23 (9): paths that cannot be saved or loaded
+
+
+def test_save_onto_a_directory_names_it_and_the_fix(compiled, tmp_path):
+    target = tmp_path / "models"
+    target.mkdir()
+    with pytest.raises(trtopt.ModuleFileError) as caught:
+        compiled.save(target)
+    message = str(caught.value)
+    assert str(target) in message and "is a directory" in message
+    assert str(target / "model.trtopt") in message  # the fix: a file path inside it
+    assert ".tmp" not in message  # no internal temporary file names
+    assert list(target.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+def test_save_under_a_file_names_the_file_in_the_way(compiled, tmp_path):
+    (tmp_path / "notes").write_text("a file where a directory should be")
+    with pytest.raises(trtopt.ModuleFileError, match=r"notes is a file, not a directory") as caught:
+        compiled.save(tmp_path / "notes" / "sub" / "m.trtopt")
+    assert ".tmp" not in str(caught.value)
+
+
+def test_save_creates_missing_parent_directories(compiled, tmp_path):
+    path = compiled.save(tmp_path / "new" / "deeper" / "m.trtopt")
+    assert trtopt.load(path).spec == compiled.spec
+
+
+def test_save_that_cannot_write_is_a_module_file_error(compiled, tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(zipfile.ZipFile, "writestr", full_disk)
+    with pytest.raises(trtopt.ModuleFileError, match=r"cannot write the module file .*m\.trtopt: No space left"):
+        compiled.save(tmp_path / "m.trtopt")
+    assert list(tmp_path.iterdir()) == []  # the temporary file is gone too
+
+
+def test_load_of_a_directory_says_it_is_a_directory(compiled, tmp_path):
+    compiled.save(tmp_path / "a.trtopt")
+    with pytest.raises(trtopt.ModuleFileError, match=r"is a directory, not a module file \(it holds a\.trtopt\)"):
+        trtopt.load(tmp_path)
+
+
+def test_load_of_a_missing_file_says_what_to_do(tmp_path):
+    with pytest.raises(trtopt.ModuleFileError, match=r"missing\.trtopt does not exist; check the path.*CompiledModule\.save"):
+        trtopt.load(tmp_path / "missing.trtopt")

@@ -27,7 +27,15 @@ from .config import (
 )
 from .errors import CalibrationError, ConfigError, GraphError, InputError, first_line
 from .export import check_example_inputs, export, forward_input_names
-from .graph import cleanup, graph_input_shapes
+from .graph import (
+    cleanup,
+    discard_weights_dir,
+    graph_input_shapes,
+    load_weights,
+    needs_external_data,
+    offload_weights,
+    weights_dir,
+)
 from .names import assign_names
 from .module import CompiledModule, read_module_file
 from .stages import StageTimer
@@ -206,6 +214,7 @@ class _Graph:
     profiles: tuple[ShapeProfile, ...]
     exporter: str
     cleanup_summary: Any
+    source_kind: str  # the model's type name, for the log
 
 
 def compile(  # noqa: A001 - the public name docs/design.md fixes
@@ -253,21 +262,31 @@ def compile(  # noqa: A001 - the public name docs/design.md fixes
     timer = StageTimer()
     with timer.stage("export and cleanup"):
         graph = _graph_of(source, example_inputs, dynamic_shapes, config)
-    onnx_model, report = apply_precision(
-        graph.model, config, calibration_data, accuracy_budget, validation_data, timer=timer
-    )
-    spec = _module_spec(onnx_model, graph, report.precision or config.precision.value, report.to_json(), config)
-    with timer.stage("backend"):
-        backend_obj, engine = make_backend(kind, onnx_model, spec, config)
-    spec.info["stage_seconds"] = timer.to_json()
+    del source  # a model read from a file is not needed past export
+    try:
+        onnx_model = graph.model
+        if weights_dir(onnx_model) is not None and config.precision is not Precision.FP32:
+            onnx_model = load_weights(onnx_model)  # the FP16/INT8/FP8 passes rewrite weights in memory
+        onnx_model, report = apply_precision(
+            onnx_model, config, calibration_data, accuracy_budget, validation_data, timer=timer
+        )
+        if weights_dir(onnx_model) is None and needs_external_data(onnx_model):
+            onnx_model = offload_weights(onnx_model, weights_dir(graph.model))
+        spec = _module_spec(onnx_model, graph, report.precision or config.precision.value, report.to_json(), config)
+        with timer.stage("backend"):
+            backend_obj, engine = make_backend(kind, onnx_model, spec, config)
+        spec.info["stage_seconds"] = timer.to_json()
+        module = CompiledModule(onnx_model, spec, backend_obj, engine)
+    finally:
+        discard_weights_dir(weights_dir(graph.model))  # a failed compile's weights on disk (unless held)
     logger.info(
         "compiled %s: %s, %s, %.1f s",
-        type(source).__name__,
+        graph.source_kind,
         spec.precision,
         backend_obj.name,
         time.perf_counter() - start,
     )
-    return CompiledModule(onnx_model, spec, backend_obj, engine)
+    return module
 
 
 def _resolved_config(
@@ -299,6 +318,10 @@ def _graph_of(source: Any, example_inputs: Any, dynamic_shapes: Any, config: Bui
         profiles = build_profiles(dynamic_shapes, {n: tuple(t.shape) for n, t in zip(names, examples)})
         exported = export(source, examples, profiles, config.opset, input_names=names)
         onnx_model, structure, exporter = exported.model, exported.output_structure, exported.exporter
+        del exported  # the only other reference to the exported weights
+    if weights_dir(onnx_model) is None and needs_external_data(onnx_model):
+        # Over ~2 GB the weights move to a file now and stay there through every pass (trtopt.graph).
+        onnx_model = offload_weights(onnx_model)
     onnx_model, report = cleanup(onnx_model)
     # Every later pass, report, TensorRT layer and error names nodes after their torch module paths.
     onnx_model = assign_names(onnx_model, source=f"the {exporter} graph" if exporter != "onnx" else "the ONNX model")
@@ -314,7 +337,7 @@ def _graph_of(source: Any, example_inputs: Any, dynamic_shapes: Any, config: Bui
     if config.check_shapes:
         examples_by_name = None if isinstance(source, onnx.ModelProto) else dict(zip(names, examples))
         check_profile_shapes(onnx_model, profiles, examples_by_name)
-    return _Graph(onnx_model, names, structure, profiles, exporter, report.summary())
+    return _Graph(onnx_model, names, structure, profiles, exporter, report.summary(), type(source).__name__)
 
 
 _PROFILE_POINTS = ("min", "opt", "max")

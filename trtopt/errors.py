@@ -47,7 +47,8 @@ class DependencyError(TrtoptError, ImportError):
 
 
 class ModuleFileError(TrtoptError):
-    """A saved module file is truncated, corrupt, foreign or from an incompatible version."""
+    """A saved module file is truncated, corrupt, foreign or from an incompatible version, or its path
+    cannot take one (a directory, a file in the way, not writable)."""
 
 
 class CalibrationError(TrtoptError, ValueError):

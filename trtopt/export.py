@@ -24,6 +24,7 @@ from typing import Any
 import onnx
 import torch
 
+from . import graph
 from .config import ShapeProfile
 from .errors import ConfigError, ExportError, InputError, first_line
 from .spec import flatten_outputs
@@ -258,7 +259,31 @@ def _dynamo_export(
             verbose=False,
             optimize=True,
         )
+    if _weight_bytes(model) >= graph.EXTERNAL_DATA_THRESHOLD:
+        return _weights_to_disk(program)
     return program.model_proto
+
+
+def _weight_bytes(model: Any) -> int:
+    """Bytes of the model's parameters and buffers (what the ONNX initializers will hold)."""
+    state = model.state_dict  # an ExportedProgram's is a dict, an nn.Module's a method
+    tensors = (state() if callable(state) else state).values()
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _weights_to_disk(program: Any) -> onnx.ModelProto:
+    """The exported graph with its weights in a temporary weights directory (``trtopt.graph``).
+
+    ``program.model_proto`` would hold a protobuf copy of every weight (and fails over 2 GB);
+    saving writes them to the file tensor by tensor, and only the graph is read back.
+    """
+    directory = graph.new_weights_dir()
+    path = directory / "exported.onnx"
+    program.save(str(path), external_data=True)
+    model = onnx.load(str(path), load_external_data=False)
+    path.unlink()
+    graph.set_weights_dir(model, directory)
+    return model
 
 
 def _torchscript_export(

@@ -25,7 +25,16 @@ from ._version import __version__
 from .backends.runner import Runner
 from .config import ShapeProfile
 from .errors import InputError, ModuleFileError, ShapeError
-from .files import atomic_write
+from .files import atomic_path
+from .graph import (
+    discard_weights_dir,
+    hold_weights_dir,
+    new_weights_dir,
+    serialized_parts,
+    set_weights_dir,
+    weights_dir,
+    write_external_copy,
+)
 from .spec import NUMPY_TO_TORCH, TORCH_TO_NUMPY, ModuleSpec, conversion_hint, unflatten_outputs
 
 # The specs moved to trtopt.spec; they stay importable from here, where code written for
@@ -38,10 +47,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FILE_FORMAT = "trtopt-module"
+# Version 2 adds the ONNX external-data member (a model whose weights are on disk); a file
+# without one is still written as version 1, which every trtopt reads.
 FILE_VERSION = 1
+FILE_VERSION_EXTERNAL_DATA = 2
+READABLE_VERSIONS = (FILE_VERSION, FILE_VERSION_EXTERNAL_DATA)
 MANIFEST = "manifest.json"
 ONNX_MEMBER = "model.onnx"
+ONNX_DATA_MEMBER = "model.onnx.data"
 ENGINE_MEMBER = "engine.plan"
+STREAM_CHUNK_BYTES = 1 << 24  # bytes per read or write when members are streamed
 
 _SHAPE_CACHE_SIZE = 256
 
@@ -102,6 +117,7 @@ class CompiledModule:
         engine: bytes | None = None,
     ) -> None:
         self.onnx_model = onnx_model
+        hold_weights_dir(self, onnx_model)  # weights on disk stay while the module lives
         self.spec = spec
         self.backend = backend
         self.engine = engine  # serialized TensorRT engine, when built
@@ -269,24 +285,55 @@ class CompiledModule:
         return export_onnx(self, path)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write graph, engine (if any) and metadata to one file, atomically."""
+        """Write graph, engine (if any) and metadata to one file, atomically.
+
+        Members are streamed into the file and their checksums computed on the way, so
+        weights on disk (a model over ``trtopt.graph.EXTERNAL_DATA_THRESHOLD``) are copied
+        in chunks and never held in memory.
+        """
         path = Path(path)
-        members = {ONNX_MEMBER: self.onnx_model.SerializeToString()}
+        check_save_target(path)
+        try:
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as handle:
+                    with zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+                        digests = self._write_members(archive)
+                        manifest = {
+                            "format": FILE_FORMAT,
+                            "format_version": (
+                                FILE_VERSION_EXTERNAL_DATA if ONNX_DATA_MEMBER in digests else FILE_VERSION
+                            ),
+                            "trtopt_version": __version__,
+                            "spec": self.spec.to_json(),
+                            "sha256": digests,
+                        }
+                        archive.writestr(MANIFEST, json.dumps(manifest, indent=1).encode())
+                    handle.flush()
+                    os.fsync(handle.fileno())
+        except OSError as exc:
+            raise ModuleFileError(
+                f"cannot write the module file {path}: {exc.strerror or exc}; choose a path in a "
+                "writable directory with free space"
+            ) from exc
+        return path
+
+    def _write_members(self, archive: zipfile.ZipFile) -> dict[str, str]:
+        """Stream the graph (and its external data) and the engine into ``archive``; their SHA-256."""
+        digests = {}
+        proto = self.onnx_model
+        if weights_dir(proto) is not None:
+            with archive.open(ONNX_DATA_MEMBER, "w", force_zip64=True) as member:
+                writer = _HashingWriter(member)
+                proto = write_external_copy(proto, writer, ONNX_DATA_MEMBER)
+            digests[ONNX_DATA_MEMBER] = writer.hexdigest()
+        with archive.open(ONNX_MEMBER, "w", force_zip64=True) as member:
+            writer = _HashingWriter(member)
+            for part in serialized_parts(proto):  # one tensor at a time (see serialized_parts)
+                writer.write(part)
+        digests[ONNX_MEMBER] = writer.hexdigest()
         if self.engine is not None:
-            members[ENGINE_MEMBER] = bytes(self.engine)
-        manifest = {
-            "format": FILE_FORMAT,
-            "format_version": FILE_VERSION,
-            "trtopt_version": __version__,
-            "spec": self.spec.to_json(),
-            "sha256": {k: hashlib.sha256(v).hexdigest() for k, v in members.items()},
-        }
-        members[MANIFEST] = json.dumps(manifest, indent=1).encode()
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            for name, data in members.items():
-                archive.writestr(name, data)
-        return atomic_write(path, buffer.getvalue())
+            digests[ENGINE_MEMBER] = _write_member(archive, ENGINE_MEMBER, self.engine)
+        return digests
 
     # ---------------------------------------------------------------- triton
     def export_triton(
@@ -335,11 +382,94 @@ def warn_if_newer(path: Path, written_by: Any) -> None:
         )
 
 
+class _HashingWriter:
+    """A binary writer that hashes what goes through it and knows its position (zip members do not)."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+        self.position = 0
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.sha256.update(data)
+        self.target.write(data)
+        self.position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.position
+
+    def hexdigest(self) -> str:
+        return self.sha256.hexdigest()
+
+
+def _write_member(archive: zipfile.ZipFile, name: str, data: bytes | bytearray | memoryview) -> str:
+    """Write ``data`` as the member ``name`` in chunks; its SHA-256."""
+    view = memoryview(data)
+    with archive.open(name, "w", force_zip64=len(view) > (1 << 31)) as member:
+        writer = _HashingWriter(member)
+        for start in range(0, len(view), STREAM_CHUNK_BYTES):
+            writer.write(view[start : start + STREAM_CHUNK_BYTES])
+    return writer.hexdigest()
+
+
+def _read_member(archive: zipfile.ZipFile, name: str, target: Any | None = None) -> tuple[bytes | None, str]:
+    """Read the member ``name`` in chunks, hashing it: into ``target`` (a binary file) when given,
+    else into memory. Returns (the bytes or None, the SHA-256)."""
+    sha256 = hashlib.sha256()
+    buffer = io.BytesIO() if target is None else None
+    with archive.open(name) as member:
+        for block in iter(lambda: member.read(STREAM_CHUNK_BYTES), b""):
+            sha256.update(block)
+            (target or buffer).write(block)
+    return (buffer.getvalue() if buffer is not None else None), sha256.hexdigest()
+
+
+def check_save_target(path: Path) -> None:
+    """A ModuleFileError, naming ``path`` and the fix, where a module file cannot be written."""
+    if path.is_dir():
+        raise ModuleFileError(
+            f"cannot save the module to {path}: it is a directory; pass a file path such as "
+            f"{path / 'model.trtopt'}"
+        )
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ModuleFileError(
+                    f"cannot save the module to {path}: {parent} is a file, not a directory; "
+                    "choose a path whose parent directories are directories (missing ones are created)"
+                )
+            break
+
+
+def check_module_path(path: Path) -> None:
+    """A ModuleFileError, naming ``path`` and the fix, where there is no module file to read."""
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.trtopt"))
+        hint = f" (it holds {', '.join(found[:5])})" if found else ""
+        raise ModuleFileError(
+            f"{path} is a directory, not a module file{hint}; pass the path of the file "
+            "CompiledModule.save wrote, e.g. trtopt.load('model.trtopt')"
+        )
+    if not path.exists():
+        raise ModuleFileError(
+            f"{path} does not exist; check the path, or write the file first with CompiledModule.save"
+        )
+    if not os.access(path, os.R_OK):
+        raise ModuleFileError(f"{path} cannot be read (permission denied); make it readable for this user")
+
+
 def read_module_file(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, ModuleSpec, bytes | None]:
-    """Read and verify a file written by ``CompiledModule.save``."""
+    """Read and verify a file written by ``CompiledModule.save``.
+
+    Each member is checked against its SHA-256 while it streams. External weights
+    (version 2) go straight to a new temporary weights directory, never into memory;
+    the returned graph points there (``trtopt.graph.weights_dir``), and whoever keeps the
+    graph holds the directory (``hold_weights_dir``; ``CompiledModule`` does).
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ModuleFileError(f"{path} does not exist")
+    check_module_path(path)
+    directory: Path | None = None
     try:
         with zipfile.ZipFile(path) as archive:
             names = set(archive.namelist())
@@ -350,23 +480,36 @@ def read_module_file(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, Mod
             manifest = json.loads(archive.read(MANIFEST))
             if manifest.get("format") != FILE_FORMAT:
                 raise ModuleFileError(f"{path} is not a trtopt module file (format {manifest.get('format')!r})")
-            if manifest.get("format_version") != FILE_VERSION:
+            if manifest.get("format_version") not in READABLE_VERSIONS:
                 raise ModuleFileError(
                     f"{path} has file format version {manifest.get('format_version')}, this trtopt "
-                    f"({__version__}) reads version {FILE_VERSION}; recompile the model"
+                    f"({__version__}) reads versions {', '.join(map(str, READABLE_VERSIONS))}; recompile the model"
                 )
             warn_if_newer(path, manifest.get("trtopt_version"))
-            members = {}
+            members: dict[str, bytes | None] = {}
             for name, digest in manifest["sha256"].items():
                 if name not in names:
                     raise ModuleFileError(f"{path} is incomplete: {name} is missing")
-                data = archive.read(name)
-                if hashlib.sha256(data).hexdigest() != digest:
+                if name == ONNX_DATA_MEMBER:
+                    directory = new_weights_dir()
+                    with open(directory / ONNX_DATA_MEMBER, "wb") as target:
+                        data, actual = _read_member(archive, name, target)
+                else:
+                    data, actual = _read_member(archive, name)
+                if actual != digest:
                     raise ModuleFileError(f"{path} is corrupt: {name} does not match its checksum")
                 members[name] = data
     except (zipfile.BadZipFile, EOFError, OSError, json.JSONDecodeError, KeyError) as exc:
+        discard_weights_dir(directory)
         raise ModuleFileError(
             f"{path} is truncated, corrupt or not a trtopt module file ({type(exc).__name__}: {exc})"
         ) from exc
+    except BaseException:
+        discard_weights_dir(directory)
+        raise
     model = onnx.load_from_string(members[ONNX_MEMBER])
+    if directory is not None:
+        set_weights_dir(model, directory)
     return model, ModuleSpec.from_json(manifest["spec"]), members.get(ENGINE_MEMBER)
+
+

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from ..graph import read_weight, store_weight
+
 
 def emulate_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """An FP32 graph that rounds every FP16 (and BF16) tensor of ``model`` as stored, for running on a CPU.
@@ -80,8 +82,8 @@ def _in_fp32(
     graph = emulated.graph
     for init in graph.initializer:
         if init.data_type in LOW_PRECISION:  # FP16 and BF16 values are exact in FP32
-            values = onnx.numpy_helper.to_array(init).astype(np.float32)
-            init.CopyFrom(onnx.numpy_helper.from_array(values, init.name))
+            values = read_weight(model, init).astype(np.float32)
+            init.CopyFrom(store_weight(emulated, values, init.name))
     initializers = {init.name for init in graph.initializer}
     entry = []
     widened_inputs = {}

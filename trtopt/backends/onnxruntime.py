@@ -29,7 +29,7 @@ import onnxruntime as ort
 import torch
 
 from ..errors import CalibrationError, ConfigError, EngineError, first_line
-from ..graph import EXTERNAL_DATA_THRESHOLD, initializer_bytes, save_model
+from ..graph import load_weights, needs_external_data, save_model, serialize, weights_dir
 from .call_checks import check_embedding_indices, embedding_indices, run_failure
 from .fp16_emulation import emulate_fp16
 from .profiling import LayerProfile, parse_onnxruntime_profile
@@ -74,6 +74,8 @@ def make_session(
     """
     fusions_exact = is_cpu_layout(model)
     if "CPUExecutionProvider" in providers:
+        if weights_dir(model) is not None and any(n.op_type == "DequantizeLinear" for n in model.graph.node):
+            model = load_weights(model)  # the CPU layout reads the (INT8, a quarter-size) weights
         model = lower_qdq_for_cpu(model)
     disabled = disabled_optimizers(model)
     options = ort.SessionOptions()
@@ -86,8 +88,13 @@ def make_session(
         options.profile_file_prefix = profile_prefix
     if optimized_model_path:
         options.optimized_model_filepath = optimized_model_path
+    directory = weights_dir(model)
+    if directory is not None:
+        # The weights are on disk already (trtopt.graph.offload_weights): ONNX Runtime reads
+        # them from there, and only the small proto goes through memory.
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(directory))
     try:
-        if initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
+        if directory is None and needs_external_data(model):
             # Over protobuf's 2 GB limit the model must go through a file with external data;
             # the copy is deleted with the session.
             workdir = tempfile.mkdtemp(prefix="trtopt-ort-")
@@ -98,7 +105,7 @@ def make_session(
             weakref.finalize(session, shutil.rmtree, workdir, ignore_errors=True)
             return session
         return ort.InferenceSession(
-            model.SerializeToString(), options, providers=list(providers), disabled_optimizers=disabled
+            serialize(model), options, providers=list(providers), disabled_optimizers=disabled
         )
     except Exception as exc:  # onnxruntime raises its own exception types
         raise EngineError(f"ONNX Runtime cannot load the graph: {first_line(exc)}") from exc
