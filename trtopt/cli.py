@@ -342,23 +342,29 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def _load_bench_module(args: argparse.Namespace) -> Any:
+    """The module file ``bench`` times; --precision and --calib would be ignored on it, so they are refused."""
     import trtopt
 
+    _check_file(args.source, "module file")
+    module = trtopt.load(args.source, backend=args.backend, allow_host_code=args.allow_host_code)
+    if args.precision not in (None, [module.precision]) or args.calib:
+        given = "--calib" if args.calib else f"--precision {','.join(args.precision)}"
+        raise ConfigError(
+            f"{given} applies to a factory; {args.source} is already compiled at {module.precision}. "
+            "Compile the model again at that precision (`trtopt compile SOURCE --precision P`) and bench "
+            "that file, or bench a MODULE:FUNCTION factory with --precision to compare precisions"
+        )
+    return module
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
     from .export import resize_dim  # repeats samples: realistic values at any batch
 
     batch_sizes = args.batch_sizes
     if args.source.endswith(".trtopt"):
-        _check_file(args.source, "module file")
-        module = trtopt.load(args.source, backend=args.backend, allow_host_code=args.allow_host_code)
-        if args.precision not in (None, [module.precision]) or args.calib:
-            given = "--calib" if args.calib else f"--precision {','.join(args.precision)}"
-            raise ConfigError(
-                f"{given} applies to a factory; {args.source} is already compiled at {module.precision}. "
-                "Compile the model again at that precision (`trtopt compile SOURCE --precision P`) and bench "
-                "that file, or bench a MODULE:FUNCTION factory with --precision to compare precisions"
-            )
+        module = _load_bench_module(args)
         batches = batch_sizes or [module.profiles[0][module.input_names[0]].opt[0]]
         candidates = [
             bench.compiled_candidate(Path(args.source).stem, module, artifact_bytes=Path(args.source).stat().st_size)
