@@ -65,11 +65,21 @@ def apply_precision(
     data = PreparedData.prepare(model, config, calibration_data, accuracy_budget, validation_data)
     if config.precision is Precision.FP16:
         return fp16_path(model, config, data)
+    if config.precision.weight_only:
+        from .int4 import weight_only_path
+
+        return weight_only_path(model, config, data)
     return int8_path(model, config, data)
 
 
 def carried_precision(model: onnx.ModelProto) -> str | None:
-    """'fp8' or 'int8' for a graph with Q/DQ nodes, 'fp16' for one computing in FP16, else None."""
+    """'nvfp4'/'int4' for 4-bit weights, 'fp8' or 'int8' for a graph with Q/DQ nodes, 'fp16' for one
+    computing in FP16, else None."""
+    from .int4 import weight_only_format
+
+    weight_only = weight_only_format(model)  # first: NVFP4's block scales are FP8
+    if weight_only is not None:
+        return weight_only
     fmt = graph_format(model)
     if fmt is not None:
         return fmt.name
