@@ -238,6 +238,11 @@ def compile(  # noqa: A001 - the public name docs/design.md fixes
         from .builder import require_fp8_support
 
         require_fp8_support(_deps.tensorrt())  # before the (slow) export and calibration
+    if kind is Backend.TENSORRT and config.precision.weight_only:
+        from .builder import require_weight_only_support
+
+        _deps.tensorrt()
+        require_weight_only_support(config.precision.value)
 
     start = time.perf_counter()
     graph = _graph_of(source, example_inputs, dynamic_shapes, config)
