@@ -381,7 +381,8 @@ def test_awq_beats_rtn_where_activations_have_outlier_channels():
     assert fc1["alpha"] > 0 and fc1["folded_into"] == "ln"  # 1/s went into the LayerNorm in front
 
 
-def test_readout_warns_that_int4_suits_weight_bound_models(caplog):
+def int4_hostile_mlp() -> onnx.ModelProto:
+    """``mlp()`` whose first layer INT4 ruins and the others it barely touches."""
     source = mlp()
     w1 = initializer(source, "w1")
     values = numpy_helper.to_array(w1).copy()
@@ -391,6 +392,11 @@ def test_readout_warns_that_int4_suits_weight_bound_models(caplog):
     dead = numpy_helper.to_array(gamma).copy()
     dead[::128] = 0.0  # ... while in FP32 it multiplies a channel the LayerNorm zeroes
     gamma.CopyFrom(numpy_helper.from_array(dead, "ln_scale"))
+    return source
+
+
+def test_readout_warns_that_int4_suits_weight_bound_models(caplog):
+    source = int4_hostile_mlp()
     with caplog.at_level(logging.WARNING, logger="trtopt"):
         module = trtopt.compile(source, precision="int4", backend="onnxruntime", calibration_data=batches())
     assert module.precision_report.accuracy.cosine < 0.99
@@ -420,3 +426,33 @@ def test_export_writes_the_int4_build_script(int4_module, tmp_path):
     script = written["build_script"].read_text()
     assert "INT4 weight-only" in script and "trtexec" in script
     assert onnx.load(written["onnx"]).graph.initializer  # the graph as built, INT4 weights included
+
+
+def test_triton_repository_carries_int4_and_refuses_nvfp4_without_an_engine(int4_module, nvfp4_module, tmp_path):
+    pytest.importorskip("tritonclient.grpc", reason="Triton export needs tritonclient (trtopt[triton])")
+    model_dir = int4_module.export_triton(tmp_path, "w4a16")
+    assert 'platform: "onnxruntime_onnx"' in (model_dir / "config.pbtxt").read_text()
+    served = onnx.load(model_dir / "1" / "model.onnx")
+    assert any(t.data_type == TensorProto.INT4 for t in served.graph.initializer)
+    x = batches(count=1, seed=10)[0]["x"]
+    np.testing.assert_allclose(  # ONNX Runtime as Triton runs it: the FP16 graph as written, MatMulNBits fused
+        make_session(served, int4_accuracy_level=4).run(None, {"x": x})[0], run_graph(int4_module.onnx_model, [{"x": x}])[0],
+        rtol=0.05, atol=0.05 * np.abs(int4_module(x)).max(),
+    )
+    with pytest.raises(ConfigError, match="NVFP4 module without a TensorRT engine"):
+        nvfp4_module.export_triton(tmp_path, "nvfp4")
+
+
+def test_accuracy_budget_keeps_the_layers_int4_hurts_in_fp16():
+    module = trtopt.compile(
+        int4_hostile_mlp(), precision="int4", backend="onnxruntime", calibration_data=batches(),
+        accuracy_budget="cosine>=0.99",
+    )
+    report = module.precision_report
+    assert report.accuracy_budget.met and report.accuracy_budget.kept_high == ["fc1"]
+    assert report.accuracy.cosine >= 0.99
+    assert {u["node"] for u in report.quantized_units} == {"fc2"}
+    kept = next(k for k in report.not_quantized if k["node"] == "fc1")
+    assert kept["reason"] == "kept FP16 by the accuracy budget"
+    fc1 = next(n for n in module.onnx_model.graph.node if n.name == "fc1")
+    assert initializer(module.onnx_model, fc1.input[1]).data_type == TensorProto.FLOAT16

@@ -489,6 +489,12 @@ def weight_only_path(model: onnx.ModelProto, config: Any, data: Any) -> tuple[on
     half, fp16_report = to_fp16(model, data.batches, threshold=config.fp16_threshold, **data.excluded)
     # On the FP16 graph: a weight the keep-list left FP32 is quantized with an FP32 scale.
     units, skipped = weight_units(half, block_size=block, **data.excluded)
+    budget_report = None
+    if data.budget is not None:
+        budget_report = search_budget(half, units, fmt, block, data)
+        kept = set(budget_report.kept_high)
+        skipped += [KeptNode(u.node, u.op, "kept FP16 by the accuracy budget", u.module) for u in units if u.node in kept]
+        units = [u for u in units if u.node not in kept]
     quantized, report_w = quantize_weights(half, units, fmt=fmt, block_size=block)
     quantized = check_weight_only_graph(quantized)
     report_w.method, report_w.awq = method, awq
@@ -503,6 +509,61 @@ def weight_only_path(model: onnx.ModelProto, config: Any, data: Any) -> tuple[on
         "%.1f MB -> %.1f MB", fmt, len(units), method, block, len(skipped),
         report_w.float_bytes / 1e6, report_w.quantized_bytes / 1e6,
     )
+    if budget_report is not None:
+        from .budget import check_final
+
+        held = data.held_out
+        check_final(budget_report, quantized, held.reference, held.feeds, held.labels, data.budget,
+                    value=budget_report.final)
+        report.accuracy_budget = budget_report
     if data.held_out is not None:
         report.accuracy = data.held_out.readout(quantized, fmt, lambda: [WEIGHT_BOUND_HINT])
     return quantized, report
+
+
+def search_budget(half: onnx.ModelProto, units: list[WeightUnit], fmt: str, block: int, data: Any) -> Any:
+    """The layers to keep in FP16 so that the module meets ``data.budget`` on the held-back batches.
+
+    Greedy, as the INT8 search (``budget.py``) but without its switch graph: weight-only
+    graphs need no calibration, so each candidate is simply written and run. Each layer's
+    gain is the metric with it alone kept FP16; layers are kept, most helpful first, until
+    the budget holds. Returns a ``BudgetReport`` (``all_int8`` holds every layer in 4 bits).
+    """
+    import time
+
+    from ..backends.onnxruntime import run_graph
+    from .budget import BudgetReport
+
+    budget, held = data.budget, data.held_out
+    start = time.perf_counter()
+    report = BudgetReport(budget=budget.describe())
+
+    def measure(kept: frozenset[str]) -> float:
+        graph, _ = quantize_weights(half, [u for u in units if u.node not in kept], fmt=fmt, block_size=block)
+        report.evaluations += 1
+        return budget.evaluate(run_graph(graph, held.feeds), held.reference, held.labels)
+
+    report.all_int8 = report.final = measure(frozenset())
+    report.all_units_high = budget.evaluate(run_graph(half, held.feeds), held.reference, held.labels)
+    if not budget.met(report.all_int8):
+        ranked = []
+        for unit in units:
+            value = measure(frozenset({unit.node}))
+            ranked.append({"unit": unit.node, "op": unit.op, "module": unit.module, "kept_high": value,
+                           "gain": budget.gain(value, report.all_int8)})
+        report.units = sorted(ranked, key=lambda r: -r["gain"])
+        kept: list[str] = []
+        for entry in report.units:
+            kept.append(entry["unit"])
+            after = measure(frozenset(kept))
+            report.steps.append({"phase": "keep", "unit": entry["unit"], "before": report.final, "after": after,
+                                 "kept_high": list(kept)})
+            report.final = after
+            if budget.met(after):
+                break
+        report.kept_high = kept
+    report.met = budget.met(report.final)
+    report.seconds = round(time.perf_counter() - start, 3)
+    logger.info("accuracy budget %s: %d of %d %s layers kept FP16 -> %.6g", budget.describe(),
+                len(report.kept_high), len(units), fmt.upper(), report.final)
+    return report

@@ -50,9 +50,10 @@ def apply_precision(
     in ``config.float_part_precision``; with ``accuracy_budget``, the units the
     search keeps high stay out of INT8.
     """
-    if accuracy_budget is not None and not config.precision.quantized:
+    if accuracy_budget is not None and not (config.precision.quantized or config.precision.weight_only):
         raise ConfigError(
-            f"accuracy_budget applies to precision='int8' or 'fp8' (it chooses which layers leave INT8/FP8), "
+            f"accuracy_budget applies to precision='int8', 'fp8', 'int4' or 'nvfp4' (it chooses which layers "
+            f"leave the low precision), "
             f"not to precision={config.precision.value!r}"
         )
     carried = carried_precision(model)
