@@ -247,47 +247,12 @@ def quantize_weights(
         node = nodes[unit.node]
         source = initializers[unit.weight]
         weight = numpy_helper.to_array(source)
-        base = f"{unit.node}/weight"
         if fmt == "int4":
-            codes, scale = rtn_int4(weight, block_size, unit.k_axis)
-            new_inits = [
-                numpy_helper.from_array(codes.astype(ml_dtypes.int4), f"{base}_int4"),
-                numpy_helper.from_array(scale, f"{base}_scale"),
-            ]
-            dq = onnx.helper.make_node(
-                "DequantizeLinear", [f"{base}_int4", f"{base}_scale"], [f"{base}_dequantized"],
-                name=f"{unit.node}/weight_DequantizeLinear", axis=unit.k_axis, block_size=block_size,
-            )
-            chain, output = [dq], dq.output[0]
-            report.quantized_bytes += (codes.size + 1) // 2 + scale.nbytes
+            new_inits, chain, stored = _int4_chain(unit, weight, block_size)
         else:
-            weight_nk = weight if unit.transposed else weight.T
-            codes, block_fp8, global_scale = nvfp4_encode(weight_nk)
-            new_inits = [
-                numpy_helper.from_array(codes, f"{base}_fp4"),
-                numpy_helper.from_array(block_fp8, f"{base}_block_scale_fp8"),
-                numpy_helper.from_array(np.asarray(global_scale, np.float32), f"{base}_scale_fp32"),
-            ]
-            dq_scale = onnx.helper.make_node(
-                "DequantizeLinear", [f"{base}_block_scale_fp8", f"{base}_scale_fp32"], [f"{base}_block_scale"],
-                name=f"{unit.node}/weight_scale_DequantizeLinear",
-            )
-            dq = onnx.helper.make_node(
-                "DequantizeLinear", [f"{base}_fp4", f"{base}_block_scale"], [f"{base}_dequantized"],
-                name=f"{unit.node}/weight_DequantizeLinear", axis=-1, block_size=NVFP4_BLOCK,
-            )
-            chain, output = [dq_scale, dq], dq.output[0]
-            if not unit.transposed:  # MatMul and Gemm(transB=0) read [K, N]
-                chain.append(onnx.helper.make_node(
-                    "Transpose", [output], [f"{base}_transposed"], name=f"{unit.node}/weight_Transpose", perm=[1, 0]
-                ))
-                output = chain[-1].output[0]
-            if source.data_type != onnx.TensorProto.FLOAT:  # the DQ computes FP32; the layer reads FP16
-                chain.append(onnx.helper.make_node(
-                    "Cast", [output], [f"{base}_cast"], name=f"{unit.node}/weight_Cast", to=source.data_type
-                ))
-                output = chain[-1].output[0]
-            report.quantized_bytes += (codes.size + 1) // 2 + block_fp8.size + 4
+            new_inits, chain, stored = _nvfp4_chain(unit, weight, source.data_type)
+        output = chain[-1].output[0]
+        report.quantized_bytes += stored
         report.dq_nodes += sum(n.op_type == "DequantizeLinear" for n in chain)
         report.float_bytes += weight.size * 4
         graph.initializer.extend(new_inits)
@@ -312,6 +277,55 @@ def quantize_weights(
     graph.initializer.extend(kept)
     _raise_opset(out, NVFP4_OPSET if fmt == "nvfp4" else INT4_OPSET)
     return out, report
+
+
+def _int4_chain(
+    unit: WeightUnit, weight: np.ndarray, block_size: int
+) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto], int]:
+    """INT4 codes and scale, the DequantizeLinear reading them, and the bytes they take."""
+    base = f"{unit.node}/weight"
+    codes, scale = rtn_int4(weight, block_size, unit.k_axis)
+    inits = [
+        numpy_helper.from_array(codes.astype(ml_dtypes.int4), f"{base}_int4"),
+        numpy_helper.from_array(scale, f"{base}_scale"),
+    ]
+    dq = onnx.helper.make_node(
+        "DequantizeLinear", [f"{base}_int4", f"{base}_scale"], [f"{base}_dequantized"],
+        name=f"{unit.node}/weight_DequantizeLinear", axis=unit.k_axis, block_size=block_size,
+    )
+    return inits, [dq], (codes.size + 1) // 2 + scale.nbytes
+
+
+def _nvfp4_chain(
+    unit: WeightUnit, weight: np.ndarray, float_type: int
+) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto], int]:
+    """NVFP4 codes and scales, DQ -> DQ (-> Transpose) (-> Cast to ``float_type``), and the bytes they take."""
+    base = f"{unit.node}/weight"
+    codes, block_fp8, global_scale = nvfp4_encode(weight if unit.transposed else weight.T)
+    inits = [
+        numpy_helper.from_array(codes, f"{base}_fp4"),
+        numpy_helper.from_array(block_fp8, f"{base}_block_scale_fp8"),
+        numpy_helper.from_array(np.asarray(global_scale, np.float32), f"{base}_scale_fp32"),
+    ]
+    chain = [
+        onnx.helper.make_node(
+            "DequantizeLinear", [f"{base}_block_scale_fp8", f"{base}_scale_fp32"], [f"{base}_block_scale"],
+            name=f"{unit.node}/weight_scale_DequantizeLinear",
+        ),
+        onnx.helper.make_node(
+            "DequantizeLinear", [f"{base}_fp4", f"{base}_block_scale"], [f"{base}_dequantized"],
+            name=f"{unit.node}/weight_DequantizeLinear", axis=-1, block_size=NVFP4_BLOCK,
+        ),
+    ]
+    if not unit.transposed:  # MatMul and Gemm(transB=0) read [K, N]
+        chain.append(onnx.helper.make_node(
+            "Transpose", [chain[-1].output[0]], [f"{base}_transposed"], name=f"{unit.node}/weight_Transpose", perm=[1, 0]
+        ))
+    if float_type != onnx.TensorProto.FLOAT:  # the DQ computes FP32; the layer reads FP16
+        chain.append(onnx.helper.make_node(
+            "Cast", [chain[-1].output[0]], [f"{base}_cast"], name=f"{unit.node}/weight_Cast", to=float_type
+        ))
+    return inits, chain, (codes.size + 1) // 2 + block_fp8.size + 4
 
 
 def _raise_opset(model: onnx.ModelProto, opset: int) -> None:
