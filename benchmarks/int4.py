@@ -10,7 +10,9 @@ side by side are reported):
    weight's INT4 codes and scales, and the two graphs' outputs. ModelOpt runs in a
    child process from ``--modelopt-site`` (``pip install --no-deps --target DIR
    "nvidia-modelopt==0.47.*"``); its package ``__init__`` imports pynvml, onnxslim
-   and lief, which RTN never calls, so the child stubs those three modules.
+   and lief, which RTN never calls, so the child stubs those, and cppimport, so
+   that ModelOpt packs the 4-bit codes with its Python fallback instead of a C++
+   extension it would compile.
    Without ``--modelopt-site`` this part is skipped.
 2. **all-MiniLM-L6-v2** (pretrained) on 256 unseen sentences: per-sentence cosine
    of the sentence embedding to FP32's (mean and worst) for INT4 RTN and AWQ
@@ -62,10 +64,14 @@ COMMAND = "python benchmarks/int4.py --modelopt-site /tmp/mo/site"
 
 _MODELOPT_SCRIPT = """
 import sys, types
-for name in ("pynvml", "onnxslim", "lief"):  # imported by modelopt.onnx's __init__, unused by RTN
+# pynvml, onnxslim, lief: imported by modelopt.onnx's __init__, unused by RTN. cppimport: an empty
+# stand-in makes ModelOpt's C++ 4-bit packer fail to build, and ModelOpt falls back to its Python packer.
+for name in ("pynvml", "onnxslim", "lief", "cppimport"):
     sys.modules.setdefault(name, types.ModuleType(name))
 import onnx
+from modelopt.onnx.quantization.gs_patching import patch_gs_modules
 from modelopt.onnx.quantization.int4 import quantize_rtn
+patch_gs_modules()  # what modelopt.onnx.quantization.quantize() does first (INT4 constants in graphsurgeon)
 source, target = sys.argv[1:3]
 model = quantize_rtn(onnx.load(source), block_size=128, dq_only=True)
 onnx.save(model, target)
