@@ -456,3 +456,21 @@ def test_accuracy_budget_keeps_the_layers_int4_hurts_in_fp16():
     assert kept["reason"] == "kept FP16 by the accuracy budget"
     fc1 = next(n for n in module.onnx_model.graph.node if n.name == "fc1")
     assert initializer(module.onnx_model, fc1.input[1]).data_type == TensorProto.FLOAT16
+
+
+def test_awq_scales_that_hurt_the_module_are_dropped_for_rtn(monkeypatch, caplog):
+    from trtopt.precision import int4
+
+    def harmful(x, weights, block_size, grid=20):  # stands in for a search that generalises badly
+        s = np.where(np.arange(x.shape[1]) % 2, 30.0, 1 / 30.0).astype(np.float32)
+        return s, 0.5, 0.0, 1.0
+
+    monkeypatch.setattr(int4, "awq_search", harmful)
+    with caplog.at_level(logging.WARNING, logger="trtopt"):
+        module = trtopt.compile(mlp(), precision="int4", int4_method="awq", backend="onnxruntime",
+                                calibration_data=batches())
+    weight_only = module.precision_report.weight_only
+    assert weight_only["method"] == "rtn" and "AWQ's scales were dropped" in weight_only["note"]
+    rtn = trtopt.compile(mlp(), precision="int4", backend="onnxruntime", calibration_data=batches())
+    x = batches(count=1, seed=11)[0]["x"]
+    np.testing.assert_array_equal(module(x), rtn(x))

@@ -99,6 +99,7 @@ class WeightOnlyReport:
     float_bytes: int = 0  # the quantized layers' weights as FP32
     quantized_bytes: int = 0  # the same weights as stored: codes and scales
     awq: list[dict[str, Any]] = field(default_factory=list)
+    note: str | None = None  # e.g. why AWQ's scales were not kept
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -117,6 +118,7 @@ class WeightOnlyReport:
                 "weight_bytes_stored": self.quantized_bytes,
                 "weight_bytes_ratio": round(self.quantized_bytes / self.float_bytes, 4) if self.float_bytes else None,
                 **({"awq": self.awq} if self.awq else {}),
+                **({"note": self.note} if self.note else {}),
             },
         }
 
@@ -388,6 +390,9 @@ def awq_search(
     x = x.astype(np.float32)
     x_mean = np.abs(x).mean(axis=0)
     references = [x @ w for w in weights]
+    # Each row's error relative to its output's size: a few tokens with huge outputs (BERT's
+    # [CLS]/[SEP]) would otherwise decide alpha for all the others.
+    row_norms = [np.sum(ref**2, axis=1, keepdims=True) + 1e-12 for ref in references]
     best: tuple[float, float, np.ndarray] | None = None
     rtn_error = 0.0
     for step in range(grid):
@@ -395,9 +400,9 @@ def awq_search(
         s = np.maximum(x_mean, 1e-4) ** alpha
         s = s / np.sqrt(s.max() * s.min())
         error = 0.0
-        for w, ref in zip(weights, references):
+        for w, ref, norm in zip(weights, references, row_norms):
             codes, scale = rtn_int4((w * s[:, None]).astype(np.float32), block_size)
-            error += float(np.mean(((x / s) @ dequantize_int4(codes, scale, block_size) - ref) ** 2))
+            error += float(np.mean(((x / s) @ dequantize_int4(codes, scale, block_size) - ref) ** 2 / norm))
         if step == 0:
             rtn_error = error
         if best is None or error < best[0]:
@@ -452,7 +457,7 @@ def apply_awq(
     folded = {r.units: r.folded_into for r in report}
     for record in records:
         if record["tensor"] in scales:
-            record["folded_into"] = folded.get(tuple(record["units"]), "Mul")
+            record["folded_into"] = folded.get(tuple(record["units"])) or "Mul"
     return smoothed, records
 
 
@@ -482,7 +487,6 @@ def weight_only_path(model: onnx.ModelProto, config: Any, data: Any) -> tuple[on
     batches for AWQ and the FP16 keep-list, held-back batches for the readout).
     """
     from ..errors import ConfigError
-    from . import to_fp16
     from .report import PrecisionReport
     from .validate import validate_qdq
 
@@ -496,11 +500,19 @@ def weight_only_path(model: onnx.ModelProto, config: Any, data: Any) -> tuple[on
             "int4_method='awq' searches its scales on activations: pass calibration_data (a few hundred "
             "representative samples), or use int4_method='rtn', which needs none"
         )
-    awq: list[dict[str, Any]] = []
-    if method == "awq":
-        units, _ = weight_units(model, block_size=block, **data.excluded)
-        model, awq = apply_awq(model, units, data.batches, block)
-    half, fp16_report = to_fp16(model, data.batches, threshold=config.fp16_threshold, **data.excluded)
+    half, fp16_report, awq = _float_part(model, config, data, method, block)
+    note = None
+    if awq and data.held_out is not None:
+        # AWQ minimises each layer's error; the module is judged on its outputs. Keep its scales only
+        # where the whole module is at least as good as with plain RTN on the held-back batches.
+        plain, plain_report, _ = _float_part(model, config, data, "rtn", block)
+        awq_readout, rtn_readout = (_readout_all_quantized(g, fmt, block, data) for g in (half, plain))
+        if awq_readout.cosine < rtn_readout.cosine or awq_readout.min_cosine < rtn_readout.min_cosine:
+            note = (f"AWQ's scales were dropped: on the held-back batches its module read cosine "
+                    f"{awq_readout.cosine:.4f} (worst {awq_readout.min_cosine:.4f}), RTN's {rtn_readout.cosine:.4f} "
+                    f"(worst {rtn_readout.min_cosine:.4f})")
+            logger.warning("int4: %s; using RTN", note)
+            half, fp16_report, method = plain, plain_report, "rtn"
     # On the FP16 graph: a weight the keep-list left FP32 is quantized with an FP32 scale.
     units, skipped = weight_units(half, block_size=block, **data.excluded)
     budget_report = None
@@ -511,7 +523,7 @@ def weight_only_path(model: onnx.ModelProto, config: Any, data: Any) -> tuple[on
         units = [u for u in units if u.node not in kept]
     quantized, report_w = quantize_weights(half, units, fmt=fmt, block_size=block)
     quantized = check_weight_only_graph(quantized)
-    report_w.method, report_w.awq = method, awq
+    report_w.method, report_w.awq, report_w.note = method, awq, note
     report_w.skipped = skipped
     validate_qdq(quantized)
     report = PrecisionReport(
@@ -533,6 +545,29 @@ def weight_only_path(model: onnx.ModelProto, config: Any, data: Any) -> tuple[on
     if data.held_out is not None:
         report.accuracy = data.held_out.readout(quantized, fmt, lambda: [WEIGHT_BOUND_HINT])
     return quantized, report
+
+
+def _float_part(model: onnx.ModelProto, config: Any, data: Any, method: str, block: int) -> tuple[onnx.ModelProto, Any, list[dict[str, Any]]]:
+    """The FP16 graph the weights are quantized in (AWQ's scales folded in first when asked), its
+    FP16 report, and AWQ's records."""
+    from . import to_fp16
+
+    awq: list[dict[str, Any]] = []
+    if method == "awq":
+        units, _ = weight_units(model, block_size=block, **data.excluded)
+        model, awq = apply_awq(model, units, data.batches, block)
+    half, fp16_report = to_fp16(model, data.batches, threshold=config.fp16_threshold, **data.excluded)
+    return half, fp16_report, awq
+
+
+def _readout_all_quantized(half: onnx.ModelProto, fmt: str, block: int, data: Any) -> Any:
+    """The readout (against FP32, on the held-back batches) of ``half`` with every layer it can take in 4 bits."""
+    from .readout import measure
+
+    units, _ = weight_units(half, block_size=block, **data.excluded)
+    graph, _ = quantize_weights(half, units, fmt=fmt, block_size=block)
+    held = data.held_out
+    return measure(graph, held.reference, held.feeds, held_back=held.held_back)
 
 
 def search_budget(half: onnx.ModelProto, units: list[WeightUnit], fmt: str, block: int, data: Any) -> Any:
