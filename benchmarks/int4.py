@@ -172,6 +172,7 @@ def minilm(site: str | None) -> dict[str, Any]:
             handler = logging.StreamHandler(log)
             handler.setLevel(logging.WARNING)
             logging.getLogger("trtopt").addHandler(handler)
+            logging.getLogger("trtopt").setLevel(logging.WARNING)  # main() quiets the root logger to ERROR
             start = time.perf_counter()
             module = trtopt.compile(
                 task.graph, precision=precision, dynamic_shapes=task.dynamic_shapes, backend="onnxruntime",
