@@ -306,6 +306,10 @@ def decoder(runs: int, d: int = 1024, ffn: int = 2816, layers: int = 3) -> dict[
         rows.append({
             "precision": label, "median_ms": round(statistics.median(times[label]) * 1e3, 3),
             "vs_fp32": round(statistics.median(times[label]) / fp32, 3),
+            # The fastest call: the least disturbed by other jobs on a shared machine, which preempt
+            # a long call more often than a short one and so skew the medians' ratio.
+            "min_ms": round(min(times[label]) * 1e3, 3),
+            "min_vs_fp32": round(min(times[label]) / min(times["fp32"]), 3),
             "cosine_vs_fp32": float(sample_cosines(out, reference)[0]),
             "weight_bytes_ratio": (report.weight_only or {}).get("weight_bytes_ratio"),
         })
@@ -393,14 +397,17 @@ def table(result: dict[str, Any]) -> str:
     d = result["decoder"]
     lines += [
         "",
-        f"## {d['model']}: median of {d['runs']} interleaved calls",
+        f"## {d['model']}: median and fastest of {d['runs']} interleaved calls",
         "",
-        "| precision | median ms | vs FP32 | cosine to FP32 | quantized weight bytes vs FP32 |",
-        "|---|---|---|---|---|",
+        "| precision | median ms | vs FP32 | fastest call ms | vs FP32 | cosine to FP32 | quantized weight bytes vs FP32 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in d["rows"]:
         ratio = "" if r["weight_bytes_ratio"] is None else f"{r['weight_bytes_ratio']:.3f}"
-        lines.append(f"| {r['precision']} | {r['median_ms']:.2f} | {r['vs_fp32']:.2f}x | {r['cosine_vs_fp32']:.4f} | {ratio} |")
+        lines.append(
+            f"| {r['precision']} | {r['median_ms']:.2f} | {r['vs_fp32']:.2f}x | {r['min_ms']:.2f} | "
+            f"{r['min_vs_fp32']:.2f}x | {r['cosine_vs_fp32']:.4f} | {ratio} |"
+        )
     s = result["nvfp4_structure"]
     lines += [
         "",
