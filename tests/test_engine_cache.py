@@ -43,6 +43,8 @@ ENGINE_SETTING_CHANGES = {
     "int8_float_precision": "fp32",
     "int8_attention": True,
     "smoothquant": 0.5,
+    "int4_block_size": 64,
+    "int4_method": "awq",
     "fp16_threshold": 4096.0,
     "tf32": True,
 }

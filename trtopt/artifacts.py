@@ -177,6 +177,10 @@ def export_onnx(module: CompiledModule, path: str | os.PathLike[str]) -> dict[st
     ]
     if module.spec.precision == "fp8":
         lines.append("# FP8 (E4M3) Q/DQ: needs a GPU of compute capability 8.9+ (Ada, Hopper) and TensorRT 10+.")
+    elif module.spec.precision == "int4":
+        lines.append("# INT4 weight-only (W4A16, opset 21): needs a GPU of compute capability 8.0+ and TensorRT 10+.")
+    elif module.spec.precision == "nvfp4":
+        lines.append("# NVFP4 weights (opset 23): needs a Blackwell GPU (compute capability 10.0+) and TensorRT 10.8+.")
     if len(profiles) > 1:
         lines += [
             f"# The module has {len(profiles)} optimization profiles, in this order (--profile=N).",

@@ -275,6 +275,28 @@ def require_fp8_support(trt: ModuleType, device_index: int | None = None) -> Non
         )
 
 
+# Weight-only precisions: TensorRT's INT4 weight-only GEMMs run on Ampere and newer; NVFP4 on Blackwell.
+WEIGHT_ONLY_MIN_COMPUTE_CAPABILITY = {"int4": (8, 0), "nvfp4": (10, 0)}
+
+
+def require_weight_only_support(fmt: str, device_index: int | None = None) -> None:
+    """Raise a DependencyError unless this GPU runs ``fmt`` ("int4" or "nvfp4") weights.
+
+    Checked before the build, as for FP8: TensorRT itself fails late, naming a tactic.
+    """
+    needed = WEIGHT_ONLY_MIN_COMPUTE_CAPABILITY[fmt]
+    gpu = gpu_fingerprint(device_index)
+    major, minor = (int(part) for part in gpu["compute_capability"].split(".")[:2])
+    if (major, minor) < needed:
+        family = "Blackwell" if fmt == "nvfp4" else "Ampere or newer"
+        others = "'int4', 'int8' or 'fp16'" if fmt == "nvfp4" and (major, minor) >= (8, 0) else "'int8' or 'fp16'"
+        raise DependencyError(
+            f"precision={fmt!r} needs a GPU of compute capability {'.'.join(map(str, needed))} or newer "
+            f"({family}), but {gpu['name']} has compute capability {major}.{minor}; compile with precision "
+            f"{others} for this GPU, or build this graph on such a GPU (export_onnx writes the trtexec line)"
+        )
+
+
 # ------------------------------------------------------------------------ build
 def build_engine(
     onnx_model: onnx.ModelProto,
@@ -290,12 +312,15 @@ def build_engine(
     engine that ``accept_cached`` refuses (the caller could not deserialize it)
     is a miss: the entry is deleted, with one warning, and the engine rebuilt.
     """
-    from .precision import FP8, graph_format, validate_qdq
+    from .precision import FP8, carried_precision, graph_format, validate_qdq
 
     # The ONNX parser's Q/DQ rules, checked here with messages that name the node and the fix.
     validate_qdq(onnx_model)
     trt = _deps.tensorrt()
-    if graph_format(onnx_model) is FP8:
+    weight_only = carried_precision(onnx_model)
+    if weight_only in WEIGHT_ONLY_MIN_COMPUTE_CAPABILITY:
+        require_weight_only_support(weight_only)
+    elif graph_format(onnx_model) is FP8:
         require_fp8_support(trt)
     cache = EngineCache.from_config(config)
     with tempfile.TemporaryDirectory(prefix="trtopt-build-") as workdir:

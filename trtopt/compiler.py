@@ -95,7 +95,7 @@ def make_backend(
 
     # The backend emulates TensorRT's FP16 tensors (ORT's CPU provider would run most FP16 ops in FP32).
     # Keep an engine read from a file, so that saving or exporting the module again keeps it.
-    return OnnxRuntimeBackend(onnx_model, emulate_fp16=True), engine
+    return OnnxRuntimeBackend(onnx_model, emulate_fp16=True, int4_accuracy_level=config.int4_cpu_accuracy_level), engine
 
 
 def _tensorrt_backend(
@@ -257,6 +257,11 @@ def compile(  # noqa: A001 - the public name docs/design.md fixes
         from .builder import require_fp8_support
 
         require_fp8_support(_deps.tensorrt())  # before the (slow) export and calibration
+    if kind is Backend.TENSORRT and config.precision.weight_only:
+        from .builder import require_weight_only_support
+
+        _deps.tensorrt()
+        require_weight_only_support(config.precision.value)
 
     start = time.perf_counter()
     timer = StageTimer()
@@ -453,7 +458,7 @@ def _check_calibration_source(config: BuildConfig, calibration_data: Any) -> Non
 # What a rebuild on another machine needs besides the graph (kept in the module file). Paths
 # (timing_cache, engine_cache_dir) are the build machine's: they are not kept, and load() ignores
 # them in files written before, so a rebuild elsewhere never writes there unasked.
-RUNTIME_SETTINGS = ("cuda_graph",)
+RUNTIME_SETTINGS = ("cuda_graph", "int4_cpu_accuracy_level")
 MACHINE_SETTINGS = ("timing_cache", "engine_cache_dir", "engine_cache_max_bytes")
 
 

@@ -21,11 +21,18 @@ class Precision(str, enum.Enum):
     FP16 = "fp16"
     INT8 = "int8"
     FP8 = "fp8"  # FP8 E4M3 Q/DQ: TensorRT on GPUs of compute capability 8.9+ (Ada, Hopper, Blackwell)
+    INT4 = "int4"  # weight-only INT4 (W4A16): blocked DequantizeLinear, FP16 activations; Ampere+
+    NVFP4 = "nvfp4"  # weight-only NVFP4 (FLOAT4E2M1, FP8 block scales); Blackwell (compute capability 10.0+)
 
     @property
     def quantized(self) -> bool:
         """INT8 and FP8: Q/DQ pairs with calibrated scales, the rest in ``int8_float_precision``."""
         return self in (Precision.INT8, Precision.FP8)
+
+    @property
+    def weight_only(self) -> bool:
+        """INT4 and NVFP4: low-bit weights dequantized in front of MatMul/Gemm, no calibration needed."""
+        return self in (Precision.INT4, Precision.NVFP4)
 
 
 class Backend(str, enum.Enum):
@@ -82,6 +89,12 @@ def _coerce_enum(enum_type: type[enum.Enum], value: Any, field: str) -> enum.Enu
 # BuildConfig.int8_layout: "tensorrt" (symmetric INT8, what TensorRT builds) or "cpu" (ONNX Runtime's
 # integer kernels: uint8 activations with zero points, weights within +-63).
 INT8_LAYOUTS = ("tensorrt", "cpu")
+# BuildConfig.int4_method: "rtn" (round to nearest, no data) or "awq" (activation-aware scales, needs
+# calibration_data); int4_block_size: the block sizes TensorRT's INT4 weight-only GEMMs take.
+INT4_METHODS = ("rtn", "awq")
+INT4_BLOCK_SIZES = (64, 128)
+# Opsets that first hold each weight-only format's DequantizeLinear (INT4 and block_size: 21; FLOAT4E2M1: 23).
+WEIGHT_ONLY_OPSETS = {Precision.INT4: 21, Precision.NVFP4: 23}
 
 @dataclass(frozen=True)
 class BuildConfig:
@@ -110,6 +123,13 @@ class BuildConfig:
     int8_layout: str = "tensorrt"
     # SmoothQuant's migration strength alpha for MatMul/Gemm units (trtopt/precision/smoothquant.py); None: off.
     smoothquant: float | None = 0.85
+    # precision="int4": weights in blocks of int4_block_size input channels, quantized by int4_method;
+    # NVFP4 blocks are always 16. int4_cpu_accuracy_level: how ONNX Runtime's MatMulNBits computes an
+    # INT4 graph on the onnxruntime backend (4: int8 activations per block, fastest; 1: FP32, the
+    # dequantise-then-GEMM numbers TensorRT computes; the accuracy readout always uses those).
+    int4_block_size: int = 128
+    int4_method: str = "rtn"
+    int4_cpu_accuracy_level: int = 4
     fp16_threshold: float = DEFAULT_FP16_THRESHOLD  # keep FP32 a node whose activations reach this on calibration data
     # Run the FP32 graph at every profile's min, opt and max shapes under ONNX Runtime at compile time, so a
     # range the model cannot take (a sequence past its position embeddings) fails there, not at call time.
@@ -172,6 +192,7 @@ class BuildConfig:
         if not 0.0 < float(self.percentile) <= 100.0:
             raise ConfigError(f"percentile={self.percentile!r} must be in (0, 100], e.g. {DEFAULT_PERCENTILE:g}")
         self._check_int8_layout()
+        self._check_weight_only()
         if self.smoothquant is not None and not (
             isinstance(self.smoothquant, (int, float)) and not isinstance(self.smoothquant, bool) and 0.0 < self.smoothquant < 1.0
         ):
@@ -226,6 +247,20 @@ class BuildConfig:
                 "weighted layers only: drop one of the two"
             )
 
+    def _check_weight_only(self) -> None:
+        if self.int4_block_size not in INT4_BLOCK_SIZES:
+            raise ConfigError(
+                f"int4_block_size={self.int4_block_size!r}: TensorRT's INT4 weight-only GEMMs take blocks of "
+                f"{' or '.join(map(str, INT4_BLOCK_SIZES))} input channels; use one of those (default 128)"
+            )
+        if self.int4_method not in INT4_METHODS:
+            raise ConfigError(f"int4_method={self.int4_method!r} is not one of {', '.join(map(repr, INT4_METHODS))}")
+        if self.int4_cpu_accuracy_level not in (1, 2, 3, 4):
+            raise ConfigError(
+                f"int4_cpu_accuracy_level={self.int4_cpu_accuracy_level!r} must be 1 (FP32), 2 (FP16), 3 (BF16) "
+                "or 4 (INT8 activations, default), ONNX Runtime's MatMulNBits accuracy levels"
+            )
+
     @property
     def float_part_precision(self) -> Precision:
         """What the non-quantized part of an INT8 or FP8 graph runs in (FP32 in the CPU layout)."""
@@ -257,6 +292,8 @@ ENGINE_SETTINGS: tuple[str, ...] = (
     "int8_float_precision",
     "int8_attention",
     "smoothquant",
+    "int4_block_size",
+    "int4_method",
     "fp16_threshold",
     "workspace_bytes",
     "optimization_level",

@@ -309,6 +309,12 @@ def build_config(
         # signed; see trtopt/backends/onnxruntime.py). Triton's ONNX Runtime backend has no way to
         # disable one rewrite: level -1 keeps only the basic ones, which compute the graph faithfully.
         config.optimization.graph.level = -1
+    if not is_plan and module.precision == "nvfp4":
+        raise ConfigError(
+            "an NVFP4 module without a TensorRT engine cannot be served: ONNX Runtime has no FP4 "
+            "kernel (trtopt decodes the weights itself to emulate them); compile it with backend='tensorrt' "
+            "on a Blackwell GPU (compute capability 10.0+), or use precision='int4'"
+        )
     return config
 
 

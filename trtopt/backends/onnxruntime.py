@@ -32,6 +32,7 @@ from ..errors import CalibrationError, ConfigError, EngineError, first_line
 from ..graph import load_weights, needs_external_data, save_model, serialize, weights_dir
 from .call_checks import check_embedding_indices, embedding_indices, run_failure
 from .fp16_emulation import emulate_fp16
+from .lowbit_cpu import decode_fp4_weights, has_fp4_weights, has_int4_weights
 from .profiling import LayerProfile, parse_onnxruntime_profile
 from .qdq_cpu import is_cpu_layout, lower_qdq_for_cpu
 
@@ -59,6 +60,7 @@ def make_session(
     intra_op_threads: int | None = None,
     profile_prefix: str | None = None,
     optimized_model_path: str | None = None,
+    int4_accuracy_level: int | None = None,
 ) -> ort.InferenceSession:
     """An ONNX Runtime session for ``model``, computing what TensorRT computes from its Q/DQ.
 
@@ -71,16 +73,25 @@ def make_session(
     every weight within +-63, so no pair sum can saturate, and they fuse the rest of
     the graph around the integer kernels (ResNet-18 at batch 8: 10% faster).
     ``optimized_model_path`` saves the graph ONNX Runtime actually runs.
+    INT4 weights are folded into FP32 once (TensorRT's dequantise-then-GEMM numbers) unless
+    ``int4_accuracy_level`` is given: then ONNX Runtime fuses them into ``MatMulNBits`` at that
+    accuracy level (1: FP32 arithmetic, 4: int8 activations per block, the fastest; backends/lowbit_cpu.py).
     """
-    fusions_exact = is_cpu_layout(model)
+    int4 = has_int4_weights(model)
+    fusions_exact = is_cpu_layout(model) or (int4 and int4_accuracy_level is not None)
     if "CPUExecutionProvider" in providers:
         if weights_dir(model) is not None and any(n.op_type == "DequantizeLinear" for n in model.graph.node):
             model = load_weights(model)  # the CPU layout reads the (INT8, a quarter-size) weights
-        model = lower_qdq_for_cpu(model)
+        if has_fp4_weights(model):
+            model = decode_fp4_weights(model)  # ONNX Runtime has no FP4 kernel on the CPU
+        elif not int4:  # weight-only graphs hold no activation Q/DQ to lower (nor can gs write INT4)
+            model = lower_qdq_for_cpu(model)
     disabled = disabled_optimizers(model)
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only; ORT's warnings are about its own fusions
     options.add_session_config_entry("session.disable_quant_qdq", "0" if fusions_exact else "1")
+    if int4 and int4_accuracy_level is not None:
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(int4_accuracy_level))
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
     if profile_prefix:
@@ -139,12 +150,14 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(
-        self, model: onnx.ModelProto, intra_op_threads: int | None = None, *, emulate_fp16: bool = False
+        self, model: onnx.ModelProto, intra_op_threads: int | None = None, *, emulate_fp16: bool = False,
+        int4_accuracy_level: int | None = None,
     ) -> None:
+        # int4_accuracy_level: run INT4 weights on ONNX Runtime's MatMulNBits (see make_session).
         if emulate_fp16:
-            self.session = cpu_session(model, intra_op_threads=intra_op_threads)
+            self.session = cpu_session(model, intra_op_threads=intra_op_threads, int4_accuracy_level=int4_accuracy_level)
         else:
-            self.session = make_session(model, intra_op_threads=intra_op_threads)
+            self.session = make_session(model, intra_op_threads=intra_op_threads, int4_accuracy_level=int4_accuracy_level)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         # numpy has no bfloat16: BF16 inputs go in as FP32 and BF16 outputs come out as FP32 holding
@@ -218,7 +231,8 @@ class Observer(Protocol):
 
 
 def cpu_session(
-    model: onnx.ModelProto, intra_op_threads: int | None = None, outputs: Sequence[str] | None = None
+    model: onnx.ModelProto, intra_op_threads: int | None = None, outputs: Sequence[str] | None = None,
+    int4_accuracy_level: int | None = None,
 ) -> ort.InferenceSession:
     """A CPU session computing what TensorRT computes: FP16 tensors rounded to FP16 (``emulate_fp16``;
     a graph without FP16 tensors runs as it is), Q/DQ as ``make_session`` lays it out.
@@ -229,7 +243,7 @@ def cpu_session(
     emulated = emulate_fp16(model)
     if outputs is not None:
         emulated = with_outputs(emulated, outputs)
-    return make_session(emulated, intra_op_threads=intra_op_threads)
+    return make_session(emulated, intra_op_threads=intra_op_threads, int4_accuracy_level=int4_accuracy_level)
 
 
 def run_batches(model: onnx.ModelProto, feeds: Iterable[Feeds]) -> Iterator[list[np.ndarray]]:

@@ -55,9 +55,10 @@ def apply_precision(
     search keeps high stay out of INT8. ``timer`` collects the seconds of each stage.
     """
     timer = timer or StageTimer()
-    if accuracy_budget is not None and not config.precision.quantized:
+    if accuracy_budget is not None and not (config.precision.quantized or config.precision.weight_only):
         raise ConfigError(
-            f"accuracy_budget applies to precision='int8' or 'fp8' (it chooses which layers leave INT8/FP8), "
+            f"accuracy_budget applies to precision='int8', 'fp8', 'int4' or 'nvfp4' (it chooses which layers "
+            f"leave the low precision), "
             f"not to precision={config.precision.value!r}"
         )
     carried = carried_precision(model)
@@ -87,6 +88,10 @@ def apply_precision(
     try:
         if config.precision is Precision.FP16:
             return fp16_path(model, config, data)
+        if config.precision.weight_only:
+            from .int4 import weight_only_path
+
+            return weight_only_path(model, config, data)
         return int8_path(model, config, data)
     finally:
         data.close()
@@ -102,7 +107,13 @@ def computes_in_bf16(model: onnx.ModelProto) -> bool:
 
 
 def carried_precision(model: onnx.ModelProto) -> str | None:
-    """'fp8' or 'int8' for a graph with Q/DQ nodes, 'fp16' for one computing in FP16, else None."""
+    """'nvfp4'/'int4' for 4-bit weights, 'fp8' or 'int8' for a graph with Q/DQ nodes, 'fp16' for one
+    computing in FP16, else None."""
+    from .int4 import weight_only_format
+
+    weight_only = weight_only_format(model)  # first: NVFP4's block scales are FP8
+    if weight_only is not None:
+        return weight_only
     fmt = graph_format(model)
     if fmt is not None:
         return fmt.name

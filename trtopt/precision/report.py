@@ -20,7 +20,7 @@ from .readout import AccuracyReadout
 class PrecisionReport:
     """The precision pass's report; the fields follow the JSON keys (docs/precision.md)."""
 
-    precision: str | None = None  # "fp16", "int8", "fp8"; None at FP32 (no pass ran)
+    precision: str | None = None  # "fp16", "int8", "fp8", "int4", "nvfp4"; None at FP32 (no pass ran)
     from_graph: bool | None = None  # True: the graph already carried its precision, nothing was applied
     # Calibration (INT8 and FP8)
     calibrator: str | None = None
@@ -40,6 +40,7 @@ class PrecisionReport:
     quantized_units: list[dict[str, str]] | None = None  # {"node", "op", "module"}
     not_quantized: list[dict[str, Any]] | None = None  # {"node", "op", "reason", "module"}
     floored_scales: list[str] | None = None
+    weight_only: dict[str, Any] | None = None  # INT4/NVFP4: format, block, method, weight bytes (int4.WeightOnlyReport)
     # FP16 (Fp16Report.to_json)
     fp16_nodes: int | None = None
     casts_added: int | None = None

@@ -72,6 +72,9 @@ def _validate(graph: gs.Graph, opset: int) -> int:
         where = f"{node.op} node {node.name!r}"
         if len(node.inputs) < 2:
             raise GraphError(f"{where} has no scale input")
+        if _low_bit_kind(node.inputs[0]) is not None or "block_size" in node.attrs:
+            _check_blocked_dq(node, where, opset)  # INT4 / NVFP4 weights: their own rules
+            continue
         data, scale_t = node.inputs[0], node.inputs[1]
         scale = _constant(scale_t)
         if scale is None:
@@ -176,3 +179,102 @@ def _check_per_channel(node: gs.Node, where: str, scale: np.ndarray, opset: int)
         raise GraphError(
             f"{where}: {scale.size} scales for axis {axis} of a weight of shape {value.shape}"
         )
+
+
+# ------------------------------------------------------------------ INT4 and NVFP4 weights
+
+INT4_OPSET = 21  # DequantizeLinear of INT4 with block_size
+FP4_OPSET = 23  # FLOAT4E2M1
+INT4_BLOCK_SIZES = (64, 128)  # TensorRT's INT4 weight-only GEMMs
+FP4_BLOCK_SIZE = 16
+
+
+def _low_bit_kind(tensor: gs.Tensor) -> str | None:
+    """'int4' or 'fp4' for a tensor of INT4 / FLOAT4E2M1 codes (numpy dtype from ml_dtypes, or ONNX's number)."""
+    dtype = tensor.dtype
+    if isinstance(dtype, (int, np.integer)) and not isinstance(dtype, bool):
+        return {onnx.TensorProto.INT4: "int4", onnx.TensorProto.FLOAT4E2M1: "fp4"}.get(int(dtype))
+    name = str(np.dtype(dtype)) if dtype is not None else ""
+    return {"int4": "int4", "float4_e2m1fn": "fp4"}.get(name)
+
+
+def _check_blocked_dq(node: gs.Node, where: str, opset: int) -> None:
+    """Block-quantized weights as TensorRT takes them (INT4 W4A16; NVFP4 with FP8 block scales)."""
+    data, scale_t = node.inputs[0], node.inputs[1]
+    kind = _low_bit_kind(data)
+    if node.op != "DequantizeLinear" or kind is None:
+        raise GraphError(
+            f"{where}: blocked quantization (block_size) that TensorRT does not take; it dequantizes "
+            "INT4 or FLOAT4E2M1 weights only (weight-only precisions 'int4' and 'nvfp4')"
+        )
+    needed = INT4_OPSET if kind == "int4" else FP4_OPSET
+    if opset < needed:
+        raise GraphError(
+            f"{where}: {kind.upper()} DequantizeLinear needs opset {needed} or newer but the model has opset "
+            f"{opset}; export with opset={needed}"
+        )
+    weight = _constant(data)
+    if weight is None:
+        raise GraphError(f"{where}: {kind.upper()} data {data.name!r} must be a constant weight")
+    block = int(node.attrs.get("block_size", 0))
+    allowed = INT4_BLOCK_SIZES if kind == "int4" else (FP4_BLOCK_SIZE,)
+    if block not in allowed:
+        raise GraphError(
+            f"{where}: block_size={block}; TensorRT takes {kind.upper()} weights in blocks of "
+            f"{' or '.join(map(str, allowed))}: use int4_block_size=64 or 128"
+        )
+    if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+        zp = _constant(node.inputs[2])
+        if zp is None or np.any(zp.astype(np.float32) != 0):
+            raise GraphError(
+                f"{where}: zero point {node.inputs[2].name!r} is not 0; TensorRT takes symmetric "
+                f"{kind.upper()} weights only: drop the zero point"
+            )
+    if kind == "fp4":
+        producer = scale_t.inputs[0] if isinstance(scale_t, gs.Variable) and scale_t.inputs else None
+        if producer is None or producer.op != "DequantizeLinear" or _constant(producer.inputs[0]) is None:
+            raise GraphError(
+                f"{where}: NVFP4 block scales must be FP8 E4M3 constants dequantized by a per-tensor FP32 "
+                "scale (DequantizeLinear(scale_fp8, scale_fp32) in front)"
+            )
+        scale_shape = producer.inputs[0].shape
+    else:
+        scale = _constant(scale_t)
+        if scale is None:
+            raise GraphError(f"{where}: scale {scale_t.name!r} must be a constant")
+        if scale.dtype not in (np.float16, np.float32):
+            raise GraphError(f"{where}: INT4 scale has dtype {scale.dtype}; use the activations' float type (FP16)")
+        if not np.all(np.isfinite(scale)) or not np.all(scale > 0):
+            raise GraphError(f"{where}: scales must be finite and positive")
+        scale_shape = scale.shape
+    if len(scale_shape) != weight.ndim:
+        raise GraphError(
+            f"{where}: scale of rank {len(scale_shape)} for a weight of rank {weight.ndim}; TensorRT needs the "
+            "scale to have the weight's rank"
+        )
+    axis = int(node.attrs.get("axis", 1)) % weight.ndim
+    if weight.ndim < 2 or axis < weight.ndim - 2:
+        raise GraphError(f"{where}: blocks along axis {axis}; TensorRT blocks along one of the last two dims")
+    expected = tuple(d // block if i == axis else d for i, d in enumerate(weight.shape))
+    if tuple(scale_shape) != expected or weight.shape[axis] % block:
+        raise GraphError(
+            f"{where}: scale shape {tuple(scale_shape)} does not match a weight of shape {weight.shape} in "
+            f"blocks of {block} along axis {axis} (expected {expected})"
+        )
+    users = _through(node.outputs[0], ("Transpose", "Cast"))
+    if not users or any(user.op not in ("MatMul", "Gemm") or index != 1 for user, index in users):
+        raise GraphError(
+            f"{where}: {kind.upper()} weights must feed input 1 of MatMul/Gemm (TensorRT's weight-only GEMMs), "
+            f"not {sorted({f'{u.op} input {i}' for u, i in users})}"
+        )
+
+
+def _through(tensor: gs.Tensor, passes: tuple[str, ...]) -> list[tuple[gs.Node, int]]:
+    """(consumer, input index) pairs reading ``tensor``, looking through the ops in ``passes``."""
+    users = []
+    for consumer in tensor.outputs:
+        if consumer.op in passes:
+            users += _through(consumer.outputs[0], passes)
+        else:
+            users += [(consumer, i) for i, t in enumerate(consumer.inputs) if t is tensor]
+    return users
