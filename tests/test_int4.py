@@ -19,7 +19,7 @@ from trtopt.errors import ConfigError, DependencyError, GraphError
 from trtopt.precision import validate_qdq
 from trtopt.precision.int4 import nvfp4_decode, nvfp4_encode, rtn_int4, weight_units
 
-from .trt_doubles import FakeCuda, fake_trt  # noqa: F401 - fake_trt is a fixture
+from .trt_doubles import FakeCuda
 
 BATCH = 8
 

@@ -567,7 +567,7 @@ def _readout_all_quantized(half: onnx.ModelProto, fmt: str, block: int, data: An
     units, _ = weight_units(half, block_size=block, **data.excluded)
     graph, _ = quantize_weights(half, units, fmt=fmt, block_size=block)
     held = data.held_out
-    return measure(graph, held.reference, held.feeds, held_back=held.held_back)
+    return measure(graph, held.reference, held.feeds, held_back=held.held_back, classifiers=held.classifiers)
 
 
 def search_budget(half: onnx.ModelProto, units: list[WeightUnit], fmt: str, block: int, data: Any) -> Any:
@@ -580,7 +580,7 @@ def search_budget(half: onnx.ModelProto, units: list[WeightUnit], fmt: str, bloc
     """
     import time
 
-    from ..backends.onnxruntime import run_graph
+    from ..backends.onnxruntime import run_batches
     from .budget import BudgetReport
 
     budget, held = data.budget, data.held_out
@@ -590,10 +590,10 @@ def search_budget(half: onnx.ModelProto, units: list[WeightUnit], fmt: str, bloc
     def measure(kept: frozenset[str]) -> float:
         graph, _ = quantize_weights(half, [u for u in units if u.node not in kept], fmt=fmt, block_size=block)
         report.evaluations += 1
-        return budget.evaluate(run_graph(graph, held.feeds), held.reference, held.labels)
+        return budget.evaluate_batches(run_batches(graph, held.feeds), held.reference, held.labels)
 
     report.all_int8 = report.final = measure(frozenset())
-    report.all_units_high = budget.evaluate(run_graph(half, held.feeds), held.reference, held.labels)
+    report.all_units_high = budget.evaluate_batches(run_batches(half, held.feeds), held.reference, held.labels)
     if not budget.met(report.all_int8):
         ranked = []
         for unit in units:
