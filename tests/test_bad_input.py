@@ -175,8 +175,8 @@ def test_t5_encoder_export_error_names_the_view_torch_export_could_not_do():
 
 
 def test_settings_errors():
-    with pytest.raises(trtopt.ConfigError, match="precision='int4'.*'fp32', 'fp16', 'int8'"):
-        trtopt.compile(TwoInputsDictOut(), (torch.randn(2, 6), torch.randn(2, 3)), precision="int4")
+    with pytest.raises(trtopt.ConfigError, match="precision='int2'.*'fp32', 'fp16', 'int8'"):
+        trtopt.compile(TwoInputsDictOut(), (torch.randn(2, 6), torch.randn(2, 3)), precision="int2")
     with pytest.raises(trtopt.ConfigError, match=r"unknown setting\(s\) warp_speed"):
         trtopt.compile(TwoInputsDictOut(), (torch.randn(2, 6), torch.randn(2, 3)), warp_speed=9)
     with pytest.raises(trtopt.InputError, match="torch.nn.Module"):

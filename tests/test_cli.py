@@ -382,6 +382,14 @@ def test_export_triton(compiled, tmp_path, capsys):
     assert_one_line_error(code, err, "does not exist")
 
 
+def test_export_triton_python_flavour(compiled, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    code, out, err = run_cli(capsys, "export-triton", compiled, repo, "--name", "small", "--flavour", "python")
+    assert code == 0, err
+    assert 'backend: "python"' in (repo / "small" / "config.pbtxt").read_text()
+    assert (repo / "small" / "1" / "model.trtopt").is_file() and (repo / "small" / "1" / "model.py").is_file()
+
+
 @pytest.mark.parametrize("shapes", [(), ("--shapes", "x:1x3x8x8")])
 def test_compile_a_corrupt_onnx_file_names_it(tmp_path, capsys, shapes):
     """Issue 15: a corrupt ONNX file ended in protobuf's DecodeError traceback."""

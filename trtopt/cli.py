@@ -650,6 +650,7 @@ def cmd_export_triton(args: argparse.Namespace) -> int:
         dynamic_batching=not args.no_dynamic_batching,
         instances=args.instances,
         overwrite=args.overwrite,
+        flavour=args.flavour,
     )
     logger.info("wrote Triton model %s", path)
     print(path)
@@ -899,6 +900,9 @@ def _add_export_triton_command(add_parser: AddParser) -> None:
     p.add_argument("--no-dynamic-batching", action="store_true", help="leave Triton's dynamic batcher off")
     p.add_argument("--instances", type=_positive, default=1, help="model instances per GPU (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing version directory")
+    p.add_argument("--flavour", choices=("native", "python"), default="native",
+                   help="native: model.plan / model.onnx for full Triton containers (default); python: "
+                   "model.trtopt run by trtopt in Triton's Python backend (what `trtopt serve` runs)")
     _add_backend_option(p)
     _add_host_code_option(p)
     p.set_defaults(func=cmd_export_triton)
