@@ -1,7 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   create .venv, install trtopt, compile ResNet-18 and print a comparison table
 #   make test   create .venv, install trtopt with test tools, run the test suite
-# (make test-fast runs the fast tier: every test not marked slow.)
+# (make test-fast runs the fast tier: every test not marked slow; make lint runs ruff, which CI runs before the
+# tests; make typecheck runs mypy, configured in pyproject.toml but not yet clean, so not in CI.)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,11 +16,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-.PHONY: install demo test test-fast test-gpu
+.PHONY: install demo lint typecheck test test-fast test-gpu
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) benchmarks/demo.py
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+
+typecheck: $(VENV)/.installed
+	$(PY) -m mypy
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -83,7 +83,8 @@ def _sentences_of(module_name: str) -> list[str]:
 
 def sentences(split: str, count: int) -> list[str]:
     """``count`` distinct sentences: ``split`` is "calibration" or "evaluation"."""
-    names = sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in {"antigravity", "this", "idlelib", "turtledemo", "tkinter", "turtle"})
+    skipped = {"antigravity", "this", "idlelib", "turtledemo", "tkinter", "turtle"}
+    names = sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in skipped)
     chosen = names[0::2] if split == "calibration" else names[1::2]
     out: dict[str, None] = {}
     for name in chosen:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import gc
 import io
-import json
 import logging
 import os
 import platform
@@ -60,9 +59,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import trtopt  # noqa: E402
 from trtopt.backends.onnxruntime import run_graph  # noqa: E402
 from trtopt.bench.results import write_results  # noqa: E402
-from trtopt.config import build_profiles  # noqa: E402
-from trtopt.export import export  # noqa: E402
-from trtopt.graph import cleanup  # noqa: E402
 from trtopt.metrics import sample_cosines  # noqa: E402
 
 COMMAND = "python benchmarks/int4.py --modelopt-site /tmp/mo/site"
@@ -147,7 +143,6 @@ def compare_modelopt(float16_graph: onnx.ModelProto, feeds: list[dict[str, np.nd
 
 
 def minilm(site: str | None) -> dict[str, Any]:
-    import _minilm
     from int8_accuracy import minilm_task
 
     from trtopt.precision import to_fp16

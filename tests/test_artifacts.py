@@ -48,7 +48,7 @@ def test_manifest_matches_the_module(compiled, tmp_path):
 
 def test_trtexec_line_names_every_dynamic_input(compiled, tmp_path):
     paths = compiled.export_onnx(tmp_path / "encoder.onnx")
-    commands = [l for l in paths["build_script"].read_text().splitlines() if l.startswith("trtexec")]
+    commands = [ln for ln in paths["build_script"].read_text().splitlines() if ln.startswith("trtexec")]
     assert len(commands) == 1
     args = dict(a.split("=", 1) for a in shlex.split(commands[0])[1:] if "=" in a)
     assert args["--onnx"] == "encoder.onnx"
@@ -66,13 +66,13 @@ def test_several_profiles_get_one_trtexec_line_with_every_profile(tmp_path):
         model, (torch.randn(2, 4),), dynamic_shapes=[{"input": {0: (1, 2, 4)}}, {"input": {0: (5, 16, 32)}}]
     )
     script = compiled.export_onnx(tmp_path / "linear")["build_script"].read_text()
-    (trtexec,) = [l for l in script.splitlines() if l.startswith("trtexec")]
+    (trtexec,) = [ln for ln in script.splitlines() if ln.startswith("trtexec")]
     flags = [a for a in shlex.split(trtexec)[1:] if a.startswith(("--profile", "--minShapes", "--optShapes", "--maxShapes"))]
     assert flags == [
         "--profile=0", "--minShapes=input:1x4", "--optShapes=input:2x4", "--maxShapes=input:4x4",
         "--profile=1", "--minShapes=input:5x4", "--optShapes=input:16x4", "--maxShapes=input:32x4",
     ]
-    polygraphy = next(l for l in script.splitlines() if l.startswith("# polygraphy"))  # the alternative
+    polygraphy = next(ln for ln in script.splitlines() if ln.startswith("# polygraphy"))  # the alternative
     assert polygraphy.count("--trt-min-shapes") == 2
     assert "input:[5,4]" in polygraphy and "input:[32,4]" in polygraphy
 
@@ -142,8 +142,8 @@ def test_a_dynamic_dim_fixed_to_one_size_still_gets_its_shapes(compiled, tmp_pat
     fixed = {"tokens": {0: (4, 4, 4), 1: (12, 12, 12)}, "padding_mask": {0: (4, 4, 4), 1: (12, 12, 12)}}
     onnx_path = compiled.export_onnx(tmp_path / "encoder.onnx")["onnx"]
     again = trtopt.compile(onnx_path, dynamic_shapes=fixed, backend="onnxruntime")
-    line = next(l for l in again.export_onnx(tmp_path / "again.onnx")["build_script"].read_text().splitlines()
-                if l.startswith("trtexec"))
+    line = next(ln for ln in again.export_onnx(tmp_path / "again.onnx")["build_script"].read_text().splitlines()
+                if ln.startswith("trtexec"))
     # The graph's dims stay symbolic; without shapes trtexec would build them at size 1.
     assert "--minShapes=tokens:4x12x32,padding_mask:4x12" in line and "--maxShapes=tokens:4x12x32" in line
 
@@ -161,7 +161,7 @@ def test_the_build_script_reproduces_the_engine_settings(compiled, tmp_path):
     info = {**compiled.spec.info, "build_config": compiler._engine_config_json(settings)}
     module = CompiledModule(compiled.onnx_model, dataclasses.replace(compiled.spec, info=info), compiled.backend)
     script = module.export_onnx(tmp_path / "encoder.onnx")["build_script"].read_text()
-    (line,) = [l for l in script.splitlines() if l.startswith("trtexec")]
+    (line,) = [ln for ln in script.splitlines() if ln.startswith("trtexec")]
     args = shlex.split(line)
     for flag in ("--versionCompatible", "--hardwareCompatibilityLevel=ampere+", "--builderOptimizationLevel=5",
                  f"--memPoolSize=workspace:{3 << 29}B", "--noTF32"):

@@ -226,7 +226,7 @@ def test_layer_profile_by_module(nested):
     model, batches = nested
     compiled = _compile(model, batches, "int8")
     profile = bench.profile_onnxruntime(compiled, (batches[1],), runs=2)
-    assert all(layer.module is not None for layer in profile.layers), [l.name for l in profile.layers if l.module is None]
+    assert all(layer.module is not None for layer in profile.layers), [lay.name for lay in profile.layers if lay.module is None]
     top = dict(profile.by_module(depth=1))
     assert {"embed", "body", "head"} <= set(top)
     leaves = dict(profile.by_module())
@@ -287,7 +287,7 @@ def test_a_conv_with_its_batchnorm_folded_keeps_the_conv_module_and_profiles_nam
     assert convs == ["stem.0/Conv", "block.0/Conv", "block.3/Conv", "conv.0/Conv"]
     profile = bench.profile_onnxruntime(compiled, (x,), runs=2)
     # Only the layout changes ONNX Runtime adds on its own (NCHWc reorders) belong to no module.
-    unattributed = [l for l in profile.layers if l.module is None and not l.op_type.startswith("Reorder")]
+    unattributed = [lay for lay in profile.layers if lay.module is None and not lay.op_type.startswith("Reorder")]
     assert not unattributed, unattributed
     conv_modules = {layer.module for layer in profile.layers if layer.op_type.endswith("Conv")}
-    assert conv_modules == {"stem.0", "block.0", "block.3", "conv.0"}, [(l.name, l.module) for l in profile.layers]
+    assert conv_modules == {"stem.0", "block.0", "block.3", "conv.0"}, [(lay.name, lay.module) for lay in profile.layers]

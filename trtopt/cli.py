@@ -124,7 +124,7 @@ def dynamic_shapes_from_profiles(
         return None
     dynamic: dict[str, set[int]] = {}
     for profile in profiles:
-        for name, (lo, opt, hi) in profile.items():
+        for name, (lo, _opt, hi) in profile.items():
             if name not in reference:
                 raise ConfigError(
                     f"--shapes names input {name!r}, but the {source} has inputs {list(reference)}"
@@ -138,7 +138,7 @@ def dynamic_shapes_from_profiles(
             dyn = dynamic.setdefault(name, set())
             dyn.update(d for d in range(len(dims)) if lo[d] != hi[d] or isinstance(dims[d], str))
     for profile in profiles:
-        for name, (lo, opt, hi) in profile.items():
+        for name, (lo, _opt, _hi) in profile.items():
             for d, model_dim in enumerate(reference[name]):
                 if d not in dynamic[name] and lo[d] != model_dim:
                     raise ConfigError(

@@ -11,7 +11,7 @@ import dataclasses
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import CalibrationError, ConfigError
 
@@ -78,7 +78,10 @@ def calibrator_name(method: CalibratorKind | str) -> str:
         raise CalibrationError(f"method={method!r} is not a calibrator; use one of {allowed}") from None
 
 
-def _coerce_enum(enum_type: type[enum.Enum], value: Any, field: str) -> enum.Enum:
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+def _coerce_enum(enum_type: type[_E], value: Any, field: str) -> _E:
     try:
         return enum_type(value.value if isinstance(value, enum.Enum) else value)
     except ValueError:

@@ -265,7 +265,7 @@ def _kill_processes_of(workspace: Path, timeout_s: float = 5.0) -> None:
 
 def _remove_segments(prefix: str) -> list[str]:
     """Unlink the POSIX shared-memory segments the server's Python backend named with ``prefix``."""
-    removed = []
+    removed: list[str] = []
     shm = Path("/dev/shm")
     if not prefix or not shm.is_dir():
         return removed
@@ -284,7 +284,7 @@ def clean_stale(root: Path | None = None) -> list[Path]:
     caller is not that process any more is stale. Returns the workspaces removed.
     """
     root = root or _runtime_root()
-    removed = []
+    removed: list[Path] = []
     if not root.is_dir():
         return removed
     for workspace in sorted(root.iterdir()):

@@ -212,7 +212,7 @@ def already_fp16(model: onnx.ModelProto, half_tensors: set[str]) -> set[str]:
     types = _low_precision_types(model)
     initializers = {init.name for init in model.graph.initializer}
     fp16_values = half_tensors | (initializers & set(types))
-    found = set()
+    found: set[str] = set()
     for node in model.graph.node:
         if node.op_type not in _VALUE_PRESERVING or node.domain not in ("", "ai.onnx"):
             continue

@@ -105,7 +105,7 @@ def trtopt_candidate(
     """
     from ..compiler import compile as trtopt_compile, select_backend
 
-    row = dict(model=name, runtime="trtopt", precision=precision, backend=str(backend), device="–")
+    row: dict[str, Any] = dict(model=name, runtime="trtopt", precision=precision, backend=str(backend), device="–")
     start = time.perf_counter()
     try:
         row["backend"] = select_backend(backend).value

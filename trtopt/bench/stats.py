@@ -5,18 +5,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 import numpy as np
 
 from ..errors import InputError
 
-PERCENTILE_METHOD = "linear"  # numpy's default, Hyndman-Fan type 7
+PERCENTILE_METHOD: Final = "linear"  # numpy's default, Hyndman-Fan type 7
 # p90 above this multiple of p50: a tenth of the calls took half as long again as the median, so
 # something else was using the cores and one run's ratios may not repeat (a shared or busy machine).
 UNSTABLE_SPREAD = 1.5
 
 
-def percentiles(samples: Sequence[float], qs: Sequence[float] = (50, 90, 99)) -> list[float]:
+def percentiles(samples: Sequence[float] | np.ndarray, qs: Sequence[float] = (50, 90, 99)) -> list[float]:
     """The ``qs`` percentiles of ``samples`` by linear interpolation (see the module docstring)."""
     data = np.asarray(samples, dtype=np.float64)
     if data.size == 0:

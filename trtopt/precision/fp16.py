@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -73,7 +74,7 @@ class Fp16Report:
     # Attention-mask constants made FP16-safe before conversion (``trtopt.precision.masks``).
     masks: list[MaskRewrite] = field(default_factory=list)
 
-    def to_json(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, Any]:
         return {
             "fp16_nodes": self.converted_nodes,
             "casts_added": self.casts_added,

@@ -279,7 +279,7 @@ class Int8Report:
     # DQ output -> the largest |value| it carries (the FP16 keep-list needs this).
     dq_peaks: dict[str, float] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, Any]:
         return {
             "qdq_nodes": self.q_nodes + self.dq_nodes,
             "q_nodes": self.q_nodes,
