@@ -66,7 +66,7 @@ NVFP4_OPSET = 23  # FLOAT4E2M1
 WEIGHT_FORMATS = ("int4", "nvfp4")
 # AWQ's grid of alpha (s = mean|x|^alpha) and how many activation rows it measures the error on.
 AWQ_GRID = 20
-AWQ_ROWS = 512
+AWQ_ROWS = 2048
 FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
 
 
