@@ -361,6 +361,8 @@ def table(result: dict[str, Any]) -> str:
         f"`{COMMAND}` on {result['machine']} (shared with other jobs: ratios only, measured side by side).",
         "",
     ]
+    if result.get("minilm_command"):
+        lines += [f"The all-MiniLM-L6-v2 sections were rerun alone later with `{result['minilm_command']}`.", ""]
     mo = result["minilm"].get("modelopt")
     if mo:
         lines += [
@@ -419,8 +421,17 @@ def main() -> None:
     parser.add_argument("--modelopt-site", help="a --target directory holding nvidia-modelopt 0.47 (no deps)")
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--minilm-only", action="store_true",
+                        help="rerun only the all-MiniLM-L6-v2 part; the other sections stay as in OUT/int4.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
+    if args.minilm_only:
+        result = json.loads((Path(args.out) / "int4.json").read_text())
+        result["minilm"] = minilm(args.modelopt_site)
+        result["minilm_command"] = "python benchmarks/int4.py --minilm-only" + (
+            f" --modelopt-site {args.modelopt_site}" if args.modelopt_site else "")
+        write_results(args.out, "int4", result, table(result))
+        return
     result = {
         "command": COMMAND,
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, onnxruntime {onnxruntime.__version__}",
