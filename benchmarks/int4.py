@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import gc
 import io
+import json
 import logging
 import os
 import platform
