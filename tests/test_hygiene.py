@@ -62,3 +62,25 @@ def test_layer_profiles_write_no_trace_into_the_working_directory(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     profile = profile_graph(model, {"x": torch.ones(2)}, runs=2)
     assert profile.layers and not list(tmp_path.iterdir())
+
+
+def test_a_secret_file_is_never_readable_by_others(tmp_path, monkeypatch):
+    # The serve ready file and launch file hold the server's access token: they must have their
+    # mode when they appear under their name, not after a chmod that follows the rename.
+    import os
+    import stat
+
+    from trtopt import files
+
+    seen = []
+    replace = os.replace
+
+    def spying_replace(src, dst):
+        seen.append(stat.S_IMODE(os.stat(src).st_mode))
+        replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", spying_replace)
+    path = files.atomic_write(tmp_path / "ready.json", '{"access_token": "x"}', mode=0o600)
+    assert seen == [0o600] and stat.S_IMODE(path.stat().st_mode) == 0o600
+    files.atomic_write(tmp_path / "plain.txt", "x")  # without a mode: what open() would give
+    assert seen[1] == 0o666 & ~files._UMASK

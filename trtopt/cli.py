@@ -714,8 +714,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     "access_token": server.access_token,
                     "pid": os.getpid(),
                 }
-                atomic_write(args.ready_file, json.dumps(ready, indent=1))
-                os.chmod(args.ready_file, 0o600)  # holds the access token
+                atomic_write(args.ready_file, json.dumps(ready, indent=1), mode=0o600)  # holds the access token
             while not stop.wait(0.5) and server.alive():
                 pass
             if not stop.is_set():

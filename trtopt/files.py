@@ -20,10 +20,12 @@ _UMASK = _read_umask()
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block succeeds, rename it over ``path``.
 
-    The file gets the permissions a plain ``open()`` would give (mkstemp makes 0600).
+    The file gets ``mode``, or the permissions a plain ``open()`` would give. It has them
+    before the rename (mkstemp makes 0600), so a file holding a secret is never readable
+    by others, not even for a moment.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,17 +33,17 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, 0o666 & ~_UMASK if mode is None else mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` atomically (fsynced before the rename)."""
+def atomic_write(path: str | os.PathLike[str], data: bytes | str, mode: int | None = None) -> Path:
+    """Write ``data`` to ``path`` atomically (fsynced before the rename), with ``mode`` if given."""
     payload = data.encode() if isinstance(data, str) else data
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+    with atomic_path(path, mode) as tmp, open(tmp, "wb") as handle:
         handle.write(payload)
         handle.flush()
         os.fsync(handle.fileno())

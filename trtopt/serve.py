@@ -606,8 +606,7 @@ class Server:
             "access_token": self.access_token,
             "models": self.models,
         }
-        atomic_write(self.workspace / _LAUNCH_FILE, json.dumps(launch))
-        os.chmod(self.workspace / _LAUNCH_FILE, 0o600)  # holds the access token
+        atomic_write(self.workspace / _LAUNCH_FILE, json.dumps(launch), mode=0o600)  # holds the access token
         try:
             self._process = subprocess.Popen(
                 [sys.executable, "-c", "import sys; from trtopt.serve import supervise_main; sys.exit(supervise_main())", str(self.workspace)],
