@@ -56,6 +56,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ..errors import GraphError
+
 logger = logging.getLogger(__name__)
 
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
@@ -78,6 +80,34 @@ def _qdq_params(node: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     scale, zero = _constant(node.inputs[1]), _constant(node.inputs[2])
     return None if scale is None or zero is None else (scale, zero)
+
+
+def _zero_dtype(node: gs.Node) -> np.dtype | None:
+    """The dtype of a Q/DQ node's zero point when its scale and zero point are constants, else None."""
+    params = _qdq_params(node)
+    return None if params is None else params[1].dtype
+
+
+def _matched_qdq_params(node: gs.Node) -> tuple[np.ndarray, np.ndarray]:
+    """``_qdq_params`` of a node a matcher above already accepted (so both are constants)."""
+    params = _qdq_params(node)
+    if params is None:
+        raise GraphError(
+            f"CPU integer lowering: {node.op} {node.name!r} was matched with a constant scale and zero point "
+            "but has none; this is a trtopt bug, please report it (int8_layout='tensorrt' avoids this pass)"
+        )
+    return params
+
+
+def _matched_weight(w_dq: gs.Node) -> np.ndarray:
+    """The constant weight codes of a DequantizeLinear ``_weight_dq`` accepted."""
+    weight = _constant(w_dq.inputs[0])
+    if weight is None:
+        raise GraphError(
+            f"CPU integer lowering: {w_dq.name!r} was matched as a constant weight's DequantizeLinear but its "
+            "input is not a constant; this is a trtopt bug, please report it (int8_layout='tensorrt' avoids this pass)"
+        )
+    return weight
 
 
 # Ops whose output is non-negative when their (first) input is.
@@ -131,7 +161,7 @@ def _activation_pairs(graph: gs.Graph, outputs: set[str]) -> list[tuple[gs.Node,
         users = q.outputs[0].outputs
         if not users or any(u.op != "DequantizeLinear" or u.inputs[0] is not q.outputs[0] for u in users):
             continue
-        if any(_qdq_params(u) is None or _qdq_params(u)[1].dtype != np.int8 for u in users):
+        if any(_zero_dtype(u) != np.int8 for u in users):
             continue
         pairs.append((q, list(users)))
     return pairs
@@ -147,7 +177,7 @@ def _unsigned_activations(graph: gs.Graph, outputs: set[str], new_nodes: list[gs
         if not nonnegative and feeds_kernel:
             continue
         zero_value = 0 if nonnegative else 128
-        zero = gs.Constant(f"{q.name}__zero_point_u8", np.full(_qdq_params(q)[1].shape, zero_value, np.uint8))
+        zero = gs.Constant(f"{q.name}__zero_point_u8", np.full(_matched_qdq_params(q)[1].shape, zero_value, np.uint8))
         q.inputs[2] = zero
         codes = q.outputs[0]
         codes.dtype = np.uint8
@@ -188,9 +218,9 @@ def _drop_relus(graph: gs.Graph, outputs: set[str]) -> int:
 def _activation_dq(node: gs.Node) -> gs.Node | None:
     """The DequantizeLinear feeding ``node``'s data input from uint8 codes, else None."""
     dq = _producer(node.inputs[0], "DequantizeLinear")
-    if dq is None or _qdq_params(dq) is None or _constant(dq.inputs[0]) is not None:
+    if dq is None or _constant(dq.inputs[0]) is not None:
         return None
-    return dq if _qdq_params(dq)[1].dtype == np.uint8 else None
+    return dq if _zero_dtype(dq) == np.uint8 else None
 
 
 def _weight_dq(node: gs.Node) -> gs.Node | None:
@@ -208,7 +238,7 @@ def _output_q(node: gs.Node, outputs: set[str]) -> gs.Node | None:
     if out.name in outputs or len(out.outputs) != 1:
         return None
     user = out.outputs[0]
-    if user.op != "QuantizeLinear" or _qdq_params(user) is None or _qdq_params(user)[1].dtype != np.uint8:
+    if user.op != "QuantizeLinear" or _zero_dtype(user) != np.uint8:
         return None
     return user
 
@@ -234,16 +264,16 @@ def _code_limit(x_dq: gs.Node) -> int:
 def _exact_in_int16_pairs(x_dq: gs.Node, w_dq: gs.Node) -> bool:
     """ONNX Runtime's u8 x s8 kernels on x86 without VNNI add pairs of products in int16 with
     saturation: exact only while ``2 * max code * max |weight code|`` fits."""
-    weight = _constant(w_dq.inputs[0]).astype(np.int32)
+    weight = _matched_weight(w_dq).astype(np.int32)
     return 2 * _code_limit(x_dq) * int(np.abs(weight).max(initial=0)) <= np.iinfo(np.int16).max
 
 
 def _channel_scales(w_dq: gs.Node, channels: int, axis: int) -> np.ndarray | None:
     """The weight scales as one per output channel (``axis`` of the weight), else None."""
-    scale = _qdq_params(w_dq)[0].astype(np.float32).reshape(-1)
+    scale = _matched_qdq_params(w_dq)[0].astype(np.float32).reshape(-1)
     if scale.size == 1:
         return np.full(channels, scale.item(), np.float32)
-    rank = _constant(w_dq.inputs[0]).ndim
+    rank = _matched_weight(w_dq).ndim
     if scale.size != channels or int(w_dq.attrs.get("axis", 1)) % rank != axis:
         return None
     return scale
@@ -262,12 +292,12 @@ def _integer_conv(node: gs.Node, x_dq: gs.Node, w_dq: gs.Node, q: gs.Node | None
     A Conv with a float output stays a float Conv (its weight dequantized once):
     ONNX Runtime's ConvInteger is several times slower than its float Conv.
     """
-    weight = _constant(w_dq.inputs[0])
+    weight = _matched_weight(w_dq)
     s_w = _channel_scales(w_dq, weight.shape[0], 0)
     if q is None or s_w is None:
         return None
     name = node.name
-    scale = (_qdq_params(x_dq)[0].astype(np.float32) * s_w).astype(np.float32)
+    scale = (_matched_qdq_params(x_dq)[0].astype(np.float32) * s_w).astype(np.float32)
     bias = _bias_codes(node, scale) if len(node.inputs) > 2 else np.zeros(scale.size, np.int32)
     if bias is None:
         return None
@@ -285,7 +315,7 @@ def _integer_conv(node: gs.Node, x_dq: gs.Node, w_dq: gs.Node, q: gs.Node | None
 
 def _integer_matmul(node: gs.Node, x_dq: gs.Node, w_dq: gs.Node) -> list[gs.Node] | None:
     """MatMul/Gemm on uint8 codes: MatMulIntegerToFloat (int32 sums, then scales and bias)."""
-    weight = _constant(w_dq.inputs[0])
+    weight = _matched_weight(w_dq)
     if weight.ndim != 2:
         return None
     trans_b = node.op == "Gemm" and int(node.attrs.get("transB", 0)) == 1
@@ -314,7 +344,7 @@ def _integer_matmul(node: gs.Node, x_dq: gs.Node, w_dq: gs.Node) -> list[gs.Node
 def _integer_kernel(node: gs.Node, w_dq: gs.Node, outputs: set[str]) -> list[gs.Node] | None:
     """The integer-kernel nodes that replace ``node`` where they compute the same, else None."""
     x_dq = _activation_dq(node)
-    if x_dq is None or _qdq_params(x_dq)[0].size != 1 or not _exact_in_int16_pairs(x_dq, w_dq):
+    if x_dq is None or _matched_qdq_params(x_dq)[0].size != 1 or not _exact_in_int16_pairs(x_dq, w_dq):
         return None
     if node.op == "Conv":
         return _integer_conv(node, x_dq, w_dq, _output_q(node, outputs))
@@ -323,8 +353,8 @@ def _integer_kernel(node: gs.Node, w_dq: gs.Node, outputs: set[str]) -> list[gs.
 
 def _fold_weight(node: gs.Node, w_dq: gs.Node) -> None:
     """Dequantize a constant weight once, here (ONNX Runtime would redo it on every call)."""
-    weight = _constant(w_dq.inputs[0]).astype(np.float32)
-    scale, zero = _qdq_params(w_dq)
+    weight = _matched_weight(w_dq).astype(np.float32)
+    scale, zero = _matched_qdq_params(w_dq)
     scale, zero = scale.astype(np.float32), zero.astype(np.float32)
     if scale.size > 1:
         axis = int(w_dq.attrs.get("axis", 1)) % weight.ndim
@@ -340,9 +370,10 @@ def _pool_codes(graph: gs.Graph, outputs: set[str]) -> int:
     moved = 0
     for pool in [n for n in graph.nodes if n.op in ("MaxPool", "GlobalMaxPool") and len(n.outputs) == 1]:
         dq = _producer(pool.inputs[0], "DequantizeLinear")
-        if dq is None or _qdq_params(dq) is None or _qdq_params(dq)[0].size != 1:
+        params = _qdq_params(dq) if dq is not None else None
+        if dq is None or params is None or params[0].size != 1:
             continue
-        if _qdq_params(dq)[1].dtype != np.uint8 or len(dq.outputs[0].outputs) != 1:
+        if params[1].dtype != np.uint8 or len(dq.outputs[0].outputs) != 1:
             continue
         if dq.outputs[0].name in outputs:  # the dequantized tensor must stay as it is
             continue
