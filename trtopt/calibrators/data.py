@@ -31,7 +31,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
@@ -39,9 +39,17 @@ from ..errors import CalibrationError, ConfigError
 from ..spec import conversion_hint
 
 if TYPE_CHECKING:
+    import torch
+
     from ..spec import TensorSpec
 
 logger = logging.getLogger(__name__)
+
+# The forms of ``calibration_data`` (and ``validation_data``) the module docstring lists, for type
+# checkers; every batch is still checked at run time against the graph's inputs.
+TensorOrArray: TypeAlias = "np.ndarray | torch.Tensor"
+Batch: TypeAlias = "Mapping[str, TensorOrArray] | Sequence[TensorOrArray] | TensorOrArray"
+CalibrationData: TypeAlias = "Iterable[Batch] | TensorOrArray | str | os.PathLike[str]"
 
 
 
@@ -282,27 +290,24 @@ class Spool:
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.directory), ignore_errors=True)
         self._widths: list[int] = []  # arrays per entry
 
-    def append(self, arrays: Sequence[np.ndarray | None]) -> None:
-        """Store one entry (``None`` items stay None)."""
+    def append(self, arrays: Sequence[np.ndarray]) -> None:
+        """Store one entry (its arrays; entries may differ in length)."""
         index = len(self._widths)
         for k, array in enumerate(arrays):
-            if array is not None:
-                np.save(self.directory / f"{index}-{k}.npy", np.asarray(array), allow_pickle=False)
+            np.save(self.directory / f"{index}-{k}.npy", np.asarray(array), allow_pickle=False)
         self._widths.append(len(arrays))
 
     def __len__(self) -> int:
         return len(self._widths)
 
-    def __getitem__(self, index: int) -> list[np.ndarray | None]:
+    def __getitem__(self, index: int) -> list[np.ndarray]:
         return [self._load(self.directory / f"{index}-{k}.npy") for k in range(self._widths[index])]
 
-    def __iter__(self) -> Iterator[list[np.ndarray | None]]:
+    def __iter__(self) -> Iterator[list[np.ndarray]]:
         return (self[i] for i in range(len(self)))
 
     @staticmethod
-    def _load(path: Path) -> np.ndarray | None:
-        if not path.exists():
-            return None
+    def _load(path: Path) -> np.ndarray:
         try:
             return np.load(path, mmap_mode="r", allow_pickle=False)
         except ValueError:  # an empty array cannot be memory-mapped
@@ -429,7 +434,8 @@ def open_batches(data: Any, specs: Sequence[TensorSpec], max_batches: int | None
     try:
         for index, batch in itertools.islice(_raw_batches(data, specs), max_batches):
             feeds = check_batch(batch, index, specs)
-            spool.append([*(feeds[s.name] for s in specs), labels_of(batch, n_inputs)])
+            label = labels_of(batch, n_inputs)  # spooled after the inputs when the batch has one
+            spool.append([*(feeds[s.name] for s in specs), *([] if label is None else [label])])
     except BaseException:
         spool.close()
         raise
@@ -439,8 +445,8 @@ def open_batches(data: Any, specs: Sequence[TensorSpec], max_batches: int | None
     names = [s.name for s in specs]
 
     def read_spooled(i: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-        *arrays, label = spool[i]
-        return dict(zip(names, arrays)), label
+        arrays = spool[i]
+        return dict(zip(names, arrays)), arrays[n_inputs] if len(arrays) > n_inputs else None
 
     logger.debug("calibration data spooled: %d batches in %s", len(spool), spool.directory)
     return Batches(read_spooled, range(len(spool)), owner=spool)
