@@ -13,8 +13,9 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx
 
 from ..backends.fp16_emulation import widen_to_fp32
@@ -32,6 +33,13 @@ from .readout import AccuracyReadout, class_logit_outputs, log_readout, measure
 from .report import PrecisionReport
 from .validate import validate_qdq
 
+if TYPE_CHECKING:
+    from ..calibrators.calibration import CalibrationResult
+    from ..calibrators.data import CalibrationData
+    from ..calibrators.observers import RangeCheck
+    from ..spec import TensorSpec
+    from .smoothquant import SmoothedTensor, SmoothUnit
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["HeldOut", "PreparedData", "apply_precision", "carried_precision", "hold_back"]
@@ -40,9 +48,9 @@ __all__ = ["HeldOut", "PreparedData", "apply_precision", "carried_precision", "h
 def apply_precision(
     model: onnx.ModelProto,
     config: BuildConfig,
-    calibration_data: Any,
-    accuracy_budget: Any = None,
-    validation_data: Any = None,
+    calibration_data: CalibrationData | Batches | None,
+    accuracy_budget: AccuracyBudget | str | None = None,
+    validation_data: CalibrationData | Batches | None = None,
     timer: StageTimer | None = None,
 ) -> tuple[onnx.ModelProto, PrecisionReport]:
     """Write ``config.precision`` into ``model``; return the graph and its report.
@@ -127,7 +135,9 @@ def carried_precision(model: onnx.ModelProto) -> str | None:
     return None
 
 
-def carried_report(model: onnx.ModelProto, carried: str, config: BuildConfig, accuracy_budget: Any) -> PrecisionReport:
+def carried_report(
+    model: onnx.ModelProto, carried: str, config: BuildConfig, accuracy_budget: AccuracyBudget | str | None
+) -> PrecisionReport:
     """A graph exported by export_onnx (or quantized elsewhere) is built as it is, no recalibration."""
     if accuracy_budget is not None or config.precision.value not in ("fp32", carried):
         raise ConfigError(
@@ -153,7 +163,7 @@ class HeldOut:
     """
 
     feeds: Batches
-    labels: Any
+    labels: np.ndarray | None
     reference: Spool
     held_back: bool
     classifiers: list[int] = field(default_factory=list)
@@ -171,9 +181,9 @@ class HeldOut:
 
 def hold_back(
     model: onnx.ModelProto,
-    calibration_data: Any,
-    validation_data: Any,
-    inputs: Sequence[Any],
+    calibration_data: CalibrationData | Batches | None,
+    validation_data: CalibrationData | Batches | None,
+    inputs: Sequence[TensorSpec],
     max_batches: int | None,
     *,
     required: bool,
@@ -211,8 +221,8 @@ def hold_back(
 class PreparedData:
     """The user's data as the passes read it: calibration (re-iterable), and the held-back part."""
 
-    inputs: list[Any]
-    calibration_data: Any = None
+    inputs: Sequence[TensorSpec]
+    calibration_data: Batches | None = None  # the calibration batches, when there is calibration data
     batches: Callable[[], Iterator[Mapping[str, Any]]] | None = None  # calibration feeds, re-iterable
     held_out: HeldOut | None = None
     budget: AccuracyBudget | None = None
@@ -221,8 +231,8 @@ class PreparedData:
 
     @classmethod
     def prepare(
-        cls, model: onnx.ModelProto, config: BuildConfig, calibration_data: Any, accuracy_budget: Any,
-        validation_data: Any,
+        cls, model: onnx.ModelProto, config: BuildConfig, calibration_data: CalibrationData | Batches | None,
+        accuracy_budget: AccuracyBudget | str | None, validation_data: CalibrationData | Batches | None,
     ) -> PreparedData:
         from ..calibrators.data import open_batches
         from ..spec import tensor_specs
@@ -238,20 +248,32 @@ class PreparedData:
             )
         if calibration_data is not None:
             calibration = open_batches(calibration_data, data.inputs, config.calibration_batches)
-            calibration_data, data.batches = calibration, calibration.__iter__
-        data.calibration_data = calibration_data
+            data.calibration_data, data.batches = calibration, calibration.__iter__
         return data
+
+    def budget_and_held_out(self) -> tuple[AccuracyBudget, HeldOut]:
+        """The accuracy budget and the held-back batches it is judged on, for the steps that run with a budget.
+
+        ``prepare`` holds batches back whenever there is a budget (or raises the ConfigError that
+        says what to pass), so a missing part here is a trtopt bug, not a user error.
+        """
+        if self.budget is None or self.held_out is None:
+            raise RuntimeError(
+                "trtopt bug: an accuracy-budget step ran without "
+                f"{'a budget' if self.budget is None else 'held-back batches'}; please report it"
+            )
+        return self.budget, self.held_out
 
     def close(self) -> None:
         """Delete what was spooled to disk (the user's one-shot data, the held-back reference outputs)."""
         if self.held_out is not None:
             self.held_out.close()
             self.held_out.feeds.close()
-        if isinstance(self.calibration_data, Batches):
+        if self.calibration_data is not None:
             self.calibration_data.close()
 
 
-def _parse_budget(accuracy_budget: Any) -> AccuracyBudget | None:
+def _parse_budget(accuracy_budget: AccuracyBudget | str | None) -> AccuracyBudget | None:
     if accuracy_budget is None or isinstance(accuracy_budget, AccuracyBudget):
         return accuracy_budget
     return AccuracyBudget.parse(str(accuracy_budget))
@@ -293,11 +315,11 @@ class Calibrated:
     plan: Int8Plan
     plan_options: dict[str, Any]  # plan_int8's keywords: the accuracy budget re-plans with the same ones
     amax: dict[str, float]
-    calibration: Any  # CalibrationResult
+    calibration: CalibrationResult
     seconds: float
-    smoothed: list[Any] = field(default_factory=list)  # SmoothedTensor
+    smoothed: list[SmoothedTensor] = field(default_factory=list)
     smoothed_ranges: dict[str, float] = field(default_factory=dict)
-    smoothed_calibration: Any = None  # CalibrationResult of the smoothed tensors, when data allowed a pass
+    smoothed_calibration: CalibrationResult | None = None  # of the smoothed tensors, when data allowed a pass
 
     @property
     def extents(self) -> dict[str, tuple[float, float]]:
@@ -330,16 +352,18 @@ def int8_path(model: onnx.ModelProto, config: BuildConfig, data: PreparedData) -
         quantized, int8_report, fp16_report = builder.build(kept)
     report = int8_report_of(calibrated, config, data, int8_report, fp16_report)
     if budget_report is not None:
-        held_out = data.held_out
+        budget, held_out = data.budget_and_held_out()
         # The search measured this very module (or its cached twin): no need to run it again.
-        check_final(budget_report, quantized, held_out.reference, held_out.feeds, held_out.labels, data.budget,
+        check_final(budget_report, quantized, held_out.reference, held_out.feeds, held_out.labels, budget,
                     value=budget_report.final)
         report.accuracy_budget = budget_report
-    if data.held_out is not None:
+    readout_data = data.held_out
+    if readout_data is not None:
         checks = _quantized_checks(calibrated)
         with data.timer.stage("readout"):
-            report.accuracy = data.held_out.readout(
-                quantized, report.precision, lambda: int8_hints(calibrated, checks, data.held_out.feeds, data.inputs)
+            report.accuracy = readout_data.readout(
+                quantized, quant_format(config.precision).name,
+                lambda: int8_hints(calibrated, checks, readout_data.feeds, data.inputs),
             )
     return quantized, report
 
@@ -356,7 +380,7 @@ def calibrate_plan(model: onnx.ModelProto, config: BuildConfig, data: PreparedDa
     }
     with data.timer.stage("q/dq plan"):
         plan = plan_int8(model, **plan_options)
-        groups = {}
+        groups: dict[str, list[SmoothUnit]] = {}
         if config.smoothquant is not None:
             from .smoothquant import smoothable_groups
 
@@ -370,12 +394,13 @@ def calibrate_plan(model: onnx.ModelProto, config: BuildConfig, data: PreparedDa
             progress=logger.isEnabledFor(logging.INFO), channel_max_for=list(groups),
         )
     calibrated = Calibrated(model, plan, plan_options, dict(calibration.amax), calibration, time.perf_counter() - start)
-    if groups:
+    alpha = config.smoothquant
+    if groups and alpha is not None:  # groups are only looked for with an alpha
         from .smoothquant import smooth
 
         with data.timer.stage("smoothquant"):
             calibrated.model, calibrated.smoothed_ranges, calibrated.smoothed = smooth(
-                model, groups, calibration.channel_max, config.smoothquant
+                model, groups, calibration.channel_max, alpha
             )
             calibrated.amax.update(calibrated.smoothed_ranges)
             if calibrated.smoothed_ranges and not calibration.from_cache:
@@ -437,13 +462,13 @@ class Int8Builder:
 
 def search_budget(calibrated: Calibrated, config: BuildConfig, data: PreparedData, builder: Int8Builder) -> BudgetReport:
     """The fewest units kept out of INT8 that meet the accuracy budget."""
-    held_out = data.held_out
+    budget, held_out = data.budget_and_held_out()
     # The analysis measures INT8's error alone (FP32 float part). The module as built adds its
     # FP16 float part, so the search measures it too, and keeps more units high while it misses.
     tag = f"{config.float_part_precision.value} threshold={config.fp16_threshold:g}"
     final = FinalModule(tag, lambda kept: builder.build(kept)[0])
     return find_units_to_keep_high(
-        calibrated.model, calibrated.amax, held_out.feeds, held_out.labels, data.budget,
+        calibrated.model, calibrated.amax, held_out.feeds, held_out.labels, budget,
         plan_options=calibrated.plan_options, cache_dir=config.sensitivity_cache_dir,
         reference=held_out.reference, final=final,
     )
@@ -485,7 +510,7 @@ def int8_report_of(
     return report
 
 
-def _quantized_checks(calibrated: Calibrated) -> dict[str, Any]:
+def _quantized_checks(calibrated: Calibrated) -> dict[str, RangeCheck]:
     """Checked ranges of the tensors quantized as calibrated (smoothed ones from their own pass, when it ran)."""
     checks = {k: v for k, v in calibrated.calibration.checks.items() if k not in calibrated.smoothed_ranges}
     if calibrated.smoothed_calibration is not None:
@@ -493,7 +518,9 @@ def _quantized_checks(calibrated: Calibrated) -> dict[str, Any]:
     return {name: checks[name] for name in calibrated.plan.activation_tensors if name in checks}
 
 
-def int8_hints(calibrated: Calibrated, checks: Mapping[str, Any], feeds: Sequence[Any], inputs: Sequence[Any]) -> list[str]:
+def int8_hints(
+    calibrated: Calibrated, checks: Mapping[str, RangeCheck], feeds: Batches, inputs: Sequence[TensorSpec]
+) -> list[str]:
     """The worst ranges (those not checked at calibration measured now) and what to try."""
     from ..calibrators import check_ranges
 
