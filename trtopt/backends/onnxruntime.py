@@ -294,7 +294,7 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
 def stream_tensors(
     model: onnx.ModelProto,
     names: Sequence[str],
-    batches: Iterable[tuple[int, dict[str, np.ndarray]]],
+    batches: Iterable[tuple[int, Feeds]],
     observers: Mapping[str, Observer],
     *,
     threads: int | None = None,
@@ -316,7 +316,7 @@ def stream_tensors(
     session = cpu_session(model, intra_op_threads=threads, outputs=outputs) if outputs else None
     fed = {i.name for i in session.get_inputs()} if session is not None else set()
 
-    def run(feeds: dict[str, np.ndarray]) -> list[Any]:
+    def run(feeds: Feeds) -> list[Any]:
         return session.run(outputs, {k: v for k, v in feeds.items() if k in fed}) if session is not None else []
 
     def observe(name: str, values: np.ndarray, index: int) -> None:
@@ -324,7 +324,7 @@ def stream_tensors(
         if check is not None:
             check(name, batch_max, index)
 
-    def digest(index: int, feeds: dict[str, np.ndarray], future: Future[list[Any]]) -> None:
+    def digest(index: int, feeds: Feeds, future: Future[list[Any]]) -> None:
         for name in names:
             if name in inputs:
                 observe(name, feeds[name], index)
@@ -339,9 +339,9 @@ def stream_tensors(
 
 
 def _pipelined(
-    batches: Iterable[tuple[int, dict[str, np.ndarray]]],
-    run: Callable[[dict[str, np.ndarray]], list[Any]],
-    digest: Callable[[int, dict[str, np.ndarray], Future[list[Any]]], None],
+    batches: Iterable[tuple[int, Feeds]],
+    run: Callable[[Feeds], list[Any]],
+    digest: Callable[[int, Feeds, Future[list[Any]]], None],
     on_batch: Callable[[int], None] | None,
 ) -> int:
     """Run batch k+1 on a worker thread while batch k is digested; returns the batches done."""

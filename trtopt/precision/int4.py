@@ -151,8 +151,10 @@ def weight_units(
         reason = reason or excluded_by(node.name, module, exclude_nodes)
         attrs = {a.name: a.i for a in node.attribute}
         weight = initializers.get(node.input[1]) if len(node.input) > 1 else None
-        if reason is None and weight is None:
-            reason = "weight is not a constant initializer (activation x activation products stay in float)"
+        if weight is None:
+            reason = reason or "weight is not a constant initializer (activation x activation products stay in float)"
+            skipped.append(KeptNode(node.name, node.op_type, reason, module))
+            continue
         if reason is None and node.input[0] in initializers:
             reason = "its data input is a constant"
         if reason is None and attrs.get("transA", 0):
@@ -358,7 +360,8 @@ class RowSampler:
     AWQ's search runs on them, in constant memory whatever the calibration set's size."""
 
     def __init__(self, rows: int = AWQ_ROWS, seed: int = 0) -> None:
-        self.rows, self.kept, self.seen = rows, [], 0
+        self.rows, self.seen = rows, 0
+        self.kept: list[np.ndarray] = []
         self.rng = np.random.default_rng(seed)
 
     def update(self, values: np.ndarray) -> float:
@@ -413,6 +416,8 @@ def awq_search(
             continue
         if best is None or error < best[0]:
             best = (error, alpha, s)
+    if best is None:  # step 0 (RTN) always qualifies: only an empty grid leaves nothing
+        raise ValueError(f"awq_search needs grid >= 1 (got {grid})")
     error, alpha, s = best
     return s, alpha, error, rtn_error
 
@@ -443,7 +448,7 @@ def apply_awq(
     stream_tensors(model, list(groups), enumerate(batches()), samplers)
     initializers = {t.name: t for t in model.graph.initializer}
     scales: dict[str, np.ndarray] = {}
-    records = []
+    records: list[dict[str, Any]] = []
     for tensor, group in groups.items():
         rows = samplers[tensor].values
         if rows.size == 0:
