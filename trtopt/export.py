@@ -39,7 +39,7 @@ def forward_input_names(model: Any, count: int) -> list[str]:
     if isinstance(model, torch.export.ExportedProgram):
         names = list(model.graph_signature.user_inputs)[:count]
         return names + [f"input_{i}" for i in range(len(names), count)]
-    if isinstance(model, torch.jit.ScriptModule):
+    if isinstance(model, torch.jit.ScriptModule) and isinstance(model.forward, torch.ScriptMethod):
         # TorchScript keeps the signature in the schema; the first argument is self.
         names = [a.name for a in model.forward.schema.arguments[1:]][:count]
         return names + [f"input_{i}" for i in range(len(names), count)]
@@ -47,7 +47,7 @@ def forward_input_names(model: Any, count: int) -> list[str]:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         params = []
-    names: list[str] = []
+    names = []
     for p in params:
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
             names.append(p.name)
@@ -227,7 +227,7 @@ def _rename_symbols(model: onnx.ModelProto, names: Sequence[str]) -> None:
 
 
 def _dynamo_export(
-    model: torch.nn.Module,
+    model: torch.nn.Module | torch.export.ExportedProgram,
     args: tuple[torch.Tensor, ...],
     names: list[str],
     output_names: list[str],
@@ -259,6 +259,8 @@ def _dynamo_export(
             verbose=False,
             optimize=True,
         )
+    if program is None:  # torch.onnx.export returns the program whenever dynamo=True
+        raise ExportError("torch.onnx.export(dynamo=True) returned no ONNXProgram")
     if _weight_bytes(model) >= graph.EXTERNAL_DATA_THRESHOLD:
         return _weights_to_disk(program)
     return program.model_proto
@@ -304,7 +306,8 @@ def _torchscript_export(
         torch.onnx.export(
             model,
             args,
-            buffer,
+            # torch annotates f as a path, but the TorchScript exporter (dynamo=False) writes to a file object too
+            buffer,  # type: ignore[arg-type]
             input_names=names,
             output_names=output_names,
             dynamic_axes={k: v for k, v in dynamic_axes.items() if v},
@@ -367,8 +370,7 @@ def export(
     names = list(input_names or forward_input_names(model, len(example_inputs)))
     check_example_inputs(names, example_inputs)
     is_program = isinstance(model, torch.export.ExportedProgram)
-    is_script = isinstance(model, torch.jit.ScriptModule)
-    runnable = model.module() if is_program else model
+    runnable = model.module() if isinstance(model, torch.export.ExportedProgram) else model
     was_training = runnable.training
     if not is_program:  # an ExportedProgram's module() cannot switch modes; it was exported as it is
         runnable.eval()
@@ -379,7 +381,7 @@ def export(
         _, structure, output_names = flatten_outputs(outputs)
         output_names = _unique(output_names)
         dynamo_log, script_log = io.StringIO(), io.StringIO()
-        if is_script:
+        if isinstance(model, torch.jit.ScriptModule):
             try:
                 onnx_model = _torchscript_export(model, args, names, output_names, profiles, opset, script_log)
             except _TracerRefusal as refusal:
@@ -409,9 +411,10 @@ def export(
                 failed = dynamo_error
             if failed is not None:
                 # Outside the except block, so that the fallback's errors do not chain onto torch.export's
-                # and each exporter's root cause stays its own.
+                # and each exporter's root cause stays its own. An ExportedProgram raised above, so
+                # ``runnable`` is the nn.Module ``model`` itself.
                 try:
-                    onnx_model = _torchscript_export(model, args, names, output_names, profiles, opset, script_log)
+                    onnx_model = _torchscript_export(runnable, args, names, output_names, profiles, opset, script_log)
                     exporter = "torchscript"
                 except Exception as ts_error:
                     raise _both_failed(model, failed, dynamo_log, ts_error, script_log) from ts_error
