@@ -138,8 +138,8 @@ def calibrate(
             "calibration: %d tensor(s) were exactly zero on every batch (amax 0): %s",
             len(zero), ", ".join(zero[:5]) + (" ..." if len(zero) > 5 else ""),
         )
-    channel_max = {n: observers[n].channel_max for n in names if observers[n].channel_max is not None}
-    extents = {n: observers[n].extent for n in names if observers[n].extent is not None}
+    channel_max = {n: o.channel_max for n, o in observers.items() if o.channel_max is not None}
+    extents = {n: o.extent for n, o in observers.items() if o.extent is not None}
     result = CalibrationResult(amax, method, count, checks=checks, channel_max=channel_max, extents=extents)
     logger.info("calibration: %s ranges for %d tensors from %d batches", method, len(names), count)
     if path is not None:

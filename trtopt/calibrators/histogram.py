@@ -78,7 +78,7 @@ class StreamingHistogram:
         if self.total == 0 or amax >= self.max:
             return 0.0
         fine_edges = np.arange(self.fine_bins + 1, dtype=np.float64) * self.fine_width
-        below = np.interp(amax, fine_edges, np.concatenate(([0.0], np.cumsum(self.fine_counts[:-1]))))
+        below = float(np.interp(amax, fine_edges, np.concatenate(([0.0], np.cumsum(self.fine_counts[:-1])))))
         return float(max(self.total - below, 0.0) / self.total)
 
     def is_discrete(self) -> bool:

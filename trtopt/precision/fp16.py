@@ -31,10 +31,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 import onnx_graphsurgeon as gs
 
 from ..config import DEFAULT_FP16_THRESHOLD
+from ..errors import GraphError
 from ..graph import check_model
 from ..names import carry_metadata, excluded_by, mark_added, node_modules
 from .masks import MaskReport, MaskRewrite
@@ -87,9 +89,9 @@ def _is_float32(tensor: gs.Tensor) -> bool:
     return tensor.dtype is not None and _np_dtype(tensor.dtype) == np.float32
 
 
-def _np_dtype(dtype: object) -> np.dtype | None:
+def _np_dtype(dtype: npt.DTypeLike) -> np.dtype | None:
     try:
-        return np.dtype(dtype)  # type: ignore[arg-type]
+        return np.dtype(dtype)
     except TypeError:
         return None  # ONNX-only types (bfloat16, float8) have no numpy dtype
 
@@ -317,6 +319,11 @@ class _Fp16Rewrite:
         graph_outputs = {id(t) for t in self.graph.outputs}
         for node in half_nodes:
             schema = _schema(node, self.opset)
+            if schema is None:  # fp16_keep_list keeps every float node without a schema in FP32
+                raise GraphError(
+                    f"FP16 pass: {node.op} node {node.name!r} has no ONNX schema at opset {self.opset} but was not "
+                    f"kept in FP32; this is a trtopt bug, please report it (exclude_nodes=[{node.name!r}] avoids it)"
+                )
             _retarget_attributes(node)
             for i, out in enumerate(node.outputs):
                 if not _is_float32(out) or not _allows_fp16(schema, i, True):

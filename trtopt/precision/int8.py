@@ -202,7 +202,7 @@ def _quantizable_weighted_ops(
 ) -> list[tuple[gs.Node, int]]:
     """(node, weight axis) of each weighted op to quantize, in graph order; the others go to
     ``plan.skipped`` with their reason (attention's products, with ``quantize_attention``, to the plan)."""
-    weighted = []
+    weighted: list[tuple[gs.Node, int]] = []
     for node in graph.nodes:
         if node.op not in WEIGHTED_OPS:
             continue
@@ -213,8 +213,10 @@ def _quantizable_weighted_ops(
             plan._use(node.inputs[0].name, node.name, 0)
             plan._use(node.inputs[1].name, node.name, 1)
             continue
-        if reason is None and axis is None:
-            reason = "grouped ConvTranspose: no single output-channel axis"
+        if axis is None:
+            reason = reason or "grouped ConvTranspose: no single output-channel axis"
+            plan.skipped.append(KeptNode(node.name, node.op, reason, modules.get(node.name)))
+            continue
         if reason is None and not (
             isinstance(weight, gs.Constant) and (node.op in ("Conv", "ConvTranspose") or weight.values.ndim == 2)
         ):

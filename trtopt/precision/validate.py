@@ -193,7 +193,8 @@ def _low_bit_kind(tensor: gs.Tensor) -> str | None:
     """'int4' or 'fp4' for a tensor of INT4 / FLOAT4E2M1 codes (numpy dtype from ml_dtypes, or ONNX's number)."""
     dtype = tensor.dtype
     if isinstance(dtype, (int, np.integer)) and not isinstance(dtype, bool):
-        return {onnx.TensorProto.INT4: "int4", onnx.TensorProto.FLOAT4E2M1: "fp4"}.get(int(dtype))
+        kinds: dict[int, str] = {onnx.TensorProto.INT4: "int4", onnx.TensorProto.FLOAT4E2M1: "fp4"}
+        return kinds.get(int(dtype))
     name = str(np.dtype(dtype)) if dtype is not None else ""
     return {"int4": "int4", "float4_e2m1fn": "fp4"}.get(name)
 
