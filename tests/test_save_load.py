@@ -93,6 +93,19 @@ def test_corrupt_member_and_newer_format(compiled, tmp_path):
         trtopt.load(tmp_path / "future.trtopt")
 
 
+def test_a_manifest_without_the_graph_is_a_module_file_error(compiled, tmp_path):
+    path = compiled.save(tmp_path / "m.trtopt")
+
+    def drop_the_graph(members):
+        manifest = json.loads(members["manifest.json"])
+        del manifest["sha256"]["model.onnx"]
+        members["manifest.json"] = json.dumps(manifest).encode()
+
+    _rewrite(path, tmp_path / "graphless.trtopt", drop_the_graph)
+    with pytest.raises(trtopt.ModuleFileError, match="manifest lists no model.onnx; recompile"):
+        trtopt.load(tmp_path / "graphless.trtopt")
+
+
 def test_saved_files_get_ordinary_permissions(compiled, tmp_path):
     import os
 

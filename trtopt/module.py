@@ -233,10 +233,10 @@ class CompiledModule:
                     return None
             arrays = args
         elif type(first) is torch.Tensor:
-            for value, dtype in zip(args, self._torch_dtypes):
+            for value, torch_dtype in zip(args, self._torch_dtypes):
                 if (
                     type(value) is not torch.Tensor
-                    or value.dtype != dtype
+                    or value.dtype != torch_dtype
                     or not value.is_cpu
                     or value.requires_grad
                     or not value.is_contiguous()
@@ -417,12 +417,13 @@ def _read_member(archive: zipfile.ZipFile, name: str, target: Any | None = None)
     """Read the member ``name`` in chunks, hashing it: into ``target`` (a binary file) when given,
     else into memory. Returns (the bytes or None, the SHA-256)."""
     sha256 = hashlib.sha256()
-    buffer = io.BytesIO() if target is None else None
+    buffer = io.BytesIO()
+    sink = buffer if target is None else target
     with archive.open(name) as member:
         for block in iter(lambda: member.read(STREAM_CHUNK_BYTES), b""):
             sha256.update(block)
-            (target or buffer).write(block)
-    return (buffer.getvalue() if buffer is not None else None), sha256.hexdigest()
+            sink.write(block)
+    return (buffer.getvalue() if target is None else None), sha256.hexdigest()
 
 
 def check_save_target(path: Path) -> None:
@@ -507,7 +508,13 @@ def read_module_file(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, Mod
     except BaseException:
         discard_weights_dir(directory)
         raise
-    model = onnx.load_from_string(members[ONNX_MEMBER])
+    onnx_bytes = members.get(ONNX_MEMBER)
+    if onnx_bytes is None:
+        discard_weights_dir(directory)
+        raise ModuleFileError(
+            f"{path} is incomplete or not a trtopt module file: its manifest lists no {ONNX_MEMBER}; recompile the model"
+        )
+    model = onnx.load_from_string(onnx_bytes)
     if directory is not None:
         set_weights_dir(model, directory)
     return model, ModuleSpec.from_json(manifest["spec"]), members.get(ENGINE_MEMBER)
