@@ -333,8 +333,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else Path(Path(args.source.split(":")[-1]).stem + ".trtopt")
     module.save(out)
     logger.info("wrote %s (%s)", out, _size(out.stat().st_size))
-    if budget is not None:
-        print(module.precision_report.accuracy_budget.table(), file=sys.stderr)
+    budget_report = module.precision_report.accuracy_budget  # set whenever compile took a budget
+    if budget_report is not None:
+        print(budget_report.table(), file=sys.stderr)
     if args.emit_onnx:
         for kind, path in module.export_onnx(args.emit_onnx).items():
             logger.info("wrote %s: %s", kind, path)

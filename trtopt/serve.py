@@ -597,9 +597,10 @@ class Server:
             f"--grpc-restricted-protocol={restricted}",
         ]
         read_fd, self._caller_fd = os.pipe()  # both close-on-exec; read_fd is handed on explicitly
+        env = server_environment(dist)
         launch = {
             "argv": argv,
-            "env": server_environment(dist),
+            "env": env,
             "caller_fd": read_fd,
             "shm_prefix": self.shm_prefix,
             "http": self.urls["http"],
@@ -610,7 +611,7 @@ class Server:
         try:
             self._process = subprocess.Popen(
                 [sys.executable, "-c", "import sys; from trtopt.serve import supervise_main; sys.exit(supervise_main())", str(self.workspace)],
-                env=launch["env"],
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=open(self.workspace / "supervisor.log", "wb"),  # noqa: SIM115 - the child holds it
@@ -727,8 +728,11 @@ def serve(
     bundled Triton cannot run, ServeError when the server fails to start.
     """
     require_serving()
-    is_repository = isinstance(models, (str, os.PathLike)) and Path(models).is_dir()
-    sources: dict[str, ModelSource] | Path = Path(models) if is_repository else _model_sources(models)
+    sources: dict[str, ModelSource] | Path
+    if isinstance(models, (str, os.PathLike)) and Path(models).is_dir():
+        sources = Path(models)  # a model repository
+    else:
+        sources = _model_sources(models)
     ports = {}
     for what, port in (("http", http_port), ("grpc", grpc_port), ("metrics", metrics_port)):
         ports[what] = _check_port(host, port, what)

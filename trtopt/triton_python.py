@@ -85,7 +85,7 @@ class TritonPythonModel:
         return responses
 
     def finalize(self) -> None:
-        self.module = None
+        del self.module  # Triton unloads the model: release the module (and its engine) now
 
     # ------------------------------------------------------------------ helpers
 

@@ -165,7 +165,7 @@ def run_side_by_side(
     torch.set_num_threads(threads)
     try:
         stats, memory = measure_side_by_side(
-            [c.fn for c in runnable], make_inputs, batch_sizes, warmup=warmup, iterations=iterations
+            [c.fn for c in runnable if c.fn is not None], make_inputs, batch_sizes, warmup=warmup, iterations=iterations
         )
     finally:
         torch.set_num_threads(previous)
