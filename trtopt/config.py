@@ -11,7 +11,7 @@ import dataclasses
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from .errors import CalibrationError, ConfigError
 
@@ -91,10 +91,15 @@ def _coerce_enum(enum_type: type[_E], value: Any, field: str) -> _E:
 
 # BuildConfig.int8_layout: "tensorrt" (symmetric INT8, what TensorRT builds) or "cpu" (ONNX Runtime's
 # integer kernels: uint8 activations with zero points, weights within +-63).
-INT8_LAYOUTS = ("tensorrt", "cpu")
+Int8Layout = Literal["tensorrt", "cpu"]
+INT8_LAYOUTS: tuple[Int8Layout, ...] = get_args(Int8Layout)
 # BuildConfig.int4_method: "rtn" (round to nearest, no data) or "awq" (activation-aware scales, needs
 # calibration_data); int4_block_size: the block sizes TensorRT's INT4 weight-only GEMMs take.
-INT4_METHODS = ("rtn", "awq")
+Int4Method = Literal["rtn", "awq"]
+INT4_METHODS: tuple[Int4Method, ...] = get_args(Int4Method)
+# BuildConfig.hardware_compatibility: which GPUs a TensorRT engine may run on besides the one it was built on.
+HardwareCompatibility = Literal["none", "ampere_plus", "same_compute_capability"]
+HARDWARE_COMPATIBILITY: tuple[HardwareCompatibility, ...] = get_args(HardwareCompatibility)
 INT4_BLOCK_SIZES = (64, 128)
 # Opsets that first hold each weight-only format's DequantizeLinear (INT4 and block_size: 21; FLOAT4E2M1: 23).
 WEIGHT_ONLY_OPSETS = {Precision.INT4: 21, Precision.NVFP4: 23}
@@ -123,7 +128,7 @@ class BuildConfig:
     # "tensorrt": symmetric INT8 as TensorRT builds it. "cpu": the layout ONNX Runtime's CPU integer
     # kernels run fastest (uint8 activations with zero points, weights within +-63, an FP32 float
     # part whatever int8_float_precision says); runs on the onnxruntime backend only.
-    int8_layout: str = "tensorrt"
+    int8_layout: Int8Layout = "tensorrt"
     # SmoothQuant's migration strength alpha for MatMul/Gemm units (trtopt/precision/smoothquant.py); None: off.
     smoothquant: float | None = 0.85
     # precision="int4": weights in blocks of int4_block_size input channels, quantized by int4_method;
@@ -131,7 +136,7 @@ class BuildConfig:
     # INT4 graph on the onnxruntime backend (4: int8 activations per block, fastest; 1: FP32, the
     # dequantise-then-GEMM numbers TensorRT computes; the accuracy readout always uses those).
     int4_block_size: int = 128
-    int4_method: str = "rtn"
+    int4_method: Int4Method = "rtn"
     int4_cpu_accuracy_level: int = 4
     fp16_threshold: float = DEFAULT_FP16_THRESHOLD  # keep FP32 a node whose activations reach this on calibration data
     # Run the FP32 graph at every profile's min, opt and max shapes under ONNX Runtime at compile time, so a
@@ -144,7 +149,7 @@ class BuildConfig:
     workspace_bytes: int | None = None  # None: TensorRT's default (the device's memory)
     optimization_level: int = 3  # builder_optimization_level, 0-5
     version_compatible: bool = False
-    hardware_compatibility: str = "none"  # "none" | "ampere_plus" | "same_compute_capability"
+    hardware_compatibility: HardwareCompatibility = "none"
     # TensorRT turns TF32 on by default, which rounds FP32 matmul/conv inputs to a 10-bit mantissa;
     # off here (as Polygraphy does), so an "fp32" engine computes what the CPU readout assumed.
     tf32: bool = False
@@ -215,7 +220,7 @@ class BuildConfig:
             raise ConfigError(
                 f"optimization_level={self.optimization_level!r} must be between 0 and 5 (default 3)"
             )
-        if self.hardware_compatibility not in ("none", "ampere_plus", "same_compute_capability"):
+        if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:
             raise ConfigError(
                 f"hardware_compatibility={self.hardware_compatibility!r} must be 'none', "
                 "'ampere_plus' or 'same_compute_capability'"
