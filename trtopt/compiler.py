@@ -9,7 +9,7 @@ from enum import Enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -40,6 +40,10 @@ from .names import assign_names
 from .module import CompiledModule, read_module_file
 from .stages import StageTimer
 from .spec import ModuleSpec, tensor_specs
+
+if TYPE_CHECKING:
+    from .calibrators.data import CalibrationData
+    from .precision.budget import AccuracyBudget
 
 logger = logging.getLogger(__name__)
 
@@ -223,11 +227,11 @@ def compile(  # noqa: A001 - the public name docs/design.md fixes
     *,
     precision: Precision | str | None = None,
     dynamic_shapes: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
-    calibration_data: Any = None,
+    calibration_data: CalibrationData | None = None,
     backend: Backend | str | None = None,
     config: BuildConfig | None = None,
-    accuracy_budget: Any = None,
-    validation_data: Any = None,
+    accuracy_budget: AccuracyBudget | str | None = None,
+    validation_data: CalibrationData | None = None,
     **overrides: Any,
 ) -> CompiledModule:
     """Compile a model into a fast callable.
@@ -443,7 +447,7 @@ def _module_spec(
     )
 
 
-def _check_calibration_source(config: BuildConfig, calibration_data: Any) -> None:
+def _check_calibration_source(config: BuildConfig, calibration_data: CalibrationData | None) -> None:
     """Fail before the (slow) export when INT8 or FP8 has nothing to take its scales from."""
     cache = config.calibration_cache
     if config.precision.quantized and calibration_data is None and not (cache and os.path.isfile(cache)):

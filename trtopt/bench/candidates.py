@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from ..errors import ConfigError, DependencyError, TrtoptError
 from .compare import compare_outputs, run_in_chunks
 from .results import BenchResult, device_name
 from .timing import measure_side_by_side
+
+if TYPE_CHECKING:
+    from ..calibrators.data import CalibrationData
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +90,7 @@ def trtopt_candidate(
     precision: str,
     backend: str = "auto",
     dynamic_shapes: Any = None,
-    calibration_data: Any = None,
+    calibration_data: CalibrationData | None = None,
     eval_inputs: Sequence[torch.Tensor] | None = None,
     reference: Sequence[np.ndarray] | None = None,
     eval_chunk: int = 1,

@@ -16,7 +16,7 @@ from ..config import DEFAULT_CALIBRATORS, DEFAULT_PERCENTILE, CalibratorKind, Pr
 from ..errors import CalibrationError
 from .cache import algorithm_name, channel_path, read_cache, read_channel_max, write_cache, write_channel_max
 from .collect import collect
-from .data import Progress, expected_batches, iter_batches
+from .data import CalibrationData, Progress, expected_batches, iter_batches
 from .observers import HistogramObserver, RangeCheck, make_observer
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ def _from_cache(
 def calibrate(
     onnx_model: onnx.ModelProto,
     tensor_names: Sequence[str],
-    calibration_data: Any,
+    calibration_data: CalibrationData | None,
     *,
     input_specs: Sequence[TensorSpec],
     method: CalibratorKind | str = DEFAULT_CALIBRATORS[Precision.INT8],

@@ -48,9 +48,9 @@ __all__ = ["HeldOut", "PreparedData", "apply_precision", "carried_precision", "h
 def apply_precision(
     model: onnx.ModelProto,
     config: BuildConfig,
-    calibration_data: CalibrationData | Batches | None,
+    calibration_data: CalibrationData | None,
     accuracy_budget: AccuracyBudget | str | None = None,
-    validation_data: CalibrationData | Batches | None = None,
+    validation_data: CalibrationData | None = None,
     timer: StageTimer | None = None,
 ) -> tuple[onnx.ModelProto, PrecisionReport]:
     """Write ``config.precision`` into ``model``; return the graph and its report.
@@ -181,8 +181,8 @@ class HeldOut:
 
 def hold_back(
     model: onnx.ModelProto,
-    calibration_data: CalibrationData | Batches | None,
-    validation_data: CalibrationData | Batches | None,
+    calibration_data: CalibrationData | None,
+    validation_data: CalibrationData | None,
     inputs: Sequence[TensorSpec],
     max_batches: int | None,
     *,
@@ -231,8 +231,8 @@ class PreparedData:
 
     @classmethod
     def prepare(
-        cls, model: onnx.ModelProto, config: BuildConfig, calibration_data: CalibrationData | Batches | None,
-        accuracy_budget: AccuracyBudget | str | None, validation_data: CalibrationData | Batches | None,
+        cls, model: onnx.ModelProto, config: BuildConfig, calibration_data: CalibrationData | None,
+        accuracy_budget: AccuracyBudget | str | None, validation_data: CalibrationData | None,
     ) -> PreparedData:
         from ..calibrators.data import open_batches
         from ..spec import tensor_specs
