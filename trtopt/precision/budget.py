@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import onnx
@@ -281,11 +281,16 @@ class FinalModule:
     build: Callable[[frozenset[str]], onnx.ModelProto]
 
 
-class _Search:
+# What the analysis's ``build`` returns and ``run`` takes besides a graph: find_units_to_keep_high
+# passes the kept set itself (one switched graph runs every assignment); the final module is a graph.
+_Built = TypeVar("_Built")
+
+
+class _Search(Generic[_Built]):
     """One budget search: measurements (cached), the report, and the phases of ``search``."""
 
-    def __init__(self, units: Mapping[str, str], build: Callable[[frozenset[str]], onnx.ModelProto],
-                 run: Callable[[onnx.ModelProto], BatchOutputs], reference: BatchOutputs,
+    def __init__(self, units: Mapping[str, str], build: Callable[[frozenset[str]], _Built],
+                 run: Callable[[_Built | onnx.ModelProto], BatchOutputs], reference: BatchOutputs,
                  labels: np.ndarray | None, budget: AccuracyBudget, cache: MeasurementCache,
                  final: FinalModule | None, modules: Mapping[str, str] | None = None) -> None:
         self.units, self.build, self.run, self.reference = units, build, run, reference
@@ -293,7 +298,7 @@ class _Search:
         self.labels, self.budget, self.cache, self.final = labels, budget, cache, final
         self.report = BudgetReport(budget=budget.describe())
 
-    def _measure(self, kept: frozenset[str], tag: str, build: Callable[[frozenset[str]], onnx.ModelProto]) -> float:
+    def _measure(self, kept: frozenset[str], tag: str, build: Callable[[frozenset[str]], _Built | onnx.ModelProto]) -> float:
         cached = self.cache.get(kept, tag)
         if cached is not None:
             self.report.cached_evaluations += 1
@@ -326,7 +331,7 @@ class _Search:
             ranked = []
             for index, (unit, op) in enumerate(self.units.items(), 1):
                 value = self.analysis(frozenset([unit]))
-                entry = {"unit": unit, "op": op, "kept_high": value, "gain": self.budget.gain(value, self.report.all_int8)}
+                entry: dict[str, Any] = {"unit": unit, "op": op, "kept_high": value, "gain": self.budget.gain(value, self.report.all_int8)}
                 if unit in self.modules:
                     entry["module"] = self.modules[unit]
                 ranked.append(entry)
@@ -397,8 +402,8 @@ class _Search:
 def search(
     *,
     units: Mapping[str, str],
-    build: Callable[[frozenset[str]], onnx.ModelProto],
-    run: Callable[[onnx.ModelProto], BatchOutputs],
+    build: Callable[[frozenset[str]], _Built],
+    run: Callable[[_Built | onnx.ModelProto], BatchOutputs],
     reference: BatchOutputs,
     labels: np.ndarray | None,
     budget: AccuracyBudget,
