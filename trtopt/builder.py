@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import sys
 import tempfile
 import threading
 import time
@@ -57,7 +58,8 @@ def make_progress_monitor(trt: ModuleType, interval_s: float = PROGRESS_INTERVAL
     True (False would cancel the build).
     """
 
-    class BuildProgressLog(trt.IProgressMonitor):  # type: ignore[name-defined,misc]
+    # trt is the tensorrt module, passed in (it has no stubs): mypy cannot resolve a base class read from it.
+    class BuildProgressLog(trt.IProgressMonitor):  # type: ignore[name-defined]
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
             self._steps: dict[str, int] = {}
@@ -605,14 +607,12 @@ def file_lock(lock_path: Path) -> Iterator[None]:
     with _thread_locks_guard:
         thread_lock = _thread_locks.setdefault(str(lock_path), threading.Lock())
     with thread_lock, open(lock_path, "a+b") as handle:
-        try:
+        if sys.platform != "win32":  # no flock on Windows: threads of this process are still serialised
             import fcntl
-        except ImportError:  # Windows: threads of this process are still serialised
-            fcntl = None  # type: ignore[assignment]
-        if fcntl is not None:
+
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:
-            if fcntl is not None:
+            if sys.platform != "win32":
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -221,9 +221,11 @@ def load_factory(source: str) -> tuple[Any, tuple[Any, ...]]:
         if not path.is_file():
             raise ConfigError(f"factory file {path} does not exist")
         spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        if spec is None or spec.loader is None:  # no loader takes the file (a .py always has one)
+            raise ConfigError(f"factory file {path} cannot be imported as a Python module; give a .py file")
+        module = importlib.util.module_from_spec(spec)
         try:
-            spec.loader.exec_module(module)  # type: ignore[union-attr]
+            spec.loader.exec_module(module)
         except Exception as exc:  # the user's code
             raise _user_code_error(f"importing {path} for factory {source!r}", exc) from exc
     else:

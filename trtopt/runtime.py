@@ -133,7 +133,8 @@ def engine_io(trt: ModuleType, cuda_engine: Any) -> tuple[dict[str, torch.dtype]
 def make_profiler(trt: ModuleType) -> Any:
     """Create a ``trt.IProfiler`` that collects each layer's time (ms) per run; never raises."""
 
-    class LayerTimes(trt.IProfiler):  # type: ignore[name-defined,misc]
+    # trt is the tensorrt module, passed in (it has no stubs): mypy cannot resolve a base class read from it.
+    class LayerTimes(trt.IProfiler):  # type: ignore[name-defined]
         def __init__(self) -> None:
             trt.IProfiler.__init__(self)
             self.times: dict[str, list[float]] = defaultdict(list)
@@ -196,7 +197,8 @@ def make_output_allocator(trt: ModuleType, allocations: OutputAllocations) -> An
     every TensorRT callback they never raise into C++.
     """
 
-    class OutputAllocator(trt.IOutputAllocator):  # type: ignore[name-defined,misc]
+    # trt is the tensorrt module, passed in (it has no stubs): mypy cannot resolve a base class read from it.
+    class OutputAllocator(trt.IOutputAllocator):  # type: ignore[name-defined]
         def __init__(self) -> None:
             trt.IOutputAllocator.__init__(self)
             self.allocations = allocations

@@ -71,7 +71,8 @@ def make_logger(trt: ModuleType) -> Any:
     build or deserialization can say why.
     """
 
-    class TensorRTLogBridge(trt.ILogger):  # type: ignore[name-defined,misc]
+    # trt is the tensorrt module, passed in (it has no stubs): mypy cannot resolve a base class read from it.
+    class TensorRTLogBridge(trt.ILogger):  # type: ignore[name-defined]
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.errors = ErrorLog()
