@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_dtypes
 import numpy as np
@@ -53,6 +53,14 @@ from onnx import numpy_helper
 from ..errors import GraphError
 from ..names import excluded_by, inherit_metadata, node_modules
 from .fp16 import KeptNode
+
+if TYPE_CHECKING:
+    from ..config import BuildConfig
+    from .budget import BudgetReport
+    from .fp16 import Fp16Report
+    from .pipeline import HeldOut, PreparedData
+    from .readout import AccuracyReadout
+    from .report import PrecisionReport
 
 logger = logging.getLogger(__name__)
 
@@ -491,7 +499,9 @@ def weight_only_format(model: onnx.ModelProto) -> str | None:
     return None
 
 
-def weight_only_path(model: onnx.ModelProto, config: Any, data: Any) -> tuple[onnx.ModelProto, Any]:
+def weight_only_path(
+    model: onnx.ModelProto, config: BuildConfig, data: PreparedData
+) -> tuple[onnx.ModelProto, PrecisionReport]:
     """``precision="int4"`` or ``"nvfp4"``: FP16 float part (keep-list), 4-bit MatMul/Gemm weights, readout.
 
     ``config`` is the BuildConfig, ``data`` the pipeline's PreparedData (calibration
@@ -513,11 +523,12 @@ def weight_only_path(model: onnx.ModelProto, config: Any, data: Any) -> tuple[on
         )
     half, fp16_report, awq = _float_part(model, config, data, method, block)
     note = None
-    if awq and data.held_out is not None:
+    held_out = data.held_out
+    if awq and held_out is not None:
         # AWQ minimises each layer's error; the module is judged on its outputs. Keep its scales only
         # where the whole module is at least as good as with plain RTN on the held-back batches.
         plain, plain_report, _ = _float_part(model, config, data, "rtn", block)
-        awq_readout, rtn_readout = (_readout_all_quantized(g, fmt, block, data) for g in (half, plain))
+        awq_readout, rtn_readout = (_readout_all_quantized(g, fmt, block, data, held_out) for g in (half, plain))
         if awq_readout.cosine < rtn_readout.cosine or awq_readout.min_cosine < rtn_readout.min_cosine:
             note = (f"AWQ's scales were dropped: on the held-back batches its module read cosine "
                     f"{awq_readout.cosine:.4f} (worst {awq_readout.min_cosine:.4f}), RTN's {rtn_readout.cosine:.4f} "
@@ -549,39 +560,44 @@ def weight_only_path(model: onnx.ModelProto, config: Any, data: Any) -> tuple[on
     if budget_report is not None:
         from .budget import check_final
 
-        held = data.held_out
-        check_final(budget_report, quantized, held.reference, held.feeds, held.labels, data.budget,
+        budget, held = data.budget_and_held_out()
+        check_final(budget_report, quantized, held.reference, held.feeds, held.labels, budget,
                     value=budget_report.final)
         report.accuracy_budget = budget_report
-    if data.held_out is not None:
-        report.accuracy = data.held_out.readout(quantized, fmt, lambda: [WEIGHT_BOUND_HINT])
+    if held_out is not None:
+        report.accuracy = held_out.readout(quantized, fmt, lambda: [WEIGHT_BOUND_HINT])
     return quantized, report
 
 
-def _float_part(model: onnx.ModelProto, config: Any, data: Any, method: str, block: int) -> tuple[onnx.ModelProto, Any, list[dict[str, Any]]]:
+def _float_part(
+    model: onnx.ModelProto, config: BuildConfig, data: PreparedData, method: str, block: int
+) -> tuple[onnx.ModelProto, Fp16Report, list[dict[str, Any]]]:
     """The FP16 graph the weights are quantized in (AWQ's scales folded in first when asked), its
     FP16 report, and AWQ's records."""
     from . import to_fp16
 
     awq: list[dict[str, Any]] = []
     if method == "awq":
+        if data.batches is None:  # weight_only_path asks for calibration_data first
+            raise RuntimeError("trtopt bug: AWQ ran without calibration batches; please report it")
         units, _ = weight_units(model, block_size=block, **data.excluded)
         model, awq = apply_awq(model, units, data.batches, block)
     half, fp16_report = to_fp16(model, data.batches, threshold=config.fp16_threshold, **data.excluded)
     return half, fp16_report, awq
 
 
-def _readout_all_quantized(half: onnx.ModelProto, fmt: str, block: int, data: Any) -> Any:
+def _readout_all_quantized(
+    half: onnx.ModelProto, fmt: str, block: int, data: PreparedData, held: HeldOut
+) -> AccuracyReadout:
     """The readout (against FP32, on the held-back batches) of ``half`` with every layer it can take in 4 bits."""
     from .readout import measure
 
     units, _ = weight_units(half, block_size=block, **data.excluded)
     graph, _ = quantize_weights(half, units, fmt=fmt, block_size=block)
-    held = data.held_out
     return measure(graph, held.reference, held.feeds, held_back=held.held_back, classifiers=held.classifiers)
 
 
-def search_budget(half: onnx.ModelProto, units: list[WeightUnit], fmt: str, block: int, data: Any) -> Any:
+def search_budget(half: onnx.ModelProto, units: list[WeightUnit], fmt: str, block: int, data: PreparedData) -> BudgetReport:
     """The layers to keep in FP16 so that the module meets ``data.budget`` on the held-back batches.
 
     Greedy, as the INT8 search (``budget.py``) but without its switch graph: weight-only
@@ -594,7 +610,7 @@ def search_budget(half: onnx.ModelProto, units: list[WeightUnit], fmt: str, bloc
     from ..backends.onnxruntime import run_batches
     from .budget import BudgetReport
 
-    budget, held = data.budget, data.held_out
+    budget, held = data.budget_and_held_out()
     start = time.perf_counter()
     report = BudgetReport(budget=budget.describe())
 
