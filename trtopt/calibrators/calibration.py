@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -152,7 +152,7 @@ def calibrate(
 def check_ranges(
     onnx_model: onnx.ModelProto,
     amax: dict[str, float],
-    data: Any,
+    data: CalibrationData,
     *,
     input_specs: Sequence[TensorSpec],
     method: str = "cache",

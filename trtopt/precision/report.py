@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .budget import BudgetReport
 from .readout import AccuracyReadout
+
+if TYPE_CHECKING:
+    from ..config import Int8Layout
 
 
 @dataclass
@@ -28,7 +31,7 @@ class PrecisionReport:
     calibration_batches: int | None = None
     calibration_from_cache: bool | None = None
     float_precision: str | None = None  # the precision of what is not quantized
-    int8_layout: str | None = None  # INT8: "tensorrt" (symmetric, what TensorRT builds) or "cpu"
+    int8_layout: Int8Layout | None = None  # INT8: "tensorrt" (symmetric, what TensorRT builds) or "cpu"
     overflow_checked: bool | None = None  # the FP16 part was run on calibration data for Inf/NaN
     percentile: float | None = None  # the percentile calibrator's setting
     # Q/DQ (Int8Report.to_json)
