@@ -1,7 +1,8 @@
 """The only module that imports ``tensorrt`` and ``pycuda``.
 
 Everything else asks here, so importing trtopt never needs TensorRT or a GPU,
-and the reason a GPU path is unavailable is worded in one place.
+and the reason a GPU path is unavailable is worded in one place (down to
+whether TensorRT can create a builder: ``create_builder``).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import functools
 import importlib
 import logging
 from types import ModuleType
+from typing import Any
 
-from .errors import DependencyError
+from .errors import DependencyError, first_line
+from .trt_logging import format_errors, tensorrt_logger
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +49,37 @@ def tensorrt_unavailable_reason() -> str | None:
     except Exception as exc:  # pycuda raises its own LogicError/RuntimeError family
         return f"the CUDA driver is not usable ({exc})"
     # Importing is not running: a driver too old for this TensorRT fails only here.
-    from .builder import builder_unavailable_reason
-
     return builder_unavailable_reason(trt)
+
+
+def create_builder(trt: ModuleType) -> tuple[Any, list[str]]:
+    """``trt.Builder`` and the errors TensorRT logged creating it; the builder is None on failure."""
+    bridge = tensorrt_logger(trt)
+    with bridge.errors.capture() as errors:
+        try:
+            builder = trt.Builder(bridge)
+        except Exception as exc:  # noqa: BLE001 - the bindings raise when the C++ factory returns null
+            errors.append(first_line(exc))
+            builder = None
+    return builder, list(errors)
+
+
+def builder_unavailable_reason(trt: ModuleType) -> str | None:
+    """Why ``trt.Builder`` cannot be created here, or None when it can.
+
+    TensorRT imports even where it cannot run: with a driver older than its
+    CUDA version (the CUDA 13 build needs an r580+ driver) the failure comes
+    only when a builder is created. ``backend="auto"`` and the GPU tests probe
+    this so they fall back or skip instead of failing in the build.
+    """
+    builder, errors = create_builder(trt)
+    if builder is not None:
+        return None
+    return (
+        f"TensorRT {getattr(trt, '__version__', '?')} cannot create a builder (often: the NVIDIA "
+        "driver is too old for this TensorRT's CUDA version; install the trtopt extra for your "
+        "driver's CUDA major version). " + format_errors(errors)
+    )
 
 
 def tensorrt() -> ModuleType:

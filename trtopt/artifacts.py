@@ -32,6 +32,7 @@ from .files import atomic_write
 from ._version import __version__
 from .config import DEFAULT_PERCENTILE, CalibratorKind, ShapeProfile
 from .graph import save_model
+from .calibrators.cache import algorithm_name, write_cache
 
 if TYPE_CHECKING:
     from .module import CompiledModule
@@ -194,8 +195,6 @@ def export_onnx(module: CompiledModule, path: str | os.PathLike[str]) -> dict[st
     os.chmod(written["build_script"], 0o755)
     report = module.precision_report
     if report.activation_amax and module.spec.precision == "int8":  # FP8: see the module docstring
-        from .calibrators.cache import algorithm_name, write_cache
-
         scales = {name: amax / 127.0 for name, amax in report.activation_amax.items()}
         # A report that does not name its calibrator (written before reports did) was calibrated
         # with entropy, the default then. Only the percentile calibrator's header reads the

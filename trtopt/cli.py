@@ -15,12 +15,32 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
+import signal
 import sys
+import threading
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, InputError, TrtoptError, first_line
+import onnx
+import torch
+from onnx import numpy_helper
+
+import trtopt
+
+from . import __version__, bench
+from .compiler import load_source, read_onnx_file
+from .config import DEFAULT_CALIBRATORS, INT8_LAYOUTS, Backend, BuildConfig, CalibratorKind, Precision
+from .errors import ConfigError, InputError, ServeError, TrtoptError, first_line
+from .export import forward_input_names, resize_dim
+from .files import atomic_write
+from .graph import graph_input_shapes
+from .module import read_module_file
+from .names import ROOT, added_by, module_of
+from .precision.report import PrecisionReport
+from .serve import DEFAULT_HOST, serve
 
 logger = logging.getLogger(__name__)
 
@@ -178,11 +198,6 @@ def load_torch_file(source: str, shape_options: Sequence[str]) -> tuple[Any, tup
     examples are float32 random tensors at the first profile's OPT shapes from
     ``--shapes`` (models taking other dtypes need a factory).
     """
-    import torch
-
-    from .compiler import load_source
-    from .export import forward_input_names
-
     model = load_source(_check_file(source, "model file"))
     if isinstance(model, torch.export.ExportedProgram):
         examples = model.example_inputs[0] if model.example_inputs else None
@@ -251,8 +266,6 @@ def load_factory(source: str) -> tuple[Any, tuple[Any, ...]]:
             f"factory {source!r} returned a {type(made).__name__}; it must return (model, example_inputs)"
         )
     model, examples = made
-    import torch
-
     examples = (examples,) if isinstance(examples, torch.Tensor) else tuple(examples)
     return model, examples
 
@@ -260,13 +273,8 @@ def load_factory(source: str) -> tuple[Any, tuple[Any, ...]]:
 def reference_shapes(source: str, model: Any, examples: Sequence[Any]) -> tuple[dict[str, list[int | str]], str]:
     """The dims ``--shapes`` is checked against: the ONNX file's inputs or the example inputs."""
     if model is None:
-        from .compiler import read_onnx_file
-        from .graph import graph_input_shapes
-
         proto = read_onnx_file(source, load_external_data=False)  # only the inputs' shapes are needed
         return graph_input_shapes(proto), "ONNX file"
-    from .export import forward_input_names
-
     names = forward_input_names(model, len(examples))
     return {n: list(t.shape) for n, t in zip(names, examples)}, "model"
 
@@ -282,8 +290,6 @@ def _check_file(path: str, what: str) -> Path:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    import trtopt
-
     if is_onnx_file(args.source):
         _check_file(args.source, "ONNX file")
         model, examples = None, None
@@ -347,8 +353,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def _load_bench_module(args: argparse.Namespace) -> Any:
     """The module file ``bench`` times; --precision and --calib would be ignored on it, so they are refused."""
-    import trtopt
-
     _check_file(args.source, "module file")
     module = trtopt.load(args.source, backend=args.backend, allow_host_code=args.allow_host_code)
     if args.precision not in (None, [module.precision]) or args.calib:
@@ -362,9 +366,6 @@ def _load_bench_module(args: argparse.Namespace) -> Any:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
-    from .export import resize_dim  # repeats samples: realistic values at any batch
-
     batch_sizes = args.batch_sizes
     if args.source.endswith(".trtopt"):
         module = _load_bench_module(args)
@@ -436,13 +437,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def describe_module(path: str) -> dict[str, Any]:
     """What ``trtopt inspect`` shows, as a JSON-serialisable dict."""
-    from collections import Counter
-
-    from .module import read_module_file
-
     onnx_model, spec, engine = read_module_file(path)
-    from onnx import numpy_helper
-
     ops = Counter(node.op_type for node in onnx_model.graph.node)
     weights: Counter[str] = Counter()
     for init in onnx_model.graph.initializer:
@@ -475,10 +470,6 @@ def _module_summary(onnx_model: Any) -> dict[str, Any] | None:
     outputs is float16, else FP32 (nodes that compute no floats, such as shape
     arithmetic, count as FP32).
     """
-    import onnx
-
-    from .names import ROOT, added_by, module_of
-
     typed = {vi.name: vi.type.tensor_type.elem_type for vi in [*onnx_model.graph.value_info, *onnx_model.graph.output]}
     dq_outputs = {o for n in onnx_model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     tops: dict[str, dict[str, int]] = {}
@@ -537,8 +528,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _inspect_lines(desc: Mapping[str, Any]) -> list[str]:
     """``trtopt inspect``'s text: the file, its tensors and profiles, precision, and torch modules."""
-    from .precision.report import PrecisionReport
-
     g = desc["graph"]
     lines = [
         f"{desc['file']}: {_size(desc['bytes'])}, precision {desc['precision']}, "
@@ -635,8 +624,6 @@ def _node_entry(value: Any) -> str:
 
 
 def cmd_export_triton(args: argparse.Namespace) -> int:
-    import trtopt
-
     module_file = _check_module_file(args.module)
     version_dir = Path(args.repo) / args.name / str(args.version)
     if version_dir.exists() and not args.overwrite:
@@ -662,14 +649,6 @@ def cmd_export_triton(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT (exit 0) or until the server dies (exit 1)."""
-    import os
-    import signal
-    import threading
-
-    from .errors import ServeError
-    from .files import atomic_write
-    from .serve import serve
-
     models: dict[str, Any] = {}
     if Path(args.module).is_dir():
         if args.models or args.name:
@@ -765,8 +744,6 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(
         prog="trtopt",
         description="Compile PyTorch and ONNX models into fast TensorRT engines (ONNX Runtime on machines "
@@ -789,8 +766,6 @@ AddParser = Callable[..., argparse.ArgumentParser]
 
 
 def _add_backend_option(p: argparse.ArgumentParser) -> None:
-    from .config import Backend
-
     p.add_argument("--backend", choices=[b.value for b in Backend], default="auto",
                    help="auto: TensorRT where it and a GPU are available, else ONNX Runtime (default)")
 
@@ -807,8 +782,6 @@ def _add_shapes_option(p: argparse.ArgumentParser) -> None:
 
 
 def _add_compile_command(add_parser: AddParser) -> None:
-    from .config import DEFAULT_CALIBRATORS, INT8_LAYOUTS, BuildConfig, CalibratorKind, Precision
-
     raw = argparse.RawDescriptionHelpFormatter
     p = add_parser("compile", help="compile an ONNX file or a PyTorch factory to a .trtopt file",
                    description="Compile a model into a .trtopt module file.\n\n" + SOURCE_HELP,
@@ -911,8 +884,6 @@ def _add_export_triton_command(add_parser: AddParser) -> None:
 
 
 def _add_serve_command(add_parser: AddParser) -> None:
-    from .serve import DEFAULT_HOST
-
     p = add_parser("serve", help="serve .trtopt files on NVIDIA Triton Inference Server (HTTP, gRPC, metrics)",
                    description="Serve one or more .trtopt files, or a model repository written by "
                    "export_triton(flavour='python'), on the Triton Inference Server bundled in NVIDIA PyTriton "

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 
 from . import _deps
@@ -25,8 +26,8 @@ from .config import (
     build_profiles,
     check_profiles_against_graph,
 )
-from .errors import CalibrationError, ConfigError, GraphError, InputError, first_line
-from .export import check_example_inputs, export, forward_input_names
+from .errors import CalibrationError, ConfigError, EngineError, GraphError, InputError, first_line
+from .export import check_example_inputs, export, forward_input_names, resize_dim
 from .graph import (
     cleanup,
     discard_weights_dir,
@@ -40,6 +41,18 @@ from .names import assign_names
 from .module import CompiledModule, read_module_file
 from .stages import StageTimer
 from .spec import ModuleSpec, tensor_specs
+from .backends.onnxruntime import OnnxRuntimeBackend, make_session
+from .builder import (
+    build_engine,
+    engine_record,
+    saved_engine_problem,
+    require_fp8_support,
+    require_weight_only_support,
+)
+from .runtime import TensorRTBackend
+from .precision import apply_precision, carried_precision
+from .backends.call_checks import kernel_failure
+from .backends.qdq_cpu import is_cpu_layout
 
 if TYPE_CHECKING:
     from .calibrators.data import CalibrationData
@@ -95,8 +108,6 @@ def make_backend(
     """
     if kind is Backend.TENSORRT:
         return _tensorrt_backend(onnx_model, spec, config, engine, allow_host_code)
-    from .backends.onnxruntime import OnnxRuntimeBackend
-
     # The backend emulates TensorRT's FP16 tensors (ORT's CPU provider would run most FP16 ops in FP32).
     # Keep an engine read from a file, so that saving or exporting the module again keeps it.
     return OnnxRuntimeBackend(onnx_model, emulate_fp16=True, int4_accuracy_level=config.int4_cpu_accuracy_level), engine
@@ -109,10 +120,6 @@ def _tensorrt_backend(
     engine: bytes | None,
     allow_host_code: bool,
 ) -> tuple[Any, bytes]:
-    from .builder import build_engine, engine_record, saved_engine_problem
-    from .errors import EngineError
-    from .runtime import TensorRTBackend
-
     if engine is not None:
         problem = saved_engine_problem(spec.info.get("tensorrt"), allow_host_code=allow_host_code)
         if problem is None:
@@ -250,20 +257,14 @@ def compile(  # noqa: A001 - the public name docs/design.md fixes
     judged on ``validation_data`` (default: the last fifth of the calibration batches,
     held back from calibration).
     """
-    from .precision import apply_precision, carried_precision
-
     config = _resolved_config(config, precision, backend, overrides)
     source = load_source(model)
     if not (isinstance(source, onnx.ModelProto) and carried_precision(source)):
         _check_calibration_source(config, calibration_data)
     kind = select_backend(config.backend, cpu_layout=config.int8_layout == "cpu")
     if kind is Backend.TENSORRT and config.precision is Precision.FP8:
-        from .builder import require_fp8_support
-
         require_fp8_support(_deps.tensorrt())  # before the (slow) export and calibration
     if kind is Backend.TENSORRT and config.precision.weight_only:
-        from .builder import require_weight_only_support
-
         _deps.tensorrt()
         require_weight_only_support(config.precision.value)
 
@@ -368,13 +369,6 @@ def check_profile_shapes(
     """
     if all(r.min == r.max for p in profiles for r in p.inputs):
         return  # static: the export already ran at the only shape
-    import onnxruntime as ort
-
-    from .backends.call_checks import kernel_failure
-    from .backends.onnxruntime import make_session
-    from .errors import EngineError
-    from .export import resize_dim
-
     try:
         session = make_session(onnx_model)
     except EngineError as exc:
@@ -492,8 +486,6 @@ def load(
     for files you trust (the file's checksums prove it is intact, not who made
     it). Without it, such an engine is rebuilt from the graph instead.
     """
-    from .backends.qdq_cpu import is_cpu_layout
-
     onnx_model, spec, engine = read_module_file(path)
     stored = dict(spec.info.get("build_config", {"precision": spec.precision}))
     for name in MACHINE_SETTINGS:

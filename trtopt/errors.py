@@ -8,10 +8,11 @@ handlers keep working.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Generic, TypeVar
 
-if TYPE_CHECKING:
-    from .precision.budget import BudgetReport
+# The report an AccuracyBudgetError carries (``precision.budget.BudgetReport``), left as a
+# type variable: this module is the package's ground floor and imports nothing from it.
+Report = TypeVar("Report")
 
 
 class TrtoptError(Exception):
@@ -67,13 +68,13 @@ class ServeError(TrtoptError, RuntimeError):
     """The Triton server failed to start or stopped unexpectedly (the message quotes its log)."""
 
 
-class AccuracyBudgetError(TrtoptError):
+class AccuracyBudgetError(TrtoptError, Generic[Report]):
     """INT8 (or FP8) cannot meet the accuracy budget even with every unit in float.
 
     ``report`` is the search's ``BudgetReport``: what was tried and the best value reached.
     """
 
-    def __init__(self, message: str, report: BudgetReport) -> None:
+    def __init__(self, message: str, report: Report) -> None:
         super().__init__(message)
         self.report = report
 

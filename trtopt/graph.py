@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from polygraphy.backend.onnx import fold_constants, infer_shapes
+from polygraphy.logger import G_LOGGER
 
 from .errors import GraphError
 from .files import atomic_path
@@ -97,8 +99,6 @@ def check_model(model: onnx.ModelProto) -> onnx.ModelProto:
     directory = weights_dir(model)
     if directory is None and initializer_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
         # Weights inside a proto over protobuf's limit: inference needs a file; Polygraphy's makes one.
-        from polygraphy.backend.onnx import infer_shapes
-
         return infer_shapes(model)
     try:
         model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
@@ -118,9 +118,6 @@ def check_model(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def cleanup(model: onnx.ModelProto) -> tuple[onnx.ModelProto, CleanupReport]:
     """Return a cleaned copy of ``model`` and a report of what changed."""
-    from polygraphy.backend.onnx import fold_constants
-    from polygraphy.logger import G_LOGGER
-
     before = [n.name for n in model.graph.node]
     exported = model
     graph = gs.import_onnx(model)

@@ -15,7 +15,7 @@ import re
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
@@ -35,14 +35,12 @@ from .graph import (
     weights_dir,
     write_external_copy,
 )
+from .precision.report import PrecisionReport
 from .spec import NUMPY_TO_TORCH, TORCH_TO_NUMPY, ModuleSpec, conversion_hint, unflatten_outputs
 
 # The specs moved to trtopt.spec; they stay importable from here, where code written for
 # earlier versions imports them (docs/calibration.md's example did).
 from .spec import TensorSpec, tensor_specs  # noqa: F401
-
-if TYPE_CHECKING:
-    from .precision.report import PrecisionReport
 
 logger = logging.getLogger(__name__)
 
@@ -155,8 +153,6 @@ class CompiledModule:
 
         Read from the JSON the module file keeps (``spec.info["precision"]``), which stays as written.
         """
-        from .precision.report import PrecisionReport  # the precision package imports this module
-
         return PrecisionReport.from_json(self.spec.info.get("precision") or {})
 
     @property
@@ -280,7 +276,7 @@ class CompiledModule:
     def export_onnx(self, path: str | os.PathLike[str]) -> dict[str, Path]:
         """Write the final graph, a manifest, the target's build commands and (INT8) the
         calibration cache, so the engine can be built on another machine."""
-        from .artifacts import export_onnx
+        from .artifacts import export_onnx  # here, not at the top: artifacts imports this module
 
         return export_onnx(self, path)
 
@@ -350,7 +346,7 @@ class CompiledModule:
         flavour: str = "native",
     ) -> Path:
         """Write this module into a Triton model repository; see ``trtopt.triton.export_triton``."""
-        from .triton import export_triton
+        from .triton import export_triton  # here, not at the top: triton imports this module
 
         return export_triton(
             self,

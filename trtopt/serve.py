@@ -50,13 +50,13 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
 from .errors import ConfigError, DependencyError, ServeError
 from .files import atomic_write
-
-if TYPE_CHECKING:
-    from .module import CompiledModule
+from .compiler import load
+from .module import CompiledModule
+from .triton import export_triton
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ _LAUNCH_FILE = "launch.json"
 _LOG_FILE = "tritonserver.log"
 _PR_SET_PDEATHSIG = 1
 
-ModelSource = Union["CompiledModule", str, os.PathLike]
+ModelSource = Union[CompiledModule, str, os.PathLike]
 
 
 # ------------------------------------------------------------------ environment
@@ -417,8 +417,6 @@ def _unload_models(launch: Mapping[str, Any]) -> None:
 
 def _model_sources(models: ModelSource | Mapping[str, ModelSource]) -> dict[str, ModelSource]:
     """``{name: module or .trtopt path}``; a bare module is served as ``model``, a path under its stem."""
-    from .module import CompiledModule
-
     if isinstance(models, Mapping):
         sources = dict(models)
         if not sources:
@@ -563,9 +561,6 @@ class Server:
 
     def _export(self, models: dict[str, ModelSource], options: dict[str, Any]) -> None:
         """Each model into the workspace's repository, as ``export_triton(flavour="python")`` writes it."""
-        from .compiler import load
-        from .triton import export_triton
-
         for name, source in models.items():
             # A file is loaded on the CPU only to read its specs and copy it: the server loads it for real.
             module = source if not isinstance(source, (str, os.PathLike)) else load(source, backend="onnxruntime")

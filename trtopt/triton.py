@@ -34,10 +34,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
+from google.protobuf import text_format
 
 from .errors import ConfigError, DependencyError
 from .files import atomic_write
 from .spec import TRITON_DTYPES
+from .graph import save_model
 
 if TYPE_CHECKING:
     from .module import CompiledModule
@@ -335,8 +337,6 @@ def _write_version(module: CompiledModule, model_dir: Path, version_dir: Path, f
                 handle.flush()
                 os.fsync(handle.fileno())
         else:
-            from .graph import save_model
-
             save_model(module.onnx_model, staging / ONNX_FILE)
         for path in [staging, *staging.iterdir()]:
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
@@ -391,8 +391,6 @@ def export_triton(
         instances=instances,
         flavour=flavour,
     )
-    from google.protobuf import text_format
-
     text = text_format.MessageToString(config)
     model_dir = Path(repo_dir) / name
     version_dir = model_dir / str(version)

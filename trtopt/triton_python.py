@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import TrtoptError
 from .spec import structure_leaves
+from .compiler import load
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +45,6 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         # Provided by Triton's Python backend stub, only inside a running server.
         import triton_python_backend_utils as pb_utils
-
-        from .compiler import load
 
         self._pb = pb_utils
         self.name = args["model_name"]

@@ -18,6 +18,9 @@ from ..errors import ConfigError, DependencyError, TrtoptError
 from .compare import compare_outputs, run_in_chunks
 from .results import BenchResult, device_name
 from .timing import measure_side_by_side
+from ..compiler import compile as trtopt_compile, select_backend
+from ..module import CompiledModule
+from ..backends.onnxruntime import OnnxRuntimeBackend
 
 if TYPE_CHECKING:
     from ..calibrators.data import CalibrationData
@@ -106,8 +109,6 @@ def trtopt_candidate(
     ``status="skipped"`` and the reason; any other trtopt error gives
     ``status="failed"``. Bugs (non-trtopt exceptions) propagate.
     """
-    from ..compiler import compile as trtopt_compile, select_backend
-
     row: dict[str, Any] = dict(model=name, runtime="trtopt", precision=precision, backend=str(backend), device="–")
     start = time.perf_counter()
     try:
@@ -205,13 +206,9 @@ def _warn_if_busy(threads: int) -> None:
 
 def _pin_threads(candidate: Candidate, threads: int) -> None:
     """Record ``threads`` on a CPU row; give a trtopt module on ONNX Runtime a session with that many."""
-    from ..module import CompiledModule
-
     result = candidate.result
     module = candidate.fn
     if isinstance(module, CompiledModule) and module.backend_name == "onnxruntime":
-        from ..backends.onnxruntime import OnnxRuntimeBackend
-
         module.backend = OnnxRuntimeBackend(module.onnx_model, intra_op_threads=threads, emulate_fp16=True)
         result.threads = threads
     elif result.runtime == "torch-eager" and result.device == "cpu":

@@ -83,7 +83,7 @@ def profile_tensorrt(module: Any, inputs: Sequence[torch.Tensor], *, runs: int =
 def plot_layer_profile(profile: LayerProfile, count: int = 12):
     """Bar charts: time per op type and the slowest layers (named by module path and op); and, when the
     layers carry module paths, time per top-level module and per leaf module. Returns the figure."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the bench extra: only plotting needs it
 
     with_modules = any(layer.module is not None for layer in profile.layers)
     rows = 2 if with_modules else 1

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import onnxruntime
 
 from ..files import atomic_write
 from .._version import __version__
@@ -76,8 +77,6 @@ def device_name() -> str:
 
 def environment() -> dict[str, Any]:
     """Versions and hardware, so that a result file says where it was measured."""
-    import onnxruntime
-
     return {
         "trtopt": __version__,
         "python": platform.python_version(),

@@ -120,7 +120,7 @@ def plot_latency_vs_accuracy(
     classifier (left panel) and the max absolute error (right panel, log scale).
     Returns the matplotlib figure; saves a PNG when ``path`` is given.
     """
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the bench extra: only plotting needs it
 
     ok = [r for r in report.results if r.status == "ok" and r.latency]
     if batch_size is None:

@@ -22,6 +22,7 @@ so a second run with another budget re-measures only what it has not seen.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -44,6 +45,9 @@ from ..backends.onnxruntime import cpu_session, run_batches
 from ..calibrators.data import split_validation  # noqa: F401 - the split the budget is judged on
 from ..errors import AccuracyBudgetError, ConfigError, TrtoptError
 from ..metrics import Comparison, Outputs, compare_batches
+from ..names import node_modules
+from .int8 import plan_int8, FP32_SCALE_FLOOR, quantize_int8
+from .fp16 import KeptNode
 
 logger = logging.getLogger(__name__)
 
@@ -523,8 +527,6 @@ def find_units_to_keep_high(
     cache = MeasurementCache(
         cache_dir or default_cache_dir(), analysis_key(model, amax, validation, labels, budget, plan_options)
     )
-    from ..names import node_modules
-
     return search(
         units=units, build=build, run=run, reference=reference, labels=labels, budget=budget, cache=cache,
         final=final, modules=node_modules(model),
@@ -616,8 +618,6 @@ def _branch(node: onnx.NodeProto, inputs: list[str], tag: str) -> onnx.GraphProt
 
 def quantized_units(model: onnx.ModelProto, plan_options: Mapping[str, Any]) -> dict[str, str]:
     """The weighted ops ``plan_int8`` quantizes (name -> op type), in graph order."""
-    from .int8 import plan_int8
-
     quantized = {name for name, _, _ in plan_int8(model, **plan_options).weights}
     return {node.name: node.op_type for node in model.graph.node if node.name in quantized}
 
@@ -629,10 +629,6 @@ def keep_high(plan: Any, kept: Iterable[str], ops: Mapping[str, str], modules: M
     exclusions) keeps every remaining Q/DQ where it was, so the ranges of the one
     calibration of the full plan cover every assignment the search tries.
     """
-    import dataclasses
-
-    from .fp16 import KeptNode
-
     kept = set(kept)
     activations = {}
     for tensor, uses in plan.activations.items():
@@ -655,8 +651,6 @@ def build_int8(
     model: onnx.ModelProto, amax: Mapping[str, float], plan_options: Mapping[str, Any], kept: Iterable[str]
 ) -> onnx.ModelProto:
     """The INT8 graph with the units in ``kept`` left in float (FP32 float part, for the analysis)."""
-    from .int8 import FP32_SCALE_FLOOR, plan_int8, quantize_int8
-
     ops = {node.name: node.op_type for node in model.graph.node}
     plan = keep_high(plan_int8(model, **plan_options), kept, ops)
     return quantize_int8(model, plan, amax, scale_floor=FP32_SCALE_FLOOR)[0]

@@ -41,6 +41,7 @@ weight's last dim is odd (two 4-bit codes share a byte along it). Embeddings
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -50,9 +51,18 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..errors import GraphError
+from ..errors import ConfigError, GraphError
 from ..names import excluded_by, inherit_metadata, node_modules
 from .fp16 import KeptNode
+from .measured import to_fp16
+from ..graph import check_model
+from ..backends.onnxruntime import stream_tensors, run_batches
+from .int8 import Int8Plan
+from .smoothquant import smooth, smoothable_groups
+from .report import PrecisionReport
+from .validate import validate_qdq
+from .readout import measure
+from .budget import BudgetReport, check_final
 
 if TYPE_CHECKING:
     from ..config import BuildConfig
@@ -355,8 +365,6 @@ def _raise_opset(model: onnx.ModelProto, opset: int) -> None:
 
 def check_weight_only_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     """The ONNX checker and strict shape inference on the rewritten graph (a GraphError names the problem)."""
-    from ..graph import check_model
-
     return check_model(model)
 
 
@@ -443,10 +451,6 @@ def apply_awq(
     node). Returns the rescaled graph (same function up to float rounding) and one
     record per activation: alpha, and the search's error against RTN's.
     """
-    from ..backends.onnxruntime import stream_tensors
-    from .int8 import Int8Plan
-    from .smoothquant import smooth, smoothable_groups
-
     # (node, input, output-channel axis) as smoothable_groups reads an INT8 plan: [K, N] -> 1, [N, K] -> 0.
     plan = Int8Plan(weights=[(u.node, 1, 0 if u.transposed else 1) for u in units])
     groups = smoothable_groups(model, plan)
@@ -507,10 +511,6 @@ def weight_only_path(
     ``config`` is the BuildConfig, ``data`` the pipeline's PreparedData (calibration
     batches for AWQ and the FP16 keep-list, held-back batches for the readout).
     """
-    from ..errors import ConfigError
-    from .report import PrecisionReport
-    from .validate import validate_qdq
-
     fmt = config.precision.value
     block = NVFP4_BLOCK if fmt == "nvfp4" else config.int4_block_size
     method = config.int4_method if fmt == "int4" else "rtn"
@@ -558,8 +558,6 @@ def weight_only_path(
         report_w.float_bytes / 1e6, report_w.quantized_bytes / 1e6,
     )
     if budget_report is not None:
-        from .budget import check_final
-
         budget, held = data.budget_and_held_out()
         check_final(budget_report, quantized, held.reference, held.feeds, held.labels, budget,
                     value=budget_report.final)
@@ -574,8 +572,6 @@ def _float_part(
 ) -> tuple[onnx.ModelProto, Fp16Report, list[dict[str, Any]]]:
     """The FP16 graph the weights are quantized in (AWQ's scales folded in first when asked), its
     FP16 report, and AWQ's records."""
-    from . import to_fp16
-
     awq: list[dict[str, Any]] = []
     if method == "awq":
         if data.batches is None:  # weight_only_path asks for calibration_data first
@@ -590,8 +586,6 @@ def _readout_all_quantized(
     half: onnx.ModelProto, fmt: str, block: int, data: PreparedData, held: HeldOut
 ) -> AccuracyReadout:
     """The readout (against FP32, on the held-back batches) of ``half`` with every layer it can take in 4 bits."""
-    from .readout import measure
-
     units, _ = weight_units(half, block_size=block, **data.excluded)
     graph, _ = quantize_weights(half, units, fmt=fmt, block_size=block)
     return measure(graph, held.reference, held.feeds, held_back=held.held_back, classifiers=held.classifiers)
@@ -605,11 +599,6 @@ def search_budget(half: onnx.ModelProto, units: list[WeightUnit], fmt: str, bloc
     gain is the metric with it alone kept FP16; layers are kept, most helpful first, until
     the budget holds. Returns a ``BudgetReport`` (``all_int8`` holds every layer in 4 bits).
     """
-    import time
-
-    from ..backends.onnxruntime import run_batches
-    from .budget import BudgetReport
-
     budget, held = data.budget_and_held_out()
     start = time.perf_counter()
     report = BudgetReport(budget=budget.describe())

@@ -1,15 +1,8 @@
-"""Precision written into the graph: FP16 with an FP32 keep-list, INT8 or FP8 Q/DQ, and their checks.
+"""``to_fp16`` and ``to_int8``: the graph passes (``fp16.py``, ``int8.py``) with the measuring around them.
 
-TensorRT 11 takes precision only from the graph (strong typing), so these
-passes are what ``precision="fp16"``, ``"int8"`` and ``"fp8"`` mean (INT8 and
-FP8 share one Q/DQ pass; ``plan_int8(..., fmt="fp8")`` picks the format). The graph
-passes (``convert_to_fp16``, ``plan_int8`` + ``quantize_int8``) are pure: model
-and measured numbers in, model and report out. ``to_fp16`` and ``to_int8`` add
-the measuring around them: they run the calibration data through the graph
-under ONNX Runtime to find the ranges, and again after conversion to make sure
-it produces no Inf/NaN, keeping the offending nodes in FP32 until it does not.
-``apply_precision`` (``pipeline.py``) is what ``compile`` runs: the whole precision
-step, from the data split to the ``PrecisionReport``.
+They run the calibration data through the graph under ONNX Runtime to find the
+ranges, and again after conversion to make sure it produces no Inf/NaN, keeping
+the offending nodes in FP32 until it does not (docs/precision.md).
 """
 
 from __future__ import annotations
@@ -21,59 +14,20 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from ..errors import CalibrationError, GraphError
-from .fp16 import DEFAULT_FP16_THRESHOLD, FP16_MAX, Fp16Report, KeptNode, convert_to_fp16
-from .masks import MaskReport, MaskRewrite, make_masks_fp16_safe
-from .int8 import (
-    FP16_SCALE_FLOOR,
-    FP32_SCALE_FLOOR,
-    Int8Plan,
-    Int8Report,
-    plan_int8,
-    quantize_int8,
-)
-from ..backends.fp16_emulation import emulate_fp16
-from .pipeline import apply_precision, carried_precision
-from .probe import MaxAbsObserver, feed_batches, tensor_ranges
-from .qformat import FP8, INT8, QuantFormat, graph_format, quant_format
-from .report import PrecisionReport
+from ..names import added_by
+from .fp16 import DEFAULT_FP16_THRESHOLD, Fp16Report, convert_to_fp16
+from .masks import MaskReport, make_masks_fp16_safe
+from .int8 import FP16_SCALE_FLOOR, FP32_SCALE_FLOOR, Int8Plan, Int8Report, quantize_int8
+from .probe import tensor_ranges
 from .validate import validate_qdq
 
 logger = logging.getLogger(__name__)
 
 Batches = Callable[[], Iterator[Mapping[str, np.ndarray]]]
 NONFINITE_REASON = "produced Inf/NaN in FP16 on the calibration data"
-
-__all__ = [
-    "DEFAULT_FP16_THRESHOLD",
-    "FP16_MAX",
-    "FP8",
-    "INT8",
-    "QuantFormat",
-    "PrecisionReport",
-    "apply_precision",
-    "carried_precision",
-    "Fp16Report",
-    "Int8Plan",
-    "Int8Report",
-    "KeptNode",
-    "MaxAbsObserver",
-    "MaskReport",
-    "MaskRewrite",
-    "convert_to_fp16",
-    "emulate_fp16",
-    "feed_batches",
-    "make_masks_fp16_safe",
-    "graph_format",
-    "plan_int8",
-    "quant_format",
-    "quantize_int8",
-    "tensor_ranges",
-    "to_fp16",
-    "to_int8",
-    "validate_qdq",
-]
 
 
 def _nonfinite_culprits(model: onnx.ModelProto, bad: set[str]) -> set[str]:
@@ -82,8 +36,6 @@ def _nonfinite_culprits(model: onnx.ModelProto, bad: set[str]) -> set[str]:
     When that node is a Cast the pass inserted (an FP32 value too big for FP16),
     its consumers are the ones to keep in FP32.
     """
-    from ..names import added_by
-
     inserted = {node.name for node in model.graph.node if node.op_type == "Cast" and added_by(node) == "fp16"}
     graph = gs.import_onnx(model)
     culprits = set()
@@ -187,8 +139,6 @@ def to_int8(
     ``layout="cpu"`` writes the CPU layout (``quantize_int8``; ``extents``: observed
     (min, max) per tensor), which TensorRT's rules (``validate_qdq``) do not apply to.
     """
-    from onnx_graphsurgeon.logger import G_LOGGER
-
     if float_precision not in ("fp16", "fp32"):
         raise GraphError(f"float_precision={float_precision!r}; use 'fp16' or 'fp32'")
     half = float_precision == "fp16"

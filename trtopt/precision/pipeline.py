@@ -20,18 +20,23 @@ import onnx
 
 from ..backends.fp16_emulation import widen_to_fp32
 from ..backends.onnxruntime import run_batches
-from ..calibrators.data import Batches, Spool
+from ..calibrators.data import Batches, Spool, batches_to_read, open_batches, split_validation
 from ..config import BuildConfig, CalibratorKind, Precision
 from ..errors import ConfigError
 from ..names import node_modules
 from ..stages import StageTimer
 from .budget import AccuracyBudget, BudgetReport, FinalModule, check_final, find_units_to_keep_high, keep_high
 from .fp16 import Fp16Report
+from .measured import to_fp16, to_int8
 from .int8 import Int8Plan, Int8Report, plan_int8
 from .qformat import graph_format, quant_format
 from .readout import AccuracyReadout, class_logit_outputs, log_readout, measure
 from .report import PrecisionReport
 from .validate import validate_qdq
+from .int4 import weight_only_format, weight_only_path
+from ..calibrators import calibrate, check_ranges
+from ..spec import tensor_specs
+from .smoothquant import smooth, smoothable_groups
 
 if TYPE_CHECKING:
     from ..calibrators.calibration import CalibrationResult
@@ -97,8 +102,6 @@ def apply_precision(
         if config.precision is Precision.FP16:
             return fp16_path(model, config, data)
         if config.precision.weight_only:
-            from .int4 import weight_only_path
-
             return weight_only_path(model, config, data)
         return int8_path(model, config, data)
     finally:
@@ -117,8 +120,6 @@ def computes_in_bf16(model: onnx.ModelProto) -> bool:
 def carried_precision(model: onnx.ModelProto) -> str | None:
     """'nvfp4'/'int4' for 4-bit weights, 'fp8' or 'int8' for a graph with Q/DQ nodes, 'fp16' for one
     computing in FP16, else None."""
-    from .int4 import weight_only_format
-
     weight_only = weight_only_format(model)  # first: NVFP4's block scales are FP8
     if weight_only is not None:
         return weight_only
@@ -196,8 +197,6 @@ def hold_back(
     readout says so, unless an accuracy budget needs held-back data (then the error says what
     to pass). The FP32 outputs on the held-back batches are spooled to disk as they come.
     """
-    from ..calibrators.data import batches_to_read, open_batches, split_validation
-
     if calibration_data is not None:
         # Read once (a one-shot iterator is spooled): a failed split must not lose it.
         limit = batches_to_read(max_batches) if validation_data is None else max_batches
@@ -234,9 +233,6 @@ class PreparedData:
         cls, model: onnx.ModelProto, config: BuildConfig, calibration_data: CalibrationData | None,
         accuracy_budget: AccuracyBudget | str | None, validation_data: CalibrationData | None,
     ) -> PreparedData:
-        from ..calibrators.data import open_batches
-        from ..spec import tensor_specs
-
         data = cls(inputs=tensor_specs(model.graph.input), budget=_parse_budget(accuracy_budget))
         data.excluded = {"exclude_nodes": config.exclude_nodes, "exclude_op_types": config.exclude_op_types}
         # A budget needs held-back data even when a calibration cache makes calibration need none:
@@ -284,8 +280,6 @@ def _parse_budget(accuracy_budget: AccuracyBudget | str | None) -> AccuracyBudge
 
 def fp16_path(model: onnx.ModelProto, config: BuildConfig, data: PreparedData) -> tuple[onnx.ModelProto, PrecisionReport]:
     """FP16 with an FP32 keep-list measured on the calibration data, and its readout."""
-    from . import to_fp16
-
     if data.batches is None:
         logger.warning(
             "precision='fp16' without calibration_data: the FP32 keep-list only covers weights "
@@ -370,8 +364,6 @@ def int8_path(model: onnx.ModelProto, config: BuildConfig, data: PreparedData) -
 
 def calibrate_plan(model: onnx.ModelProto, config: BuildConfig, data: PreparedData) -> Calibrated:
     """Plan the Q/DQ pairs, calibrate their activations, then smooth (SmoothQuant) and re-plan."""
-    from ..calibrators import calibrate
-
     fmt = quant_format(config.precision)
     plan_options = {
         "fmt": fmt.name, "keep_first_last": config.int8_keep_first_last,
@@ -382,8 +374,6 @@ def calibrate_plan(model: onnx.ModelProto, config: BuildConfig, data: PreparedDa
         plan = plan_int8(model, **plan_options)
         groups: dict[str, list[SmoothUnit]] = {}
         if config.smoothquant is not None:
-            from .smoothquant import smoothable_groups
-
             groups = smoothable_groups(model, plan)
     start = time.perf_counter()
     with data.timer.stage("calibration"):
@@ -396,8 +386,6 @@ def calibrate_plan(model: onnx.ModelProto, config: BuildConfig, data: PreparedDa
     calibrated = Calibrated(model, plan, plan_options, dict(calibration.amax), calibration, time.perf_counter() - start)
     alpha = config.smoothquant
     if groups and alpha is not None:  # groups are only looked for with an alpha
-        from .smoothquant import smooth
-
         with data.timer.stage("smoothquant"):
             calibrated.model, calibrated.smoothed_ranges, calibrated.smoothed = smooth(
                 model, groups, calibration.channel_max, alpha
@@ -445,8 +433,6 @@ class Int8Builder:
     def build(self, kept: frozenset[str] = frozenset()) -> tuple[onnx.ModelProto, Int8Report, Fp16Report | None]:
         if kept in self.latest:
             return self.latest[kept]
-        from . import to_int8
-
         model, plan = self.calibrated.model, self.calibrated.plan
         if kept:
             ops = {n.name: n.op_type for n in model.graph.node}
@@ -522,8 +508,6 @@ def int8_hints(
     calibrated: Calibrated, checks: Mapping[str, RangeCheck], feeds: Batches, inputs: Sequence[TensorSpec]
 ) -> list[str]:
     """The worst ranges (those not checked at calibration measured now) and what to try."""
-    from ..calibrators import check_ranges
-
     model, plan, amax, calibration = calibrated.model, calibrated.plan, calibrated.amax, calibrated.calibration
     unchecked = {name: amax[name] for name in plan.activation_tensors if name not in checks}
     checks = {**checks, **(check_ranges(model, unchecked, feeds, input_specs=inputs) if unchecked else {})}

@@ -19,6 +19,7 @@ import onnx
 from ..backends.onnxruntime import measuring_threads, stream_tensors
 from ..errors import CalibrationError
 from ..spec import TensorSpec
+from ..calibrators.data import open_batches
 
 # The tensors TensorRT may store in FP16 or FP32: the ones the keep-list judges.
 FP16_CANDIDATE_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
@@ -91,7 +92,5 @@ def feed_batches(
     iterator is read once and spooled to disk, since the calibrator and the passes each
     read the data), so pass the returned ``data`` on to ``calibrate``.
     """
-    from ..calibrators.data import open_batches
-
     data = open_batches(data, input_specs, max_batches)
     return data, data.__iter__

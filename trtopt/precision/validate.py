@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from ..errors import GraphError
 from .int8 import weight_axis
@@ -55,8 +56,6 @@ def _weight_users(dq_output: gs.Tensor) -> list[tuple[gs.Node, int]]:
 
 def validate_qdq(model: onnx.ModelProto) -> int:
     """Raise ``GraphError`` naming the first Q/DQ node TensorRT would refuse; return the Q/DQ count."""
-    from onnx_graphsurgeon.logger import G_LOGGER
-
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     # onnx-graphsurgeon warns on every FP8 tensor that numpy has no such type; it keeps them exact.
     with G_LOGGER.suppress(G_LOGGER.ERROR):

@@ -29,11 +29,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import onnx
+import torch
 
 from . import _deps
 from .config import BuildConfig, InputRange, ShapeProfile
@@ -42,6 +44,7 @@ from .errors import BuildError, DependencyError, first_line
 from .files import atomic_write
 from .graph import save_model
 from .trt_logging import format_errors, tensorrt_logger
+from .precision import FP8, carried_precision, graph_format, validate_qdq
 
 logger = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 10.0
@@ -119,40 +122,8 @@ def heartbeat(interval_s: float = PROGRESS_INTERVAL_S) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------- device facts
-def _create_builder(trt: ModuleType) -> tuple[Any, list[str]]:
-    """``trt.Builder`` and the errors TensorRT logged creating it; the builder is None on failure."""
-    bridge = tensorrt_logger(trt)
-    with bridge.errors.capture() as errors:
-        try:
-            builder = trt.Builder(bridge)
-        except Exception as exc:  # noqa: BLE001 - the bindings raise when the C++ factory returns null
-            errors.append(first_line(exc))
-            builder = None
-    return builder, list(errors)
-
-
-def builder_unavailable_reason(trt: ModuleType) -> str | None:
-    """Why ``trt.Builder`` cannot be created here, or None when it can.
-
-    TensorRT imports even where it cannot run: with a driver older than its
-    CUDA version (the CUDA 13 build needs an r580+ driver) the failure comes
-    only when a builder is created. ``backend="auto"`` and the GPU tests probe
-    this so they fall back or skip instead of failing in the build.
-    """
-    builder, errors = _create_builder(trt)
-    if builder is not None:
-        return None
-    return (
-        f"TensorRT {getattr(trt, '__version__', '?')} cannot create a builder (often: the NVIDIA "
-        "driver is too old for this TensorRT's CUDA version; install the trtopt extra for your "
-        "driver's CUDA major version). " + format_errors(errors)
-    )
-
-
 def current_device_index() -> int:
     """The CUDA device torch uses (0 when torch has no CUDA); engines are built and run there."""
-    import torch
-
     return torch.cuda.current_device() if torch.cuda.is_available() else 0
 
 
@@ -163,8 +134,6 @@ def tensorrt_build(trt: ModuleType) -> str:
     build different engines; the distribution that installed the ``tensorrt`` module names it
     (``tensorrt_cu13_bindings``). A TensorRT from NVIDIA's tar or deb packages gives "".
     """
-    from importlib import metadata
-
     top_level = getattr(trt, "__name__", "tensorrt").split(".")[0]
     for distribution in metadata.packages_distributions().get(top_level, []):
         match = re.search(r"cu(\d+)", distribution.lower())
@@ -314,8 +283,6 @@ def build_engine(
     engine that ``accept_cached`` refuses (the caller could not deserialize it)
     is a miss: the entry is deleted, with one warning, and the engine rebuilt.
     """
-    from .precision import FP8, carried_precision, graph_format, validate_qdq
-
     # The ONNX parser's Q/DQ rules, checked here with messages that name the node and the fix.
     validate_qdq(onnx_model)
     trt = _deps.tensorrt()
@@ -360,7 +327,7 @@ def build_from_file(
     trt: ModuleType, model_path: Path, profiles: Sequence[ShapeProfile], config: BuildConfig
 ) -> bytes:
     """Parse ``model_path`` into a strongly typed network and build it with ``config``'s settings."""
-    builder, errors = _create_builder(trt)
+    builder, errors = _deps.create_builder(trt)
     bridge = tensorrt_logger(trt)
     if builder is None:
         raise BuildError(
