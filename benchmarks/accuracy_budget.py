@@ -31,7 +31,7 @@ from trtopt.export import export  # noqa: E402
 from trtopt.files import atomic_write  # noqa: E402
 from trtopt.graph import cleanup  # noqa: E402
 from trtopt.precision import plan_int8  # noqa: E402
-from trtopt.backends.onnxruntime import run_graph  # noqa: E402
+from trtopt.executor.session import run_graph  # noqa: E402
 from trtopt.spec import tensor_specs  # noqa: E402
 from trtopt.precision.budget import (  # noqa: E402
     AccuracyBudget,

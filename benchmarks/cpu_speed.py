@@ -41,7 +41,7 @@ import torchvision
 
 import trtopt
 from trtopt.bench.results import write_results
-from trtopt.backends.onnxruntime import DISABLED_OPTIMIZERS
+from trtopt.executor.session import DISABLED_OPTIMIZERS
 from trtopt.bench import prepare_random_model, structured_images
 from trtopt.precision import emulate_fp16
 

@@ -1,7 +1,7 @@
 """Which FP16 tensors a TensorRT engine really stores, against what trtopt's CPU emulation rounds.
 
 The CPU backend emulates TensorRT's FP16 storage by rounding tensors to FP16
-(``trtopt.backends.fp16_emulation``). Rounding costs a Cast pair per tensor, which is
+(``trtopt.executor.fp16_emulation``). Rounding costs a Cast pair per tensor, which is
 most of why TensorRT-faithful INT8 is slower than FP32 on a CPU for MobileNetV3 and
 transformers. This script builds the INT8 engines (FP16 float part) of cpu_speed.py's
 MobileNetV3-small and transformer encoder and compares, per model, with the engine
@@ -30,7 +30,7 @@ import cpu_speed  # noqa: E402
 
 import trtopt  # noqa: E402
 from trtopt import _deps  # noqa: E402
-from trtopt.backends.fp16_emulation import check_against_engine  # noqa: E402
+from trtopt.executor.fp16_emulation import check_against_engine  # noqa: E402
 from trtopt.files import atomic_write  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "fp16_fidelity.json"

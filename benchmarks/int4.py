@@ -58,7 +58,7 @@ from onnx import numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import trtopt  # noqa: E402
-from trtopt.backends.onnxruntime import run_graph  # noqa: E402
+from trtopt.executor.session import run_graph  # noqa: E402
 from trtopt.bench.results import write_results  # noqa: E402
 from trtopt.metrics import sample_cosines  # noqa: E402
 

@@ -34,7 +34,7 @@ from trtopt.export import export  # noqa: E402
 from trtopt.files import atomic_write  # noqa: E402
 from trtopt.graph import cleanup  # noqa: E402
 from trtopt.precision import convert_to_fp16, plan_int8, tensor_ranges, to_fp16, to_int8  # noqa: E402
-from trtopt.backends.onnxruntime import run_batches, run_graph  # noqa: E402
+from trtopt.executor.session import run_batches, run_graph  # noqa: E402
 from trtopt.spec import tensor_specs  # noqa: E402
 from trtopt.precision.budget import (  # noqa: E402
     AccuracyBudget,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from trtopt import ConfigError, InputError, bench, metrics
-from trtopt.backends.profiling import LayerProfiler
+from trtopt.executor.profiling import LayerProfiler
 from trtopt.runtime import TensorRTBackend
 
 

@@ -334,7 +334,7 @@ def test_compile_meets_a_tight_then_a_looser_budget_on_one_cache(tmp_path):
 
 def test_the_switched_graph_gives_the_outputs_of_the_graph_built_for_each_set(setup):
     """One session with a switch per unit replaces a graph and a session per measurement."""
-    from trtopt.backends.onnxruntime import run_graph
+    from trtopt.executor.session import run_graph
     from trtopt.precision.budget import SwitchedInt8, build_int8, quantized_units
 
     graph, amax, validation, sensitive = setup
@@ -362,7 +362,7 @@ def test_measurements_run_qdq_as_written_not_onnx_runtime_integer_kernels(setup)
     """
     import onnx.reference
 
-    from trtopt.backends.onnxruntime import run_graph
+    from trtopt.executor.session import run_graph
     from trtopt.precision.budget import build_int8
 
     graph, amax, validation, _ = setup

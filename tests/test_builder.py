@@ -18,7 +18,8 @@ import pytest
 from onnx import TensorProto, helper
 
 import trtopt
-from trtopt import _deps, builder, graph, trt_logging
+from trtopt import _deps, graph
+from trtopt.backends.tensorrt import build as builder, trt_logging
 from trtopt.config import BuildConfig, InputRange, ShapeProfile
 from trtopt.errors import BuildError
 

@@ -21,10 +21,10 @@ import torch
 
 import trtopt
 from trtopt.bench.digits import DigitsTransformer, top1
-from trtopt.backends.onnxruntime import DISABLED_OPTIMIZERS, make_session
-from trtopt.backends.qdq_cpu import is_cpu_layout, lower_qdq_for_cpu
+from trtopt.executor.session import DISABLED_OPTIMIZERS, make_session
+from trtopt.executor.qdq_cpu import is_cpu_layout, lower_qdq_for_cpu
 from trtopt.precision import emulate_fp16, validate_qdq
-from trtopt.backends.fp16_emulation import fused_int8_tensors
+from trtopt.executor.fp16_emulation import fused_int8_tensors
 
 INT8_TOLERANCE = 1.0  # top-1 points, as in test_precision_digits
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from trtopt import builder
+from trtopt.backends.tensorrt import build as builder
 from trtopt.config import ENGINE_SETTINGS, BuildConfig
-from trtopt.engine_cache import EngineCache, engine_key, engine_key_fields
+from trtopt.backends.tensorrt.engine_cache import EngineCache, engine_key, engine_key_fields
 
 from .test_builder import profile, relu_model
 from .trt_doubles import FakeCuda, FakeTensorRT

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from trtopt.backends.onnxruntime import run_graph, stream_tensors
+from trtopt.executor.session import run_graph, stream_tensors
 from trtopt.calibrators.collect import reject_nonfinite
 from trtopt.errors import CalibrationError
 from trtopt.precision import MaxAbsObserver, tensor_ranges

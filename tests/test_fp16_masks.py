@@ -20,7 +20,7 @@ ATTENTION_OPS = {"Softmax", "Add", "Where", "Mul", "Sub", "Cast", "Expand", "Res
 
 
 def _ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    from trtopt.backends.onnxruntime import make_session
+    from trtopt.executor.session import make_session
 
     return make_session(emulate_fp16(model)).run(None, feeds)
 

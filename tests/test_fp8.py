@@ -26,9 +26,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import trtopt
-from trtopt import _deps, builder, cli
-from trtopt.backends.onnxruntime import OnnxRuntimeBackend, make_session
-from trtopt.backends.qdq_cpu import lower_qdq_for_cpu
+from trtopt import _deps, cli
+from trtopt.backends.tensorrt import build as builder
+from trtopt.backends.onnxruntime import OnnxRuntimeBackend
+from trtopt.executor.session import make_session
+from trtopt.executor.qdq_cpu import lower_qdq_for_cpu
 from trtopt.calibrators import calibrate
 from trtopt.config import BuildConfig, InputRange, ShapeProfile, build_profiles
 from trtopt.bench.digits import DigitsCNN, top1

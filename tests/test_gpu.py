@@ -19,7 +19,7 @@ import torch
 
 import trtopt
 from trtopt import _deps
-from trtopt.backends.fp16_emulation import check_against_engine
+from trtopt.executor.fp16_emulation import check_against_engine
 
 from ._models import ResidualCNN
 from .helpers import max_relative_error

@@ -49,7 +49,7 @@ def test_onnxruntime_profiler_traces_stay_out_of_the_repository():
 
 
 def test_layer_profiles_write_no_trace_into_the_working_directory(tmp_path, monkeypatch):
-    from trtopt.backends.onnxruntime import profile_graph
+    from trtopt.executor.session import profile_graph
 
     from onnx import TensorProto, helper
 

@@ -22,14 +22,12 @@ FLOORS: list[tuple[str, set[str]]] = [
     # The ONNX graph: torch -> ONNX, cleanup, the torch module paths on its nodes.
     ("graph", {"trtopt.graph", "trtopt.names", "trtopt.export"}),
     # ONNX Runtime sessions every pass runs graphs with (FP16 emulation, the CPU integer lowering).
-    ("executor", {"trtopt.backends.onnxruntime", "trtopt.backends.call_checks", "trtopt.backends.fp16_emulation",
-                  "trtopt.backends.qdq_cpu", "trtopt.backends.lowbit_cpu", "trtopt.backends.profiling"}),
+    ("executor", {"trtopt.executor"}),
     # The passes that measure the graph and write its precision.
     ("passes", {"trtopt.calibrators", "trtopt.precision"}),
     # What runs a compiled graph; ``_deps`` is the TensorRT/pycuda boundary only the TensorRT backend
     # and backend selection use (it asks TensorRT's logger bridge whether a builder can be created).
-    ("backends", {"trtopt.backends", "trtopt.builder", "trtopt.runtime", "trtopt.engine_cache", "trtopt.trt_logging",
-                  "trtopt._deps"}),
+    ("backends", {"trtopt.backends", "trtopt.builder", "trtopt.runtime", "trtopt._deps"}),
     # compile/load and the callable, with what a module writes of itself (``CompiledModule.export_onnx``
     # and ``export_triton`` are methods, so artifacts and triton sit on its floor).
     ("compiler", {"trtopt.compiler", "trtopt.module", "trtopt.artifacts", "trtopt.triton"}),
@@ -121,7 +119,7 @@ def test_the_checker_catches_upward_imports_in_every_form():
         "line 9: trtopt.module (compiler)",
     ]
     # Relative imports resolve from the importing package, and the most specific entry wins.
-    assert upward_imports(ast.parse("from ..calibrators import calibrate\n"), "trtopt.backends.qdq_cpu", False) == [
+    assert upward_imports(ast.parse("from ..calibrators import calibrate\n"), "trtopt.executor.qdq_cpu", False) == [
         "line 1: trtopt.calibrators (passes)"
     ]
 

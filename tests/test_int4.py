@@ -11,9 +11,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import trtopt
-from trtopt import builder
-from trtopt.backends.lowbit_cpu import decode_fp4_weights
-from trtopt.backends.onnxruntime import make_session, run_graph
+from trtopt.backends.tensorrt import build as builder
+from trtopt.executor.lowbit_cpu import decode_fp4_weights
+from trtopt.executor.session import make_session, run_graph
 from trtopt.config import BuildConfig, InputRange, ShapeProfile
 from trtopt.errors import ConfigError, DependencyError, GraphError
 from trtopt.precision import validate_qdq
@@ -181,7 +181,7 @@ def test_int4_module_computes_with_the_dequantized_weights(int4_module):
 
 
 def test_executor_folds_int4_and_the_backend_fuses_matmulnbits(int4_module, tmp_path):
-    from trtopt.backends.fp16_emulation import emulate_fp16
+    from trtopt.executor.fp16_emulation import emulate_fp16
 
     emulated = emulate_fp16(int4_module.onnx_model)
     ops = {}

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import trtopt
-from trtopt.backends import fp16_emulation
+from trtopt.executor import fp16_emulation
 from tests._models import ResidualCNN
 
 

@@ -148,7 +148,7 @@ def test_excluding_a_module_glob_keeps_exactly_those_modules_out_of_int8(nested)
 
 def test_renaming_changes_no_output(nested):
     """The same graph quantized with and without module-path names computes the same numbers."""
-    from trtopt.backends.onnxruntime import make_session
+    from trtopt.executor.session import make_session
     from trtopt.calibrators import calibrate
     from trtopt.spec import tensor_specs
     from trtopt.precision import plan_int8, quantize_int8

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import trtopt
-from trtopt.backends.fp16_emulation import check_against_engine
+from trtopt.executor.fp16_emulation import check_against_engine
 from trtopt.backends.onnxruntime import OnnxRuntimeBackend
 from trtopt.config import build_profiles
 from trtopt.errors import CalibrationError, GraphError
@@ -128,7 +128,7 @@ def test_fp16_emulation_rounds_only_where_values_change(monkeypatch):
     assert rounded_by and not {"Reshape", "Transpose", "Relu"} & set(rounded_by), rounded_by
     assert {"Reshape", "Transpose", "Relu"} <= {n.op_type for n in plain.graph.node}
     # Bit for bit what rounding every FP16 tensor computes.
-    monkeypatch.setattr("trtopt.backends.fp16_emulation.already_fp16", lambda model, names: set())
+    monkeypatch.setattr("trtopt.executor.fp16_emulation.already_fp16", lambda model, names: set())
     every = emulate_fp16(plain)
     assert sum(n.op_type == "Cast" for n in every.graph.node) > sum(n.op_type == "Cast" for n in emulated.graph.node)
     assert np.array_equal(run(emulated, x), run(every, x))

@@ -23,10 +23,11 @@ import torch
 
 from trtopt import _deps, compiler
 from trtopt.config import Backend, BuildConfig, InputRange, ShapeProfile
-from trtopt import runtime
+from trtopt.backends.tensorrt import runner as runtime
 from trtopt.errors import EngineError, ShapeError
 from trtopt.module import CompiledModule
-from trtopt.runtime import TensorRTBackend, numpy_dtype_name, torch_dtype
+from trtopt.runtime import TensorRTBackend
+from trtopt.backends.tensorrt.runner import numpy_dtype_name, torch_dtype
 from trtopt.spec import TRT_TO_NUMPY, ModuleSpec, TensorSpec
 
 from .test_builder import relu_model
@@ -695,7 +696,7 @@ def test_a_failed_device_call_still_orders_its_queued_profile_switch(gpu) -> Non
     ],
 )
 def test_which_saved_engines_are_used_here(fakes, monkeypatch, record, here, problem) -> None:
-    from trtopt import builder
+    from trtopt.backends.tensorrt import build as builder
 
     if "compute_capability" in here:
         FakeCuda.compute_capability = here["compute_capability"]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import trtopt
-from trtopt.backends.onnxruntime import make_session
+from trtopt.executor.session import make_session
 from trtopt.calibrators import calibrate
 from trtopt.calibrators.cache import channel_path
 from trtopt.config import build_profiles

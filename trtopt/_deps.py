@@ -14,7 +14,7 @@ from types import ModuleType
 from typing import Any
 
 from .errors import DependencyError, first_line
-from .trt_logging import format_errors, tensorrt_logger
+from .backends.tensorrt.trt_logging import format_errors, tensorrt_logger
 
 logger = logging.getLogger(__name__)
 

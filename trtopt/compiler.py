@@ -41,7 +41,8 @@ from .names import assign_names
 from .module import CompiledModule, read_module_file
 from .stages import StageTimer
 from .spec import ModuleSpec, tensor_specs
-from .backends.onnxruntime import OnnxRuntimeBackend, make_session
+from .backends.onnxruntime import OnnxRuntimeBackend
+from .executor.session import make_session
 from .builder import (
     build_engine,
     engine_record,
@@ -51,8 +52,8 @@ from .builder import (
 )
 from .runtime import TensorRTBackend
 from .precision import apply_precision, carried_precision
-from .backends.call_checks import kernel_failure
-from .backends.qdq_cpu import is_cpu_layout
+from .executor.call_checks import kernel_failure
+from .executor.qdq_cpu import is_cpu_layout
 
 if TYPE_CHECKING:
     from .calibrators.data import CalibrationData

@@ -154,7 +154,7 @@ class BuildConfig:
     # off here (as Polygraphy does), so an "fp32" engine computes what the CPU readout assumed.
     tf32: bool = False
     timing_cache: str | None = None
-    engine_cache_dir: str | None = None  # None: no engine cache (see trtopt/engine_cache.py)
+    engine_cache_dir: str | None = None  # None: no engine cache (see trtopt/backends/tensorrt/engine_cache.py)
     engine_cache_max_bytes: int = 8 << 30
     # TensorRT runtime settings (not part of the engine).
     cuda_graph: bool = False  # replay a captured CUDA graph for repeated input shapes

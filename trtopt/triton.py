@@ -308,7 +308,7 @@ def build_config(
         group.profile.extend(str(i) for i in range(len(module.profiles)))
     if not is_plan and flavour == "native" and module.precision == "fp8":
         # ONNX Runtime's extended rewrites drop a Relu in front of an FP8 QuantizeLinear (FP8 is
-        # signed; see trtopt/backends/onnxruntime.py). Triton's ONNX Runtime backend has no way to
+        # signed; see trtopt/executor/session.py). Triton's ONNX Runtime backend has no way to
         # disable one rewrite: level -1 keeps only the basic ones, which compute the graph faithfully.
         config.optimization.graph.level = -1
     if not is_plan and module.precision == "nvfp4":

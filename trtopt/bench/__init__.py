@@ -53,7 +53,7 @@ the tests, benchmarks and notebook; it needs scikit-learn), imported on their ow
 """
 
 
-from ..backends.profiling import LayerProfile, LayerTime, parse_onnxruntime_profile
+from ..executor.profiling import LayerProfile, LayerTime, parse_onnxruntime_profile
 from .candidates import (
     Candidate,
     compiled_candidate,

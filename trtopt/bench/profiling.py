@@ -1,6 +1,6 @@
 """Per-layer profiles of a compiled module, attributed to torch modules, and their plots.
 
-The backend does the timing (``backends.profiling.LayerProfiler``); this adds
+The backend does the timing (``executor.profiling.LayerProfiler``); this adds
 the torch module path of each layer, read from the module's ONNX graph.
 """
 
@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from ..backends.onnxruntime import profile_graph
-from ..backends.profiling import LayerProfile, LayerProfiler, LayerTime
+from ..executor.session import profile_graph
+from ..executor.profiling import LayerProfile, LayerProfiler, LayerTime
 from ..errors import ConfigError
 from ..module import select_profile
 from ..names import layer_module, node_modules, tensor_producers
@@ -39,7 +39,7 @@ def attribute_modules(profile: LayerProfile, onnx_model: Any) -> LayerProfile:
 def profile_layers(module: Any, inputs: Sequence[torch.Tensor], *, runs: int = 10) -> LayerProfile:
     """Where the time of one inference of ``module`` goes, per layer, on the backend it runs on.
 
-    The backend times its layers (``backends.profiling.LayerProfiler``): ONNX
+    The backend times its layers (``executor.profiling.LayerProfiler``): ONNX
     Runtime per node of its optimised graph (the mean per run, one warm-up run
     dropped), TensorRT per fused layer (the median, from its ``IProfiler``).
     Each layer is then attributed to the torch module it came from.

@@ -1,6 +1,6 @@
 """Statistics collection: stream activations through the executor into observers.
 
-The executor (``trtopt.backends.onnxruntime.stream_tensors``) makes the tensors
+The executor (``trtopt.executor.session.stream_tensors``) makes the tensors
 to measure the graph's only outputs and hands each straight to its observer, one
 batch ahead on a worker thread, so memory stays constant however many batches
 run, unlike onnxruntime.quantization's calibrators, which keep every output of
@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..backends.onnxruntime import FLOAT_TYPES, Observer, measuring_threads, stream_tensors, value_infos
+from ..executor.session import FLOAT_TYPES, Observer, measuring_threads, stream_tensors, value_infos
 from ..errors import CalibrationError
 from .data import Progress
 

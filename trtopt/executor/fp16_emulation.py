@@ -1,6 +1,6 @@
 """FP16 emulation for ONNX Runtime's CPU provider: FP16 tensors rounded as TensorRT stores them.
 
-The executor (``trtopt.backends.onnxruntime.cpu_session``) applies this to every
+The executor (``trtopt.executor.session.cpu_session``) applies this to every
 graph it runs, so the CPU backend, the FP16 keep-list's overflow check, the
 accuracy readout and the budget search all see the same FP16 values.
 """

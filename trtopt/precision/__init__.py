@@ -15,7 +15,7 @@ step, from the data split to the ``PrecisionReport``.
 from .fp16 import DEFAULT_FP16_THRESHOLD, FP16_MAX, Fp16Report, KeptNode, convert_to_fp16
 from .masks import MaskReport, MaskRewrite, make_masks_fp16_safe
 from .int8 import Int8Plan, Int8Report, plan_int8, quantize_int8
-from ..backends.fp16_emulation import emulate_fp16
+from ..executor.fp16_emulation import emulate_fp16
 from .measured import to_fp16, to_int8
 from .pipeline import apply_precision, carried_precision
 from .probe import MaxAbsObserver, feed_batches, tensor_ranges

@@ -56,7 +56,7 @@ from ..names import excluded_by, inherit_metadata, node_modules
 from .fp16 import KeptNode
 from .measured import to_fp16
 from ..graph import check_model
-from ..backends.onnxruntime import stream_tensors, run_batches
+from ..executor.session import stream_tensors, run_batches
 from .int8 import Int8Plan
 from .smoothquant import smooth, smoothable_groups
 from .report import PrecisionReport

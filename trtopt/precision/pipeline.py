@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from ..backends.fp16_emulation import widen_to_fp32
-from ..backends.onnxruntime import run_batches
+from ..executor.fp16_emulation import widen_to_fp32
+from ..executor.session import run_batches
 from ..calibrators.data import Batches, Spool, batches_to_read, open_batches, split_validation
 from ..config import BuildConfig, CalibratorKind, Precision
 from ..errors import ConfigError

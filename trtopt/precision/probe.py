@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..backends.onnxruntime import measuring_threads, stream_tensors
+from ..executor.session import measuring_threads, stream_tensors
 from ..errors import CalibrationError
 from ..spec import TensorSpec
 from ..calibrators.data import open_batches

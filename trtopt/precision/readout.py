@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 
-from ..backends.onnxruntime import run_batches
+from ..executor.session import run_batches
 from ..metrics import Comparison, Outputs
 
 logger = logging.getLogger(__name__)

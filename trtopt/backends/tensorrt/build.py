@@ -37,16 +37,16 @@ from typing import Any
 import onnx
 import torch
 
-from . import _deps
-from .config import BuildConfig, InputRange, ShapeProfile
+from ... import _deps
+from ...config import BuildConfig, InputRange, ShapeProfile
 from .engine_cache import EngineCache, engine_key_fields, files_digest
-from .errors import BuildError, DependencyError, first_line
-from .files import atomic_write
-from .graph import save_model
+from ...errors import BuildError, DependencyError, first_line
+from ...files import atomic_write
+from ...graph import save_model
 from .trt_logging import format_errors, tensorrt_logger
-from .precision import FP8, carried_precision, graph_format, validate_qdq
+from ...precision import FP8, carried_precision, graph_format, validate_qdq
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("trtopt.builder")  # the public face's name, which docs/gpu.md gives
 PROGRESS_INTERVAL_S = 10.0
 # What ``configure`` sets beyond the config's own fields, versioned: part of the engine-cache key,
 # so a change here (2: TF32 cleared unless BuildConfig.tf32) never reuses engines built before it.

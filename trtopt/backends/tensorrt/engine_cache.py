@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._version import __version__
-from .config import ENGINE_SETTINGS, BuildConfig, ShapeProfile
-from .files import atomic_write
+from ..._version import __version__
+from ...config import ENGINE_SETTINGS, BuildConfig, ShapeProfile
+from ...files import atomic_write
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("trtopt.engine_cache")  # the name it has logged under since before the move
 
 MANIFEST_FORMAT = "trtopt-engine-cache-entry"
 MANIFEST_VERSION = 1

@@ -85,14 +85,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _deps
-from .backends.profiling import LayerProfile, join_layer_types
-from .builder import current_device_index
-from .errors import EngineError, InputError, ShapeError
-from .spec import NUMPY_TO_TORCH, TORCH_TO_NUMPY, TRT_TO_NUMPY, ModuleSpec
+from ... import _deps
+from ...executor.profiling import LayerProfile, join_layer_types
+from .build import current_device_index
+from ...errors import EngineError, InputError, ShapeError
+from ...spec import NUMPY_TO_TORCH, TORCH_TO_NUMPY, TRT_TO_NUMPY, ModuleSpec
 from .trt_logging import format_errors, tensorrt_logger
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("trtopt.runtime")  # the public face's name
 
 ALIGNMENT = 256  # bytes; TensorRT's requirement for I/O tensor addresses
 
@@ -958,7 +958,7 @@ class TensorRTBackend:
     def layer_profile(
         self, graph: Any, feeds: Mapping[str, torch.Tensor], profile_index: int = 0, runs: int = 10
     ) -> LayerProfile:
-        """Per-layer median times with the inspector's layer types (``backends.profiling.LayerProfiler``).
+        """Per-layer median times with the inspector's layer types (``executor.profiling.LayerProfiler``).
 
         The engine is what runs, so ``graph`` is not needed. Layer names are
         TensorRT's, after fusion.

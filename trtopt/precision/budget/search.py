@@ -41,7 +41,7 @@ import onnx
 
 from ..files import atomic_write
 from .._version import __version__
-from ..backends.onnxruntime import cpu_session, run_batches
+from ..executor.session import cpu_session, run_batches
 from ..calibrators.data import split_validation  # noqa: F401 - the split the budget is judged on
 from ..errors import AccuracyBudgetError, ConfigError, TrtoptError
 from ..metrics import Comparison, Outputs, compare_batches
