@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from trtopt.calibrators import calibrate
-from trtopt.config import build_profiles
+from trtopt.profiles import build_profiles
 from trtopt.errors import ConfigError
 from trtopt.export import export
 from trtopt.graph import cleanup

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "trtopt"
 # it); the most specific entry wins. Every module must be covered, so a new one needs a floor.
 FLOORS: list[tuple[str, set[str]]] = [
     # Settings, specs, errors and small helpers that need nothing else from trtopt.
-    ("ground", {"trtopt.errors", "trtopt.config", "trtopt.spec", "trtopt.files", "trtopt._version",
+    ("ground", {"trtopt.errors", "trtopt.config", "trtopt.profiles", "trtopt.spec", "trtopt.files", "trtopt._version",
                 "trtopt.stages", "trtopt.metrics"}),
     # The ONNX graph: torch -> ONNX, cleanup, the torch module paths on its nodes.
     ("graph", {"trtopt.graph", "trtopt.names", "trtopt.export"}),
