@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trtopt.bench.digits import DigitsTransformer, load_digits, top1, train  # noqa: E402
 from trtopt.calibrators import calibrate  # noqa: E402
-from trtopt.config import build_profiles  # noqa: E402
+from trtopt.profiles import build_profiles  # noqa: E402
 from trtopt.export import export  # noqa: E402
 from trtopt.files import atomic_write  # noqa: E402
 from trtopt.graph import cleanup  # noqa: E402

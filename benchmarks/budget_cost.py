@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from trtopt.calibrators import calibrate
-from trtopt.config import build_profiles
+from trtopt.profiles import build_profiles
 from trtopt.export import export
 from trtopt.graph import cleanup
 from trtopt.precision import plan_int8

@@ -90,7 +90,7 @@ def prepare(workdir: Path, batch_size: int, image_size: int) -> list[str]:
     import torchvision
     from onnxruntime.quantization.calibrate import create_calibrator
 
-    from trtopt.config import build_profiles
+    from trtopt.profiles import build_profiles
     from trtopt.export import export
     from trtopt.graph import cleanup, save_model
 

@@ -64,7 +64,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import trtopt  # noqa: E402
 from trtopt.bench import digits as digits_data  # noqa: E402
-from trtopt.config import BuildConfig, build_profiles  # noqa: E402
+from trtopt.config import BuildConfig
+from trtopt.profiles import build_profiles  # noqa: E402
 from trtopt.export import export  # noqa: E402
 from trtopt.bench.results import write_results  # noqa: E402
 from trtopt.graph import cleanup  # noqa: E402

@@ -29,7 +29,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from trtopt.calibrators import calibrate  # noqa: E402
-from trtopt.config import DEFAULT_FP16_THRESHOLD, build_profiles  # noqa: E402
+from trtopt.config import DEFAULT_FP16_THRESHOLD
+from trtopt.profiles import build_profiles  # noqa: E402
 from trtopt.export import export  # noqa: E402
 from trtopt.files import atomic_write  # noqa: E402
 from trtopt.graph import cleanup  # noqa: E402

@@ -9,17 +9,17 @@ import torch
 from torch import nn
 
 from trtopt.calibrators import calibrate
-from trtopt.config import build_profiles
+from trtopt.profiles import build_profiles
 from trtopt.errors import ConfigError
 from trtopt.export import export
 from trtopt.graph import cleanup
 from trtopt.spec import tensor_specs
 from trtopt.precision import plan_int8
+from trtopt.calibrators.data import split_validation
 from trtopt.precision.budget import (
     AccuracyBudget,
     MeasurementCache,
     find_units_to_keep_high,
-    split_validation,
 )
 
 
@@ -296,7 +296,8 @@ def test_prune_returns_a_unit_the_others_make_unnecessary(tmp_path):
 
 
 def test_when_the_module_as_built_misses_even_with_every_unit_high_all_are_kept_and_it_raises(tmp_path):
-    from trtopt.precision.budget import AccuracyBudgetError, check_final, search
+    from trtopt.errors import AccuracyBudgetError
+    from trtopt.precision.budget import check_final, search
 
     build, run, reference, final = _fake_model(_additive, final_penalty=0.01)
     budget = AccuracyBudget("cosine", 0.995)

@@ -20,7 +20,8 @@ from onnx import TensorProto, helper
 import trtopt
 from trtopt import _deps, graph
 from trtopt.backends.tensorrt import build as builder, trt_logging
-from trtopt.config import BuildConfig, InputRange, ShapeProfile
+from trtopt.config import BuildConfig
+from trtopt.profiles import InputRange, ShapeProfile
 from trtopt.errors import BuildError
 
 from .trt_doubles import FakeBuilder, FakeCuda, FakeTensorRT

@@ -622,7 +622,7 @@ def test_progress_line_shows_eta(capsys):
 @pytest.fixture(scope="module")
 def cnn():
     from tests._models import ResidualCNN
-    from trtopt.config import build_profiles
+    from trtopt.profiles import build_profiles
     from trtopt.export import export
     from trtopt.graph import cleanup
 

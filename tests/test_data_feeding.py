@@ -184,7 +184,7 @@ class Classifier(nn.Module):
 
 
 def _graph(model: nn.Module) -> onnx.ModelProto:
-    from trtopt.config import build_profiles
+    from trtopt.profiles import build_profiles
     from trtopt.export import export
     from trtopt.graph import cleanup
 

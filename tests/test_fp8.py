@@ -32,7 +32,8 @@ from trtopt.backends.onnxruntime import OnnxRuntimeBackend
 from trtopt.executor.session import make_session
 from trtopt.executor.qdq_cpu import lower_qdq_for_cpu
 from trtopt.calibrators import calibrate
-from trtopt.config import BuildConfig, InputRange, ShapeProfile, build_profiles
+from trtopt.config import BuildConfig
+from trtopt.profiles import InputRange, ShapeProfile, build_profiles
 from trtopt.bench.digits import DigitsCNN, top1
 from trtopt.errors import ConfigError, DependencyError, GraphError
 from trtopt.export import export

@@ -9,7 +9,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from trtopt.config import build_profiles
+from trtopt.profiles import build_profiles
 from trtopt.export import export
 from trtopt.graph import cleanup, graph_input_shapes, save_model
 from tests._models import MaskedEncoder, ResidualCNN, padding_mask

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "trtopt"
 # it); the most specific entry wins. Every module must be covered, so a new one needs a floor.
 FLOORS: list[tuple[str, set[str]]] = [
     # Settings, specs, errors and small helpers that need nothing else from trtopt.
-    ("ground", {"trtopt.errors", "trtopt.config", "trtopt.spec", "trtopt.files", "trtopt._version",
+    ("ground", {"trtopt.errors", "trtopt.config", "trtopt.profiles", "trtopt.spec", "trtopt.files", "trtopt._version",
                 "trtopt.stages", "trtopt.metrics"}),
     # The ONNX graph: torch -> ONNX, cleanup, the torch module paths on its nodes.
     ("graph", {"trtopt.graph", "trtopt.names", "trtopt.export"}),
@@ -122,6 +122,35 @@ def test_the_checker_catches_upward_imports_in_every_form():
     assert upward_imports(ast.parse("from ..calibrators import calibrate\n"), "trtopt.executor.qdq_cpu", False) == [
         "line 1: trtopt.calibrators (passes)"
     ]
+
+
+# Above the backends floor, the TensorRT backend is reached only through its public faces.
+TENSORRT_INTERNALS = "trtopt.backends.tensorrt"
+TENSORRT_FACES = {"trtopt.builder", "trtopt.runtime"}
+
+
+def reaches_past_the_faces(tree: ast.Module, module: str, is_package: bool) -> list[str]:
+    if RANK[floor_of(module) or "apps"] <= RANK["backends"]:
+        return []
+    return [
+        f"line {line}: {target}"
+        for line, target in imported_modules(tree, module, is_package)
+        if target == TENSORRT_INTERNALS or target.startswith(TENSORRT_INTERNALS + ".")
+    ]
+
+
+def test_code_above_the_backends_uses_the_tensorrt_faces():
+    offences = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = _module_name(path)
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        offences += [f"{module} {o}" for o in reaches_past_the_faces(tree, module, path.name == "__init__.py")]
+    assert not offences, f"import {sorted(TENSORRT_FACES)} instead:\n" + "\n".join(offences)
+    source = "from .backends.tensorrt.build import build_engine\nfrom .builder import build_engine\n"
+    assert reaches_past_the_faces(ast.parse(source), "trtopt.compiler", False) == [
+        "line 1: trtopt.backends.tensorrt.build"
+    ]
+    assert reaches_past_the_faces(ast.parse(source), "trtopt.builder", False) == []  # the face itself
 
 
 def test_every_module_is_on_a_floor():

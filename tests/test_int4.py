@@ -14,7 +14,8 @@ import trtopt
 from trtopt.backends.tensorrt import build as builder
 from trtopt.executor.lowbit_cpu import decode_fp4_weights
 from trtopt.executor.session import make_session, run_graph
-from trtopt.config import BuildConfig, InputRange, ShapeProfile
+from trtopt.config import BuildConfig
+from trtopt.profiles import InputRange, ShapeProfile
 from trtopt.errors import ConfigError, DependencyError, GraphError
 from trtopt.precision import validate_qdq
 from trtopt.precision.int4 import nvfp4_decode, nvfp4_encode, rtn_int4, weight_units

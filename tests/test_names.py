@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import trtopt
-from trtopt.config import build_profiles
+from trtopt.profiles import build_profiles
 from trtopt.export import export
 from trtopt.graph import cleanup
 from trtopt.names import MODULE_KEY, NAME_SCOPES_KEY, added_by, assign_names, layer_module, module_of, node_modules

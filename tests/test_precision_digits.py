@@ -16,7 +16,7 @@ import trtopt
 from trtopt.backends.onnxruntime import OnnxRuntimeBackend
 from trtopt.bench.digits import top1
 from trtopt.calibrators import calibrate
-from trtopt.config import build_profiles
+from trtopt.profiles import build_profiles
 from trtopt.export import export
 from trtopt.graph import cleanup
 from trtopt.spec import tensor_specs

@@ -14,7 +14,7 @@ from torch import nn
 import trtopt
 from trtopt.executor.fp16_emulation import check_against_engine
 from trtopt.backends.onnxruntime import OnnxRuntimeBackend
-from trtopt.config import build_profiles
+from trtopt.profiles import build_profiles
 from trtopt.errors import CalibrationError, GraphError
 from trtopt.export import export
 from trtopt.graph import cleanup

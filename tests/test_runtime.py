@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from trtopt import _deps, compiler
-from trtopt.config import Backend, BuildConfig, InputRange, ShapeProfile
+from trtopt.config import Backend, BuildConfig
+from trtopt.profiles import InputRange, ShapeProfile
 from trtopt.backends.tensorrt import runner as runtime
 from trtopt.errors import EngineError, ShapeError
 from trtopt.module import CompiledModule

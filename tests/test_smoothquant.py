@@ -12,7 +12,7 @@ import trtopt
 from trtopt.executor.session import make_session
 from trtopt.calibrators import calibrate
 from trtopt.calibrators.cache import channel_path
-from trtopt.config import build_profiles
+from trtopt.profiles import build_profiles
 from trtopt.errors import ConfigError
 from trtopt.export import export
 from trtopt.graph import cleanup

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import trtopt
-from trtopt.config import build_profiles
+from trtopt.profiles import build_profiles
 from trtopt.errors import ConfigError, DependencyError
 from trtopt.module import CompiledModule
 from trtopt.triton import export_triton

@@ -12,7 +12,8 @@ import logging
 
 from ._version import __version__
 from .compiler import compile, load
-from .config import Backend, BuildConfig, CalibratorKind, Precision, ShapeProfile
+from .config import Backend, BuildConfig, CalibratorKind, Precision
+from .profiles import ShapeProfile
 from .errors import (
     AccuracyBudgetError,
     BuildError,

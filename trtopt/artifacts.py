@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from .files import atomic_write
 from ._version import __version__
-from .config import DEFAULT_PERCENTILE, CalibratorKind, ShapeProfile
+from .config import DEFAULT_PERCENTILE, CalibratorKind
+from .profiles import ShapeProfile
 from .graph import save_model
 from .calibrators.cache import algorithm_name, write_cache
 

@@ -17,15 +17,8 @@ import onnxruntime as ort
 import torch
 
 from . import _deps
-from .config import (
-    ENGINE_SETTINGS,
-    Backend,
-    BuildConfig,
-    Precision,
-    ShapeProfile,
-    build_profiles,
-    check_profiles_against_graph,
-)
+from .config import ENGINE_SETTINGS, Backend, BuildConfig, Precision
+from .profiles import ShapeProfile, build_profiles, check_profiles_against_graph
 from .errors import CalibrationError, ConfigError, EngineError, GraphError, InputError, first_line
 from .export import check_example_inputs, export, forward_input_names, resize_dim
 from .graph import (

@@ -25,7 +25,7 @@ import onnx
 import torch
 
 from . import graph
-from .config import ShapeProfile
+from .profiles import ShapeProfile
 from .errors import ConfigError, ExportError, InputError, first_line
 from .spec import flatten_outputs
 

@@ -23,7 +23,7 @@ import torch
 
 from ._version import __version__
 from .backends.runner import Runner
-from .config import ShapeProfile
+from .profiles import ShapeProfile
 from .errors import InputError, ModuleFileError, ShapeError
 from .files import atomic_path
 from .graph import (

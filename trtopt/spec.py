@@ -19,7 +19,7 @@ from typing import Any
 import onnx
 import torch
 
-from .config import ShapeProfile
+from .profiles import ShapeProfile
 from .errors import ExportError
 
 # ---------------------------------------------------------------------- dtypes

@@ -1,42 +1,11 @@
 """Measurement harness shared by ``benchmarks/``, ``notebooks/`` and ``trtopt bench``.
 
-One place decides how trtopt is measured, so that a number in the README, in a
-notebook and on the command line means the same thing:
-
-- **Clock.** GPU work is asynchronous: the host returns from a call before the
-  kernels finish, so a host clock measures launch time. When the warm-up
-  produced CUDA tensors, each run is timed with a pair of ``torch.cuda.Event``
-  recorded on the current stream (the callable must enqueue on that stream or
-  synchronise before returning, as trtopt's runtime does). On the CPU,
-  ``time.perf_counter`` (monotonic, highest resolution) times each call.
-- **Warm-up.** At least one untimed call: it pays one-off costs (allocator,
-  kernel selection, lazy initialisation) and its outputs pick the clock.
-- **Percentiles.** ``numpy.percentile`` with ``method="linear"`` (numpy's
-  default; Hyndman and Fan's type 7): the p-th percentile of n sorted samples
-  ``x[0..n-1]`` lies at rank ``(n - 1) * p / 100``, interpolated linearly
-  between the two neighbouring samples. With few samples p99 is close to the
-  maximum; report the iteration count with it (``LatencyStats.iterations``).
-- **Throughput.** ``batch_size / p50``: samples per second at the median
-  latency of one call (no overlapping of calls).
-- **Accuracy.** Against the FP32 torch model on the same inputs: max and mean
-  absolute error over every output element, cosine similarity of all outputs
-  flattened into one vector, and for classifiers (first output ``[N, C]``,
-  ``C > 1``) the fraction of samples whose arg-max class agrees.
-- **Side by side.** Variants of one model are timed in alternating blocks
-  (a few rounds, one block of calls of each per round), so load from other
-  processes falls on all of them alike and their ratios stay fair on a
-  shared machine (``measure_side_by_side``).
-- **Peak memory.** Resident set size (RSS) of this process during a variant's
-  warm-up calls (the same work as the timed calls, which alternate with other
-  variants' and cannot be told apart). On Linux the kernel's peak (``VmHWM``)
-  is reset through ``/proc/self/clear_refs`` first, so the peak is that of
-  the measured window (``rss_scope="window"``); elsewhere it is the process's lifetime peak from
-  ``resource.getrusage`` (``rss_scope="process"``). RSS counts everything the
-  process holds, including the torch model it was compiled from, so the
-  growth above the level at the window's start (``MemoryUsage.growth_bytes``)
-  is also kept: the memory the calls themselves needed. On a GPU,
-  ``torch.cuda.max_memory_allocated`` adds the peak of torch's allocator
-  (memory TensorRT allocates outside torch is not in it).
+One place decides how trtopt is measured (clock, warm-up, percentiles, throughput,
+accuracy, side-by-side timing, peak memory), so that a number in the README, in a
+notebook and on the command line means the same thing: docs/benchmarks.md ("How trtopt
+measures") gives the rules. Peak memory is taken over a variant's warm-up calls (the
+same work as its timed calls, which alternate with other variants'); RSS counts the
+whole process, so the growth over the window (``MemoryUsage.growth_bytes``) is kept too.
 
 Results are dataclasses; ``BenchReport.to_json`` carries ``schema`` and
 ``schema_version`` so that readers can refuse files they do not understand.

@@ -101,8 +101,8 @@ def calibrate(
     """Measure the range (amax) of each tensor in ``tensor_names`` over ``calibration_data``.
 
     ``channel_max_for`` (a subset of ``tensor_names``) also get max |x| per channel
-    of their last axis, in the same pass. See the package docstring for the
-    accepted data forms and the cache rules.
+    of their last axis, in the same pass. The accepted data forms are ``data``'s;
+    the cache rules are in docs/calibration.md ("The calibration cache").
     """
     method = calibrator_name(method)
     if not 0.0 < float(percentile) <= 100.0:

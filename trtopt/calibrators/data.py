@@ -452,6 +452,19 @@ def open_batches(data: Any, specs: Sequence[TensorSpec], max_batches: int | None
     return Batches(read_spooled, range(len(spool)), owner=spool)
 
 
+def feed_batches(
+    data: Any, input_specs: Sequence[TensorSpec], max_batches: int | None = None
+) -> tuple[Any, Callable[[], Iterator[dict[str, np.ndarray]]]]:
+    """Re-iterable ONNX Runtime feeds from user calibration data (the calibrators' rules).
+
+    Returns ``(data, batches)``: ``data`` as ``Batches`` (a one-shot
+    iterator is read once and spooled to disk, since the calibrator and the passes each
+    read the data), so pass the returned ``data`` on to ``calibrate``.
+    """
+    data = open_batches(data, input_specs, max_batches)
+    return data, data.__iter__
+
+
 def _no_batches() -> None:
     raise CalibrationError(
         "calibration_data yielded no batches; give at least one representative input batch "

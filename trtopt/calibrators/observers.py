@@ -1,75 +1,11 @@
 """Observers turn a stream of activation batches into one amax (range) per tensor.
 
-Every method reads the same streamed 2048-bin histogram of |x| (``histogram``),
-so every chosen range can be checked the same way (``RangeCheck``: the share of
-values it clips and its expected quantization error).
-
-* ``minmax``: amax = max |x|.
-* ``percentile``: amax = the upper edge of the histogram bin holding the given
-  percentile of |x| (never above max |x|, so 100 equals minmax).
-* ``mse``: the amax of least expected quantization error over the histogram
-  (pytorch-quantization's ``mse`` method): every cut ``i`` in 128..2048 is tried
-  as amax = ``i * bin width``; each bin's centre is fake-quantized with that
-  amax (round half to even, clipped to +-127) and the squared errors are summed,
-  weighted by the bin counts.
-* ``entropy``: TensorRT's EntropyCalibration2 search over the histogram. For
-  every candidate cut ``i`` in 128..2048:
-
-  - P = the first ``i`` bins, with the mass beyond them (the outliers) folded
-    into bin ``i-1``;
-  - Q = the first ``i`` bins merged into 128 equal-width levels (bin ``b`` goes
-    to level ``floor(128 b / i)``), each level's mass spread evenly over its
-    non-empty source bins (empty bins stay empty);
-  - both normalised; amax = ``i * bin width`` of the cut with the least
-    KL(P || Q) (the histogram spans exactly [0, max |x|], so ``i = 2048`` gives
-    max |x|).
-
-  Before the search, bin 0 takes bin 1's count, as NVIDIA's reference
-  implementation (pytorch-quantization's ``_compute_amax_entropy``) does: the
-  exact zeros a ReLU produces (half of its output) would otherwise dominate the
-  KL and clip the range far too low.
-
-  Two rules make it safe on data that is not a continuous density:
-
-  - **Ties go to the widest cut.** Cuts whose KL lies within
-    ``ENTROPY_TIE_TOLERANCE`` (1e-9 nats) of the least are ties, and the widest
-    wins. On a histogram of a few isolated spikes (a 4-bit image, {0, 0.5, 1},
-    a mask) KL is zero, up to float rounding, both at a tiny cut holding one
-    spike and at the full range. NVIDIA's code takes the last exact minimum, so
-    rounding noise of 1e-16 decides, and it returned amax 0.125 for a 17-level
-    image (a trained CNN fell to chance); taking the first, as trtopt did, fails
-    the same way. KL differences between genuinely different cuts of real data
-    are many orders of magnitude above 1e-9.
-  - **Discrete data keeps its full range.** When most non-empty bins of the
-    fine histogram are isolated spikes (``StreamingHistogram.is_discrete``:
-    uint8 images normalised with a mean and std, few-level inputs, one-hot,
-    masks, or a tensor seen in too few values to form a density), the KL
-    search's model of a continuous density does not hold: spikes sharing a
-    level make Q differ from P at the full range, and the search clips whole
-    spikes. Such a tensor gets amax = max |x|.
-
-  Where bin ``i-1`` is empty but outliers are folded into it, Q is 0 where P is
-  not and KL is infinite: that cut is never chosen. The cut ``i = 2048`` always
-  has a finite KL, so a threshold always exists.
-
-* ``auto``: computes the entropy, percentile, MSE and minmax ranges from the
-  one histogram and keeps, per tensor, the one of least expected quantization
-  error among those that clip at most ``AUTO_MAX_CLIPPED`` of the values.
-  Clipping a rare but large value (a transformer's outlier channel) costs
-  little squared error on average yet changes what the model computes, so the
-  share clipped is bounded, not traded.
-
-The entropy search is vectorized: with p = counts / total, the KL of cut ``i`` is
-
-    KL_i = sum_{b<i-1} p_b log p_b + s_i log s_i
-           - sum_levels m log(m / n) - o_i log(m_last / n_last) + log c_i
-
-where s_i = p_{i-1} + o_i (bin i-1 plus the outliers o_i), m and n are each
-level's mass and number of non-empty bins, and c_i = sum_{b<i} p_b (Q's total
-before normalising). Every sum is a difference of prefix sums, so all 1921
-candidates cost one (1921 x 129) gather instead of a Python loop. The tests
-keep a loop-by-loop transcription of the published algorithm and of NVIDIA's
-code and check both against this one.
+Every method (``minmax``, ``percentile``, ``mse``, ``entropy``: TensorRT's
+EntropyCalibration2 with its bin-0, tie and discrete-data rules, and ``auto``)
+reads the same streamed 2048-bin histogram of |x| (``histogram``), so every
+chosen range can be checked the same way (``RangeCheck``: the share of values it
+clips and its expected quantization error). docs/design.md section 5 gives each
+method and rule, and why.
 """
 
 from __future__ import annotations
@@ -94,7 +30,22 @@ def _xlogx(x: np.ndarray) -> np.ndarray:
 
 
 def entropy_divergences(counts: np.ndarray, num_levels: int = NUM_LEVELS) -> np.ndarray:
-    """KL(P || Q) for every cut ``i`` in ``num_levels..len(counts)`` (index 0 is cut ``num_levels``)."""
+    """KL(P || Q) for every cut ``i`` in ``num_levels..len(counts)`` (index 0 is cut ``num_levels``).
+
+    Vectorized: with p = counts / total, the KL of cut ``i`` is
+
+        KL_i = sum_{b<i-1} p_b log p_b + s_i log s_i
+               - sum_levels m log(m / n) - o_i log(m_last / n_last) + log c_i
+
+    where s_i = p_{i-1} + o_i (bin i-1 plus the outliers o_i), m and n are each
+    level's mass and number of non-empty bins, and c_i = sum_{b<i} p_b (Q's total
+    before normalising). Every sum is a difference of prefix sums, so all 1921
+    candidates cost one (1921 x 129) gather instead of a Python loop; the tests
+    check it against loop-by-loop transcriptions of the published algorithm and of
+    NVIDIA's code. Where bin ``i-1`` is empty but outliers are folded into it, Q is
+    0 where P is not and KL is infinite: that cut is never chosen. The full cut
+    always has a finite KL, so a threshold always exists.
+    """
     h = np.asarray(counts, dtype=np.float64)
     n = h.size
     if n < num_levels:

@@ -18,7 +18,8 @@ from .int8 import Int8Plan, Int8Report, plan_int8, quantize_int8
 from ..executor.fp16_emulation import emulate_fp16
 from .measured import to_fp16, to_int8
 from .pipeline import apply_precision, carried_precision
-from .probe import MaxAbsObserver, feed_batches, tensor_ranges
+from ..calibrators.data import feed_batches
+from .probe import MaxAbsObserver, tensor_ranges
 from .qformat import FP8, INT8, QuantFormat, graph_format, quant_format
 from .report import PrecisionReport
 from .validate import validate_qdq

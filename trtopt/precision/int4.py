@@ -52,25 +52,23 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import ConfigError, GraphError
-from ..names import excluded_by, inherit_metadata, node_modules
-from .fp16 import KeptNode
-from .measured import to_fp16
+from ..executor.session import run_batches, stream_tensors
 from ..graph import check_model
-from ..executor.session import stream_tensors, run_batches
-from .int8 import Int8Plan
-from .smoothquant import smooth, smoothable_groups
-from .report import PrecisionReport
-from .validate import validate_qdq
-from .readout import measure
+from ..names import excluded_by, inherit_metadata, node_modules
 from .budget import BudgetReport, check_final
+from .fp16 import KeptNode
+from .int8 import Int8Plan
+from .measured import to_fp16
+from .readout import measure
+from .report import PrecisionReport
+from .smoothquant import smooth, smoothable_groups
+from .validate import validate_qdq
 
 if TYPE_CHECKING:
     from ..config import BuildConfig
-    from .budget import BudgetReport
     from .fp16 import Fp16Report
     from .pipeline import HeldOut, PreparedData
     from .readout import AccuracyReadout
-    from .report import PrecisionReport
 
 logger = logging.getLogger(__name__)
 

@@ -10,16 +10,13 @@ where the calibrator would reject it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx
 
 from ..executor.session import measuring_threads, stream_tensors
 from ..errors import CalibrationError
-from ..spec import TensorSpec
-from ..calibrators.data import open_batches
 
 # The tensors TensorRT may store in FP16 or FP32: the ones the keep-list judges.
 FP16_CANDIDATE_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
@@ -81,16 +78,3 @@ def tensor_ranges(
     if stream_tensors(model, names, enumerate(feeds), observers, threads=measuring_threads()) == 0:
         raise CalibrationError("the calibration data yielded no batches; pass at least one batch")
     return {name: observer.peak for name, observer in observers.items()}
-
-
-def feed_batches(
-    data: Any, input_specs: Sequence[TensorSpec], max_batches: int | None = None
-) -> tuple[Any, Callable[[], Iterator[dict[str, np.ndarray]]]]:
-    """Re-iterable ONNX Runtime feeds from user calibration data (the calibrators' rules).
-
-    Returns ``(data, batches)``: ``data`` as ``calibrators.data.Batches`` (a one-shot
-    iterator is read once and spooled to disk, since the calibrator and the passes each
-    read the data), so pass the returned ``data`` on to ``calibrate``.
-    """
-    data = open_batches(data, input_specs, max_batches)
-    return data, data.__iter__

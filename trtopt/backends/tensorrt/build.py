@@ -38,7 +38,8 @@ import onnx
 import torch
 
 from ... import _deps
-from ...config import BuildConfig, InputRange, ShapeProfile
+from ...config import BuildConfig
+from ...profiles import InputRange, ShapeProfile
 from .engine_cache import EngineCache, engine_key_fields, files_digest
 from ...errors import BuildError, DependencyError, first_line
 from ...files import atomic_write

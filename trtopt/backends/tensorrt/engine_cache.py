@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from ..._version import __version__
-from ...config import ENGINE_SETTINGS, BuildConfig, ShapeProfile
+from ...config import ENGINE_SETTINGS, BuildConfig
+from ...profiles import ShapeProfile
 from ...files import atomic_write
 
 logger = logging.getLogger("trtopt.engine_cache")  # the name it has logged under since before the move

@@ -3,68 +3,33 @@
 Same interface as ``backends.onnxruntime.OnnxRuntimeBackend``: ``run(feeds,
 profile_index) -> list[torch.Tensor]`` in ``spec.outputs`` order. The module
 has already checked names, dtypes, ranks and chosen the optimization profile
-that holds the shapes; this class only moves data and runs.
+that holds the shapes; this class only moves data and runs. docs/gpu.md gives
+what users see: CUDA tensors used in place on the caller's stream (a side stream
+on the legacy default stream), numpy/CPU tensors through reused pinned buffers,
+CUDA graphs, data-dependent output shapes, one execution context per thread,
+and the event that orders launches of one context on different streams.
 
-Two data paths:
-- torch CUDA tensors are used in place (no copy; a misaligned view is cloned,
-  TensorRT wants 256-byte aligned addresses) and the engine runs on the
-  caller's current torch stream; outputs are new torch CUDA tensors from
-  torch's caching allocator, so a returned tensor is never overwritten by a
-  later call. On the legacy default stream, where TensorRT adds device-wide
-  synchronisation and serialises threads, the launch goes to a side stream of
-  the thread's state that waits for the caller's stream and is waited for by
-  it (as Torch-TensorRT does); its outputs are ``record_stream``-ed on the
-  caller's stream.
-- numpy arrays and CPU tensors go through pinned host buffers
-  (``pycuda.driver.pagelocked_empty``) and device buffers (``mem_alloc``) on a
-  pycuda stream; both kinds of buffer are kept per tensor name and reused
-  while they are large enough (so calls of the same shape allocate nothing);
-  outputs are copied out into fresh CPU tensors. This path ends with a
-  stream synchronisation.
-
-With ``cuda_graph=True`` (CUDA tensors, or CPU tensors when torch has CUDA)
-the first call of a given set of shapes captures the engine's launch into a
-CUDA graph (after one plain launch: TensorRT does deferred set-up on the first
-launch after a shape change) and later calls of the same shapes replay it;
-a call with other shapes captures again. Meant for static shapes. Engines
-that cannot be captured (loops, conditionals, data-dependent shapes) fall
-back to plain launches, with one warning, as trtexec does. Captures are
-serialised process-wide (``CAPTURE_LOCK``): ``torch.cuda.graph`` empties the
-caching allocator on entry, which fails while another thread captures, and
-only a failure of the capture itself marks an engine uncapturable. The graph's
-static inputs and outputs are allocated on the caller's stream, where replays
-run and where their blocks return when the graph is dropped; a replay on
-another stream ``record_stream``-s them there.
-
-Outputs whose shape depends on input *values* (NonZero, NonMaxSuppression) get
-their memory from an ``IOutputAllocator`` that TensorRT calls during the
-launch with the size it needs, as Polygraphy's and Torch-TensorRT's runners
-do; such engines run with plain launches. Before any output shape is read,
-``infer_shapes`` checks the inputs against each other: inputs each inside the
-profile but inconsistent (two batch sizes that must match) are a ShapeError
-naming them.
-
-Threads: an ``IExecutionContext`` must not be used by two threads at once, so
-each thread gets its own execution context, buffers, pycuda stream and CUDA
-graph (thread-local state, created on the thread's first call), while the
-engine is shared. Calls from several threads therefore run concurrently and
-never share buffers; each extra thread costs one context's activation memory.
-
-Streams: one thread's context can still be launched on several streams (the
-caller's torch stream, which may change between calls, the pycuda stream for
-CPU inputs, the stream a CUDA graph is captured on). TensorRT calls two
-overlapping launches of one context undefined behaviour, so every launch
-records an event, and a launch on another stream first makes that stream
-wait for it.
-
-pycuda objects: all pycuda work happens with the device's *primary* context
-pushed, the same context torch and TensorRT's runtime API use, so device
-pointers are valid across the three. pycuda frees an allocation or a stream
-only with its context current or on the thread that retained the context;
-anywhere else it warns and leaks it. A thread's buffers and stream are
-therefore released explicitly with the context pushed: when the thread's
-state is dropped (its thread ended), by ``close()``, and after
-``profile_layers``.
+Implementation points the code depends on:
+- TensorRT wants 256-byte aligned addresses (``ALIGNMENT``): a misaligned
+  CUDA view is cloned.
+- ``cuda_graph=True`` serves CUDA tensors, and CPU tensors when torch has CUDA.
+  A set of shapes is captured after one plain launch (TensorRT does deferred
+  set-up on the first launch after a shape change).
+- Captures are serialised process-wide (``CAPTURE_LOCK``): ``torch.cuda.graph``
+  empties the caching allocator on entry, which fails while another thread
+  captures; only a failure of the capture itself marks an engine uncapturable.
+  A graph's static tensors live on the caller's stream, where replays run; a
+  replay on another stream ``record_stream``-s them there.
+- ``infer_shapes`` checks the inputs against each other before any output
+  shape is read (inputs each inside the profile but inconsistent are a
+  ShapeError naming them).
+- All pycuda work happens with the device's *primary* context pushed, the one
+  torch and TensorRT's runtime API use, so device pointers are valid across the
+  three. pycuda frees an allocation or a stream only with its context current
+  or on the thread that retained it (anywhere else it warns and leaks), so a
+  thread's buffers and stream are released explicitly with the context pushed:
+  when its state is dropped (the thread ended), by ``close()``, and after
+  ``profile_layers``.
 """
 
 from __future__ import annotations

@@ -22,255 +22,29 @@ so a second run with another budget re-measures only what it has not seen.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
 import math
 import operator
 import os
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 import onnx
 
-from ..files import atomic_write
-from .._version import __version__
-from ..executor.session import cpu_session, run_batches
-from ..calibrators.data import split_validation  # noqa: F401 - the split the budget is judged on
-from ..errors import AccuracyBudgetError, ConfigError, TrtoptError
-from ..metrics import Comparison, Outputs, compare_batches
-from ..names import node_modules
-from .int8 import plan_int8, FP32_SCALE_FLOOR, quantize_int8
-from .fp16 import KeptNode
+from ...errors import AccuracyBudgetError
+from ...executor.session import run_batches
+from ...names import node_modules
+from .cache import MeasurementCache, analysis_key, default_cache_dir
+from .metric import AccuracyBudget, BatchOutputs
+from .report import BudgetReport
+from .rewrite import SwitchedInt8, quantized_units
 
 logger = logging.getLogger(__name__)
 
-UserMetric = Callable[[Outputs, Outputs], float]
-# Outputs batch by batch: one list of arrays (one per model output) per validation batch.
-BatchOutputs = Iterable[Outputs]
-
-
-# The budget's metric names -> (what it reads from a metrics.Comparison, higher is better). The
-# names are what users write ("cosine>=0.99"); the methods' names say what each computes.
-METRICS: dict[str, tuple[Callable[[Comparison], float], bool]] = {
-    "cosine": (Comparison.mean_sample_cosine, True),
-    "top1": (Comparison.argmax_agreement, True),
-    "accuracy": (Comparison.label_accuracy, True),
-    "max_abs": (Comparison.max_abs_error, False),
-    "mean_abs": (Comparison.worst_mean_abs_error, False),
-    "accuracy_drop": (lambda c: c.reference_accuracy() - c.label_accuracy(), False),
-}
-
-
-@dataclass(frozen=True)
-class AccuracyBudget:
-    """How much accuracy INT8 may cost: ``metric`` must reach ``bound``.
-
-    ``metric`` is a built-in name (see ``METRICS``: cosine, top1, accuracy,
-    max_abs, mean_abs, accuracy_drop) or a callable ``metric(outputs, reference)
-    -> float`` over lists of output arrays (then say ``higher_is_better``).
-    ``best_effort=True`` returns the closest result when the budget cannot be met
-    instead of raising ``AccuracyBudgetError``.
-    """
-
-    metric: str | UserMetric
-    bound: float
-    higher_is_better: bool = True
-    best_effort: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.metric, str):
-            if self.metric not in METRICS:
-                raise ConfigError(
-                    f"unknown accuracy metric {self.metric!r}; use one of {', '.join(METRICS)} or a "
-                    "callable metric(outputs, reference) -> float"
-                )
-            object.__setattr__(self, "higher_is_better", METRICS[self.metric][1])
-        elif not callable(self.metric):
-            raise ConfigError(f"accuracy metric {self.metric!r} is neither a name nor a callable")
-        if not isinstance(self.bound, (int, float)) or not math.isfinite(self.bound):
-            raise ConfigError(f"accuracy bound {self.bound!r} must be a finite number")
-
-    @classmethod
-    def parse(cls, text: str, best_effort: bool = False) -> AccuracyBudget:
-        """``"cosine>=0.99"``, ``"top1>=0.995"``, ``"max_abs<=0.05"``, ``"accuracy_drop<=0.002"``."""
-        match = re.fullmatch(r"\s*(\w+)\s*(>=|<=)\s*([-+0-9.eE]+)\s*", text)
-        if not match:
-            raise ConfigError(
-                f"accuracy budget {text!r} is not of the form METRIC>=BOUND or METRIC<=BOUND, e.g. "
-                "'cosine>=0.99' or 'accuracy_drop<=0.002'"
-            )
-        name, op, bound = match.groups()
-        try:
-            value = float(bound)
-        except ValueError:
-            raise ConfigError(
-                f"accuracy budget {text!r}: {bound!r} is not a number; write e.g. 'cosine>=0.99'"
-            ) from None
-        budget = cls(name, value, best_effort=best_effort)
-        if (op == ">=") != budget.higher_is_better:
-            raise ConfigError(
-                f"{name} is {'higher' if budget.higher_is_better else 'lower'}-is-better; write "
-                f"{name}{'>=' if budget.higher_is_better else '<='}{bound}"
-            )
-        return budget
-
-    @property
-    def name(self) -> str:
-        return self.metric if isinstance(self.metric, str) else getattr(self.metric, "__qualname__", "metric")
-
-    def evaluate(self, outputs: Outputs, reference: Outputs, labels: np.ndarray | None) -> float:
-        """The metric of ``outputs`` against ``reference`` (lists of arrays, one per model output)."""
-        return self.evaluate_batches([outputs], [reference], labels)
-
-    def evaluate_batches(self, outputs: BatchOutputs, reference: BatchOutputs, labels: np.ndarray | None) -> float:
-        """The metric over batches, each compared as it comes (shapes may differ from batch to batch).
-
-        A callable metric sees every batch at once: its outputs are concatenated along
-        axis 0, which batches of different shapes do not allow (that is a ConfigError).
-        """
-        if isinstance(self.metric, str):
-            return float(METRICS[self.metric][0](compare_batches(zip(outputs, reference), labels)))
-        pairs = list(zip(outputs, reference))
-        try:
-            joined = [
-                [np.concatenate([np.atleast_1d(batch[k]) for batch in side]) for k in range(len(side[0]))]
-                for side in ([o for o, _ in pairs], [r for _, r in pairs])
-            ] if len(pairs) > 1 else [list(pairs[0][0]), list(pairs[0][1])]
-        except ValueError as exc:
-            raise ConfigError(
-                f"the accuracy metric {self.name} takes every validation output at once, but the batches' "
-                f"outputs differ in shape ({exc}); use a built-in metric (they compare batch by batch), "
-                "or give validation_data whose batches share one shape"
-            ) from None
-        return float(self.metric(*joined))
-
-    def met(self, value: float) -> bool:
-        return value >= self.bound if self.higher_is_better else value <= self.bound
-
-    def gain(self, value: float, baseline: float) -> float:
-        """How much better ``value`` is than ``baseline`` (positive = better)."""
-        return value - baseline if self.higher_is_better else baseline - value
-
-    def describe(self) -> str:
-        return f"{self.name} {'>=' if self.higher_is_better else '<='} {self.bound:g}"
-
-
-# ------------------------------------------------------------------- report
-
-
-def _same_values(a: Any, b: Any) -> bool:
-    """Equality of JSON-like values where NaN equals NaN."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same_values(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(map(_same_values, a, b))
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
-    return a == b
-
-
-@dataclass
-class BudgetReport:
-    budget: str
-    # ranked: unit (node name, e.g. 'layers.1.linear2/MatMul'), op, module (torch module path, when
-    # the graph carries one), kept_high (the metric with it kept high), gain
-    units: list[dict[str, Any]] = field(default_factory=list)
-    # phase (keep: greedy, prune: back to INT8, final: module as built), unit, before, after, kept_high
-    steps: list[dict[str, Any]] = field(default_factory=list)
-    all_int8: float = float("nan")
-    all_units_high: float = float("nan")
-    # Every unit high in the module as built (FP16 float part), when the search needed it.
-    all_units_high_final: float = float("nan")
-    kept_high: list[str] = field(default_factory=list)
-    final: float = float("nan")
-    met: bool = False
-    evaluations: int = 0  # graphs built and run (the rest came from the cache)
-    cached_evaluations: int = 0
-    final_evaluations: int = 0  # of all measurements, those of the module as built
-    seconds: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def __eq__(self, other: object) -> bool:
-        # NaN marks a figure not measured: two reports that both lack it are equal. (The generated
-        # __eq__ compared tuples, where the one shared NaN default matched itself by identity up to
-        # Python 3.12; 3.13 compares field by field, and a report read back from JSON has its own NaNs.)
-        if type(other) is not type(self):
-            return NotImplemented
-        return _same_values(self.to_json(), other.to_json())
-
-    def table(self) -> str:
-        """A readable markdown summary: the ranking, the greedy steps, the result."""
-        lines = [
-            f"Accuracy budget: {self.budget}",
-            f"all units INT8: {self.all_int8:.6g}; every unit high: {self.all_units_high:.6g}; "
-            f"final ({len(self.kept_high)} kept high): {self.final:.6g} -> {'met' if self.met else 'NOT met'}",
-            "",
-            "| rank | unit | op | metric with unit kept high | gain |",
-            "|---:|---|---|---:|---:|",
-        ]
-        lines += [
-            f"| {i} | {u['unit']} | {u['op']} | {u['kept_high']:.6g} | {u['gain']:+.3g} |"
-            for i, u in enumerate(self.units, 1)
-        ]
-        if self.steps:
-            lines += ["", "| step | phase | unit | before | after | kept high |", "|---:|---|---|---:|---:|---:|"]
-            lines += [
-                f"| {i} | {s['phase']} | {s['unit']} | {s['before']:.6g} | {s['after']:.6g} | {len(s['kept_high'])} |"
-                for i, s in enumerate(self.steps, 1)
-            ]
-        return "\n".join(lines)
-
-
 # ------------------------------------------------------------------ search
-
-
-def _digest_arrays(parts: Iterable[np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for a in parts:
-        a = np.ascontiguousarray(a)
-        h.update(str((a.dtype.str, a.shape)).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
-class MeasurementCache:
-    """Metric values by set of units kept high, persisted as one JSON file per analysis key.
-
-    ``tag`` separates measurements of differently built modules over the same
-    units (the analysis's FP32 float part has none; the final module's names
-    its float precision), so both live in one file and serve every budget.
-    """
-
-    def __init__(self, directory: str | os.PathLike[str] | None, key: str) -> None:
-        self.path = Path(directory) / f"{key}.json" if directory else None
-        self.values: dict[str, float] = {}
-        if self.path and self.path.is_file():
-            try:
-                self.values = {k: float(v) for k, v in json.loads(self.path.read_text()).items()}
-            except (ValueError, OSError, AttributeError) as exc:
-                logger.warning("ignoring unreadable sensitivity cache %s (%s)", self.path, exc)
-
-    @staticmethod
-    def _key(kept: frozenset[str], tag: str) -> str:
-        names = "\n".join(sorted(kept))
-        return f"{tag}|{names}" if tag else names
-
-    def get(self, kept: frozenset[str], tag: str = "") -> float | None:
-        return self.values.get(self._key(kept, tag))
-
-    def put(self, kept: frozenset[str], value: float, tag: str = "") -> None:
-        self.values[self._key(kept, tag)] = value
-        if self.path:
-            atomic_write(self.path, json.dumps(self.values, indent=0))
 
 
 @dataclass(frozen=True)
@@ -464,30 +238,6 @@ def search(
     return report
 
 
-def analysis_key(
-    model: onnx.ModelProto,
-    amax: Mapping[str, float],
-    validation: Iterable[Mapping[str, np.ndarray]],
-    labels: np.ndarray | None,
-    budget: AccuracyBudget,
-    plan_options: Mapping[str, Any],
-) -> str:
-    h = hashlib.sha256()
-    h.update(model.SerializeToString(deterministic=True))
-    h.update(json.dumps(sorted(amax.items())).encode())
-    h.update(_digest_arrays(a for feed in validation for _, a in sorted(feed.items())).encode())
-    if labels is not None:
-        h.update(_digest_arrays([labels]).encode())
-    h.update(__version__.encode())  # the quantization code itself may change what a unit costs
-    if isinstance(budget.metric, str):
-        h.update(budget.metric.encode())
-    else:  # a callable: its code, so two lambdas or an edited function never share results
-        code = getattr(budget.metric, "__code__", None)
-        h.update(budget.name.encode() + (code.co_code + repr(code.co_consts).encode() if code else b""))
-    h.update(json.dumps(plan_options, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:32]
-
-
 # ------------------------------------------------------------ data and driver
 
 def find_units_to_keep_high(
@@ -531,134 +281,6 @@ def find_units_to_keep_high(
         units=units, build=build, run=run, reference=reference, labels=labels, budget=budget, cache=cache,
         final=final, modules=node_modules(model),
     )
-
-
-class SwitchedInt8:
-    """Every unit's Q/DQ in one graph, each unit behind a switch: one session for the whole analysis.
-
-    Building an INT8 graph (plan, insert Q/DQ, shape inference, checker) and
-    an ONNX Runtime session for it took about 85% of each measurement on a
-    6-layer BERT; the search makes one per assignment of units. Here each unit
-    becomes ``If(keep_high_k)``, where ``keep_high_k`` is a boolean scalar graph
-    input: its then-branch is the op on its float inputs, its else-branch the op
-    on its Q/DQ outputs, so an assignment is a feed, not a graph. The outputs
-    equal ``build_int8``'s graph for the same set: keeping a unit high there
-    removes exactly those Q/DQ uses (``keep_high``). Only the branch taken runs,
-    and each branch reads its weight where it lies; a ``Where`` between the two
-    weights instead copied every weight on every run (two BERT-base layers: 105
-    ms a run against 62 ms). The graph and session are made on the first
-    ``run``, so a fully cached search builds nothing.
-    """
-
-    def __init__(
-        self, model: onnx.ModelProto, amax: Mapping[str, float], plan_options: Mapping[str, Any],
-        units: Mapping[str, str],
-    ) -> None:
-        self.model, self.amax, self.plan_options, self.units = model, amax, plan_options, list(units)
-        self._session: Any = None
-        self.switches: dict[str, str] = {}  # unit -> its switch input
-
-    def graph(self) -> onnx.ModelProto:
-        """The INT8 graph of every unit, with a switch input per unit (True: keep it high)."""
-        graph = build_int8(self.model, self.amax, self.plan_options, frozenset())
-        original = {node.name: list(node.input) for node in self.model.graph.node}
-        weights = {init.name: init for init in self.model.graph.initializer}
-        present = {init.name for init in graph.graph.initializer}
-        switches: dict[str, str] = {}
-        nodes = []
-        for node in graph.graph.node:
-            if node.name not in original or node.name not in self.units:
-                nodes.append(node)
-                continue
-            switch = switches[node.name] = f"trtopt_keep_high_{len(switches)}"
-            for name in original[node.name]:
-                if name in weights and name not in present:
-                    graph.graph.initializer.append(weights[name])  # the float weight, for the high branch
-                    present.add(name)
-            nodes.append(onnx.helper.make_node(
-                "If", [switch], list(node.output), name=f"{node.name}__switch",
-                then_branch=_branch(node, original[node.name], "high"),
-                else_branch=_branch(node, list(node.input), "int8"),
-            ))
-            graph.graph.input.append(onnx.helper.make_tensor_value_info(switch, onnx.TensorProto.BOOL, []))
-        del graph.graph.node[:]
-        graph.graph.node.extend(nodes)
-        missing = set(self.units) - set(switches)
-        if missing:
-            raise TrtoptError(f"internal: units {sorted(missing)[:3]} not found in their INT8 graph")
-        self.switches = switches
-        return graph
-
-    def run(self, kept: frozenset[str], validation: Iterable[Mapping[str, np.ndarray]]) -> BatchOutputs:
-        """Outputs on ``validation``, batch by batch, with the units in ``kept`` in float and the rest INT8."""
-        if self._session is None:
-            self._session = cpu_session(self.graph())
-        unknown = kept - set(self.switches)
-        if unknown:
-            raise ConfigError(f"units {sorted(unknown)[:3]} are not quantized units of this graph")
-        switches = {s: np.array(unit in kept) for unit, s in self.switches.items()}
-        names = [o.name for o in self._session.get_outputs()]
-        return (self._session.run(names, {**feed, **switches}) for feed in validation)
-
-
-def _branch(node: onnx.NodeProto, inputs: list[str], tag: str) -> onnx.GraphProto:
-    """A one-node graph computing ``node`` on ``inputs``, which it reads from the enclosing graph."""
-    op = onnx.NodeProto()
-    op.CopyFrom(node)
-    op.name = f"{node.name}__{tag}"
-    del op.input[:]
-    op.input.extend(inputs)
-    outputs = [f"{name}__{tag}" for name in node.output]
-    del op.output[:]
-    op.output.extend(outputs)
-    return onnx.helper.make_graph(
-        [op], op.name, [], [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs]
-    )
-
-
-def quantized_units(model: onnx.ModelProto, plan_options: Mapping[str, Any]) -> dict[str, str]:
-    """The weighted ops ``plan_int8`` quantizes (name -> op type), in graph order."""
-    quantized = {name for name, _, _ in plan_int8(model, **plan_options).weights}
-    return {node.name: node.op_type for node in model.graph.node if node.name in quantized}
-
-
-def keep_high(plan: Any, kept: Iterable[str], ops: Mapping[str, str], modules: Mapping[str, str] | None = None) -> Any:
-    """``plan`` without the Q/DQ inputs of the units in ``kept``.
-
-    Removing uses from the full plan (instead of planning again with more
-    exclusions) keeps every remaining Q/DQ where it was, so the ranges of the one
-    calibration of the full plan cover every assignment the search tries.
-    """
-    kept = set(kept)
-    activations = {}
-    for tensor, uses in plan.activations.items():
-        remaining = [(node, index) for node, index in uses if node not in kept]
-        if remaining:
-            activations[tensor] = remaining
-    return dataclasses.replace(  # keeps the plan's quantization format (INT8 or FP8)
-        plan,
-        activations=activations,
-        weights=[w for w in plan.weights if w[0] not in kept],
-        skipped=list(plan.skipped)
-        + [
-            KeptNode(name, ops.get(name, ""), "kept high by the accuracy budget", (modules or {}).get(name))
-            for name in sorted(kept)
-        ],
-    )
-
-
-def build_int8(
-    model: onnx.ModelProto, amax: Mapping[str, float], plan_options: Mapping[str, Any], kept: Iterable[str]
-) -> onnx.ModelProto:
-    """The INT8 graph with the units in ``kept`` left in float (FP32 float part, for the analysis)."""
-    ops = {node.name: node.op_type for node in model.graph.node}
-    plan = keep_high(plan_int8(model, **plan_options), kept, ops)
-    return quantize_int8(model, plan, amax, scale_floor=FP32_SCALE_FLOOR)[0]
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "trtopt" / "sensitivity"
 
 
 def check_final(
