@@ -458,6 +458,31 @@ def test_accuracy_budget_keeps_the_layers_int4_hurts_in_fp16():
     assert initializer(module.onnx_model, fc1.input[1]).data_type == TensorProto.FLOAT16
 
 
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_inspect_counts_4_bit_weights_at_half_a_byte(precision, tmp_path):
+    from trtopt.cli import describe_module
+
+    module = trtopt.compile(mlp(), precision=precision, backend="onnxruntime")
+    module.save(tmp_path / "m.trtopt")
+    weights = describe_module(str(tmp_path / "m.trtopt"))["graph"]["weight_bytes_by_dtype"]
+    four_bit = {"int4": "int4", "nvfp4": "float4_e2m1fn"}[precision]
+    codes = sum(int(np.prod(t.dims)) for t in module.onnx_model.graph.initializer
+                if t.data_type in (TensorProto.INT4, TensorProto.FLOAT4E2M1))
+    # fc1 and fc2; the head's 64 input channels are a multiple of NVFP4's block 16, not of INT4's 128
+    assert codes == 256 * 128 + 128 * 64 + (64 * 10 if precision == "nvfp4" else 0)
+    assert weights[four_bit] == codes // 2
+    if precision == "nvfp4":  # its block scales: one FP8 byte per 16 codes, and an FP32 scale per layer
+        assert weights["float8_e4m3fn"] == codes // 16 and weights["float32"] >= 2 * 4
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_accuracy_budget_failure_names_the_weight_only_precision(precision):
+    # An error of 0 is out of reach even with every layer FP16 (the float part rounds to FP16).
+    with pytest.raises(trtopt.AccuracyBudgetError, match=f"^{precision.upper()} cannot meet the accuracy budget"):
+        trtopt.compile(int4_hostile_mlp(), precision=precision, backend="onnxruntime", calibration_data=batches(),
+                       accuracy_budget="max_abs<=0")
+
+
 def test_awq_scales_that_hurt_the_module_are_dropped_for_rtn(monkeypatch, caplog):
     from trtopt.precision import int4
 
