@@ -255,7 +255,28 @@ def decoder_graph(d: int, ffn: int, layers: int, seed: int = 0) -> onnx.ModelPro
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 19)])
 
 
-def decoder(runs: int, d: int = 1024, ffn: int = 2816, layers: int = 3) -> dict[str, Any]:
+DECODER_VARIANTS = (
+    ("fp32", "fp32", {}),
+    ("int8", "int8", {}),
+    ("int4 (MatMulNBits level 4)", "int4", {"int4_cpu_accuracy_level": 4}),
+    ("int4 (MatMulNBits level 1)", "int4", {"int4_cpu_accuracy_level": 1}),
+    ("nvfp4 (decoded to FP32)", "nvfp4", {}),
+)
+# (layers, d_model, SwiGLU width): the small stack's INT4 weights (17 MB) fit a 32 MB L3 cache while its
+# FP32 weights (129 MB) do not; the large one's INT4 weights (89 MB) do not fit either.
+DECODER_SIZES = {"small": (3, 1024, 2816), "large": (4, 2048, 5632)}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def decoder(runs: int, layers: int, d: int, ffn: int) -> dict[str, Any]:
+    """One token, batch 1, ONE intra-op thread, on a possibly shared machine: each round calls
+    every variant once, in a fresh random order, so other jobs' load falls on all alike; the
+    figures are medians over rounds, the per-round ratio to FP32 (median), and p90/p50 (spread)."""
+    from trtopt.backends.onnxruntime import OnnxRuntimeBackend
+
     graph = decoder_graph(d, ffn, layers)
     params = sum(int(np.prod(t.dims)) for t in graph.graph.initializer if len(t.dims) == 2)
     rng = np.random.default_rng(1)
@@ -265,52 +286,58 @@ def decoder(runs: int, d: int = 1024, ffn: int = 2816, layers: int = 3) -> dict[
     # Compiled one at a time and saved, then loaded for timing: only one compilation's working
     # memory is ever alive, and each loaded module holds just its graph and session.
     workdir = Path(tempfile.mkdtemp(prefix="trtopt-int4-decoder-"))
-    paths = {}
-    for label, precision, settings in (
-        ("fp32", "fp32", {}),
-        ("int8", "int8", {}),
-        ("int4 (MatMulNBits level 4)", "int4", {"int4_cpu_accuracy_level": 4}),
-        ("int4 (MatMulNBits level 1)", "int4", {"int4_cpu_accuracy_level": 1}),
-        ("nvfp4 (decoded to FP32)", "nvfp4", {}),
-    ):
+    paths, levels = {}, {}
+    for label, precision, settings in DECODER_VARIANTS:
         module = trtopt.compile(
             graph, precision=precision, backend="onnxruntime",
             calibration_data=calibration if precision != "fp32" else None, **settings,
         )
         paths[label] = workdir / f"{len(paths)}.trtopt"
+        levels[label] = settings.get("int4_cpu_accuracy_level")
         module.save(paths[label])
         del module
         gc.collect()
     del graph
-    modules = {label: trtopt.load(path) for label, path in paths.items()}
+    modules = {}
+    for label, path in paths.items():
+        module = trtopt.load(path)
+        # One intra-op thread: a 2-core machine shared with other jobs cannot give a session a
+        # second core reliably, and thread hand-offs would be timed too.
+        module.backend = OnnxRuntimeBackend(module.onnx_model, intra_op_threads=1, emulate_fp16=True,
+                                            int4_accuracy_level=levels[label])
+        modules[label] = module
     shutil.rmtree(workdir)
-    feed = x
-    times: dict[str, list[float]] = {k: [] for k in modules}
+    labels = list(modules)
+    times: dict[str, list[float]] = {k: [] for k in labels}
     for module in modules.values():
         for _ in range(5):
-            module(feed)
-    for _ in range(runs):  # interleaved: load from other processes hits every row alike
-        for label, module in modules.items():
+            module(x)
+    order = np.random.default_rng(2)
+    for _ in range(runs):
+        for label in order.permutation(labels):
             start = time.perf_counter()
-            module(feed)
+            modules[label](x)
             times[label].append(time.perf_counter() - start)
     rows = []
     fp32 = statistics.median(times["fp32"])
     for label, module in modules.items():
-        out = np.asarray(module(feed)).reshape(1, -1)  # the module as it runs here (MatMulNBits for INT4)
+        out = np.asarray(module(x)).reshape(1, -1)  # the module as it runs here (MatMulNBits for INT4)
         report = module.precision_report
+        median = statistics.median(times[label])
         rows.append({
-            "precision": label, "median_ms": round(statistics.median(times[label]) * 1e3, 3),
-            "vs_fp32": round(statistics.median(times[label]) / fp32, 3),
-            # The fastest call: the least disturbed by other jobs on a shared machine, which preempt
-            # a long call more often than a short one and so skew the medians' ratio.
+            "precision": label, "median_ms": round(median * 1e3, 3),
+            "vs_fp32": round(median / fp32, 3),
+            # Each round's own ratio (calls made back to back), then the median over rounds.
+            "paired_vs_fp32": round(statistics.median(t / f for t, f in zip(times[label], times["fp32"])), 3),
+            "p90_over_p50": round(_percentile(times[label], 90) / _percentile(times[label], 50), 2),
             "min_ms": round(min(times[label]) * 1e3, 3),
             "min_vs_fp32": round(min(times[label]) / min(times["fp32"]), 3),
             "cosine_vs_fp32": float(sample_cosines(out, reference)[0]),
             "weight_bytes_ratio": (report.weight_only or {}).get("weight_bytes_ratio"),
         })
     return {"model": f"{layers} decoder blocks, d_model {d}, SwiGLU {ffn}, {params / 1e6:.0f} M parameters "
-                     f"({params * 4 / 1e6:.0f} MB in FP32), random weights, one token, batch 1", "runs": runs, "rows": rows}
+                     f"({params * 4 / 1e6:.0f} MB in FP32), random weights, one token, batch 1",
+            "fp32_weight_mb": round(params * 4 / 1e6, 1), "runs": runs, "threads": 1, "rows": rows}
 
 
 # ---------------------------------------------------------------- NVFP4 structure
@@ -392,20 +419,28 @@ def table(result: dict[str, Any]) -> str:
     warning = next((r["readout_warning"] for r in m["rows"] if r["precision"] == "int4 rtn"), None)
     if warning:
         lines += ["", f"INT4 RTN's readout warning: `{warning}`"]
-    d = result["decoder"]
-    lines += [
-        "",
-        f"## {d['model']}: median and fastest of {d['runs']} interleaved calls",
-        "",
-        "| precision | median ms | vs FP32 | fastest call ms | vs FP32 | cosine to FP32 | quantized weight bytes vs FP32 |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in d["rows"]:
-        ratio = "" if r["weight_bytes_ratio"] is None else f"{r['weight_bytes_ratio']:.3f}"
-        lines.append(
-            f"| {r['precision']} | {r['median_ms']:.2f} | {r['vs_fp32']:.2f}x | {r['min_ms']:.2f} | "
-            f"{r['min_vs_fp32']:.2f}x | {r['cosine_vs_fp32']:.4f} | {ratio} |"
-        )
+    if result.get("decoder_command"):
+        lines += ["", f"The decoder sections were rerun alone later with `{result['decoder_command']}`."]
+    for d in result["decoders"]:
+        lines += [
+            "",
+            f"## {d['model']}",
+            "",
+            f"{d['runs']} rounds, {d['threads']} intra-op thread; each round calls every variant once in a random "
+            "order. vs FP32: ratio of the medians; paired: median over rounds of each round's own ratio; "
+            "p90/p50: the spread of the variant's calls (1.0 = steady).",
+            "",
+            "| precision | median ms | vs FP32 | paired vs FP32 | p90/p50 | fastest call ms | vs FP32 | cosine to FP32 "
+            "| quantized weight bytes vs FP32 |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in d["rows"]:
+            ratio = "" if r["weight_bytes_ratio"] is None else f"{r['weight_bytes_ratio']:.3f}"
+            lines.append(
+                f"| {r['precision']} | {r['median_ms']:.2f} | {r['vs_fp32']:.2f}x | {r['paired_vs_fp32']:.2f}x | "
+                f"{r['p90_over_p50']:.2f} | {r['min_ms']:.2f} | {r['min_vs_fp32']:.2f}x | {r['cosine_vs_fp32']:.4f} "
+                f"| {ratio} |"
+            )
     s = result["nvfp4_structure"]
     lines += [
         "",
@@ -420,24 +455,32 @@ def table(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modelopt-site", help="a --target directory holding nvidia-modelopt 0.47 (no deps)")
-    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=200, help="timed rounds per decoder (default 200)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    parser.add_argument("--minilm-only", action="store_true",
-                        help="rerun only the all-MiniLM-L6-v2 part; the other sections stay as in OUT/int4.json")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--minilm-only", action="store_true",
+                      help="rerun only the all-MiniLM-L6-v2 part; the other sections stay as in OUT/int4.json")
+    only.add_argument("--decoder-only", action="store_true",
+                      help="rerun only the decoder stacks; the other sections stay as in OUT/int4.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    if args.minilm_only:
+    if args.minilm_only or args.decoder_only:
         result = json.loads((Path(args.out) / "int4.json").read_text())
-        result["minilm"] = minilm(args.modelopt_site)
-        result["minilm_command"] = "python benchmarks/int4.py --minilm-only" + (
-            f" --modelopt-site {args.modelopt_site}" if args.modelopt_site else "")
+        if args.minilm_only:
+            result["minilm"] = minilm(args.modelopt_site)
+            result["minilm_command"] = "python benchmarks/int4.py --minilm-only" + (
+                f" --modelopt-site {args.modelopt_site}" if args.modelopt_site else "")
+        else:
+            result.pop("decoder", None)  # the single stack of earlier runs, before "decoders"
+            result["decoders"] = [decoder(args.runs, *size) for size in DECODER_SIZES.values()]
+            result["decoder_command"] = f"python benchmarks/int4.py --decoder-only --runs {args.runs}"
         write_results(args.out, "int4", result, table(result))
         return
     result = {
         "command": COMMAND,
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, onnxruntime {onnxruntime.__version__}",
         "nvfp4_structure": nvfp4_structure(),
-        "decoder": decoder(args.runs),
+        "decoders": [decoder(args.runs, *size) for size in DECODER_SIZES.values()],
         "minilm": minilm(args.modelopt_site),
     }
     write_results(args.out, "int4", result, table(result))
