@@ -19,7 +19,9 @@ ModelOpt's ``rtn_dq`` writes the same graph):
   into the weight (AWQ, Lin et al. 2024): the weight of a salient channel (large
   mean |x|) is quantized more finely. The scale ``s = mean|x|^alpha`` (normalised)
   is searched per group of layers reading one activation, alpha on a grid,
-  minimising the error of the quantized layer's output on calibration rows;
+  minimising the error of the quantized layer's output on calibration rows
+  (only the rows at real tokens when the graph has a 0/1 padding-mask input:
+  padding positions never reach a masked model's output);
   ``1/s`` goes into the LayerNormalization in front where it alone feeds the
   group, else into a Mul (the SmoothQuant pass's machinery, ``smoothquant.smooth``).
 
