@@ -1,6 +1,6 @@
 """INT4 weight-only (W4A16) and NVFP4 weights on the CPU: the graph, its accuracy, its size, its speed.
 
-    python benchmarks/int4.py [--modelopt-site DIR] [--out benchmarks/results]
+    python benchmarks/int4.py [--modelopt-site DIR] [--out benchmarks/results] [--minilm-only | --decoder-only]
 
 Four measurements, in one run (the machine may be shared: only ratios measured
 side by side are reported):
@@ -20,12 +20,15 @@ side by side are reported):
    executor: INT4 dequantised once into FP32 weights, NVFP4 decoded in numpy,
    FP16 tensors rounded); the accuracy readout's warning; bytes of the quantized
    layers' weights against FP32 and the saved module files' sizes.
-3. **A decoder-shaped stack** of large Linear layers (3 pre-norm blocks, d_model 1024,
-   SwiGLU MLP 2816; 32 M parameters, 129 MB in FP32, 4x this CPU's 32 MB L3 cache; random
-   weights; written directly in ONNX; sized so that the run stays under 3 GB, on a machine
-   shared with other jobs) at one token per call, batch 1:
-   median latency of FP32, INT8, INT4 (ONNX Runtime's MatMulNBits at accuracy
-   levels 4 and 1) and NVFP4 (decoded: FP32 speed), calls interleaved.
+3. **Two decoder-shaped stacks** of large Linear layers (pre-norm blocks, SwiGLU MLP;
+   random weights; written directly in ONNX) at one token per call, batch 1: 3 blocks of
+   d_model 1024 (129 MB in FP32; its INT4 weights, 17 MB, fit a 32 MB L3 cache, FP32's do
+   not) and 4 blocks of d_model 1536 (378 MB in FP32, 49 MB in INT4: neither fits).
+   FP32, INT8, INT4 (ONNX Runtime's MatMulNBits at accuracy levels 4 and 1) and NVFP4
+   (decoded: FP32 speed) run on ONE intra-op thread; each round calls every variant once in
+   a fresh random order (``--runs`` rounds, default 200), so load from other jobs falls on
+   all alike. Reported: medians, the median of each round's own ratio to FP32, the fastest
+   call, and p90/p50 (how steady the variant's calls were).
 4. **NVFP4's graph structure**: every quantized layer checked against the pattern
    TensorRT takes (``DequantizeLinear(FP8 scales, FP32 scale)`` ->
    ``DequantizeLinear(FP4, ., axis=-1, block_size=16)`` -> Transpose -> Cast -> MatMul).
@@ -143,6 +146,14 @@ def compare_modelopt(float16_graph: onnx.ModelProto, feeds: list[dict[str, np.nd
 # ---------------------------------------------------------------- MiniLM
 
 
+SENTENCES = (
+    "calibration (AWQ's search, the FP16 keep-list, INT8's ranges): 256 sentences from the docstrings of the "
+    "standard library's even-indexed modules (sorted by name); held back (the readout, AWQ's guard against RTN, "
+    "the accuracy budget): 64 more from the same modules; evaluation (the table): 256 sentences from the "
+    "odd-indexed modules' docstrings, which no compile sees. 64 tokens, padded, with an attention mask."
+)
+
+
 def minilm(site: str | None) -> dict[str, Any]:
     from int8_accuracy import minilm_task
 
@@ -191,6 +202,9 @@ def minilm(site: str | None) -> dict[str, Any]:
                 "quantized_layers": module.precision_report.quantized_weights,
                 "module_file_bytes": sizes[label],
                 "readout_warning": warning,
+                # AWQ: which calibration rows its search used, per activation (real tokens or all rows)
+                "awq_rows": sorted({r["rows"] for r in weight_only.get("awq", [])}) or None,
+                "awq_note": weight_only.get("note"),
             })
             if label == "int4 rtn":
                 float16 = to_fp16(task.graph, None)[0]
@@ -198,7 +212,8 @@ def minilm(site: str | None) -> dict[str, Any]:
             del module
     for row in rows:
         row["module_file_vs_fp32"] = round(row["module_file_bytes"] / sizes["fp32"], 3)
-    return {"model": "all-MiniLM-L6-v2", "sentences": int(reference.shape[0]), "rows": rows, "modelopt": comparison}
+    return {"model": "all-MiniLM-L6-v2", "sentences": int(reference.shape[0]), "rows": rows, "modelopt": comparison,
+            "data": SENTENCES}
 
 
 # ---------------------------------------------------------------- decoder-shaped stack
@@ -263,8 +278,9 @@ DECODER_VARIANTS = (
     ("nvfp4 (decoded to FP32)", "nvfp4", {}),
 )
 # (layers, d_model, SwiGLU width): the small stack's INT4 weights (17 MB) fit a 32 MB L3 cache while its
-# FP32 weights (129 MB) do not; the large one's INT4 weights (89 MB) do not fit either.
-DECODER_SIZES = {"small": (3, 1024, 2816), "large": (4, 2048, 5632)}
+# FP32 weights (129 MB) do not; the large one's INT4 weights (49 MB of 378 MB FP32) do not fit either.
+# (4 x 2048/5632, 688 MB FP32, took 12 GB RSS to compile all five variants: too much on a shared machine.)
+DECODER_SIZES = {"small": (3, 1024, 2816), "large": (4, 1536, 4096)}
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -416,6 +432,12 @@ def table(result: dict[str, Any]) -> str:
             f"| {r['precision']} | {r['mean_cosine']:.4f} | {r['worst_cosine']:.4f} | {readout} | {ratio} | "
             f"{r['module_file_vs_fp32']:.3f} ({r['module_file_bytes'] / 1e6:.1f} MB) |"
         )
+    if m.get("data"):
+        lines += ["", f"Sentences: {m['data']}"]
+    for r in m["rows"]:
+        if r.get("awq_rows"):
+            lines += ["", f"{r['precision']}: the search's calibration rows: {'; '.join(r['awq_rows'])}"
+                      + (f"; {r['awq_note']}" if r.get("awq_note") else "") + "."]
     warning = next((r["readout_warning"] for r in m["rows"] if r["precision"] == "int4 rtn"), None)
     if warning:
         lines += ["", f"INT4 RTN's readout warning: `{warning}`"]

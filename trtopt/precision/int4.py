@@ -500,7 +500,7 @@ def apply_awq(
     observers: dict[str, PaddingMask | RowSampler] = dict(samplers)
     if mask_name is not None and mask is not None:
         observers = {mask_name: mask, **samplers}  # the mask first: it is fed before the batch's activations
-    stream_tensors(model, list(observers), enumerate(batches()), observers)
+    stream_tensors(model, list(observers), enumerate(dict(feeds) for feeds in batches()), observers)
     initializers = {t.name: t for t in model.graph.initializer}
     scales: dict[str, np.ndarray] = {}
     records = []
