@@ -378,7 +378,8 @@ class RowSampler:
     """
 
     def __init__(self, rows: int = AWQ_ROWS, seed: int = 0, mask: PaddingMask | None = None) -> None:
-        self.rows, self.kept, self.seen = rows, [], 0
+        self.rows, self.seen = rows, 0
+        self.kept: list[np.ndarray] = []
         self.rng = np.random.default_rng(seed)
         self.mask = mask
         self.masked = mask is not None
