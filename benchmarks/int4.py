@@ -443,7 +443,7 @@ def table(result: dict[str, Any]) -> str:
         lines += ["", f"INT4 RTN's readout warning: `{warning}`"]
     if result.get("decoder_command"):
         lines += ["", f"The decoder sections were rerun alone later with `{result['decoder_command']}`."]
-    for d in result["decoders"]:
+    for d in result.get("decoders", []):  # absent until --decoder-only or a full run writes them
         lines += [
             "",
             f"## {d['model']}",
