@@ -197,6 +197,18 @@ def test_executor_folds_int4_and_the_backend_fuses_matmulnbits(int4_module, tmp_
     np.testing.assert_allclose(fp32_level(x), exact, rtol=1e-3, atol=1e-3 * np.abs(exact).max())
 
 
+def test_bench_threads_keep_int4_on_matmulnbits():
+    # `trtopt bench` gives each ONNX Runtime module a session with the benchmark's thread count; an INT4
+    # module must keep its MatMulNBits accuracy level there, else it is timed as FP32 weights.
+    from trtopt.bench.candidates import _pin_threads, compiled_candidate
+
+    module = trtopt.compile(mlp(), precision="int4", backend="onnxruntime", int4_cpu_accuracy_level=2)
+    _pin_threads(compiled_candidate("int4", module), 1)
+    options = module.backend.session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.qdq_matmulnbits_accuracy_level") == "2"
+
+
 def test_save_and_load_keep_int4(int4_module, tmp_path):
     path = tmp_path / "m.trtopt"
     int4_module.save(path)
