@@ -615,7 +615,8 @@ def test_awq_uses_every_row_without_a_0_1_padding_mask(monkeypatch):
     module = trtopt.compile(masked_encoder(), precision="int4", int4_method="awq", backend="onnxruntime",
                             calibration_data=data)
     assert 2 * padding_rows(seen[-1]) == len(seen[-1])
-    assert module.precision_report.weight_only["awq"][0]["rows"] == "all rows"
+    rows = module.precision_report.weight_only["awq"][0]["rows"]
+    assert rows == "all rows: input 'attention_mask' is not a 0/1 [batch, seq] mask with a 1 in every sample"
     # A 0/1 [batch, seq] input not named as a mask (BERT's token_type_ids): all rows as well.
     seen.clear()
     trtopt.compile(masked_encoder("token_type_ids"), precision="int4", int4_method="awq", backend="onnxruntime",

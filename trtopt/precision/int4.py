@@ -472,6 +472,11 @@ def awq_search(
     return s, alpha, error, rtn_error
 
 
+def _all_rows_because(mask: PaddingMask | None, how: str) -> str:
+    """What a record says when AWQ searched on all of an activation's rows."""
+    return f"all rows: {how}" if mask is None else "all rows: the padding mask does not line up with this tensor"
+
+
 def apply_awq(
     model: onnx.ModelProto,
     units: list[WeightUnit],
@@ -515,7 +520,7 @@ def apply_awq(
         s, alpha, error, rtn_error = awq_search(rows, weights, block_size)
         records.append({"tensor": tensor, "units": [u.node for u in group], "alpha": alpha,
                         "output_mse": error, "rtn_output_mse": rtn_error, "folded_into": None,
-                        "rows": how if sampler.masked else "all rows"})
+                        "rows": how if sampler.masked else _all_rows_because(mask, how)})
         if alpha > 0.0:  # at alpha 0 RTN is best: the layers stay as they are
             scales[tensor] = s
     if not scales:
