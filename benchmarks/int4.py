@@ -1,6 +1,6 @@
 """INT4 weight-only (W4A16) and NVFP4 weights on the CPU: the graph, its accuracy, its size, its speed.
 
-    python benchmarks/int4.py [--modelopt-site DIR] [--out benchmarks/results]
+    python benchmarks/int4.py [--modelopt-site DIR] [--out benchmarks/results] [--minilm-only | --decoder-only]
 
 Four measurements, in one run (the machine may be shared: only ratios measured
 side by side are reported):
@@ -20,12 +20,15 @@ side by side are reported):
    executor: INT4 dequantised once into FP32 weights, NVFP4 decoded in numpy,
    FP16 tensors rounded); the accuracy readout's warning; bytes of the quantized
    layers' weights against FP32 and the saved module files' sizes.
-3. **A decoder-shaped stack** of large Linear layers (3 pre-norm blocks, d_model 1024,
-   SwiGLU MLP 2816; 32 M parameters, 129 MB in FP32, 4x this CPU's 32 MB L3 cache; random
-   weights; written directly in ONNX; sized so that the run stays under 3 GB, on a machine
-   shared with other jobs) at one token per call, batch 1:
-   median latency of FP32, INT8, INT4 (ONNX Runtime's MatMulNBits at accuracy
-   levels 4 and 1) and NVFP4 (decoded: FP32 speed), calls interleaved.
+3. **Two decoder-shaped stacks** of large Linear layers (pre-norm blocks, SwiGLU MLP;
+   random weights; written directly in ONNX) at one token per call, batch 1: 3 blocks of
+   d_model 1024 (129 MB in FP32; its INT4 weights, 17 MB, fit a 32 MB L3 cache, FP32's do
+   not) and 4 blocks of d_model 1536 (378 MB in FP32, 49 MB in INT4: neither fits).
+   FP32, INT8, INT4 (ONNX Runtime's MatMulNBits at accuracy levels 4 and 1) and NVFP4
+   (decoded: FP32 speed) run on ONE intra-op thread; each round calls every variant once in
+   a fresh random order (``--runs`` rounds, default 200), so load from other jobs falls on
+   all alike. Reported: medians, the median of each round's own ratio to FP32, the fastest
+   call, and p90/p50 (how steady the variant's calls were).
 4. **NVFP4's graph structure**: every quantized layer checked against the pattern
    TensorRT takes (``DequantizeLinear(FP8 scales, FP32 scale)`` ->
    ``DequantizeLinear(FP4, ., axis=-1, block_size=16)`` -> Transpose -> Cast -> MatMul).
@@ -143,6 +146,14 @@ def compare_modelopt(float16_graph: onnx.ModelProto, feeds: list[dict[str, np.nd
 # ---------------------------------------------------------------- MiniLM
 
 
+SENTENCES = (
+    "calibration (AWQ's search, the FP16 keep-list, INT8's ranges): 256 sentences from the docstrings of the "
+    "standard library's even-indexed modules (sorted by name); held back (the readout, AWQ's guard against RTN, "
+    "the accuracy budget): 64 more from the same modules; evaluation (the table): 256 sentences from the "
+    "odd-indexed modules' docstrings, which no compile sees. 64 tokens, padded, with an attention mask."
+)
+
+
 def minilm(site: str | None) -> dict[str, Any]:
     from int8_accuracy import minilm_task
 
@@ -191,6 +202,9 @@ def minilm(site: str | None) -> dict[str, Any]:
                 "quantized_layers": module.precision_report.quantized_weights,
                 "module_file_bytes": sizes[label],
                 "readout_warning": warning,
+                # AWQ: which calibration rows its search used, per activation (real tokens or all rows)
+                "awq_rows": sorted({r["rows"] for r in weight_only.get("awq", [])}) or None,
+                "awq_note": weight_only.get("note"),
             })
             if label == "int4 rtn":
                 float16 = to_fp16(task.graph, None)[0]
@@ -198,7 +212,8 @@ def minilm(site: str | None) -> dict[str, Any]:
             del module
     for row in rows:
         row["module_file_vs_fp32"] = round(row["module_file_bytes"] / sizes["fp32"], 3)
-    return {"model": "all-MiniLM-L6-v2", "sentences": int(reference.shape[0]), "rows": rows, "modelopt": comparison}
+    return {"model": "all-MiniLM-L6-v2", "sentences": int(reference.shape[0]), "rows": rows, "modelopt": comparison,
+            "data": SENTENCES}
 
 
 # ---------------------------------------------------------------- decoder-shaped stack
@@ -255,7 +270,29 @@ def decoder_graph(d: int, ffn: int, layers: int, seed: int = 0) -> onnx.ModelPro
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 19)])
 
 
-def decoder(runs: int, d: int = 1024, ffn: int = 2816, layers: int = 3) -> dict[str, Any]:
+DECODER_VARIANTS = (
+    ("fp32", "fp32", {}),
+    ("int8", "int8", {}),
+    ("int4 (MatMulNBits level 4)", "int4", {"int4_cpu_accuracy_level": 4}),
+    ("int4 (MatMulNBits level 1)", "int4", {"int4_cpu_accuracy_level": 1}),
+    ("nvfp4 (decoded to FP32)", "nvfp4", {}),
+)
+# (layers, d_model, SwiGLU width): the small stack's INT4 weights (17 MB) fit a 32 MB L3 cache while its
+# FP32 weights (129 MB) do not; the large one's INT4 weights (49 MB of 378 MB FP32) do not fit either.
+# (4 x 2048/5632, 688 MB FP32, took 12 GB RSS to compile all five variants: too much on a shared machine.)
+DECODER_SIZES = {"small": (3, 1024, 2816), "large": (4, 1536, 4096)}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def decoder(runs: int, layers: int, d: int, ffn: int) -> dict[str, Any]:
+    """One token, batch 1, ONE intra-op thread, on a possibly shared machine: each round calls
+    every variant once, in a fresh random order, so other jobs' load falls on all alike; the
+    figures are medians over rounds, the per-round ratio to FP32 (median), and p90/p50 (spread)."""
+    from trtopt.backends.onnxruntime import OnnxRuntimeBackend
+
     graph = decoder_graph(d, ffn, layers)
     params = sum(int(np.prod(t.dims)) for t in graph.graph.initializer if len(t.dims) == 2)
     rng = np.random.default_rng(1)
@@ -265,52 +302,58 @@ def decoder(runs: int, d: int = 1024, ffn: int = 2816, layers: int = 3) -> dict[
     # Compiled one at a time and saved, then loaded for timing: only one compilation's working
     # memory is ever alive, and each loaded module holds just its graph and session.
     workdir = Path(tempfile.mkdtemp(prefix="trtopt-int4-decoder-"))
-    paths = {}
-    for label, precision, settings in (
-        ("fp32", "fp32", {}),
-        ("int8", "int8", {}),
-        ("int4 (MatMulNBits level 4)", "int4", {"int4_cpu_accuracy_level": 4}),
-        ("int4 (MatMulNBits level 1)", "int4", {"int4_cpu_accuracy_level": 1}),
-        ("nvfp4 (decoded to FP32)", "nvfp4", {}),
-    ):
+    paths, levels = {}, {}
+    for label, precision, settings in DECODER_VARIANTS:
         module = trtopt.compile(
             graph, precision=precision, backend="onnxruntime",
             calibration_data=calibration if precision != "fp32" else None, **settings,
         )
         paths[label] = workdir / f"{len(paths)}.trtopt"
+        levels[label] = settings.get("int4_cpu_accuracy_level")
         module.save(paths[label])
         del module
         gc.collect()
     del graph
-    modules = {label: trtopt.load(path) for label, path in paths.items()}
+    modules = {}
+    for label, path in paths.items():
+        module = trtopt.load(path)
+        # One intra-op thread: a 2-core machine shared with other jobs cannot give a session a
+        # second core reliably, and thread hand-offs would be timed too.
+        module.backend = OnnxRuntimeBackend(module.onnx_model, intra_op_threads=1, emulate_fp16=True,
+                                            int4_accuracy_level=levels[label])
+        modules[label] = module
     shutil.rmtree(workdir)
-    feed = x
-    times: dict[str, list[float]] = {k: [] for k in modules}
+    labels = list(modules)
+    times: dict[str, list[float]] = {k: [] for k in labels}
     for module in modules.values():
         for _ in range(5):
-            module(feed)
-    for _ in range(runs):  # interleaved: load from other processes hits every row alike
-        for label, module in modules.items():
+            module(x)
+    order = np.random.default_rng(2)
+    for _ in range(runs):
+        for label in order.permutation(labels):
             start = time.perf_counter()
-            module(feed)
+            modules[label](x)
             times[label].append(time.perf_counter() - start)
     rows = []
     fp32 = statistics.median(times["fp32"])
     for label, module in modules.items():
-        out = np.asarray(module(feed)).reshape(1, -1)  # the module as it runs here (MatMulNBits for INT4)
+        out = np.asarray(module(x)).reshape(1, -1)  # the module as it runs here (MatMulNBits for INT4)
         report = module.precision_report
+        median = statistics.median(times[label])
         rows.append({
-            "precision": label, "median_ms": round(statistics.median(times[label]) * 1e3, 3),
-            "vs_fp32": round(statistics.median(times[label]) / fp32, 3),
-            # The fastest call: the least disturbed by other jobs on a shared machine, which preempt
-            # a long call more often than a short one and so skew the medians' ratio.
+            "precision": label, "median_ms": round(median * 1e3, 3),
+            "vs_fp32": round(median / fp32, 3),
+            # Each round's own ratio (calls made back to back), then the median over rounds.
+            "paired_vs_fp32": round(statistics.median(t / f for t, f in zip(times[label], times["fp32"])), 3),
+            "p90_over_p50": round(_percentile(times[label], 90) / _percentile(times[label], 50), 2),
             "min_ms": round(min(times[label]) * 1e3, 3),
             "min_vs_fp32": round(min(times[label]) / min(times["fp32"]), 3),
             "cosine_vs_fp32": float(sample_cosines(out, reference)[0]),
             "weight_bytes_ratio": (report.weight_only or {}).get("weight_bytes_ratio"),
         })
     return {"model": f"{layers} decoder blocks, d_model {d}, SwiGLU {ffn}, {params / 1e6:.0f} M parameters "
-                     f"({params * 4 / 1e6:.0f} MB in FP32), random weights, one token, batch 1", "runs": runs, "rows": rows}
+                     f"({params * 4 / 1e6:.0f} MB in FP32), random weights, one token, batch 1",
+            "fp32_weight_mb": round(params * 4 / 1e6, 1), "runs": runs, "threads": 1, "rows": rows}
 
 
 # ---------------------------------------------------------------- NVFP4 structure
@@ -389,23 +432,37 @@ def table(result: dict[str, Any]) -> str:
             f"| {r['precision']} | {r['mean_cosine']:.4f} | {r['worst_cosine']:.4f} | {readout} | {ratio} | "
             f"{r['module_file_vs_fp32']:.3f} ({r['module_file_bytes'] / 1e6:.1f} MB) |"
         )
+    if m.get("data"):
+        lines += ["", f"Sentences: {m['data']}"]
+    for r in m["rows"]:
+        if r.get("awq_rows"):
+            lines += ["", f"{r['precision']}: the search's calibration rows: {'; '.join(r['awq_rows'])}"
+                      + (f"; {r['awq_note']}" if r.get("awq_note") else "") + "."]
     warning = next((r["readout_warning"] for r in m["rows"] if r["precision"] == "int4 rtn"), None)
     if warning:
         lines += ["", f"INT4 RTN's readout warning: `{warning}`"]
-    d = result["decoder"]
-    lines += [
-        "",
-        f"## {d['model']}: median and fastest of {d['runs']} interleaved calls",
-        "",
-        "| precision | median ms | vs FP32 | fastest call ms | vs FP32 | cosine to FP32 | quantized weight bytes vs FP32 |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in d["rows"]:
-        ratio = "" if r["weight_bytes_ratio"] is None else f"{r['weight_bytes_ratio']:.3f}"
-        lines.append(
-            f"| {r['precision']} | {r['median_ms']:.2f} | {r['vs_fp32']:.2f}x | {r['min_ms']:.2f} | "
-            f"{r['min_vs_fp32']:.2f}x | {r['cosine_vs_fp32']:.4f} | {ratio} |"
-        )
+    if result.get("decoder_command"):
+        lines += ["", f"The decoder sections were rerun alone later with `{result['decoder_command']}`."]
+    for d in result.get("decoders", []):  # absent until --decoder-only or a full run writes them
+        lines += [
+            "",
+            f"## {d['model']}",
+            "",
+            f"{d['runs']} rounds, {d['threads']} intra-op thread; each round calls every variant once in a random "
+            "order. vs FP32: ratio of the medians; paired: median over rounds of each round's own ratio; "
+            "p90/p50: the spread of the variant's calls (1.0 = steady).",
+            "",
+            "| precision | median ms | vs FP32 | paired vs FP32 | p90/p50 | fastest call ms | vs FP32 | cosine to FP32 "
+            "| quantized weight bytes vs FP32 |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in d["rows"]:
+            ratio = "" if r["weight_bytes_ratio"] is None else f"{r['weight_bytes_ratio']:.3f}"
+            lines.append(
+                f"| {r['precision']} | {r['median_ms']:.2f} | {r['vs_fp32']:.2f}x | {r['paired_vs_fp32']:.2f}x | "
+                f"{r['p90_over_p50']:.2f} | {r['min_ms']:.2f} | {r['min_vs_fp32']:.2f}x | {r['cosine_vs_fp32']:.4f} "
+                f"| {ratio} |"
+            )
     s = result["nvfp4_structure"]
     lines += [
         "",
@@ -420,24 +477,32 @@ def table(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modelopt-site", help="a --target directory holding nvidia-modelopt 0.47 (no deps)")
-    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=200, help="timed rounds per decoder (default 200)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    parser.add_argument("--minilm-only", action="store_true",
-                        help="rerun only the all-MiniLM-L6-v2 part; the other sections stay as in OUT/int4.json")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--minilm-only", action="store_true",
+                      help="rerun only the all-MiniLM-L6-v2 part; the other sections stay as in OUT/int4.json")
+    only.add_argument("--decoder-only", action="store_true",
+                      help="rerun only the decoder stacks; the other sections stay as in OUT/int4.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    if args.minilm_only:
+    if args.minilm_only or args.decoder_only:
         result = json.loads((Path(args.out) / "int4.json").read_text())
-        result["minilm"] = minilm(args.modelopt_site)
-        result["minilm_command"] = "python benchmarks/int4.py --minilm-only" + (
-            f" --modelopt-site {args.modelopt_site}" if args.modelopt_site else "")
+        if args.minilm_only:
+            result["minilm"] = minilm(args.modelopt_site)
+            result["minilm_command"] = "python benchmarks/int4.py --minilm-only" + (
+                f" --modelopt-site {args.modelopt_site}" if args.modelopt_site else "")
+        else:
+            result.pop("decoder", None)  # the single stack of earlier runs, before "decoders"
+            result["decoders"] = [decoder(args.runs, *size) for size in DECODER_SIZES.values()]
+            result["decoder_command"] = f"python benchmarks/int4.py --decoder-only --runs {args.runs}"
         write_results(args.out, "int4", result, table(result))
         return
     result = {
         "command": COMMAND,
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, onnxruntime {onnxruntime.__version__}",
         "nvfp4_structure": nvfp4_structure(),
-        "decoder": decoder(args.runs),
+        "decoders": [decoder(args.runs, *size) for size in DECODER_SIZES.values()],
         "minilm": minilm(args.modelopt_site),
     }
     write_results(args.out, "int4", result, table(result))

@@ -198,6 +198,18 @@ def test_executor_folds_int4_and_the_backend_fuses_matmulnbits(int4_module, tmp_
     np.testing.assert_allclose(fp32_level(x), exact, rtol=1e-3, atol=1e-3 * np.abs(exact).max())
 
 
+def test_bench_threads_keep_int4_on_matmulnbits():
+    # `trtopt bench` gives each ONNX Runtime module a session with the benchmark's thread count; an INT4
+    # module must keep its MatMulNBits accuracy level there, else it is timed as FP32 weights.
+    from trtopt.bench.candidates import _pin_threads, compiled_candidate
+
+    module = trtopt.compile(mlp(), precision="int4", backend="onnxruntime", int4_cpu_accuracy_level=2)
+    _pin_threads(compiled_candidate("int4", module), 1)
+    options = module.backend.session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.qdq_matmulnbits_accuracy_level") == "2"
+
+
 def test_save_and_load_keep_int4(int4_module, tmp_path):
     path = tmp_path / "m.trtopt"
     int4_module.save(path)
@@ -459,6 +471,31 @@ def test_accuracy_budget_keeps_the_layers_int4_hurts_in_fp16():
     assert initializer(module.onnx_model, fc1.input[1]).data_type == TensorProto.FLOAT16
 
 
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_inspect_counts_4_bit_weights_at_half_a_byte(precision, tmp_path):
+    from trtopt.cli import describe_module
+
+    module = trtopt.compile(mlp(), precision=precision, backend="onnxruntime")
+    module.save(tmp_path / "m.trtopt")
+    weights = describe_module(str(tmp_path / "m.trtopt"))["graph"]["weight_bytes_by_dtype"]
+    four_bit = {"int4": "int4", "nvfp4": "float4_e2m1fn"}[precision]
+    codes = sum(int(np.prod(t.dims)) for t in module.onnx_model.graph.initializer
+                if t.data_type in (TensorProto.INT4, TensorProto.FLOAT4E2M1))
+    # fc1 and fc2; the head's 64 input channels are a multiple of NVFP4's block 16, not of INT4's 128
+    assert codes == 256 * 128 + 128 * 64 + (64 * 10 if precision == "nvfp4" else 0)
+    assert weights[four_bit] == codes // 2
+    if precision == "nvfp4":  # its block scales: one FP8 byte per 16 codes, and an FP32 scale per layer
+        assert weights["float8_e4m3fn"] == codes // 16 and weights["float32"] >= 2 * 4
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_accuracy_budget_failure_names_the_weight_only_precision(precision):
+    # An error of 0 is out of reach even with every layer FP16 (the float part rounds to FP16).
+    with pytest.raises(trtopt.AccuracyBudgetError, match=f"^{precision.upper()} cannot meet the accuracy budget"):
+        trtopt.compile(int4_hostile_mlp(), precision=precision, backend="onnxruntime", calibration_data=batches(),
+                       accuracy_budget="max_abs<=0")
+
+
 def test_awq_scales_that_hurt_the_module_are_dropped_for_rtn(monkeypatch, caplog):
     from trtopt.precision import int4
 
@@ -498,3 +535,103 @@ def test_awq_search_never_trades_rtns_worst_row_for_a_better_mean():
     awq, rtn = row_errors(s), row_errors(np.ones(128, np.float32))
     assert alpha > 0 and error < rtn_error  # AWQ still helps on average here ...
     assert awq.mean() < rtn.mean() and awq.max() <= rtn.max()  # ... and no token pays for it
+
+
+def masked_encoder(mask_name: str = "attention_mask") -> onnx.ModelProto:
+    """x [2, 8, 128] and a padding mask [2, 8] -> LayerNorm -> MatMul [128, 64] -> x * mask (a masked encoder)."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(np.ones(128, np.float32), "ln_scale"),
+        numpy_helper.from_array(np.zeros(128, np.float32), "ln_bias"),
+        numpy_helper.from_array((rng.standard_normal((128, 64)) / np.sqrt(128)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array([-1], np.int64), "last"),
+    ]
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "ln_scale", "ln_bias"], ["h0"], name="ln", axis=-1),
+        helper.make_node("MatMul", ["h0", "w"], ["h1"], name="fc"),
+        helper.make_node("Cast", [mask_name], ["m"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["m", "last"], ["m3"], name="unsqueeze"),
+        helper.make_node("Mul", ["h1", "m3"], ["y"], name="masked"),
+    ]
+    graph = helper.make_graph(
+        nodes, "encoder",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, 128]),
+         helper.make_tensor_value_info(mask_name, TensorProto.INT64, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8, 64])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+PADDING_ROW = np.linspace(-50, 50, 128, dtype=np.float32)  # every padding position holds this (outlier) token
+
+
+def padding_rows(rows: np.ndarray) -> int:
+    """How many of the LayerNorm output rows AWQ searched on are the padding token's."""
+    padding = (PADDING_ROW - PADDING_ROW.mean()) / np.sqrt(PADDING_ROW.var() + 1e-5)
+    return int((np.abs(rows - padding).max(axis=1) < 1e-3).sum())
+
+
+def masked_batches(mask_name: str = "attention_mask", count: int = 6) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(3)
+    out = []
+    for _ in range(count):
+        x = rng.standard_normal((2, 8, 128)).astype(np.float32)
+        mask = np.zeros((2, 8), np.int64)
+        mask[0, :5], mask[1, :3] = 1, 1  # right padding: 8 real tokens of 16
+        x[mask == 0] = PADDING_ROW
+        out.append({"x": x, mask_name: mask})
+    return out
+
+
+def test_awq_searches_on_real_tokens_only_when_the_graph_has_a_padding_mask(monkeypatch):
+    from trtopt.precision import int4
+
+    seen = []
+    search = int4.awq_search
+
+    def spy(x, weights, block_size, grid=20):
+        seen.append(x)
+        return search(x, weights, block_size, grid)
+
+    monkeypatch.setattr(int4, "awq_search", spy)
+    module = trtopt.compile(masked_encoder(), precision="int4", int4_method="awq", backend="onnxruntime",
+                            calibration_data=masked_batches())
+    (rows,) = seen
+    # 8 real tokens of 16 per calibration batch (the pipeline holds some batches back for its readout)
+    assert len(rows) % 8 == 0 and padding_rows(rows) == 0
+    (record,) = module.precision_report.weight_only["awq"]
+    assert record["rows"] == "rows at attention_mask=1 (padding positions left out)"
+
+
+def test_awq_uses_every_row_without_a_0_1_padding_mask(monkeypatch):
+    from trtopt.precision import int4
+
+    seen = []
+    search = int4.awq_search
+    monkeypatch.setattr(int4, "awq_search", lambda x, *a, **k: seen.append(x) or search(x, *a, **k))
+    # Named like a mask but not 0/1 (a position index, say): not a padding mask.
+    data = masked_batches()
+    for feeds in data:
+        feeds["attention_mask"] = feeds["attention_mask"] * 2
+    module = trtopt.compile(masked_encoder(), precision="int4", int4_method="awq", backend="onnxruntime",
+                            calibration_data=data)
+    assert 2 * padding_rows(seen[-1]) == len(seen[-1])
+    rows = module.precision_report.weight_only["awq"][0]["rows"]
+    assert rows == "all rows: input 'attention_mask' is not a 0/1 [batch, seq] mask with a 1 in every sample"
+    # A 0/1 [batch, seq] input not named as a mask (BERT's token_type_ids): all rows as well.
+    seen.clear()
+    trtopt.compile(masked_encoder("token_type_ids"), precision="int4", int4_method="awq", backend="onnxruntime",
+                   calibration_data=masked_batches("token_type_ids"))
+    assert 2 * padding_rows(seen[-1]) == len(seen[-1])
+
+
+def test_row_sampler_takes_all_rows_of_a_tensor_the_mask_does_not_line_up_with():
+    from trtopt.precision.int4 import PaddingMask, RowSampler
+
+    mask = PaddingMask()
+    mask.update(np.array([[1, 1, 0, 0]]))
+    aligned, flat = RowSampler(mask=mask), RowSampler(mask=mask)
+    aligned.update(np.arange(4 * 3, dtype=np.float32).reshape(1, 4, 3))
+    flat.update(np.arange(4 * 3, dtype=np.float32).reshape(4, 3))  # [batch * seq, channels]: no alignment
+    assert aligned.masked and sorted(aligned.values[:, 0]) == [0, 3]
+    assert not flat.masked and len(flat.values) == 4

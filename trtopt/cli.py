@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -441,8 +442,8 @@ def describe_module(path: str) -> dict[str, Any]:
     ops = Counter(node.op_type for node in onnx_model.graph.node)
     weights: Counter[str] = Counter()
     for init in onnx_model.graph.initializer:
-        array = numpy_helper.to_array(init)
-        weights[array.dtype.name] += array.nbytes
+        name, count = _stored_bytes(init)
+        weights[name] += count
     return {
         "file": str(path),
         "bytes": Path(path).stat().st_size,
@@ -461,6 +462,20 @@ def describe_module(path: str) -> dict[str, Any]:
         "modules": _module_summary(onnx_model),
         "info": spec.info,
     }
+
+
+# 4-bit element types: two codes share a byte as stored (numpy's view of them takes one byte each).
+_FOUR_BIT_TYPES = ("INT4", "UINT4", "FLOAT4E2M1")
+
+
+def _stored_bytes(init: Any) -> tuple[str, int]:
+    """An initializer's element type (numpy's name) and the bytes its values take as stored."""
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+    if onnx.TensorProto.DataType.Name(init.data_type) in _FOUR_BIT_TYPES:
+        return dtype.name, (math.prod(init.dims) + 1) // 2
+    if dtype.kind == "O":  # strings: their length is in the data
+        return dtype.name, int(numpy_helper.to_array(init).nbytes)
+    return dtype.name, math.prod(init.dims) * dtype.itemsize
 
 
 def _module_summary(onnx_model: Any) -> dict[str, Any] | None:

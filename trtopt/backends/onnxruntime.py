@@ -36,6 +36,7 @@ class OnnxRuntimeBackend:
         int4_accuracy_level: int | None = None,
     ) -> None:
         # int4_accuracy_level: run INT4 weights on ONNX Runtime's MatMulNBits (see make_session).
+        self.int4_accuracy_level = int4_accuracy_level
         if emulate_fp16:
             self.session = cpu_session(model, intra_op_threads=intra_op_threads, int4_accuracy_level=int4_accuracy_level)
         else:

@@ -209,7 +209,10 @@ def _pin_threads(candidate: Candidate, threads: int) -> None:
     result = candidate.result
     module = candidate.fn
     if isinstance(module, CompiledModule) and module.backend_name == "onnxruntime":
-        module.backend = OnnxRuntimeBackend(module.onnx_model, intra_op_threads=threads, emulate_fp16=True)
+        # The same session otherwise: an INT4 module keeps running on MatMulNBits at its accuracy level.
+        level = getattr(module.backend, "int4_accuracy_level", None)
+        module.backend = OnnxRuntimeBackend(module.onnx_model, intra_op_threads=threads, emulate_fp16=True,
+                                            int4_accuracy_level=level)
         result.threads = threads
     elif result.runtime == "torch-eager" and result.device == "cpu":
         result.threads = threads

@@ -19,7 +19,9 @@ ModelOpt's ``rtn_dq`` writes the same graph):
   into the weight (AWQ, Lin et al. 2024): the weight of a salient channel (large
   mean |x|) is quantized more finely. The scale ``s = mean|x|^alpha`` (normalised)
   is searched per group of layers reading one activation, alpha on a grid,
-  minimising the error of the quantized layer's output on calibration rows;
+  minimising the error of the quantized layer's output on calibration rows
+  (only the rows at real tokens when the graph has a 0/1 padding-mask input:
+  padding positions never reach a masked model's output);
   ``1/s`` goes into the LayerNormalization in front where it alone feeds the
   group, else into a Mul (the SmoothQuant pass's machinery, ``smoothquant.smooth``).
 
@@ -369,17 +371,42 @@ def check_weight_only_graph(model: onnx.ModelProto) -> onnx.ModelProto:
 # ------------------------------------------------------------------ AWQ
 
 
+class PaddingMask:
+    """The current calibration batch's padding mask (``True`` at real tokens), as ``stream_tensors``
+    feeds the mask input before the activations of the same batch."""
+
+    def __init__(self) -> None:
+        self.current: np.ndarray | None = None
+
+    def update(self, values: np.ndarray) -> float:
+        self.current = np.asarray(values) != 0
+        return 0.0
+
+
 class RowSampler:
     """Keeps up to ``rows`` rows (last axis = channels) of a tensor across batches, evenly spread:
-    AWQ's search runs on them, in constant memory whatever the calibration set's size."""
+    AWQ's search runs on them, in constant memory whatever the calibration set's size.
 
-    def __init__(self, rows: int = AWQ_ROWS, seed: int = 0) -> None:
+    With a ``mask``, a batch whose leading dims are the mask's ``[batch, seq]`` gives only its
+    rows at real tokens: padding positions never reach a masked model's output, and in padded
+    calibration batches they can be most of the rows. A batch the mask does not line up with
+    gives all its rows, and ``masked`` turns False.
+    """
+
+    def __init__(self, rows: int = AWQ_ROWS, seed: int = 0, mask: PaddingMask | None = None) -> None:
         self.rows, self.seen = rows, 0
         self.kept: list[np.ndarray] = []
         self.rng = np.random.default_rng(seed)
+        self.mask = mask
+        self.masked = mask is not None
 
     def update(self, values: np.ndarray) -> float:
         flat = np.asarray(values, dtype=np.float32).reshape(-1, values.shape[-1])
+        current = self.mask.current if self.mask is not None else None
+        if current is not None and current.shape == values.shape[:-1]:
+            flat = flat[current.reshape(-1)]
+        else:
+            self.masked = False
         self.seen += len(flat)
         take = min(len(flat), self.rows)
         self.kept.append(flat[self.rng.choice(len(flat), take, replace=False)])
@@ -392,6 +419,33 @@ class RowSampler:
     @property
     def values(self) -> np.ndarray:
         return self.kept[0] if self.kept else np.zeros((0, 0), np.float32)
+
+
+def padding_mask_input(
+    model: onnx.ModelProto, batches: Callable[[], Iterator[Mapping[str, np.ndarray]]]
+) -> tuple[str | None, str]:
+    """The graph input that is a padding mask, and how it was decided (or why there is none).
+
+    A padding mask: a graph input whose name holds "mask", of rank 2 (``[batch, seq]``),
+    whose values in every calibration batch are 0 or 1 with at least one 1 per sample.
+    Exactly one input may qualify; zero or several (ambiguous) mean no mask. The name is
+    required because other 0/1 ``[batch, seq]`` inputs exist (BERT's token_type_ids).
+    """
+    initializers = {t.name for t in model.graph.initializer}
+    candidates = [
+        vi.name for vi in model.graph.input
+        if vi.name not in initializers and "mask" in vi.name.lower()
+        and len(vi.type.tensor_type.shape.dim) == 2
+    ]
+    if len(candidates) != 1:
+        return None, ("no graph input named *mask* of rank 2" if not candidates
+                      else f"several mask-like inputs {candidates}: ambiguous")
+    name = candidates[0]
+    for feeds in batches():
+        values = np.asarray(feeds.get(name)) if name in feeds else None
+        if values is None or values.ndim != 2 or not np.isin(values, (0, 1)).all() or not values.any(axis=1).all():
+            return None, f"input {name!r} is not a 0/1 [batch, seq] mask with a 1 in every sample"
+    return name, f"rows at {name}=1 (padding positions left out)"
 
 
 def awq_search(
@@ -436,6 +490,11 @@ def awq_search(
     return s, alpha, error, rtn_error
 
 
+def _all_rows_because(mask: PaddingMask | None, how: str) -> str:
+    """What a record says when AWQ searched on all of an activation's rows."""
+    return f"all rows: {how}" if mask is None else "all rows: the padding mask does not line up with this tensor"
+
+
 def apply_awq(
     model: onnx.ModelProto,
     units: list[WeightUnit],
@@ -454,20 +513,28 @@ def apply_awq(
     groups = smoothable_groups(model, plan)
     if not groups:
         return model, []
-    samplers = {name: RowSampler() for name in groups}
-    stream_tensors(model, list(groups), enumerate(batches()), samplers)
+    mask_name, how = padding_mask_input(model, batches)
+    mask = PaddingMask() if mask_name is not None else None
+    samplers = {name: RowSampler(mask=mask) for name in groups}
+    logger.info("AWQ calibration rows: %s", how)
+    observers: dict[str, PaddingMask | RowSampler] = dict(samplers)
+    if mask_name is not None and mask is not None:
+        observers = {mask_name: mask, **samplers}  # the mask first: it is fed before the batch's activations
+    stream_tensors(model, list(observers), enumerate(dict(feeds) for feeds in batches()), observers)
     initializers = {t.name: t for t in model.graph.initializer}
     scales: dict[str, np.ndarray] = {}
     records: list[dict[str, Any]] = []
     for tensor, group in groups.items():
-        rows = samplers[tensor].values
+        sampler = samplers[tensor]
+        rows = sampler.values
         if rows.size == 0:
             continue
         weights = [numpy_helper.to_array(initializers[u.weight]).astype(np.float32) for u in group]
         weights = [w if u.channel_axis == 0 else w.T for w, u in zip(weights, group)]  # all [K, N]
         s, alpha, error, rtn_error = awq_search(rows, weights, block_size)
         records.append({"tensor": tensor, "units": [u.node for u in group], "alpha": alpha,
-                        "output_mse": error, "rtn_output_mse": rtn_error, "folded_into": None})
+                        "output_mse": error, "rtn_output_mse": rtn_error, "folded_into": None,
+                        "rows": how if sampler.masked else _all_rows_because(mask, how)})
         if alpha > 0.0:  # at alpha 0 RTN is best: the layers stay as they are
             scales[tensor] = s
     if not scales:
@@ -558,7 +625,7 @@ def weight_only_path(
     if budget_report is not None:
         budget, held = data.budget_and_held_out()
         check_final(budget_report, quantized, held.reference, held.feeds, held.labels, budget,
-                    value=budget_report.final)
+                    value=budget_report.final, precision=fmt)
         report.accuracy_budget = budget_report
     if held_out is not None:
         report.accuracy = held_out.readout(quantized, fmt, lambda: [WEIGHT_BOUND_HINT])

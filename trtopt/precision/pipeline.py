@@ -349,7 +349,7 @@ def int8_path(model: onnx.ModelProto, config: BuildConfig, data: PreparedData) -
         budget, held_out = data.budget_and_held_out()
         # The search measured this very module (or its cached twin): no need to run it again.
         check_final(budget_report, quantized, held_out.reference, held_out.feeds, held_out.labels, budget,
-                    value=budget_report.final)
+                    value=budget_report.final, precision=config.precision)
         report.accuracy_budget = budget_report
     readout_data = data.held_out
     if readout_data is not None:

@@ -291,6 +291,7 @@ def check_final(
     labels: np.ndarray | None,
     budget: AccuracyBudget,
     value: float | None = None,
+    precision: str = "int8",
 ) -> None:
     """Hold the module as built (with its FP16 float part) to the budget.
 
@@ -309,7 +310,7 @@ def check_final(
         ceiling = report.all_units_high_final if not math.isnan(report.all_units_high_final) else report.all_units_high
         said = f"; with every unit kept high it is {ceiling:.6g}" if not math.isnan(ceiling) else ""
         raise AccuracyBudgetError(
-            f"INT8 cannot meet the accuracy budget {budget.describe()}: the best module reaches "
+            f"{precision.upper()} cannot meet the accuracy budget {budget.describe()}: the best module reaches "
             f"{value:.6g} with {len(report.kept_high)} of {len(report.units) or len(report.kept_high)} "
             f"unit(s) kept high{said}. Loosen the budget, use precision='fp16', or pass "
             "AccuracyBudget(..., best_effort=True) to get the closest module",
