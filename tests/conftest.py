@@ -11,6 +11,8 @@
   time of exporting a small model); the exported graphs are the same.
 - ``fake_trt``: TensorRT and pycuda replaced by the doubles of ``tests/trt_doubles.py``.
 - ``restore_trtopt_logging`` (autouse): the ``trtopt`` logger as it was before each test.
+- Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) each test file is one group, run
+  on one worker, and each worker gets its share of torch's threads.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import torch
 from torch import nn
 
 from tests.trt_doubles import FakeCuda, FakeTensorRT
@@ -80,11 +84,26 @@ def digits_transformer(trained_digits: TrainedDigits) -> nn.Module:
     return trained_digits.get(DigitsTransformer, rows=True, epochs=10)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Training and compiling a real model takes seconds; such tests belong to the slow tier.
     for item in items:
+        # Training and compiling a real model takes seconds; such tests belong to the slow tier.
         if TRAINED_DIGITS_FIXTURE in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+        # Under ``pytest -n N --dist loadgroup`` a test file runs on one worker, so its module-scoped
+        # fixtures (compiled models, live servers) are built once; a test marked with an
+        # ``xdist_group`` of its own (the peak-memory ones) runs with the others of that group instead.
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist workers share the cores: each gets its share of torch's intra-op threads
+    # instead of one thread per core each (which oversubscribes the CPU).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // workers))
 
 
 def _cached_from_torchlib(original: Callable[..., Any]) -> Callable[..., Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 
 import trtopt
 from tests._models import ResidualCNN
+from tests import conftest
 from tests.conftest import TrainedDigits, trtopt_logging_kept
 from trtopt.bench import digits as digits_data
 from trtopt.errors import DependencyError
@@ -103,3 +105,29 @@ def test_test_files_import_shared_helpers_not_each_other():
             offenders += [f"{path.name}:{node.lineno} {name}" for name in names
                           if name.rsplit(".", 1)[-1].startswith("test_")]
     assert offenders == []
+
+
+def test_each_test_file_is_one_xdist_group(request):
+    """Under ``--dist loadgroup`` a file's module-scoped fixtures (a compiled model, a live server) are
+    built once only if the whole file runs on one worker."""
+    assert request.node.get_closest_marker("xdist_group").args == ("tests/test_fixtures.py",)
+
+
+@pytest.mark.xdist_group("peak_memory")
+def test_a_test_that_names_its_own_group_keeps_it(request):
+    """As the peak-RSS measurements do, so that they never run beside one another."""
+    assert [mark.args for mark in request.node.iter_markers("xdist_group")] == [("peak_memory",)]
+
+
+def test_an_xdist_worker_gets_its_share_of_the_cores(monkeypatch, request):
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    try:
+        conftest.pytest_configure(request.config)
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "8")
+        conftest.pytest_configure(request.config)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
