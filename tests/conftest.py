@@ -11,8 +11,8 @@
   time of exporting a small model); the exported graphs are the same.
 - ``fake_trt``: TensorRT and pycuda replaced by the doubles of ``tests/trt_doubles.py``.
 - ``restore_trtopt_logging`` (autouse): the ``trtopt`` logger as it was before each test.
-- Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) each test file is one group, run
-  on one worker, and each worker gets its share of torch's threads.
+- Under pytest-xdist (``make test``: ``-n 2 --dist loadfile``, a test file per worker, so its
+  module-scoped fixtures are built once) each worker gets its share of torch's threads.
 """
 
 from __future__ import annotations
@@ -84,17 +84,11 @@ def digits_transformer(trained_digits: TrainedDigits) -> nn.Module:
     return trained_digits.get(DigitsTransformer, rows=True, epochs=10)
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Training and compiling a real model takes seconds; such tests belong to the slow tier.
     for item in items:
-        # Training and compiling a real model takes seconds; such tests belong to the slow tier.
         if TRAINED_DIGITS_FIXTURE in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
-        # Under ``pytest -n N --dist loadgroup`` a test file runs on one worker, so its module-scoped
-        # fixtures (compiled models, live servers) are built once; a test marked with an
-        # ``xdist_group`` of its own (the peak-memory ones) runs with the others of that group instead.
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -143,7 +143,6 @@ print("ok")
 """
 
 
-@pytest.mark.xdist_group("peak_memory")  # never beside another peak-RSS measurement
 @pytest.mark.slow
 def test_peak_memory_sees_an_allocation_inside_the_window():
     # A fresh process: in a long test run the block can land in memory an earlier test

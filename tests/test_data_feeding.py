@@ -262,7 +262,6 @@ def _peak_rss(batches: int) -> int:
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_kib"]
 
 
-@pytest.mark.xdist_group("peak_memory")  # never beside another peak-RSS measurement
 @pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_number_of_calibration_batches():
     """Issue 24: 128 batches of 1.8 MB (activations 9 MB a batch) cost no more memory than 16."""

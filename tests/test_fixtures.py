@@ -107,18 +107,6 @@ def test_test_files_import_shared_helpers_not_each_other():
     assert offenders == []
 
 
-def test_each_test_file_is_one_xdist_group(request):
-    """Under ``--dist loadgroup`` a file's module-scoped fixtures (a compiled model, a live server) are
-    built once only if the whole file runs on one worker."""
-    assert request.node.get_closest_marker("xdist_group").args == ("tests/test_fixtures.py",)
-
-
-@pytest.mark.xdist_group("peak_memory")
-def test_a_test_that_names_its_own_group_keeps_it(request):
-    """As the peak-RSS measurements do, so that they never run beside one another."""
-    assert [mark.args for mark in request.node.iter_markers("xdist_group")] == [("peak_memory",)]
-
-
 def test_an_xdist_worker_gets_its_share_of_the_cores(monkeypatch, request):
     threads = torch.get_num_threads()
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
