@@ -6,6 +6,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# pytest-xdist workers for make test / test-fast: each test file runs on one worker (tests/conftest.py).
+# 2 matches a 2-core machine; TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 # torch and torchvision are pinned as a pair (a mismatched torchvision fails to import).
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
@@ -29,10 +33,10 @@ typecheck: $(VENV)/.installed
 	$(PY) -m mypy
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-gpu: $(VENV)/.installed
 	$(PY) -m pytest -q -m gpu

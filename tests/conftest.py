@@ -11,6 +11,8 @@
   time of exporting a small model); the exported graphs are the same.
 - ``fake_trt``: TensorRT and pycuda replaced by the doubles of ``tests/trt_doubles.py``.
 - ``restore_trtopt_logging`` (autouse): the ``trtopt`` logger as it was before each test.
+- Under pytest-xdist (``make test``: ``-n 2 --dist loadfile``, a test file per worker, so its
+  module-scoped fixtures are built once) each worker gets its share of torch's threads.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import torch
 from torch import nn
 
 from tests.trt_doubles import FakeCuda, FakeTensorRT
@@ -85,6 +89,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if TRAINED_DIGITS_FIXTURE in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist workers share the cores: each gets its share of torch's intra-op threads
+    # instead of one thread per core each (which oversubscribes the CPU).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // workers))
 
 
 def _cached_from_torchlib(original: Callable[..., Any]) -> Callable[..., Any]:

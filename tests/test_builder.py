@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 import trtopt
 from trtopt import _deps, graph
@@ -24,18 +24,8 @@ from trtopt.config import BuildConfig
 from trtopt.profiles import InputRange, ShapeProfile
 from trtopt.errors import BuildError
 
+from .helpers import profile, relu_model
 from .trt_doubles import FakeBuilder, FakeCuda, FakeTensorRT
-
-
-def relu_model(dims: tuple = ("batch", 4), op: str = "Relu") -> onnx.ModelProto:
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(dims))
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(dims))
-    node = helper.make_node(op, ["x"], ["y"], name="act0")
-    return helper.make_model(helper.make_graph([node], "g", [x], [y]), opset_imports=[helper.make_opsetid("", 19)])
-
-
-def profile(lo: int = 1, opt: int = 8, hi: int = 32, name: str = "x") -> ShapeProfile:
-    return ShapeProfile((InputRange(name, (lo, 4), (opt, 4), (hi, 4), (0,)),))
 
 
 def test_strongly_typed_network_profiles_and_settings(fake_trt: FakeTensorRT) -> None:

@@ -30,7 +30,7 @@ from trtopt.calibrators.observers import (
 from trtopt.errors import CalibrationError
 from trtopt.spec import TensorSpec, tensor_specs
 
-LEVELS = 128
+from .helpers import LEVELS, nvidia_entropy_cut
 
 
 # ----------------------------------------------------------------- the published algorithm
@@ -108,35 +108,6 @@ def test_vectorized_entropy_search_matches_the_published_algorithm(name):
     np.testing.assert_allclose(vectorized[finite], reference[finite], rtol=1e-9, atol=1e-12)
     if name in CONTINUOUS:  # a clear minimum: the tie rule changes nothing
         assert entropy_cut(counts) == reference_cut(counts)
-
-
-def nvidia_entropy_cut(hist: np.ndarray, levels: int = LEVELS) -> int:
-    """NVIDIA's ``_compute_amax_entropy`` (pytorch-quantization; ModelOpt 0.47 is the same),
-    transcribed one cut at a time: bin 0 takes bin 1's count; bin b of cut i goes to level
-    ``digitize(b, linspace(0, i, 129)) - 1``; empty bins get no mass; scipy's ``entropy``
-    (normalises both, inf where Q is 0 and P is not); the LAST cut of least KL wins.
-    The inner Python loops over bins are written with numpy; the arithmetic is the same."""
-    from scipy.stats import entropy
-
-    bins = np.array(hist, dtype=np.float64)
-    bins[0] = bins[1]
-    divergences = []
-    for i in range(levels, len(bins) + 1):
-        space = np.linspace(0, i, levels + 1)
-        digitized = np.digitize(range(i), space) - 1
-        digitized[bins[:i] == 0] = -1
-        used = digitized != -1
-        density = np.bincount(digitized[used], weights=bins[:i][used], minlength=levels)
-        members = np.bincount(digitized[used], minlength=levels)
-        density = np.divide(density, members, out=np.zeros(levels), where=members > 0)
-        new_density = np.where(used, density[np.maximum(digitized, 0)], 0.0)
-        reference = bins[:i].copy()
-        reference[-1] += bins[i:].sum()
-        with np.errstate(invalid="ignore"):  # a cut holding only the emptied bin 0: 0/0, as in NVIDIA's code
-            divergences.append(entropy(reference / reference.sum(), new_density / new_density.sum()))
-    divergences = np.array(divergences)
-    last_argmin = len(divergences) - 1 - int(np.argmin(divergences[::-1]))
-    return levels + last_argmin
 
 
 @pytest.mark.parametrize("name", CONTINUOUS)

@@ -6,52 +6,15 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 import trtopt
+from tests.helpers import FACTORY, assert_one_line_error, run_cli
 from trtopt import ConfigError, bench, cli
 
 REPO = Path(__file__).resolve().parents[1]
-
-FACTORY = textwrap.dedent(
-    """
-    import torch
-
-    class Small(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
-            self.head = torch.nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
-
-    def make():
-        torch.manual_seed(0)
-        return Small().eval(), (torch.randn(2, 3, 8, 8),)
-
-    def make_wrong():
-        return torch.nn.Identity()
-    """
-)
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
-    assert code == 1
-    errors = [line for line in err.splitlines() if line.startswith("trtopt: error: ")]
-    assert len(errors) == 1, err
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-
 
 @pytest.fixture(scope="module")
 def factory(tmp_path_factory) -> str:

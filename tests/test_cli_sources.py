@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import trtopt
-from tests.test_cli import FACTORY, assert_one_line_error, run_cli
+from tests.helpers import FACTORY, assert_one_line_error, run_cli
 
 RAISING = FACTORY + "\n\ndef make_broken():\n    raise ValueError('weights file missing: /data/w.bin')\n"
 

@@ -17,7 +17,7 @@ from trtopt.backends.tensorrt import build as builder
 from trtopt.config import ENGINE_SETTINGS, BuildConfig
 from trtopt.backends.tensorrt.engine_cache import EngineCache, engine_key, engine_key_fields
 
-from .test_builder import profile, relu_model
+from .helpers import PROFILES, SPEC, profile, relu_model
 from .trt_doubles import FakeCuda, FakeTensorRT
 
 GPU = {"name": "Fake GPU 80GB", "compute_capability": "8.9"}
@@ -177,8 +177,6 @@ def test_a_cached_engine_tensorrt_cannot_deserialize_is_a_miss(fake_trt: FakeTen
 
     from trtopt import compiler
     from trtopt.config import Backend
-
-    from .test_runtime import PROFILES, SPEC
 
     config = BuildConfig(engine_cache_dir=str(tmp_path))
     spec = lambda: type(SPEC)(SPEC.inputs, SPEC.outputs, SPEC.output_structure, PROFILES, "fp32", {})  # noqa: E731

@@ -8,14 +8,18 @@ is the same with torch's op registry built once per session as with one built pe
 
 from __future__ import annotations
 
+import ast
 import logging
+import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import trtopt
 from tests._models import ResidualCNN
+from tests import conftest
 from tests.conftest import TrainedDigits, trtopt_logging_kept
 from trtopt.bench import digits as digits_data
 from trtopt.errors import DependencyError
@@ -81,3 +85,37 @@ def test_an_export_is_byte_identical_with_the_registry_built_once(torchlib_regis
     cached = exported()
     monkeypatch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(original))
     assert exported() == cached
+
+
+def test_test_files_import_shared_helpers_not_each_other():
+    """A helper one test file takes from another runs that file's module-level set-up and ties the two
+    together; shared helpers live in tests/helpers.py, tests/trt_doubles.py or conftest fixtures."""
+    tests_dir = Path(__file__).parent
+    offenders = []
+    for path in sorted(tests_dir.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+                if node.level and not node.module:  # from . import test_x
+                    names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            offenders += [f"{path.name}:{node.lineno} {name}" for name in names
+                          if name.rsplit(".", 1)[-1].startswith("test_")]
+    assert offenders == []
+
+
+def test_an_xdist_worker_gets_its_share_of_the_cores(monkeypatch, request):
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    try:
+        conftest.pytest_configure(request.config)
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "8")
+        conftest.pytest_configure(request.config)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)

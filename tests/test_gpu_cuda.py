@@ -23,7 +23,7 @@ import torch
 from trtopt import _deps
 from trtopt.runtime import TensorRTBackend
 
-from .test_runtime import ENGINE, ENGINE_DD, SPEC, SPEC_DD, _graph_backend  # noqa: F401 - engines for the double
+from .helpers import ENGINE, ENGINE_DD, SPEC, SPEC_DD, graph_backend
 from .trt_doubles import FakeEngine, FakeExecutionContext, FakeTensorRT
 
 
@@ -151,7 +151,7 @@ def test_the_legacy_default_stream_uses_a_side_stream(cuda_double) -> None:
 
 
 def test_cuda_graph_replays_new_inputs_and_recaptures_new_shapes(cuda_double) -> None:
-    backend = _graph_backend()
+    backend = graph_backend()
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         xs = [torch.rand(4, 4, device="cuda") for _ in range(3)] + [torch.rand(2, 4, device="cuda")]
@@ -163,7 +163,7 @@ def test_cuda_graph_replays_new_inputs_and_recaptures_new_shapes(cuda_double) ->
 
 
 def test_first_captures_on_several_threads_keep_graphs_on(cuda_double) -> None:
-    backend = _graph_backend()
+    backend = graph_backend()
     failures: list[str] = []
     barrier = threading.Barrier(3)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import trtopt
-from tests.test_calibrators import LEVELS, nvidia_entropy_cut
+from tests.helpers import LEVELS, nvidia_entropy_cut
 from trtopt.bench.digits import DigitsCNN, signed, top1
 from trtopt.calibrators import write_cache
 from trtopt.calibrators.observers import HistogramObserver, entropy_cut, entropy_divergences

@@ -31,22 +31,8 @@ from trtopt.runtime import TensorRTBackend
 from trtopt.backends.tensorrt.runner import numpy_dtype_name, torch_dtype
 from trtopt.spec import TRT_TO_NUMPY, ModuleSpec, TensorSpec
 
-from .test_builder import relu_model
+from .helpers import ENGINE, ENGINE_DD, PROFILES, SPEC, SPEC_DD, graph_backend, relu_model
 from .trt_doubles import ContextOverlapError, FakeCuda, FakeLogicError, FakeTensorRT, FakeTorchCuda
-
-PROFILES = (
-    ShapeProfile((InputRange("x", (1, 4), (4, 4), (8, 4), (0,)),)),
-    ShapeProfile((InputRange("x", (9, 4), (16, 4), (32, 4), (0,)),)),
-)
-SPEC = ModuleSpec(
-    inputs=(TensorSpec("x", "float32", ("batch", 4)),),
-    outputs=(TensorSpec("x_out", "float32", ("batch", 4)),),
-    output_structure={"type": "tensor"},
-    profiles=PROFILES,
-    precision="fp32",
-)
-ENGINE = b'FAKE-ENGINE{"inputs": ["x"], "profiles": [{"x": [[1, 4], [4, 4], [8, 4]]}, {"x": [[9, 4], [16, 4], [32, 4]]}]}'
-
 
 @pytest.fixture()
 def fakes(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeTensorRT, FakeCuda]:
@@ -338,15 +324,8 @@ def test_contexts_that_do_not_profile_have_quiet_nvtx(fakes) -> None:
     profiling.release()
 
 
-def _graph_backend(plan_extras: dict | None = None) -> TensorRTBackend:
-    engine = ENGINE
-    if plan_extras:
-        engine = ENGINE[:-1] + b", " + __import__("json").dumps(plan_extras)[1:].encode()
-    return TensorRTBackend(engine, SPEC, cuda_graph=True)
-
-
 def test_cuda_graph_captures_once_and_replays_new_inputs(gpu) -> None:
-    backend = _graph_backend()
+    backend = graph_backend()
     xs = [torch.rand(4, 4) for _ in range(3)]
     outs = [backend.run({"x": gpu.tensor(x)}, 0)[0] for x in xs]
     gpu.synchronize()
@@ -359,7 +338,7 @@ def test_cuda_graph_captures_once_and_replays_new_inputs(gpu) -> None:
 def test_a_failed_capture_falls_back_to_plain_launches(gpu, caplog) -> None:
     """Issue 15 (6): an engine with a loop cannot be captured; the capture's own error used to
     escape (masking TensorRT's) and every call failed."""
-    backend = _graph_backend({"uncapturable": True})
+    backend = graph_backend({"uncapturable": True})
     x = torch.rand(4, 4)
     with caplog.at_level(logging.WARNING, logger="trtopt.runtime"):
         (y,) = backend.run({"x": gpu.tensor(x)}, 0)
@@ -451,16 +430,6 @@ def test_inputs_inconsistent_with_each_other_are_a_shape_error_naming_them(fakes
     assert FakeTensorRT.infer_shapes_calls >= 2  # called before the output shapes are read
 
 
-SPEC_DD = ModuleSpec(
-    inputs=(TensorSpec("x", "float32", ("batch", 4)),),
-    outputs=(TensorSpec("x_out", "float32", ("n",)),),
-    output_structure={"type": "tensor"},
-    profiles=PROFILES,
-    precision="fp32",
-)
-ENGINE_DD = ENGINE[:-1] + b', "data_dependent": ["x_out"]}'
-
-
 def _positives(x: torch.Tensor) -> torch.Tensor:
     return 2 * x[x > 0] + 1
 
@@ -503,7 +472,7 @@ def test_sizing_host_outputs_allocates_no_tensor(fakes, monkeypatch) -> None:
 def test_cuda_graph_static_tensors_come_from_the_callers_stream(gpu) -> None:
     """Item 3: outputs came from the capture stream's pool while replays wrote them on the caller's
     stream; dropping the graph (new shapes) returned blocks that stream still used."""
-    backend = _graph_backend()
+    backend = graph_backend()
     caller = gpu.new_stream()
     with gpu.use_stream(caller):
         for x in (torch.rand(4, 4), torch.rand(4, 4)):
@@ -524,7 +493,7 @@ def test_cuda_graph_static_tensors_come_from_the_callers_stream(gpu) -> None:
 def test_concurrent_first_captures_keep_cuda_graphs_on(gpu) -> None:
     """Item 5: torch.cuda.graph's __enter__ fails while another thread captures; that marked the
     engine uncapturable for good. Captures now take turns (runtime.CAPTURE_LOCK)."""
-    backend = _graph_backend()
+    backend = graph_backend()
     inside, attempted = threading.Event(), threading.Event()
     real_capture = gpu.capture
 
@@ -565,7 +534,7 @@ def test_concurrent_first_captures_keep_cuda_graphs_on(gpu) -> None:
 
 def test_a_capture_that_fails_before_it_begins_is_retried(gpu, monkeypatch) -> None:
     """Item 5: only a failure of the capture itself marks the engine uncapturable."""
-    backend = _graph_backend()
+    backend = graph_backend()
     real_capture = gpu.capture
     calls = []
 
