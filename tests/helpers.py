@@ -15,7 +15,7 @@ import torch
 from onnx import TensorProto, helper
 
 from trtopt import cli
-from trtopt.config import InputRange, ShapeProfile
+from trtopt.profiles import InputRange, ShapeProfile
 from trtopt.runtime import TensorRTBackend
 from trtopt.spec import ModuleSpec, TensorSpec
 
