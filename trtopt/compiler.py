@@ -270,8 +270,8 @@ def compile(  # noqa: A001 - the public name docs/design.md fixes
     del source  # a model read from a file is not needed past export
     try:
         onnx_model = graph.model
-        if weights_dir(onnx_model) is not None and config.precision is not Precision.FP32:
-            onnx_model = load_weights(onnx_model)  # the FP16/INT8/FP8 passes rewrite weights in memory
+        if weights_dir(onnx_model) is not None and config.precision.weight_only:
+            onnx_model = load_weights(onnx_model)  # the INT4/NVFP4 passes rewrite weights in memory
         onnx_model, report = apply_precision(
             onnx_model, config, calibration_data, accuracy_budget, validation_data, timer=timer
         )

@@ -15,6 +15,7 @@ import atexit
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import uuid
@@ -333,6 +334,24 @@ def offload_weights(model: onnx.ModelProto, directory: Path | None = None) -> on
     return out
 
 
+def _read_external(tensor: onnx.TensorProto, directory: Path) -> np.ndarray:
+    """An external tensor's values, read from its file in ``directory`` into a new writable array."""
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    info = _external_info(tensor)
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    if dtype.kind not in "biuf" or dtype.byteorder == ">" or sys.byteorder == "big" or "length" in info and (
+        int(info["length"]) != count * dtype.itemsize
+    ):
+        # ONNX-only types (bfloat16, float8, packed int4) and odd layouts: onnx's own reader.
+        return np.array(onnx.numpy_helper.to_array(tensor, base_dir=str(directory)))
+    with open(directory / info["location"], "rb") as handle:
+        handle.seek(int(info.get("offset", 0)))
+        values = np.fromfile(handle, dtype=dtype, count=count)
+    if values.size != count:
+        raise GraphError(f"{info['location']} ends inside weight {tensor.name!r}; the weights directory is damaged")
+    return values.reshape(tuple(tensor.dims))
+
+
 def read_weight(model: onnx.ModelProto, tensor: onnx.TensorProto) -> np.ndarray:
     """The values of one initializer of ``model``, from its weights directory when it is external."""
     if not _is_external(tensor):
@@ -343,15 +362,11 @@ def read_weight(model: onnx.ModelProto, tensor: onnx.TensorProto) -> np.ndarray:
             f"initializer {tensor.name!r} is stored outside the model, and the model does not say where; "
             "load the ONNX file with its data files (onnx.load(path)) before passing it"
         )
-    return onnx.numpy_helper.to_array(tensor, base_dir=str(directory))
+    return _read_external(tensor, directory)
 
 
-def store_weight(model: onnx.ModelProto, values: np.ndarray, name: str) -> onnx.TensorProto:
-    """An initializer ``name`` holding ``values`` for ``model``: written to a new file in the
-    model's weights directory when its weights are on disk (so a pass that rewrites weights
-    one at a time never holds them all), else inside the proto."""
+def _store_tensor(directory: Path | None, values: np.ndarray, name: str) -> onnx.TensorProto:
     tensor = onnx.numpy_helper.from_array(values, name)
-    directory = weights_dir(model)
     if directory is None or values.nbytes < EXTERNAL_TENSOR_MIN_BYTES:
         return tensor
     location = f"weights-{uuid.uuid4().hex[:12]}.bin"
@@ -360,6 +375,68 @@ def store_weight(model: onnx.ModelProto, values: np.ndarray, name: str) -> onnx.
     _point_at(tensor, location, 0, len(tensor.raw_data))
     tensor.ClearField("raw_data")
     return tensor
+
+
+def store_weight(model: onnx.ModelProto, values: np.ndarray, name: str) -> onnx.TensorProto:
+    """An initializer ``name`` holding ``values`` for ``model``: written to a new file in the
+    model's weights directory when its weights are on disk (so a pass that rewrites weights
+    one at a time never holds them all), else inside the proto."""
+    return _store_tensor(weights_dir(model), values, name)
+
+
+# ------------------------------------------------- graphsurgeon over weights on disk
+#
+# onnx-graphsurgeon reads an initializer lazily (LazyValues) but relative to the working
+# directory, and caches what it read in the graph, whose export then holds it in the proto.
+# The passes therefore import through ``import_graph`` (external initializers read from the
+# weights directory), read big constants through ``constant_values`` (not cached: one tensor
+# at a time), make new ones through ``new_constant`` (written to the directory) and export
+# through ``export_graph`` (the result keeps the directory). On a model without weights on
+# disk these behave as graphsurgeon does, so both paths give the same graphs.
+
+
+class _ExternalValues(gs.ir.tensor.LazyValues):  # type: ignore[misc]
+    """graphsurgeon's lazy values of an initializer in a weights directory; exported as the
+    reference to its file it is, unless a pass replaced the values."""
+
+    def __init__(self, tensor: onnx.TensorProto, directory: Path) -> None:
+        super().__init__(tensor)
+        self.directory = directory
+
+    def load(self) -> np.ndarray:
+        return _read_external(self.tensor, self.directory)
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """``gs.import_onnx(model)``, with ``model``'s external initializers read from its weights directory."""
+    graph = gs.import_onnx(model)
+    directory = weights_dir(model)
+    if directory is not None:
+        for tensor in graph.tensors().values():
+            lazy = getattr(tensor, "_values", None)
+            if isinstance(lazy, gs.ir.tensor.LazyValues) and _is_external(lazy.tensor):
+                tensor._values = _ExternalValues(lazy.tensor, directory)
+    return graph
+
+
+def export_graph(graph: gs.Graph, source: onnx.ModelProto) -> onnx.ModelProto:
+    """``gs.export_onnx(graph)`` for a graph ``import_graph`` read from ``source``: keeps its weights directory."""
+    return keep_weights_dir(source, gs.export_onnx(graph))
+
+
+def constant_values(constant: gs.Constant) -> np.ndarray:
+    """A constant's values, read without caching them in the graph (a weight read once stays on disk)."""
+    lazy = constant._values
+    return lazy.load() if isinstance(lazy, gs.ir.tensor.LazyValues) else constant.values
+
+
+def new_constant(model: onnx.ModelProto, name: str, values: np.ndarray) -> gs.Constant:
+    """A graphsurgeon constant for a pass's new weight of ``model``: on disk (``store_weight``)
+    when ``model``'s weights are, else ``gs.Constant(name, values)`` as usual."""
+    directory = weights_dir(model)
+    if directory is None or values.nbytes < EXTERNAL_TENSOR_MIN_BYTES or values.dtype.kind not in "biuf":
+        return gs.Constant(name, values)  # small, or a type graphsurgeon exports itself (FP8)
+    return gs.Constant(name, _ExternalValues(_store_tensor(directory, values, name), directory))
 
 
 def load_weights(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -29,7 +29,7 @@ import onnxruntime as ort
 import torch
 
 from ..errors import CalibrationError, ConfigError, EngineError, first_line
-from ..graph import load_weights, needs_external_data, save_model, serialize, weights_dir
+from ..graph import needs_external_data, save_model, serialize, weights_dir
 from .call_checks import check_embedding_indices, embedding_indices, run_failure
 from .fp16_emulation import emulate_fp16
 from .lowbit_cpu import decode_fp4_weights, has_fp4_weights, has_int4_weights
@@ -80,8 +80,6 @@ def make_session(
     int4 = has_int4_weights(model)
     fusions_exact = is_cpu_layout(model) or (int4 and int4_accuracy_level is not None)
     if "CPUExecutionProvider" in providers:
-        if weights_dir(model) is not None and any(n.op_type == "DequantizeLinear" for n in model.graph.node):
-            model = load_weights(model)  # the CPU layout reads the (INT8, a quarter-size) weights
         if has_fp4_weights(model):
             model = decode_fp4_weights(model)  # ONNX Runtime has no FP4 kernel on the CPU
         elif not int4:  # weight-only graphs hold no activation Q/DQ to lower (nor can gs write INT4)
