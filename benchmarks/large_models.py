@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -72,6 +73,22 @@ def _measured(stages: dict[str, dict[str, float]], name: str, fn: Any) -> Any:
     return result
 
 
+class _StagePeaks(logging.Handler):
+    """Peak RSS of each compile stage: at the DEBUG line ``trtopt.stages`` logs as a stage ends, the
+    kernel's VmHWM (the peak since the last reset) is that stage's, then it is reset for the next."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.peaks: dict[str, float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stage = str(record.args[0]) if isinstance(record.args, tuple) and record.args else record.getMessage()
+        peak = (_read_status("VmHWM") or 0) / 2**30
+        self.peaks[stage] = round(max(self.peaks.get(stage, 0.0), peak), 3)
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+
+
 def _child(gib: float, precision: str, threshold: int | None, workdir: Path) -> dict[str, Any]:
     import torch
 
@@ -100,6 +117,10 @@ def _child(gib: float, precision: str, threshold: int | None, workdir: Path) -> 
     with torch.no_grad():
         expected = model(x)
     calibration = [(torch.randn(4, width),) for _ in range(8)] if precision != "fp32" else None
+    stage_peaks = _StagePeaks()
+    stages_logger = logging.getLogger("trtopt.stages")
+    stages_logger.setLevel(logging.DEBUG)
+    stages_logger.addHandler(stage_peaks)
     # The lambdas below run at once, before the `del` further down (pyflakes reads them after it: F821).
     module = measured(
         "compile",
@@ -111,6 +132,7 @@ def _child(gib: float, precision: str, threshold: int | None, workdir: Path) -> 
             backend="onnxruntime",
         ),
     )
+    stages_logger.removeHandler(stage_peaks)
     on_disk = graph.weights_dir(module.onnx_model) is not None
     got = measured("run", lambda: module(x))  # noqa: F821
     error = float((got - expected).abs().max() / expected.abs().max())
@@ -145,6 +167,8 @@ def _child(gib: float, precision: str, threshold: int | None, workdir: Path) -> 
         "loaded_equals_compiled": same,
         "stages": stages,
         "compile_peak_over_weights": round(stages["compile"]["peak_rss_gib"] * 2**30 / weights, 2),
+        # Peak RSS (GiB) within each compile stage (trtopt.stages); the compile's peak is the largest.
+        "compile_stage_peak_rss_gib": stage_peaks.peaks,
         "save_growth_over_weights": round(stages["save"]["growth_gib"] * 2**30 / weights, 3),
         "read_growth_over_weights": round(stages["read module file"]["growth_gib"] * 2**30 / weights, 3),
         "load_peak_over_weights": round(stages["load"]["peak_rss_gib"] * 2**30 / weights, 2),

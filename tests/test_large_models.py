@@ -287,6 +287,27 @@ def test_fp16_and_int8_passes_on_disk_write_the_same_graph_without_loading_the_w
     assert torch.equal(on_disk(x), in_memory(x))
 
 
+def test_cleanup_folds_weight_subgraphs_on_disk_as_in_memory(monkeypatch):
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((WIDTH, 64)).astype(np.float32), "w")
+    nodes = [helper.make_node("Transpose", ["w"], ["wt"], name="t"), helper.make_node("MatMul", ["x", "wt"], ["y"], name="mm")]
+    model = helper.make_model(
+        helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, WIDTH])], [w],
+        ),
+        opset_imports=[helper.make_opsetid("", 19)],
+    )
+    in_memory = trtopt.compile(model, backend="onnxruntime").onnx_model
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    module = trtopt.compile(model, backend="onnxruntime")  # holds the weights directory
+    on_disk = module.onnx_model
+    assert [n.op_type for n in on_disk.graph.node] == ["MatMul"]  # the Transpose of the weight is folded
+    assert [t.name for t in external_initializers(on_disk)] == ["wt"]  # and its result is on disk
+    assert _graph_content(on_disk) == _graph_content(in_memory)
+
+
 def test_serialized_parts_parse_back_to_the_model():
     from onnx import TensorProto, helper, numpy_helper
 

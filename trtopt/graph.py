@@ -117,6 +117,31 @@ def check_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _with_foldable_weights_loaded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or for a model with weights on disk a copy with the weights that constant folding
+    reads (those of nodes whose inputs are all constant, e.g. a Transpose of a weight) back in the
+    proto: Polygraphy and graphsurgeon evaluate folded nodes in an ONNX Runtime session made from
+    the proto alone, which cannot find the weights directory. The rest stays on disk."""
+    if weights_dir(model) is None:
+        return model
+    constant = {t.name for t in model.graph.initializer}
+    needed: set[str] = set()
+    for node in model.graph.node:  # topologically sorted (ONNX requires it)
+        inputs = [name for name in node.input if name]
+        if inputs and all(name in constant for name in inputs) or not inputs and node.op_type == "Constant":
+            needed.update(inputs)
+            constant.update(node.output)
+    tensors = [t for t in _external_tensors(model) if t.name in needed]
+    if not tensors:
+        return model
+    loaded = onnx.ModelProto()
+    loaded.CopyFrom(model)  # small: the weights are not in it
+    by_name = {t.name: t for t in loaded.graph.initializer}
+    for tensor in tensors:
+        by_name[tensor.name].CopyFrom(onnx.numpy_helper.from_array(read_weight(model, tensor), tensor.name))
+    return loaded
+
+
 def cleanup(model: onnx.ModelProto) -> tuple[onnx.ModelProto, CleanupReport]:
     """Return a cleaned copy of ``model`` and a report of what changed."""
     from polygraphy.backend.onnx import fold_constants
@@ -124,6 +149,7 @@ def cleanup(model: onnx.ModelProto) -> tuple[onnx.ModelProto, CleanupReport]:
 
     before = [n.name for n in model.graph.node]
     exported = model
+    model = _with_foldable_weights_loaded(model)
     graph = gs.import_onnx(model)
     removed = remove_noops(graph)
     graph.cleanup().toposort()
@@ -138,6 +164,8 @@ def cleanup(model: onnx.ModelProto) -> tuple[onnx.ModelProto, CleanupReport]:
     # and the model's, which says where weights on disk live.
     model = gs.export_onnx(graph)
     keep_weights_dir(exported, model)
+    if weights_dir(model) is not None:
+        model = offload_weights(model)  # what folding computed from weights goes to disk too
     model = carry_metadata(exported, check_model(model))
     remaining = {n.name for n in model.graph.node}
     report = CleanupReport(
