@@ -394,14 +394,17 @@ def read_weight(model: onnx.ModelProto, tensor: onnx.TensorProto) -> np.ndarray:
 
 
 def _store_tensor(directory: Path | None, values: np.ndarray, name: str) -> onnx.TensorProto:
-    tensor = onnx.numpy_helper.from_array(values, name)
-    if directory is None or values.nbytes < EXTERNAL_TENSOR_MIN_BYTES:
-        return tensor
+    native = values.dtype.kind in "biuf" and values.dtype.isnative and sys.byteorder == "little"
+    if directory is None or values.nbytes < EXTERNAL_TENSOR_MIN_BYTES or not native:
+        return onnx.numpy_helper.from_array(values, name)
+    # The bytes go straight to the file: through from_array's raw_data they would stay in the
+    # message's protobuf arena (a cleared field's memory is freed only with the message).
     location = f"weights-{uuid.uuid4().hex[:12]}.bin"
     with open(directory / location, "wb") as handle:
-        handle.write(tensor.raw_data)
-    _point_at(tensor, location, 0, len(tensor.raw_data))
-    tensor.ClearField("raw_data")
+        handle.write(memoryview(np.ascontiguousarray(values)).cast("B"))
+    tensor = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype))
+    tensor.dims.extend(values.shape)
+    _point_at(tensor, location, 0, values.nbytes)
     return tensor
 
 
