@@ -287,6 +287,31 @@ def test_fp16_and_int8_passes_on_disk_write_the_same_graph_without_loading_the_w
     assert torch.equal(on_disk(x), in_memory(x))
 
 
+@pytest.mark.parametrize("layout", ["tensorrt", "cpu"])
+def test_int8_convolutions_on_disk_give_the_same_graph_and_outputs(layout, monkeypatch):
+    """Conv + BatchNorm + ReLU: the CPU lowering's integer kernels and folded weights, on disk."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(32 * 64, 10),
+    ).eval()
+    x = torch.randn(2, 3, 8, 8)
+    calibration = [(torch.randn(2, 3, 8, 8),) for _ in range(6)]
+
+    def compiled():
+        return trtopt.compile(
+            model, (x,), precision="int8", calibration_data=calibration, backend="onnxruntime", int8_layout=layout
+        )
+
+    in_memory = compiled()
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    on_disk = compiled()
+    assert external_initializers(on_disk.onnx_model)
+    assert _report_content(on_disk) == _report_content(in_memory)
+    assert _graph_content(on_disk.onnx_model) == _graph_content(in_memory.onnx_model)
+    assert torch.equal(on_disk(x), in_memory(x))
+
+
 def test_cleanup_folds_weight_subgraphs_on_disk_as_in_memory(monkeypatch):
     from onnx import TensorProto, helper, numpy_helper
 

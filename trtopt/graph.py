@@ -35,10 +35,14 @@ from .names import carry_metadata
 
 logger = logging.getLogger(__name__)
 
-# protobuf cannot serialise a message of 2 GiB or more; keep a margin for the graph itself.
-# Above this many bytes of initializers a model's weights leave the proto: they live in a file
-# (see "weights on disk" below) through every stage. Read at call time, so tests can lower it.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# From this many bytes of initializers on, a model's weights leave the proto: they live in a file
+# (see "weights on disk" below) through every stage, each pass reading and writing one weight at
+# a time. Needed below protobuf's 2 GiB limit; chosen far below it because the proto path holds
+# several copies at once (graphsurgeon and Polygraphy round trips, protobuf's serialisation):
+# a 0.5 GiB model compiled at 12x its weights in the proto, 4x on disk. Smaller models keep the
+# proto (no data file beside an exported graph, module file version 1). Read at call time, so
+# tests can lower it.
+EXTERNAL_DATA_THRESHOLD = 256 * 2**20
 # Initializers smaller than this stay inside the proto even then (shapes, scales, small constants).
 EXTERNAL_TENSOR_MIN_BYTES = 1024
 # Each tensor starts at a multiple of this in the data file, so a reader may memory-map it.
