@@ -312,6 +312,27 @@ def test_int8_convolutions_on_disk_give_the_same_graph_and_outputs(layout, monke
     assert torch.equal(on_disk(x), in_memory(x))
 
 
+def test_the_fp16_check_of_a_qdq_graph_does_not_probe_dequantized_weights():
+    from trtopt.precision.probe import probed_tensors
+
+    model = mlp()
+    x = torch.randn(4, WIDTH)
+    module = trtopt.compile(
+        model, (x,), precision="int8", calibration_data=[(torch.randn(4, WIDTH),) for _ in range(4)],
+        backend="onnxruntime",
+    )
+    quantized = module.onnx_model
+    initializers = {t.name for t in quantized.graph.initializer}
+    dequantize = [n for n in quantized.graph.node if n.op_type == "DequantizeLinear"]
+    weights = {n.output[0] for n in dequantize if n.input[0] in initializers}
+    activations = {n.output[0] for n in dequantize if n.input[0] not in initializers}
+    assert weights and activations
+    probed = set(probed_tensors(graph.check_model(quantized)))
+    # A weight's dequantized copy is the same on every batch and as big as the weight.
+    assert not weights & probed
+    assert activations <= probed
+
+
 def test_cleanup_folds_weight_subgraphs_on_disk_as_in_memory(monkeypatch):
     from onnx import TensorProto, helper, numpy_helper
 
