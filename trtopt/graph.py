@@ -405,7 +405,7 @@ def _store_tensor(directory: Path | None, values: np.ndarray, name: str) -> onnx
     # message's protobuf arena (a cleared field's memory is freed only with the message).
     location = f"weights-{uuid.uuid4().hex[:12]}.bin"
     with open(directory / location, "wb") as handle:
-        handle.write(memoryview(np.ascontiguousarray(values)).cast("B"))
+        handle.write(np.ascontiguousarray(values).data)
     tensor = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype))
     tensor.dims.extend(values.shape)
     _point_at(tensor, location, 0, values.nbytes)
