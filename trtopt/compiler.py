@@ -325,7 +325,7 @@ def _graph_of(source: Any, example_inputs: Any, dynamic_shapes: Any, config: Bui
         onnx_model, structure, exporter = exported.model, exported.output_structure, exported.exporter
         del exported  # the only other reference to the exported weights
     if weights_dir(onnx_model) is None and needs_external_data(onnx_model):
-        # Over ~2 GB the weights move to a file now and stay there through every pass (trtopt.graph).
+        # From 256 MiB (EXTERNAL_DATA_THRESHOLD) the weights move to a file now and stay there through every pass (trtopt.graph).
         onnx_model = offload_weights(onnx_model)
     onnx_model, report = cleanup(onnx_model)
     # Every later pass, report, TensorRT layer and error names nodes after their torch module paths.

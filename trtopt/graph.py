@@ -581,7 +581,7 @@ def serialize(model: onnx.ModelProto) -> bytes:
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
-    """Write ``model`` atomically; weights go to ``<name>.data`` beside it above ~2 GB
+    """Write ``model`` atomically; weights go to ``<name>.data`` beside it from 256 MiB
     (``EXTERNAL_DATA_THRESHOLD``) or when they are on disk already (``weights_dir``)."""
     path = Path(path)
     data_name = f"{path.name}.data"
