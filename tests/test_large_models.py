@@ -213,6 +213,147 @@ def test_fp16_and_int8_on_disk_compute_what_they_compute_in_memory(precision, mo
     assert torch.equal(trtopt.load(on_disk.save(tmp_path / "m.trtopt"))(x), in_memory(x))
 
 
+class _MaskedBlock(torch.nn.Module):
+    """LayerNorm -> Linear -> attention with a finfo.min mask -> Linear: the FP16 mask rewrite,
+    SmoothQuant (folded into the norm) and both Q/DQ passes each rewrite a weight of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = torch.nn.LayerNorm(WIDTH)
+        self.q = torch.nn.Linear(WIDTH, WIDTH)
+        self.out = torch.nn.Linear(WIDTH, 8)
+        mask = torch.zeros(TOKENS, TOKENS)
+        mask[:, TOKENS // 2 :] = torch.finfo(torch.float32).min
+        self.register_buffer("mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.q(self.norm(x))
+        scores = h @ h.transpose(1, 2) / 16 + self.mask
+        return self.out(torch.softmax(scores, -1) @ h)
+
+
+TOKENS = 32  # the mask's 4 KB puts it on disk too
+
+
+def _graph_content(model: onnx.ModelProto) -> tuple[list[onnx.NodeProto], dict[str, tuple[int, list[int], bytes]]]:
+    """Nodes, and every initializer's type, shape and bytes (read from disk when it is there)."""
+    values = {t.name: (t.data_type, list(t.dims), graph.read_weight(model, t).tobytes()) for t in model.graph.initializer}
+    return list(model.graph.node), values
+
+
+def _report_content(module: trtopt.CompiledModule) -> dict:
+    report = module.precision_report.to_json()
+    report.pop("calibration_seconds", None)
+    return report
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_fp16_and_int8_passes_on_disk_write_the_same_graph_without_loading_the_weights(precision, monkeypatch):
+    model = _MaskedBlock().eval()
+    x = torch.randn(2, TOKENS, WIDTH)
+    calibration = [(torch.randn(2, TOKENS, WIDTH),) for _ in range(6)]
+
+    def compiled():
+        return trtopt.compile(model, (x,), precision=precision, calibration_data=calibration, backend="onnxruntime")
+
+    in_memory = compiled()
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    # Every ONNX Runtime session the passes and the backend create gets a proto without the weights
+    # (the probe, the FP16 check, the CPU Q/DQ lowering, the readout): none loads them into memory.
+    session_protos = []
+    real_session = ort.InferenceSession
+
+    def session(model, *args, **kwargs):
+        # bytes: the proto, the weights read from the weights directory; a path: a temporary copy
+        # of a model whose weights were loaded into memory (a proto over the threshold)
+        session_protos.append(len(model) if isinstance(model, bytes) else model)
+        return real_session(model, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    on_disk = compiled()
+    monkeypatch.setattr(ort, "InferenceSession", real_session)
+    assert len(session_protos) >= 3, session_protos
+    assert all(isinstance(n, int) and n < weight_bytes(model) / 20 for n in session_protos), session_protos
+    assert graph.weights_dir(in_memory.onnx_model) is None
+    # The rewritten weights (FP16 copies, INT8 codes, smoothed weights, the FP16-safe mask) are on disk.
+    assert external_initializers(on_disk.onnx_model)
+    assert sum(t.ByteSize() for t in on_disk.onnx_model.graph.initializer) < weight_bytes(model) / 20
+    report = _report_content(on_disk)
+    assert report == _report_content(in_memory)
+    assert report["fp16_safe_masks"] if precision == "fp16" else report["smoothquant"]["tensors"]
+    nodes, values = _graph_content(on_disk.onnx_model)
+    assert (nodes, values) == _graph_content(in_memory.onnx_model)  # codes, scales, keep-lists, Casts
+    assert torch.equal(on_disk(x), in_memory(x))
+
+
+@pytest.mark.parametrize("layout", ["tensorrt", "cpu"])
+def test_int8_convolutions_on_disk_give_the_same_graph_and_outputs(layout, monkeypatch):
+    """Conv + BatchNorm + ReLU: the CPU lowering's integer kernels and folded weights, on disk."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(32 * 64, 10),
+    ).eval()
+    x = torch.randn(2, 3, 8, 8)
+    calibration = [(torch.randn(2, 3, 8, 8),) for _ in range(6)]
+
+    def compiled():
+        return trtopt.compile(
+            model, (x,), precision="int8", calibration_data=calibration, backend="onnxruntime", int8_layout=layout
+        )
+
+    in_memory = compiled()
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    on_disk = compiled()
+    assert external_initializers(on_disk.onnx_model)
+    assert _report_content(on_disk) == _report_content(in_memory)
+    assert _graph_content(on_disk.onnx_model) == _graph_content(in_memory.onnx_model)
+    assert torch.equal(on_disk(x), in_memory(x))
+
+
+def test_the_fp16_check_of_a_qdq_graph_does_not_probe_dequantized_weights():
+    from trtopt.precision.probe import probed_tensors
+
+    model = mlp()
+    x = torch.randn(4, WIDTH)
+    module = trtopt.compile(
+        model, (x,), precision="int8", calibration_data=[(torch.randn(4, WIDTH),) for _ in range(4)],
+        backend="onnxruntime",
+    )
+    quantized = module.onnx_model
+    initializers = {t.name for t in quantized.graph.initializer}
+    dequantize = [n for n in quantized.graph.node if n.op_type == "DequantizeLinear"]
+    weights = {n.output[0] for n in dequantize if n.input[0] in initializers}
+    activations = {n.output[0] for n in dequantize if n.input[0] not in initializers}
+    assert weights and activations
+    probed = set(probed_tensors(graph.check_model(quantized)))
+    # A weight's dequantized copy is the same on every batch and as big as the weight.
+    assert not weights & probed
+    assert activations <= probed
+
+
+def test_cleanup_folds_weight_subgraphs_on_disk_as_in_memory(monkeypatch):
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((WIDTH, 64)).astype(np.float32), "w")
+    nodes = [helper.make_node("Transpose", ["w"], ["wt"], name="t"), helper.make_node("MatMul", ["x", "wt"], ["y"], name="mm")]
+    model = helper.make_model(
+        helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, WIDTH])], [w],
+        ),
+        opset_imports=[helper.make_opsetid("", 19)],
+    )
+    in_memory = trtopt.compile(model, backend="onnxruntime").onnx_model
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    module = trtopt.compile(model, backend="onnxruntime")  # holds the weights directory
+    on_disk = module.onnx_model
+    assert [n.op_type for n in on_disk.graph.node] == ["MatMul"]  # the Transpose of the weight is folded
+    assert [t.name for t in external_initializers(on_disk)] == ["wt"]  # and its result is on disk
+    assert _graph_content(on_disk) == _graph_content(in_memory)
+
+
 def test_serialized_parts_parse_back_to_the_model():
     from onnx import TensorProto, helper, numpy_helper
 

@@ -269,8 +269,8 @@ def compile(  # noqa: A001 - the public name docs/design.md fixes
     del source  # a model read from a file is not needed past export
     try:
         onnx_model = graph.model
-        if weights_dir(onnx_model) is not None and config.precision is not Precision.FP32:
-            onnx_model = load_weights(onnx_model)  # the FP16/INT8/FP8 passes rewrite weights in memory
+        if weights_dir(onnx_model) is not None and config.precision.weight_only:
+            onnx_model = load_weights(onnx_model)  # the INT4/NVFP4 passes rewrite weights in memory
         onnx_model, report = apply_precision(
             onnx_model, config, calibration_data, accuracy_budget, validation_data, timer=timer
         )
@@ -324,7 +324,7 @@ def _graph_of(source: Any, example_inputs: Any, dynamic_shapes: Any, config: Bui
         onnx_model, structure, exporter = exported.model, exported.output_structure, exported.exporter
         del exported  # the only other reference to the exported weights
     if weights_dir(onnx_model) is None and needs_external_data(onnx_model):
-        # Over ~2 GB the weights move to a file now and stay there through every pass (trtopt.graph).
+        # From 256 MiB (EXTERNAL_DATA_THRESHOLD) the weights move to a file now and stay there through every pass (trtopt.graph).
         onnx_model = offload_weights(onnx_model)
     onnx_model, report = cleanup(onnx_model)
     # Every later pass, report, TensorRT layer and error names nodes after their torch module paths.

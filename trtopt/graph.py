@@ -15,6 +15,7 @@ import atexit
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import uuid
@@ -36,10 +37,14 @@ from .names import carry_metadata
 
 logger = logging.getLogger(__name__)
 
-# protobuf cannot serialise a message of 2 GiB or more; keep a margin for the graph itself.
-# Above this many bytes of initializers a model's weights leave the proto: they live in a file
-# (see "weights on disk" below) through every stage. Read at call time, so tests can lower it.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# From this many bytes of initializers on, a model's weights leave the proto: they live in a file
+# (see "weights on disk" below) through every stage, each pass reading and writing one weight at
+# a time. Needed below protobuf's 2 GiB limit; chosen far below it because the proto path holds
+# several copies at once (graphsurgeon and Polygraphy round trips, protobuf's serialisation):
+# a 0.5 GiB model compiled at 12x its weights in the proto, 4x on disk. Smaller models keep the
+# proto (no data file beside an exported graph, module file version 1). Read at call time, so
+# tests can lower it.
+EXTERNAL_DATA_THRESHOLD = 256 * 2**20
 # Initializers smaller than this stay inside the proto even then (shapes, scales, small constants).
 EXTERNAL_TENSOR_MIN_BYTES = 1024
 # Each tensor starts at a multiple of this in the data file, so a reader may memory-map it.
@@ -116,10 +121,36 @@ def check_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _with_foldable_weights_loaded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or for a model with weights on disk a copy with the weights that constant folding
+    reads (those of nodes whose inputs are all constant, e.g. a Transpose of a weight) back in the
+    proto: Polygraphy and graphsurgeon evaluate folded nodes in an ONNX Runtime session made from
+    the proto alone, which cannot find the weights directory. The rest stays on disk."""
+    if weights_dir(model) is None:
+        return model
+    constant = {t.name for t in model.graph.initializer}
+    needed: set[str] = set()
+    for node in model.graph.node:  # topologically sorted (ONNX requires it)
+        inputs = [name for name in node.input if name]
+        if inputs and all(name in constant for name in inputs) or not inputs and node.op_type == "Constant":
+            needed.update(inputs)
+            constant.update(node.output)
+    tensors = [t for t in _external_tensors(model) if t.name in needed]
+    if not tensors:
+        return model
+    loaded = onnx.ModelProto()
+    loaded.CopyFrom(model)  # small: the weights are not in it
+    by_name = {t.name: t for t in loaded.graph.initializer}
+    for tensor in tensors:
+        by_name[tensor.name].CopyFrom(onnx.numpy_helper.from_array(read_weight(model, tensor), tensor.name))
+    return loaded
+
+
 def cleanup(model: onnx.ModelProto) -> tuple[onnx.ModelProto, CleanupReport]:
     """Return a cleaned copy of ``model`` and a report of what changed."""
     before = [n.name for n in model.graph.node]
     exported = model
+    model = _with_foldable_weights_loaded(model)
     graph = gs.import_onnx(model)
     removed = remove_noops(graph)
     graph.cleanup().toposort()
@@ -134,6 +165,8 @@ def cleanup(model: onnx.ModelProto) -> tuple[onnx.ModelProto, CleanupReport]:
     # and the model's, which says where weights on disk live.
     model = gs.export_onnx(graph)
     keep_weights_dir(exported, model)
+    if weights_dir(model) is not None:
+        model = offload_weights(model)  # what folding computed from weights goes to disk too
     model = carry_metadata(exported, check_model(model))
     remaining = {n.name for n in model.graph.node}
     report = CleanupReport(
@@ -330,6 +363,24 @@ def offload_weights(model: onnx.ModelProto, directory: Path | None = None) -> on
     return out
 
 
+def _read_external(tensor: onnx.TensorProto, directory: Path) -> np.ndarray:
+    """An external tensor's values, read from its file in ``directory`` into a new writable array."""
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    info = _external_info(tensor)
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    if dtype.kind not in "biuf" or dtype.byteorder == ">" or sys.byteorder == "big" or "length" in info and (
+        int(info["length"]) != count * dtype.itemsize
+    ):
+        # ONNX-only types (bfloat16, float8, packed int4) and odd layouts: onnx's own reader.
+        return np.array(onnx.numpy_helper.to_array(tensor, base_dir=str(directory)))
+    with open(directory / info["location"], "rb") as handle:
+        handle.seek(int(info.get("offset", 0)))
+        values = np.fromfile(handle, dtype=dtype, count=count)
+    if values.size != count:
+        raise GraphError(f"{info['location']} ends inside weight {tensor.name!r}; the weights directory is damaged")
+    return values.reshape(tuple(tensor.dims))
+
+
 def read_weight(model: onnx.ModelProto, tensor: onnx.TensorProto) -> np.ndarray:
     """The values of one initializer of ``model``, from its weights directory when it is external."""
     if not _is_external(tensor):
@@ -340,23 +391,84 @@ def read_weight(model: onnx.ModelProto, tensor: onnx.TensorProto) -> np.ndarray:
             f"initializer {tensor.name!r} is stored outside the model, and the model does not say where; "
             "load the ONNX file with its data files (onnx.load(path)) before passing it"
         )
-    return onnx.numpy_helper.to_array(tensor, base_dir=str(directory))
+    return _read_external(tensor, directory)
+
+
+def _store_tensor(directory: Path | None, values: np.ndarray, name: str) -> onnx.TensorProto:
+    native = values.dtype.kind in "biuf" and values.dtype.isnative and sys.byteorder == "little"
+    if directory is None or values.nbytes < EXTERNAL_TENSOR_MIN_BYTES or not native:
+        return onnx.numpy_helper.from_array(values, name)
+    # The bytes go straight to the file: through from_array's raw_data they would stay in the
+    # message's protobuf arena (a cleared field's memory is freed only with the message).
+    location = f"weights-{uuid.uuid4().hex[:12]}.bin"
+    with open(directory / location, "wb") as handle:
+        handle.write(np.ascontiguousarray(values).data)
+    tensor = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype))
+    tensor.dims.extend(values.shape)
+    _point_at(tensor, location, 0, values.nbytes)
+    return tensor
 
 
 def store_weight(model: onnx.ModelProto, values: np.ndarray, name: str) -> onnx.TensorProto:
     """An initializer ``name`` holding ``values`` for ``model``: written to a new file in the
     model's weights directory when its weights are on disk (so a pass that rewrites weights
     one at a time never holds them all), else inside the proto."""
-    tensor = onnx.numpy_helper.from_array(values, name)
+    return _store_tensor(weights_dir(model), values, name)
+
+
+# ------------------------------------------------- graphsurgeon over weights on disk
+#
+# onnx-graphsurgeon reads an initializer lazily (LazyValues) but relative to the working
+# directory, and caches what it read in the graph, whose export then holds it in the proto.
+# The passes therefore import through ``import_graph`` (external initializers read from the
+# weights directory), read big constants through ``constant_values`` (not cached: one tensor
+# at a time), make new ones through ``new_constant`` (written to the directory) and export
+# through ``export_graph`` (the result keeps the directory). On a model without weights on
+# disk these behave as graphsurgeon does, so both paths give the same graphs.
+
+
+class _ExternalValues(gs.ir.tensor.LazyValues):
+    """graphsurgeon's lazy values of an initializer in a weights directory; exported as the
+    reference to its file it is, unless a pass replaced the values."""
+
+    def __init__(self, tensor: onnx.TensorProto, directory: Path) -> None:
+        super().__init__(tensor)
+        self.directory = directory
+
+    def load(self) -> np.ndarray:
+        return _read_external(self.tensor, self.directory)
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """``gs.import_onnx(model)``, with ``model``'s external initializers read from its weights directory."""
+    graph = gs.import_onnx(model)
     directory = weights_dir(model)
-    if directory is None or values.nbytes < EXTERNAL_TENSOR_MIN_BYTES:
-        return tensor
-    location = f"weights-{uuid.uuid4().hex[:12]}.bin"
-    with open(directory / location, "wb") as handle:
-        handle.write(tensor.raw_data)
-    _point_at(tensor, location, 0, len(tensor.raw_data))
-    tensor.ClearField("raw_data")
-    return tensor
+    if directory is not None:
+        for tensor in graph.tensors().values():
+            lazy = getattr(tensor, "_values", None)
+            if isinstance(lazy, gs.ir.tensor.LazyValues) and _is_external(lazy.tensor):
+                tensor._values = _ExternalValues(lazy.tensor, directory)
+    return graph
+
+
+def export_graph(graph: gs.Graph, source: onnx.ModelProto) -> onnx.ModelProto:
+    """``gs.export_onnx(graph)`` for a graph ``import_graph`` read from ``source``: keeps its weights directory."""
+    return keep_weights_dir(source, gs.export_onnx(graph))
+
+
+def constant_values(constant: gs.Constant) -> np.ndarray:
+    """A constant's values, read without caching them in the graph (a weight read once stays on disk)."""
+    lazy = constant._values
+    return lazy.load() if isinstance(lazy, gs.ir.tensor.LazyValues) else constant.values
+
+
+def new_constant(model: onnx.ModelProto, name: str, values: np.ndarray) -> gs.Constant:
+    """A graphsurgeon constant for a pass's new weight of ``model``: on disk (``store_weight``)
+    when ``model``'s weights are, else ``gs.Constant(name, values)`` as usual."""
+    directory = weights_dir(model)
+    if directory is None or values.nbytes < EXTERNAL_TENSOR_MIN_BYTES or values.dtype.kind not in "biuf":
+        return gs.Constant(name, values)  # small, or a type graphsurgeon exports itself (FP8)
+    return gs.Constant(name, _ExternalValues(_store_tensor(directory, values, name), directory))
 
 
 def load_weights(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -466,7 +578,7 @@ def serialize(model: onnx.ModelProto) -> bytes:
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
-    """Write ``model`` atomically; weights go to ``<name>.data`` beside it above ~2 GB
+    """Write ``model`` atomically; weights go to ``<name>.data`` beside it from 256 MiB
     (``EXTERNAL_DATA_THRESHOLD``) or when they are on disk already (``weights_dir``)."""
     path = Path(path)
     data_name = f"{path.name}.data"

@@ -51,21 +51,29 @@ what TensorRT's FP8 Q/DQ compute, so they run as they are.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import GraphError
+from ..graph import constant_values, export_graph, import_graph, new_constant
 
 logger = logging.getLogger(__name__)
+
+# Makes the graph's new weights: ``trtopt.graph.new_constant`` for the model being lowered, so a
+# model whose weights are on disk gets its folded and transposed weights on disk too.
+Store = Callable[[str, np.ndarray], gs.Constant]
 
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 _INT32_LIMIT = 2**31 - 1
 
 
 def _constant(tensor: gs.Tensor) -> np.ndarray | None:
-    return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+    """A constant's values, read each time and not kept in the graph (its weights stay where they are)."""
+    return np.asarray(constant_values(tensor)) if isinstance(tensor, gs.Constant) else None
 
 
 def _producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
@@ -228,8 +236,8 @@ def _weight_dq(node: gs.Node) -> gs.Node | None:
     dq = _producer(node.inputs[1], "DequantizeLinear") if len(node.inputs) > 1 else None
     if dq is None or _qdq_params(dq) is None:
         return None
-    weight = _constant(dq.inputs[0])
-    return dq if weight is not None and weight.dtype == np.int8 else None
+    weight = dq.inputs[0]  # its type only: the codes are read where they are used
+    return dq if isinstance(weight, gs.Constant) and weight.dtype == np.int8 else None
 
 
 def _output_q(node: gs.Node, outputs: set[str]) -> gs.Node | None:
@@ -264,7 +272,7 @@ def _code_limit(x_dq: gs.Node) -> int:
 def _exact_in_int16_pairs(x_dq: gs.Node, w_dq: gs.Node) -> bool:
     """ONNX Runtime's u8 x s8 kernels on x86 without VNNI add pairs of products in int16 with
     saturation: exact only while ``2 * max code * max |weight code|`` fits."""
-    weight = _matched_weight(w_dq).astype(np.int32)
+    weight = _matched_weight(w_dq).astype(np.int16)  # |-128| fits; half the transient of int32
     return 2 * _code_limit(x_dq) * int(np.abs(weight).max(initial=0)) <= np.iinfo(np.int16).max
 
 
@@ -273,7 +281,7 @@ def _channel_scales(w_dq: gs.Node, channels: int, axis: int) -> np.ndarray | Non
     scale = _matched_qdq_params(w_dq)[0].astype(np.float32).reshape(-1)
     if scale.size == 1:
         return np.full(channels, scale.item(), np.float32)
-    rank = _matched_weight(w_dq).ndim
+    rank = len(w_dq.inputs[0].shape)  # a constant's shape: no need to read its values
     if scale.size != channels or int(w_dq.attrs.get("axis", 1)) % rank != axis:
         return None
     return scale
@@ -286,7 +294,9 @@ def _detach(node: gs.Node) -> gs.Variable:
     return out
 
 
-def _integer_conv(node: gs.Node, x_dq: gs.Node, w_dq: gs.Node, q: gs.Node | None) -> list[gs.Node] | None:
+def _integer_conv(
+    node: gs.Node, x_dq: gs.Node, w_dq: gs.Node, q: gs.Node | None, store: Store
+) -> list[gs.Node] | None:
     """Conv from uint8 codes to the uint8 codes of the Q that reads it: QLinearConv.
 
     A Conv with a float output stays a float Conv (its weight dequantized once):
@@ -306,14 +316,14 @@ def _integer_conv(node: gs.Node, x_dq: gs.Node, w_dq: gs.Node, q: gs.Node | None
     _detach(node)
     inputs = [
         x_dq.inputs[0], x_dq.inputs[1], x_dq.inputs[2],
-        gs.Constant(f"{name}__w_int8", weight), gs.Constant(f"{name}__w_scale", s_w),
+        store(f"{name}__w_int8", weight), gs.Constant(f"{name}__w_scale", s_w),
         gs.Constant(f"{name}__w_zero", np.zeros(s_w.size, np.int8)),
         y_scale, y_zero, gs.Constant(f"{name}__bias_int32", bias),
     ]
     return [gs.Node("QLinearConv", name, dict(node.attrs), inputs, [codes])]
 
 
-def _integer_matmul(node: gs.Node, x_dq: gs.Node, w_dq: gs.Node) -> list[gs.Node] | None:
+def _integer_matmul(node: gs.Node, x_dq: gs.Node, w_dq: gs.Node, store: Store) -> list[gs.Node] | None:
     """MatMul/Gemm on uint8 codes: MatMulIntegerToFloat (int32 sums, then scales and bias)."""
     weight = _matched_weight(w_dq)
     if weight.ndim != 2:
@@ -331,7 +341,7 @@ def _integer_matmul(node: gs.Node, x_dq: gs.Node, w_dq: gs.Node) -> list[gs.Node
         return None
     name = node.name
     inputs = [
-        x_dq.inputs[0], gs.Constant(f"{name}__w_int8", np.ascontiguousarray(weight.T if trans_b else weight)),
+        x_dq.inputs[0], store(f"{name}__w_int8", np.ascontiguousarray(weight.T if trans_b else weight)),
         x_dq.inputs[1], gs.Constant(f"{name}__w_scale", s_w), x_dq.inputs[2],
         gs.Constant(f"{name}__w_zero", np.zeros(columns, np.int8)),
     ]
@@ -341,17 +351,17 @@ def _integer_matmul(node: gs.Node, x_dq: gs.Node, w_dq: gs.Node) -> list[gs.Node
     return [gs.Node("MatMulIntegerToFloat", name, inputs=inputs, outputs=[out], domain="com.microsoft")]
 
 
-def _integer_kernel(node: gs.Node, w_dq: gs.Node, outputs: set[str]) -> list[gs.Node] | None:
+def _integer_kernel(node: gs.Node, w_dq: gs.Node, outputs: set[str], store: Store) -> list[gs.Node] | None:
     """The integer-kernel nodes that replace ``node`` where they compute the same, else None."""
     x_dq = _activation_dq(node)
     if x_dq is None or _matched_qdq_params(x_dq)[0].size != 1 or not _exact_in_int16_pairs(x_dq, w_dq):
         return None
     if node.op == "Conv":
-        return _integer_conv(node, x_dq, w_dq, _output_q(node, outputs))
-    return _integer_matmul(node, x_dq, w_dq)
+        return _integer_conv(node, x_dq, w_dq, _output_q(node, outputs), store)
+    return _integer_matmul(node, x_dq, w_dq, store)
 
 
-def _fold_weight(node: gs.Node, w_dq: gs.Node) -> None:
+def _fold_weight(node: gs.Node, w_dq: gs.Node, store: Store) -> None:
     """Dequantize a constant weight once, here (ONNX Runtime would redo it on every call)."""
     weight = _matched_weight(w_dq).astype(np.float32)
     scale, zero = _matched_qdq_params(w_dq)
@@ -362,7 +372,7 @@ def _fold_weight(node: gs.Node, w_dq: gs.Node) -> None:
         shape[axis] = -1
         scale, zero = scale.reshape(shape), zero.reshape(shape)
     # (q - zero) * scale in float32, as DequantizeLinear computes it.
-    node.inputs[1] = gs.Constant(f"{w_dq.outputs[0].name}__folded", ((weight - zero) * scale).astype(np.float32))
+    node.inputs[1] = store(f"{w_dq.outputs[0].name}__folded", ((weight - zero) * scale).astype(np.float32))
 
 
 def _pool_codes(graph: gs.Graph, outputs: set[str]) -> int:
@@ -435,7 +445,8 @@ def lower_qdq_for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
         # An FP16 graph as TensorRT gets it (emulate_fp16 turns it into FP32 for the CPU first);
         # the rewrite writes FP32 weights, so leave it as it is.
         return model
-    graph = gs.import_onnx(model)
+    graph = import_graph(model)
+    store: Store = partial(new_constant, model)
     outputs = {t.name for t in graph.outputs}
     new_nodes: list[gs.Node] = []
     unsigned = _unsigned_activations(graph, outputs, new_nodes)
@@ -449,16 +460,16 @@ def lower_qdq_for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
         w_dq = _weight_dq(node)
         if w_dq is None:
             continue
-        kernel = _integer_kernel(node, w_dq, outputs)
+        kernel = _integer_kernel(node, w_dq, outputs, store)
         if kernel:
             new_nodes.extend(kernel)
             integer += 1
         else:
-            _fold_weight(node, w_dq)
+            _fold_weight(node, w_dq, store)
             folded += 1
     graph.nodes.extend(new_nodes)
     graph.cleanup().toposort()
-    lowered = gs.export_onnx(graph)
+    lowered = export_graph(graph, model)
     lowered.ir_version = model.ir_version
     del lowered.opset_import[:]
     lowered.opset_import.extend(model.opset_import)

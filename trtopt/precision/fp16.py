@@ -37,7 +37,7 @@ import onnx_graphsurgeon as gs
 
 from ..config import DEFAULT_FP16_THRESHOLD
 from ..errors import GraphError
-from ..graph import check_model
+from ..graph import check_model, constant_values, export_graph, import_graph, new_constant
 from ..names import carry_metadata, excluded_by, mark_added, node_modules
 from .masks import MaskReport, MaskRewrite
 
@@ -170,8 +170,8 @@ def fp16_keep_list(
                 reason = f"activation {name!r} reaches {value:.4g} on the calibration data (threshold {threshold:g})"
         if reason is None:
             for t in node.inputs:
-                if isinstance(t, gs.Constant) and _is_float32(t) and t.values.size:
-                    peak = float(np.max(np.abs(t.values)))
+                if isinstance(t, gs.Constant) and _is_float32(t) and int(np.prod(t.shape)):
+                    peak = float(np.max(np.abs(constant_values(t))))  # one weight at a time
                     if not peak <= FP16_MAX:
                         reason = f"weight {t.name!r} holds {peak:.4g}, beyond FP16's {FP16_MAX:g}"
                         break
@@ -217,7 +217,7 @@ def convert_to_fp16(
     """
     opset = _opset(model)
     modules = node_modules(model)
-    graph = gs.import_onnx(_with_types(model))
+    graph = import_graph(_with_types(model))
     kept = fp16_keep_list(
         graph,
         ranges,
@@ -240,7 +240,7 @@ def convert_to_fp16(
         kept=list(kept.values()), converted_nodes=len(half_nodes), masks=list(masks.rewrites) if masks else []
     )
     original_nodes = list(graph.nodes)  # the Casts added below are already typed
-    rewrite = _Fp16Rewrite(graph, opset)
+    rewrite = _Fp16Rewrite(graph, opset, model)
     rewrite.retype_outputs(half_nodes)
     rewrite.retype_inputs(original_nodes, {id(n) for n in half_nodes})
     report.casts_added = rewrite.casts_added
@@ -301,8 +301,9 @@ class _Fp16Rewrite:
     name -> that node), so it takes the node's torch module path.
     """
 
-    def __init__(self, graph: gs.Graph, opset: int) -> None:
+    def __init__(self, graph: gs.Graph, opset: int, model: onnx.ModelProto) -> None:
         self.graph = graph
+        self.model = model  # its weights directory takes the FP16 weights when its weights are on disk
         self.opset = opset
         self.served: dict[str, str] = {}
         self.converted: set[str] = set()  # activations turned from float32 into float16
@@ -366,7 +367,8 @@ class _Fp16Rewrite:
 
     def _half_constant(self, tensor: gs.Constant) -> gs.Constant:
         if tensor.name not in self._half_constants:
-            self._half_constants[tensor.name] = gs.Constant(f"{tensor.name}__fp16", tensor.values.astype(np.float16))
+            half = constant_values(tensor).astype(np.float16)
+            self._half_constants[tensor.name] = new_constant(self.model, f"{tensor.name}__fp16", half)
         return self._half_constants[tensor.name]
 
     def _cast(self, tensor: gs.Variable, to: int, consumer: gs.Node, index: int) -> gs.Variable:
@@ -385,7 +387,7 @@ class _Fp16Rewrite:
 def _export_converted(model: onnx.ModelProto, graph: gs.Graph, served: Mapping[str, str]) -> onnx.ModelProto:
     """The converted graph as a checked model, with ``model``'s metadata and the Casts marked as added."""
     graph.cleanup().toposort()
-    out_model = gs.export_onnx(graph)
+    out_model = export_graph(graph, model)
     del out_model.graph.value_info[:]  # stale float32 entries; inference rebuilds them
     out_model = carry_metadata(model, check_model(out_model), served)
     mark_added(out_model, served, "fp16")

@@ -45,7 +45,7 @@ import onnx_graphsurgeon as gs
 
 from ..config import INT8_LAYOUTS
 from ..errors import CalibrationError, ConfigError
-from ..graph import check_model
+from ..graph import check_model, constant_values, export_graph, import_graph, new_constant
 from ..names import carry_metadata, mark_added, node_modules
 from .fp16 import KeptNode, user_exclusion
 from .qformat import FP8, INT8, QuantFormat, quant_format
@@ -218,7 +218,7 @@ def _quantizable_weighted_ops(
             plan.skipped.append(KeptNode(node.name, node.op, reason, modules.get(node.name)))
             continue
         if reason is None and not (
-            isinstance(weight, gs.Constant) and (node.op in ("Conv", "ConvTranspose") or weight.values.ndim == 2)
+            isinstance(weight, gs.Constant) and (node.op in ("Conv", "ConvTranspose") or len(weight.shape) == 2)
         ):
             reason = "weight is not a 2-D constant (activation x activation products stay in float)"
         if reason is None and isinstance(node.inputs[0], gs.Constant):
@@ -319,7 +319,7 @@ def quantize_int8(
     if layout == "cpu" and plan.fmt is not INT8:
         raise ConfigError(f"int8_layout='cpu' is for INT8; {plan.fmt.name} graphs are for TensorRT only")
     _check_amax(plan, amax)
-    graph = gs.import_onnx(model)
+    graph = import_graph(model)
     nodes = {n.name: n for n in graph.nodes}
     report = Int8Report(skipped=list(plan.skipped))
     # Each node added -> the node it serves (its first use): named after it, and takes its module path.
@@ -334,10 +334,10 @@ def quantize_int8(
         dq = _insert_activation_qdq(graph, nodes, tensors[name], uses, params, scale_floor, report, served)
         report.dq_peaks[dq.name] = float((ranges or {}).get(name, value))
     weight_fmt = replace(plan.fmt, weight_qmax=CPU_WEIGHT_QMAX) if layout == "cpu" else plan.fmt
-    _insert_weight_dqs(graph, nodes, plan, node_modules(model), weight_fmt, scale_floor, report, served)
+    _insert_weight_dqs(model, graph, nodes, plan, weight_fmt, scale_floor, report, served)
 
     graph.cleanup().toposort()
-    out = carry_metadata(model, check_model(gs.export_onnx(graph)), served)
+    out = carry_metadata(model, check_model(export_graph(graph, model)), served)
     mark_added(out, served, "int8")
     logger.info(
         "%s: %d activations and %d weights quantized (%d Q, %d DQ); %d weighted ops left in float",
@@ -401,16 +401,18 @@ def _insert_activation_qdq(
 
 
 def _insert_weight_dqs(
+    model: onnx.ModelProto,
     graph: gs.Graph,
     nodes: Mapping[str, gs.Node],
     plan: Int8Plan,
-    modules: Mapping[str, str],
     fmt: QuantFormat,
     scale_floor: float,
     report: Int8Report,
     served: dict[str, str],
 ) -> None:
-    """The per-channel weight of each planned unit; a weight two units share is quantized once."""
+    """The per-channel weight of each planned unit of ``model`` (``graph`` imported from it); a weight
+    two units share is quantized once."""
+    modules = node_modules(model)
     shared: dict[tuple[str, int], gs.Variable] = {}
     for node_name, index, axis in plan.weights:
         node = nodes[node_name]
@@ -420,7 +422,7 @@ def _insert_weight_dqs(
         key = (weight.name, axis)
         if key not in shared:
             shared[key] = _quantized_weight(
-                graph, weight, axis, scale_floor, report, f"{node_name}/DequantizeLinear_in{index}", fmt
+                model, graph, weight, axis, scale_floor, report, f"{node_name}/DequantizeLinear_in{index}", fmt
             )
             served[shared[key].inputs[0].name] = node_name
             report.quantized_weights += 1
@@ -444,6 +446,7 @@ def _cpu_activation_params(
 
 
 def _quantized_weight(
+    model: onnx.ModelProto,
     graph: gs.Graph,
     weight: gs.Constant,
     axis: int,
@@ -456,8 +459,9 @@ def _quantized_weight(
 
     Per channel for FP8 too: ModelOpt's ONNX FP8 recipe quantizes weights per
     output channel (its INT8 per-channel scales times 448/127), and TensorRT
-    builds that graph."""
-    values = np.asarray(weight.values, np.float32)
+    builds that graph. The weight is read, and its codes written, one at a time (on disk when
+    ``model``'s weights are: ``trtopt.graph.new_constant``)."""
+    values = np.asarray(constant_values(weight), np.float32)
     reduce = tuple(d for d in range(values.ndim) if d != axis)
     peak = np.max(np.abs(values), axis=reduce)
     scale = (peak / fmt.weight_qmax).astype(np.float32)
@@ -474,9 +478,9 @@ def _quantized_weight(
             name,
             {"axis": axis},
             [
-                gs.Constant(f"{weight.name}__{fmt.name}", q),
-                gs.Constant(f"{weight.name}__scale", scale),
-                gs.Constant(f"{weight.name}__zero_point", fmt.zero(scale.shape)),
+                new_constant(model, f"{weight.name}__{fmt.name}", q),
+                new_constant(model, f"{weight.name}__scale", scale),
+                new_constant(model, f"{weight.name}__zero_point", fmt.zero(scale.shape)),
             ],
             [dq],
         )

@@ -43,7 +43,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..graph import check_model
+from ..graph import check_model, constant_values, export_graph, import_graph, new_constant
 from ..names import carry_metadata
 
 logger = logging.getLogger(__name__)
@@ -121,9 +121,9 @@ def _data_tensors(graph: gs.Graph) -> set[str]:
 
 def _constant_sign_and_scale(tensor: gs.Tensor) -> tuple[int, float] | None:
     """(sign, max |c|) of a constant multiplier of one sign, else None."""
-    if not isinstance(tensor, gs.Constant) or not _is_float(tensor) or tensor.values.size == 0:
+    if not isinstance(tensor, gs.Constant) or not _is_float(tensor) or not int(np.prod(tensor.shape)):
         return None
-    values = np.asarray(tensor.values, dtype=np.float64)
+    values = np.asarray(constant_values(tensor), dtype=np.float64)
     if not np.isfinite(values).all() or (values > 0).any() and (values < 0).any():
         return None
     return (-1 if (values < 0).any() else 1), float(np.abs(values).max())
@@ -241,7 +241,7 @@ def make_masks_fp16_safe(model: onnx.ModelProto) -> tuple[onnx.ModelProto, MaskR
 
     A model without such a mask is returned unchanged (the same object).
     """
-    graph = gs.import_onnx(model)
+    graph = import_graph(model)
     graph.toposort()
     outputs = {t.name for t in graph.outputs}
     data = _data_tensors(graph)
@@ -250,7 +250,7 @@ def make_masks_fp16_safe(model: onnx.ModelProto) -> tuple[onnx.ModelProto, MaskR
         (node, i, tensor)
         for node in graph.nodes
         for i, tensor in enumerate(node.inputs)
-        if isinstance(tensor, gs.Constant) and _is_float(tensor) and _huge_negative(np.asarray(tensor.values))
+        if isinstance(tensor, gs.Constant) and _is_float(tensor) and _huge_negative(np.asarray(constant_values(tensor)))
     ]
     accepted: list[tuple[gs.Node, int, gs.Constant, _Route]] = []
     for node, index, constant in uses:
@@ -278,10 +278,10 @@ def make_masks_fp16_safe(model: onnx.ModelProto) -> tuple[onnx.ModelProto, MaskR
     found: dict[str, tuple[float, set[str]]] = {}  # constant -> (its mask value, softmax nodes reached)
     for node, index, constant, route in accepted:
         if constant.name not in replacements:
-            values = np.asarray(constant.values)
+            values = np.asarray(constant_values(constant))
             huge = values <= -FP16_MAX
-            replacements[constant.name] = gs.Constant(
-                renamed[constant.name], np.where(huge, value, values).astype(values.dtype)
+            replacements[constant.name] = new_constant(
+                model, renamed[constant.name], np.where(huge, value, values).astype(values.dtype)
             )
             found[constant.name] = (float(values[huge].max()), set())  # normally one value: finfo.min, -inf
         node.inputs[index] = replacements[constant.name]
@@ -294,5 +294,5 @@ def make_masks_fp16_safe(model: onnx.ModelProto) -> tuple[onnx.ModelProto, MaskR
             rewrite.constant, rewrite.old, rewrite.new, len(rewrite.softmax),
         )
     graph.cleanup()
-    out = gs.export_onnx(graph)
+    out = export_graph(graph, model)
     return carry_metadata(model, check_model(out)), report

@@ -48,10 +48,33 @@ def probed_tensors(model: onnx.ModelProto) -> list[str]:
     consumers may need FP32 too), in the order ``tensor_ranges`` reports them."""
     graph = model.graph
     names = list(dict.fromkeys(o.name for o in graph.output))
-    names += [vi.name for vi in graph.value_info if vi.type.tensor_type.elem_type in FP16_CANDIDATE_TYPES]
+    weights = _dequantized_weights(graph)
+    names += [
+        vi.name for vi in graph.value_info
+        if vi.type.tensor_type.elem_type in FP16_CANDIDATE_TYPES and vi.name not in weights
+    ]
     initializers = {t.name for t in graph.initializer}
     names += [vi.name for vi in graph.input if vi.name not in initializers and _is_float(vi)]
     return list(dict.fromkeys(names))
+
+
+def _dequantized_weights(graph: onnx.GraphProto) -> set[str]:
+    """Outputs of a DequantizeLinear of a weight (an initializer), and of Casts of them.
+
+    Not probed: they are the same on every batch and each is as big as its weight, so exposing
+    them held every weight dequantized twice over while the batches streamed (the Q/DQ graph's
+    check: 4x its weights). Their peaks are known without running anything
+    (``Int8Report.dq_peaks``, which the FP16 keep-list reads), so one that FP16 cannot hold is
+    kept in FP32 before any check runs.
+    """
+    initializers = {t.name for t in graph.initializer}
+    found: set[str] = set()
+    for node in graph.node:  # sorted: a Cast follows the DequantizeLinear it reads
+        if node.op_type == "DequantizeLinear" and node.input and node.input[0] in initializers:
+            found.update(node.output)
+        elif node.op_type == "Cast" and node.input and node.input[0] in found:
+            found.update(node.output)
+    return found
 
 
 def _is_float(info: onnx.ValueInfoProto) -> bool:

@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..graph import check_model
+from ..graph import check_model, read_weight, store_weight
 from ..names import inherit_metadata
 from .int8 import Int8Plan
 
@@ -109,7 +109,8 @@ def smooth(
 
     The returned graph computes the same function as ``model`` (up to float rounding);
     the smoothed activations are new tensors (``<name>__smoothed``) unless folded into
-    a LayerNormalization, which keeps the name.
+    a LayerNormalization, which keeps the name. Weights on disk are read and rewritten one
+    group at a time (``trtopt.graph.read_weight`` / ``store_weight``).
     """
     smoothed = onnx.ModelProto()
     smoothed.CopyFrom(model)
@@ -126,7 +127,7 @@ def smooth(
     muls: list[onnx.NodeProto] = []
     for tensor, units in groups.items():
         x_max = np.asarray(channel_max.get(tensor, ()), dtype=np.float64)
-        weights = [numpy_helper.to_array(initializers[u.weight]).astype(np.float64) for u in units]
+        weights = [read_weight(model, initializers[u.weight]).astype(np.float64) for u in units]
         if x_max.ndim != 1 or any(w.shape[u.channel_axis] != x_max.size for w, u in zip(weights, units)):
             logger.info("smoothquant: %s skipped (no per-channel statistics matching its weights)", tensor)
             continue
@@ -137,14 +138,14 @@ def smooth(
         for w, u in zip(weights, units):
             shape = [1, 1]
             shape[u.channel_axis] = -1
-            initializers[u.weight].CopyFrom(numpy_helper.from_array((w * scale.reshape(shape)).astype(np.float32), u.weight))
+            initializers[u.weight].CopyFrom(store_weight(smoothed, (w * scale.reshape(shape)).astype(np.float32), u.weight))
         unit_names = {u.node for u in units}
         readers = consumers.get(tensor, [])
         norm = _foldable_norm(producers.get(tensor), readers, unit_names, consumers, initializers, tensor in outputs)
         if norm is not None:
             for name in norm.input[1:3]:
-                values = numpy_helper.to_array(initializers[name]).astype(np.float64)
-                initializers[name].CopyFrom(numpy_helper.from_array((values / scale).astype(np.float32), name))
+                values = read_weight(model, initializers[name]).astype(np.float64)
+                initializers[name].CopyFrom(store_weight(smoothed, (values / scale).astype(np.float32), name))
             target = tensor
         else:
             muls.append(_smoothing_mul(tensor, scale, graph, [n for n in readers if n.name in unit_names]))

@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from ..errors import GraphError
+from ..graph import constant_values, import_graph
 from .int8 import weight_axis
 from .qformat import FP8, format_of
 
@@ -25,19 +26,26 @@ FP16_SCALE_OPSET = 19
 FP8_OPSET = 19  # QuantizeLinear/DequantizeLinear take FLOAT8E4M3FN from opset 19
 
 
-def _constant(tensor: gs.Tensor | None) -> np.ndarray | None:
-    """The value of an initializer or a Constant node's output, else None."""
+def _constant_tensor(tensor: gs.Tensor | None) -> gs.Constant | None:
+    """An initializer, or the value of the Constant node producing ``tensor``, else None."""
     if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
+        return tensor
     if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
         value = tensor.inputs[0].attrs.get("value")
-        return np.asarray(value.values) if isinstance(value, gs.Constant) else None
+        return value if isinstance(value, gs.Constant) else None
     return None
+
+
+def _constant(tensor: gs.Tensor | None) -> np.ndarray | None:
+    """The value of an initializer or a Constant node's output, else None (read from disk, not
+    kept in the graph, when the weights are on disk)."""
+    constant = _constant_tensor(tensor)
+    return None if constant is None else np.asarray(constant_values(constant))
 
 
 def _is_weight(tensor: gs.Tensor) -> bool:
     """A constant, or a DequantizeLinear/QuantizeLinear of a constant (stored INT8 weights)."""
-    if _constant(tensor) is not None:
+    if _constant_tensor(tensor) is not None:
         return True
     producer = tensor.inputs[0] if isinstance(tensor, gs.Variable) and tensor.inputs else None
     return producer is not None and producer.op in QDQ_OPS and _is_weight(producer.inputs[0])
@@ -59,7 +67,7 @@ def validate_qdq(model: onnx.ModelProto) -> int:
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     # onnx-graphsurgeon warns on every FP8 tensor that numpy has no such type; it keeps them exact.
     with G_LOGGER.suppress(G_LOGGER.ERROR):
-        return _validate(gs.import_onnx(model), opset)
+        return _validate(import_graph(model), opset)
 
 
 def _validate(graph: gs.Graph, opset: int) -> int:
@@ -157,8 +165,9 @@ def _check_per_channel(node: gs.Node, where: str, scale: np.ndarray, opset: int)
             f"{where}: per-channel scales on activation {data.name!r}; TensorRT allows them only on "
             "constant weights, so quantize activations per-tensor (one scale)"
         )
-    value = _constant(data)
-    rank = value.ndim if value is not None else len(data.shape or ())
+    constant = _constant_tensor(data)  # its shape only: the codes need not be read
+    shape = tuple(constant.shape) if constant is not None else None
+    rank = len(shape) if shape is not None else len(data.shape or ())
     axis = int(node.attrs.get("axis", 1))
     axis = axis + rank if axis < 0 else axis
     output = node.outputs[0]
@@ -174,10 +183,8 @@ def _check_per_channel(node: gs.Node, where: str, scale: np.ndarray, opset: int)
                 f"{where}: per-channel axis {axis} but {consumer.op} node {consumer.name!r} needs the "
                 f"output-channel axis {expected} of its weight"
             )
-    if value is not None and value.shape[axis] != scale.size:
-        raise GraphError(
-            f"{where}: {scale.size} scales for axis {axis} of a weight of shape {value.shape}"
-        )
+    if shape is not None and shape[axis] != scale.size:
+        raise GraphError(f"{where}: {scale.size} scales for axis {axis} of a weight of shape {shape}")
 
 
 # ------------------------------------------------------------------ INT4 and NVFP4 weights
