@@ -271,6 +271,16 @@ def test_fp8_accuracy_budget_keeps_units_out_of_fp8(digits, trained_digits, tmp_
     assert keep_high(plan, [plan.weights[0][0]], {}).fmt is FP8
 
 
+def test_fp8_accuracy_budget_failure_names_fp8(digits, trained_digits, tmp_path):
+    # An error of 0 is out of reach even with every unit kept high (the float part rounds to FP16).
+    with pytest.raises(trtopt.AccuracyBudgetError, match="^FP8 cannot meet the accuracy budget"):
+        trtopt.compile(
+            trained_digits.get(DigitsCNN, epochs=4), (digits.test_x[:4],), precision="fp8",
+            calibration_data=digits.calibration_batches(), dynamic_shapes={"x": {0: (1, 64, 512)}},
+            backend="onnxruntime", accuracy_budget="max_abs<=0", sensitivity_cache_dir=str(tmp_path),
+        )
+
+
 def test_transformer_fp8_within_tolerance(digits, digits_transformer):
     model = digits_transformer
     x = digits.test_x[:, 0]
