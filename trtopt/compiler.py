@@ -25,6 +25,7 @@ from .config import (
     build_profiles,
     check_profiles_against_graph,
 )
+from .backends.onnxruntime import reusing_sessions
 from .errors import CalibrationError, ConfigError, GraphError, InputError, first_line
 from .export import check_example_inputs, export, forward_input_names
 from .graph import (
@@ -217,6 +218,8 @@ class _Graph:
     source_kind: str  # the model's type name, for the log
 
 
+# A graph a compile runs twice in a row (shape check, FP32 reference; readout, CPU backend) loads once.
+@reusing_sessions()
 def compile(  # noqa: A001 - the public name docs/design.md fixes
     model: Any,
     example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
@@ -367,12 +370,12 @@ def check_profile_shapes(
     import onnxruntime as ort
 
     from .backends.call_checks import kernel_failure
-    from .backends.onnxruntime import make_session
+    from .backends.onnxruntime import cpu_session
     from .errors import EngineError
     from .export import resize_dim
 
     try:
-        session = make_session(onnx_model)
+        session = cpu_session(onnx_model)  # the FP32 reference outputs (hold_back) reuse it
     except EngineError as exc:
         logger.debug("profile shapes not checked: %s", exc)
         return

@@ -12,6 +12,7 @@ FP16 values from the others or from the CPU backend.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import tempfile
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -230,6 +232,29 @@ class Observer(Protocol):
     def update(self, values: np.ndarray) -> float: ...
 
 
+# The latest plain session (the graph's own outputs) made inside ``reusing_sessions``: [key, model, session].
+_LATEST_SESSION: ContextVar[list[Any] | None] = ContextVar("trtopt_latest_session", default=None)
+
+
+@contextlib.contextmanager
+def reusing_sessions() -> Iterator[None]:
+    """Within this block (one compile), a graph loaded twice in a row is loaded into ONNX Runtime once.
+
+    A compile runs the same graph object twice in a row with the same settings: the exported
+    graph in the profile-shape check, then for the FP32 reference outputs; the FP16/INT8 graph
+    in the accuracy readout, then as the CPU backend. ``cpu_session`` hands the second caller
+    the first one's session (``InferenceSession.run`` is thread-safe and keeps no state
+    between calls). Only the latest plain session is kept, and it is let go before any other
+    session is made, so no more sessions are alive at once than without the reuse. Graphs are
+    not changed in place after they are run (trtopt's passes return new graphs).
+    """
+    token = _LATEST_SESSION.set([])
+    try:
+        yield
+    finally:
+        _LATEST_SESSION.reset(token)
+
+
 def cpu_session(
     model: onnx.ModelProto, intra_op_threads: int | None = None, outputs: Sequence[str] | None = None,
     int4_accuracy_level: int | None = None,
@@ -239,11 +264,24 @@ def cpu_session(
 
     ``outputs`` replaces the graph's outputs. They are chosen after the emulation, because
     it leaves a tensor inside a fused INT8 kernel unrounded only while it is no graph output.
+    Inside ``reusing_sessions``, the session just made for the same ``model`` object with the
+    same settings is returned again.
     """
+    latest = _LATEST_SESSION.get()
+    # The accuracy level only changes graphs with INT4 weights (make_session).
+    level = int4_accuracy_level if has_int4_weights(model) else None
+    key = (intra_op_threads, level)
+    if latest and outputs is None and latest[0] == key and latest[1] is model:
+        return latest[2]
+    if latest is not None:
+        latest.clear()  # let the previous session go before this one is made
     emulated = emulate_fp16(model)
     if outputs is not None:
         emulated = with_outputs(emulated, outputs)
-    return make_session(emulated, intra_op_threads=intra_op_threads, int4_accuracy_level=int4_accuracy_level)
+    session = make_session(emulated, intra_op_threads=intra_op_threads, int4_accuracy_level=int4_accuracy_level)
+    if latest is not None and outputs is None:
+        latest[:] = [key, model, session]
+    return session
 
 
 def run_batches(model: onnx.ModelProto, feeds: Iterable[Feeds]) -> Iterator[list[np.ndarray]]:

@@ -1,0 +1,97 @@
+"""What a compile does more than once: graphs loaded into ONNX Runtime, passes over the data.
+
+Counted with spies, not timed (timings belong in benchmarks/compile_cost.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from typing import Any
+
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import trtopt
+
+
+class Tagger(nn.Module):
+    """Two Linear layers and a LayerNorm: INT8 plans Q/DQ, SmoothQuant has a group to smooth."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.first, self.second = nn.Linear(8, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.relu(self.first(self.norm(x)))).mean(dim=1)
+
+
+def _batches() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(4, 5, 8, generator=generator) for _ in range(10)]
+
+
+@pytest.fixture()
+def session_loads(monkeypatch: pytest.MonkeyPatch) -> Counter[tuple[str, int]]:
+    """Every ONNX Runtime session made, by (sha-256 of the graph it loaded, intra-op threads)."""
+    loads: Counter[tuple[str, int]] = Counter()
+    real = ort.InferenceSession
+
+    def spy(model: Any, options: ort.SessionOptions | None = None, *args: Any, **kwargs: Any) -> ort.InferenceSession:
+        data = model if isinstance(model, bytes) else open(model, "rb").read()
+        loads[(hashlib.sha256(data).hexdigest(), options.intra_op_num_threads if options else 0)] += 1
+        return real(model, options, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    return loads
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_a_compile_loads_no_graph_into_onnx_runtime_twice(session_loads, precision):
+    # The profile-shape check and the FP32 reference run the exported graph; the readout and the
+    # CPU backend run the compiled one: each pair shares one session.
+    batches = _batches()
+    module = trtopt.compile(
+        Tagger().eval(), (batches[0],), precision=precision, backend="onnxruntime",
+        calibration_data=None if precision == "fp32" else batches, dynamic_shapes={"x": {0: (1, 4, 8)}},
+    )
+    assert module(batches[0]).shape == (4, 10)
+    assert session_loads, "the spy saw no session"
+    assert [key for key, count in session_loads.items() if count > 1] == []
+
+
+def test_an_accuracy_budget_search_loads_no_graph_twice(session_loads):
+    # Each module the search builds keeps other units high; the FP32 graph its float part is
+    # measured on is the same every time, so it is measured once.
+    batches = _batches()
+    trtopt.compile(
+        Tagger().eval(), (batches[0],), precision="int8", backend="onnxruntime", calibration_data=batches,
+        accuracy_budget="cosine>=0.99999", dynamic_shapes={"x": {0: (1, 4, 8)}},
+    )
+    assert [count for count in session_loads.values() if count > 1] == []
+
+
+def test_the_torchlib_registry_is_built_once_and_each_export_is_the_same(torchlib_registry_built_once, monkeypatch):
+    if torchlib_registry_built_once is None:
+        pytest.skip("this torch has no ONNXRegistry.from_torchlib")
+    from torch.onnx._internal.exporter import _registration
+
+    from trtopt import export
+
+    builds = []
+
+    def counted(cls: type, *args: Any, **kwargs: Any) -> Any:
+        builds.append(args)
+        return torchlib_registry_built_once(cls, *args, **kwargs)
+
+    # The original (uncached) registry, counted; the test session's own cache (conftest) is off here.
+    monkeypatch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(counted))
+    monkeypatch.setattr(export._TORCHLIB, "_built", {})
+    model, batches = Tagger().eval(), _batches()
+    graphs = [trtopt.compile(model, (batches[0],), backend="onnxruntime").onnx_model.SerializeToString() for _ in range(2)]
+    assert len(builds) == 1
+    assert graphs[0] == graphs[1]
+    assert _registration.ONNXRegistry.__dict__["from_torchlib"].__func__ is counted  # restored after each export
