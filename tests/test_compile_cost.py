@@ -6,15 +6,20 @@ Counted with spies, not timed (timings belong in benchmarks/compile_cost.py).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import Counter
 from typing import Any
 
+import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import TensorProto, helper
 from torch import nn
 
 import trtopt
+from trtopt.precision import probe
 
 
 class Tagger(nn.Module):
@@ -95,3 +100,28 @@ def test_the_torchlib_registry_is_built_once_and_each_export_is_the_same(torchli
     assert len(builds) == 1
     assert graphs[0] == graphs[1]
     assert _registration.ONNXRegistry.__dict__["from_torchlib"].__func__ is counted  # restored after each export
+
+
+def _overflowing_graph() -> onnx.ModelProto:
+    """exp(x) overflows to Inf for x > 88, its negation is -Inf, a Relu hides both, exp(x) - exp(x) is NaN."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 2]) for n in ("hidden", "nan")]
+    nodes = [
+        helper.make_node("Exp", ["x"], ["e"], name="exp"),
+        helper.make_node("Neg", ["e"], ["negated"], name="neg"),
+        helper.make_node("Relu", ["negated"], ["hidden"], name="relu"),
+        helper.make_node("Sub", ["e", "e"], ["nan"], name="sub"),
+    ]
+    graph = helper.make_graph(nodes, "g", [x], outputs)
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]))
+
+
+def test_the_overflow_check_finds_the_tensors_the_probe_maps_to_inf(monkeypatch):
+    # The FP16 repair loop only asks which tensors went Inf/NaN: it gets them without max |x|.
+    feeds = [{"x": np.full((1, 2), v, np.float32)} for v in (1.0, 100.0, 2.0)]
+    ranges = probe.tensor_ranges(_overflowing_graph(), feeds)
+    reductions = []
+    monkeypatch.setattr(probe.MaxAbsObserver, "update", lambda self, values: reductions.append(values))
+    bad = probe.nonfinite_tensors(_overflowing_graph(), feeds)
+    assert bad == {name for name, peak in ranges.items() if not math.isfinite(peak)} == {"e", "negated", "nan"}
+    assert reductions == []

@@ -35,7 +35,7 @@ from .int8 import (
 )
 from ..backends.fp16_emulation import emulate_fp16
 from .pipeline import apply_precision, carried_precision
-from .probe import MaxAbsObserver, feed_batches, tensor_ranges
+from .probe import MaxAbsObserver, feed_batches, nonfinite_tensors, tensor_ranges
 from .qformat import FP8, INT8, QuantFormat, graph_format, quant_format
 from .report import PrecisionReport
 from .validate import validate_qdq
@@ -150,8 +150,7 @@ def to_fp16(
             keep=keep,
             masks=masks,
         )
-        after = tensor_ranges(converted, batches())  # FP16 as TensorRT computes it (the executor emulates it)
-        bad = {n for n, v in after.items() if not math.isfinite(v)}
+        bad = nonfinite_tensors(converted, batches())  # FP16 as TensorRT computes it (the executor emulates it)
         if not bad:
             return converted, report
         kept = {k.name for k in report.kept}
