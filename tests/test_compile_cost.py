@@ -125,3 +125,26 @@ def test_the_overflow_check_finds_the_tensors_the_probe_maps_to_inf(monkeypatch)
     bad = probe.nonfinite_tensors(_overflowing_graph(), feeds)
     assert bad == {name for name, peak in ranges.items() if not math.isfinite(peak)} == {"e", "negated", "nan"}
     assert reductions == []
+
+
+def test_the_budget_search_measures_the_fp16_float_part_ranges_once(monkeypatch):
+    # Each module the accuracy-budget search builds keeps other units out of INT8, but its FP16
+    # float part is judged on the same FP32 graph's ranges: measured for the first build only.
+    import trtopt.precision as precision
+    from trtopt.config import BuildConfig
+    from trtopt.precision.pipeline import Int8Builder, PreparedData, calibrate_plan
+
+    batches = _batches()
+    graph = trtopt.compile(Tagger().eval(), (batches[0],), backend="onnxruntime").onnx_model
+    config = BuildConfig(precision="int8")
+    data = PreparedData.prepare(graph, config, [{"x": b.numpy()} for b in batches], None, None)
+    builder = Int8Builder(calibrate_plan(graph, config, data), config, data)
+    probes = []
+    real = precision.tensor_ranges
+    monkeypatch.setattr(precision, "tensor_ranges", lambda model, feeds: probes.append(1) or real(model, feeds))
+    all_int8 = builder.build()[0]
+    one_high = builder.build(frozenset({builder.calibrated.plan.weights[0][0]}))[0]  # a layer kept high
+    assert len(probes) == 1
+    assert sum(n.op_type == "QuantizeLinear" for n in one_high.graph.node) < sum(
+        n.op_type == "QuantizeLinear" for n in all_int8.graph.node
+    )

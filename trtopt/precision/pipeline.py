@@ -416,20 +416,25 @@ class Int8Builder:
     def __init__(self, calibrated: Calibrated, config: BuildConfig, data: PreparedData) -> None:
         self.calibrated, self.config, self.data = calibrated, config, data
         self.latest: dict[frozenset[str], tuple[onnx.ModelProto, Int8Report, Fp16Report | None]] = {}
+        # The FP16 float part's ranges are the FP32 graph's, whatever units stay high: measured once.
+        self.float_ranges: dict[str, float] | None = None
 
     def build(self, kept: frozenset[str] = frozenset()) -> tuple[onnx.ModelProto, Int8Report, Fp16Report | None]:
         if kept in self.latest:
             return self.latest[kept]
-        from . import to_int8
+        from . import float_part_ranges, to_int8
 
         model, plan = self.calibrated.model, self.calibrated.plan
         if kept:
             ops = {n.name: n.op_type for n in model.graph.node}
             plan = keep_high(plan, kept, ops, node_modules(model))
+        float_precision = self.config.float_part_precision.value
+        if float_precision == "fp16" and self.data.batches is not None and self.float_ranges is None:
+            self.float_ranges = float_part_ranges(model, self.data.batches)
         result = to_int8(
-            model, plan, self.calibrated.amax, self.data.batches, float_precision=self.config.float_part_precision.value,
+            model, plan, self.calibrated.amax, self.data.batches, float_precision=float_precision,
             threshold=self.config.fp16_threshold, layout=self.config.int8_layout, extents=self.calibrated.extents,
-            **self.data.excluded,
+            ranges=self.float_ranges, **self.data.excluded,
         )
         self.latest = {kept: result}
         return result
