@@ -244,9 +244,9 @@ def reusing_sessions() -> Iterator[None]:
     graph in the profile-shape check, then for the FP32 reference outputs; the FP16/INT8 graph
     in the accuracy readout, then as the CPU backend. ``cpu_session`` hands the second caller
     the first one's session (``InferenceSession.run`` is thread-safe and keeps no state
-    between calls). Only the latest plain session is kept, and it is let go before any other
-    session is made, so no more sessions are alive at once than without the reuse. Graphs are
-    not changed in place after they are run (trtopt's passes return new graphs).
+    between calls). Only the latest plain session of a graph held in memory is kept, and it is
+    let go before any other session is made, so no more sessions are alive at once than without
+    the reuse. Graphs are not changed in place after they are run (trtopt's passes return new graphs).
     """
     token = _LATEST_SESSION.set([])
     try:
@@ -279,7 +279,9 @@ def cpu_session(
     if outputs is not None:
         emulated = with_outputs(emulated, outputs)
     session = make_session(emulated, intra_op_threads=intra_op_threads, int4_accuracy_level=int4_accuracy_level)
-    if latest is not None and outputs is None:
+    if latest is not None and outputs is None and weights_dir(model) is None:
+        # (A model with its weights on disk is loaded into memory for the passes, a new graph object:
+        # its session would be held for nothing, at the size of the weights.)
         latest[:] = [key, model, session]
     return session
 
