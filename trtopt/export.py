@@ -143,11 +143,11 @@ class _TorchlibRegistries:
     """torch.onnx.export's registry of torchlib functions, built once per opset instead of per export.
 
     The dynamo exporter rebuilds the registry on every call (``ONNXRegistry.from_torchlib``),
-    parsing some 500 onnxscript functions (1.6-1.8 s per compile on a loaded 2-core machine). Its content depends
-    only on the opset, so while trtopt exports, ``from_torchlib`` hands each export a copy of
-    the one built first (its own lists: an export may register ops), and the exported graphs
-    are the same. The original is restored when no trtopt export is running; a torch without
-    this private API is left alone.
+    parsing some 500 onnxscript functions (1.6-1.8 s per compile on a loaded 2-core machine).
+    Its content depends only on the opset, so while trtopt exports, ``from_torchlib`` hands
+    each export a copy of the one built first (its own lists: an export may register ops), and
+    the exported graphs are the same. The original is restored when no trtopt export is running;
+    a torch without this private API is left alone.
     """
 
     def __init__(self) -> None:
