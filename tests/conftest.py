@@ -6,9 +6,6 @@
   is seeded and single-threaded, so a test gets the same weights whichever test asked first.
 - Every test that uses a trained digits model is marked ``slow`` (see
   ``pytest_collection_modifyitems``): ``pytest -m "not slow"`` is the fast tier.
-- ``torchlib_registry_built_once`` (autouse, session): torch.onnx.export's op registry is
-  built once per session instead of once per export (building it is about half the CPU
-  time of exporting a small model); the exported graphs are the same.
 - ``fake_trt``: TensorRT and pycuda replaced by the doubles of ``tests/trt_doubles.py``.
 - ``restore_trtopt_logging`` (autouse): the ``trtopt`` logger as it was before each test.
 - Under pytest-xdist (``make test``: ``-n 2 --dist loadfile``, a test file per worker, so its
@@ -22,7 +19,6 @@ import copy
 import logging
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 import torch
@@ -98,45 +94,6 @@ def pytest_configure(config: pytest.Config) -> None:
     if workers > 1:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(max(1, cores // workers))
-
-
-def _cached_from_torchlib(original: Callable[..., Any]) -> Callable[..., Any]:
-    """``ONNXRegistry.from_torchlib`` that builds each opset's registry once and returns copies."""
-    built: dict[tuple[type, int], Any] = {}
-
-    def from_torchlib(cls: type, opset_version: int | None = None) -> Any:
-        args = () if opset_version is None else (opset_version,)
-        key = (cls, opset_version)
-        if key not in built:
-            built[key] = original(cls, *args)
-        registry = copy.copy(built[key])
-        # Exports may register their own ops: each gets its own lists (the entries are immutable).
-        registry.functions = {target: list(entries) for target, entries in built[key].functions.items()}
-        return registry
-
-    return from_torchlib
-
-
-@pytest.fixture(scope="session", autouse=True)
-def torchlib_registry_built_once() -> Iterator[Callable[..., Any] | None]:
-    """torch.onnx.export's registry of torchlib functions, built once per session instead of per export.
-
-    The dynamo exporter rebuilds it on every call by parsing the source of some 500 onnxscript
-    functions: about half the CPU time of exporting a small model, and the tests export hundreds.
-    Its content depends only on the opset, so every export still gets the same registry
-    (tests/test_fixtures.py checks that an export is byte-identical either way). Yields the
-    original function, or None where torch has no such registry and nothing is patched.
-    """
-    try:
-        from torch.onnx._internal.exporter import _registration
-
-        original = _registration.ONNXRegistry.__dict__["from_torchlib"].__func__
-    except (ImportError, KeyError, AttributeError):
-        yield None
-        return
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(_cached_from_torchlib(original)))
-        yield original
 
 
 @pytest.fixture()

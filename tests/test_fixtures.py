@@ -17,8 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import trtopt
-from tests._models import ResidualCNN
 from tests import conftest
 from tests.conftest import TrainedDigits, trtopt_logging_kept
 from trtopt.bench import digits as digits_data
@@ -67,24 +65,6 @@ def test_logging_changed_by_a_test_does_not_outlive_it():
         logger.propagate = not before[2]
         assert logger.handlers != before[0] and logger.level == logging.DEBUG
     assert (list(logger.handlers), logger.level, logger.propagate) == before
-
-
-@pytest.mark.slow
-def test_an_export_is_byte_identical_with_the_registry_built_once(torchlib_registry_built_once, monkeypatch):
-    original = torchlib_registry_built_once
-    if original is None:
-        pytest.skip("this torch's ONNX exporter has no torchlib registry to build once")
-    from torch.onnx._internal.exporter import _registration
-
-    def exported() -> bytes:
-        torch.manual_seed(0)
-        module = trtopt.compile(ResidualCNN().eval(), (torch.randn(2, 3, 16, 16),), backend="onnxruntime")
-        return module.onnx_model.SerializeToString()
-
-    assert _registration.ONNXRegistry.from_torchlib.__func__ is not original  # the session's cache is on
-    cached = exported()
-    monkeypatch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(original))
-    assert exported() == cached
 
 
 def test_test_files_import_shared_helpers_not_each_other():

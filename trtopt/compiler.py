@@ -35,7 +35,7 @@ from .module import CompiledModule, read_module_file
 from .stages import StageTimer
 from .spec import ModuleSpec, tensor_specs
 from .backends.onnxruntime import OnnxRuntimeBackend
-from .executor.session import make_session
+from .executor.session import cpu_session, reusing_sessions
 from .builder import (
     build_engine,
     engine_record,
@@ -222,6 +222,8 @@ class _Graph:
     source_kind: str  # the model's type name, for the log
 
 
+# A graph a compile runs twice in a row (shape check, FP32 reference; readout, CPU backend) loads once.
+@reusing_sessions()
 def compile(  # noqa: A001 - the public name docs/design.md fixes
     model: Any,
     example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
@@ -364,7 +366,7 @@ def check_profile_shapes(
     if all(r.min == r.max for p in profiles for r in p.inputs):
         return  # static: the export already ran at the only shape
     try:
-        session = make_session(onnx_model)
+        session = cpu_session(onnx_model)  # the FP32 reference outputs (hold_back) reuse it
     except EngineError as exc:
         logger.debug("profile shapes not checked: %s", exc)
         return

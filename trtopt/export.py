@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import traceback
 import warnings
 from collections.abc import Iterator, Sequence
@@ -138,6 +139,62 @@ def _captured(log: io.StringIO) -> Iterator[None]:
         yield
 
 
+class _TorchlibRegistries:
+    """torch.onnx.export's registry of torchlib functions, built once per opset instead of per export.
+
+    The dynamo exporter rebuilds the registry on every call (``ONNXRegistry.from_torchlib``),
+    parsing some 500 onnxscript functions (1.6-1.8 s per compile on a loaded 2-core machine).
+    Its content depends only on the opset, so while trtopt exports, ``from_torchlib`` hands
+    each export a copy of the one built first (its own lists: an export may register ops), and
+    the exported graphs are the same. The original is restored when no trtopt export is running;
+    a torch without this private API is left alone.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._original: Any = None
+        self._built: dict[tuple[type, Any], Any] = {}
+
+    @contextlib.contextmanager
+    def reused(self) -> Iterator[None]:
+        try:
+            from torch.onnx._internal.exporter._registration import ONNXRegistry
+        except ImportError:
+            yield
+            return
+        with self._lock:
+            if self._users == 0:
+                self._original = ONNXRegistry.__dict__.get("from_torchlib")
+                if isinstance(self._original, classmethod):
+                    ONNXRegistry.from_torchlib = classmethod(self._cached(self._original.__func__))  # type: ignore[method-assign,assignment]
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0 and isinstance(self._original, classmethod):
+                    ONNXRegistry.from_torchlib = self._original  # type: ignore[method-assign,assignment]
+
+    def _cached(self, build: Any) -> Any:
+        import copy
+
+        def from_torchlib(cls: type, *args: Any, **kwargs: Any) -> Any:
+            key = (cls, (args, tuple(sorted(kwargs.items()))))
+            if key not in self._built:
+                self._built[key] = build(cls, *args, **kwargs)
+            built = self._built[key]
+            registry = copy.copy(built)
+            registry.functions = {target: list(entries) for target, entries in built.functions.items()}
+            return registry
+
+        return from_torchlib
+
+
+_TORCHLIB = _TorchlibRegistries()
+
+
 def _write_export_log(model_name: str, sections: Sequence[tuple[str, io.StringIO, BaseException]]) -> str | None:
     """Write each exporter's captured output and full traceback to a file; return its path.
 
@@ -246,7 +303,7 @@ def _dynamo_export(
                 dims[d] = Dim.DYNAMIC(min=lo, max=hi)
         dynamic_shapes[name] = dims
     # The exporter prints progress to stdout and, on failure, FX graphs to stderr: keep both in ``log``.
-    with _captured(log), warnings.catch_warnings():
+    with _captured(log), warnings.catch_warnings(), _TORCHLIB.reused():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model,

@@ -10,6 +10,7 @@ which runs a compiled module on sessions made here).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import tempfile
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -154,6 +156,29 @@ class Observer(Protocol):
     def update(self, values: np.ndarray) -> float: ...
 
 
+# The latest plain session (the graph's own outputs) made inside ``reusing_sessions``: [key, model, session].
+_LATEST_SESSION: ContextVar[list[Any] | None] = ContextVar("trtopt_latest_session", default=None)
+
+
+@contextlib.contextmanager
+def reusing_sessions() -> Iterator[None]:
+    """Within this block (one compile), a graph loaded twice in a row is loaded into ONNX Runtime once.
+
+    A compile runs the same graph object twice in a row with the same settings: the exported
+    graph in the profile-shape check, then for the FP32 reference outputs; the FP16/INT8 graph
+    in the accuracy readout, then as the CPU backend. ``cpu_session`` hands the second caller
+    the first one's session (``InferenceSession.run`` is thread-safe and keeps no state
+    between calls). Only the latest plain session of a graph held in memory is kept, and it is
+    let go before any other session is made, so no more sessions are alive at once than without
+    the reuse. Graphs are not changed in place after they are run (trtopt's passes return new graphs).
+    """
+    token = _LATEST_SESSION.set([])
+    try:
+        yield
+    finally:
+        _LATEST_SESSION.reset(token)
+
+
 def cpu_session(
     model: onnx.ModelProto, intra_op_threads: int | None = None, outputs: Sequence[str] | None = None,
     int4_accuracy_level: int | None = None, prepack: bool = True,
@@ -163,19 +188,36 @@ def cpu_session(
 
     ``outputs`` replaces the graph's outputs. They are chosen after the emulation, because
     it leaves a tensor inside a fused INT8 kernel unrounded only while it is no graph output.
+    Inside ``reusing_sessions``, the session just made for the same ``model`` object with the
+    same settings is returned again.
     """
+    latest = _LATEST_SESSION.get()
+    # The accuracy level only changes graphs with INT4 weights (make_session).
+    level = int4_accuracy_level if has_int4_weights(model) else None
+    key = (intra_op_threads, level)
+    if latest and outputs is None and latest[0] == key and latest[1] is model:
+        return latest[2]
+    if latest is not None:
+        latest.clear()  # let the previous session go before this one is made
     emulated = emulate_fp16(model)
     if outputs is not None:
         emulated = with_outputs(emulated, outputs)
-    return make_session(
+    # Skipping the packed copy saves memory only where the weights are on disk (make_session); a graph
+    # held in memory prepacks, as the module's own session does, so a measuring session may serve as it.
+    prepack = prepack or weights_dir(model) is None
+    session = make_session(
         emulated, intra_op_threads=intra_op_threads, int4_accuracy_level=int4_accuracy_level, prepack=prepack
     )
+    if latest is not None and outputs is None and weights_dir(model) is None:
+        # A graph whose weights are on disk is not held: its session would pin memory the size of its weights.
+        latest[:] = [key, model, session]
+    return session
 
 
 def run_batches(model: onnx.ModelProto, feeds: Iterable[Feeds]) -> Iterator[list[np.ndarray]]:
     """The graph's outputs batch by batch (one list per batch, one array per output), in one
     session: what the readout and the budget compare, whatever each batch's shape."""
-    session = cpu_session(model, prepack=False)  # a few batches: no packed copy of the weights
+    session = cpu_session(model, prepack=False)  # a few batches: no packed copy of weights on disk
     names = [o.name for o in session.get_outputs()]
     return (session.run(names, dict(feed)) for feed in feeds)
 

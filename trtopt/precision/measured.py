@@ -21,7 +21,7 @@ from ..names import added_by
 from .fp16 import DEFAULT_FP16_THRESHOLD, Fp16Report, convert_to_fp16
 from .masks import MaskReport, make_masks_fp16_safe
 from .int8 import FP16_SCALE_FLOOR, FP32_SCALE_FLOOR, Int8Plan, Int8Report, quantize_int8
-from .probe import tensor_ranges
+from .probe import nonfinite_tensors, tensor_ranges
 from .validate import validate_qdq
 
 logger = logging.getLogger(__name__)
@@ -102,8 +102,7 @@ def to_fp16(
             keep=keep,
             masks=masks,
         )
-        after = tensor_ranges(converted, batches())  # FP16 as TensorRT computes it (the executor emulates it)
-        bad = {n for n, v in after.items() if not math.isfinite(v)}
+        bad = nonfinite_tensors(converted, batches())  # FP16 as TensorRT computes it (the executor emulates it)
         if not bad:
             return converted, report
         kept = {k.name for k in report.kept}
@@ -118,6 +117,12 @@ def to_fp16(
     )
 
 
+def float_part_ranges(model: onnx.ModelProto, batches: Batches) -> dict[str, float]:
+    """What ``to_int8`` measures for an FP16 float part: max |x| of each tensor of ``model`` with its
+    attention masks made FP16-safe first (a finfo.min or -inf mask would read as an overflow)."""
+    return tensor_ranges(make_masks_fp16_safe(model)[0], batches())
+
+
 def to_int8(
     model: onnx.ModelProto,
     plan: Int8Plan,
@@ -130,6 +135,7 @@ def to_int8(
     exclude_op_types: Iterable[str] = (),
     layout: str = "tensorrt",
     extents: Mapping[str, tuple[float, float]] | None = None,
+    ranges: Mapping[str, float] | None = None,
 ) -> tuple[onnx.ModelProto, Int8Report, Fp16Report | None]:
     """Insert ``plan``'s Q/DQ pairs (INT8 or FP8, as planned) with scales from ``amax``; the rest
     in ``float_precision``.
@@ -138,14 +144,18 @@ def to_int8(
     Inf/NaN check; skipped without ``batches``), and the Q/DQ scales become FP16 (opset 19).
     ``layout="cpu"`` writes the CPU layout (``quantize_int8``; ``extents``: observed
     (min, max) per tensor), which TensorRT's rules (``validate_qdq``) do not apply to.
+    ``ranges``: ``float_part_ranges(model, batches)``, when the caller has them already.
     """
     if float_precision not in ("fp16", "fp32"):
         raise GraphError(f"float_precision={float_precision!r}; use 'fp16' or 'fp32'")
     half = float_precision == "fp16"
     masks = None
-    if half:  # before measuring: a finfo.min or -inf mask would read as an overflow
+    if half:
+        if ranges is None and batches is not None:
+            ranges = float_part_ranges(model, batches)
         model, masks = make_masks_fp16_safe(model)
-    ranges = tensor_ranges(model, batches()) if half and batches is not None else None
+    else:
+        ranges = None
     # onnx-graphsurgeon warns on every FP8 tensor that numpy has no such type (it keeps them exact).
     with G_LOGGER.suppress(G_LOGGER.ERROR):
         quantized, int8_report = quantize_int8(

@@ -27,7 +27,7 @@ from ..names import node_modules
 from ..stages import StageTimer
 from .budget import AccuracyBudget, BudgetReport, FinalModule, check_final, find_units_to_keep_high, keep_high
 from .fp16 import Fp16Report
-from .measured import to_fp16, to_int8
+from .measured import float_part_ranges, to_fp16, to_int8
 from .int8 import Int8Plan, Int8Report, plan_int8
 from .qformat import graph_format, quant_format
 from .readout import AccuracyReadout, class_logit_outputs, log_readout, measure
@@ -429,6 +429,8 @@ class Int8Builder:
     def __init__(self, calibrated: Calibrated, config: BuildConfig, data: PreparedData) -> None:
         self.calibrated, self.config, self.data = calibrated, config, data
         self.latest: dict[frozenset[str], tuple[onnx.ModelProto, Int8Report, Fp16Report | None]] = {}
+        # The FP16 float part's ranges are the FP32 graph's, whatever units stay high: measured once.
+        self.float_ranges: dict[str, float] | None = None
 
     def build(self, kept: frozenset[str] = frozenset()) -> tuple[onnx.ModelProto, Int8Report, Fp16Report | None]:
         if kept in self.latest:
@@ -437,10 +439,13 @@ class Int8Builder:
         if kept:
             ops = {n.name: n.op_type for n in model.graph.node}
             plan = keep_high(plan, kept, ops, node_modules(model))
+        float_precision = self.config.float_part_precision.value
+        if float_precision == "fp16" and self.data.batches is not None and self.float_ranges is None:
+            self.float_ranges = float_part_ranges(model, self.data.batches)
         result = to_int8(
-            model, plan, self.calibrated.amax, self.data.batches, float_precision=self.config.float_part_precision.value,
+            model, plan, self.calibrated.amax, self.data.batches, float_precision=float_precision,
             threshold=self.config.fp16_threshold, layout=self.config.int8_layout, extents=self.calibrated.extents,
-            **self.data.excluded,
+            ranges=self.float_ranges, **self.data.excluded,
         )
         self.latest = {kept: result}
         return result

@@ -10,7 +10,7 @@ where the calibrator would reject it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -41,6 +41,22 @@ class MaxAbsObserver:
         batch_max = max(high, -low)
         self.peak = max(self.peak, batch_max)
         return batch_max
+
+
+class FiniteObserver:
+    """Whether any batch held Inf or NaN (``peak``: ``math.inf`` then, else 0.0).
+
+    All the FP16 repair loop asks of the converted graph: one vectorised test per batch
+    instead of max |x|'s two reductions, and none once the tensor is known to be bad.
+    """
+
+    def __init__(self) -> None:
+        self.peak = 0.0
+
+    def update(self, values: np.ndarray) -> float:
+        if self.peak == 0.0 and not np.isfinite(values).all():
+            self.peak = math.inf
+        return self.peak
 
 
 def probed_tensors(model: onnx.ModelProto) -> list[str]:
@@ -91,8 +107,21 @@ def tensor_ranges(
     must carry inferred value_info (``trtopt.graph.check_model`` adds it). A graph
     with FP16 tensors is measured as TensorRT computes it (the executor emulates FP16).
     """
+    return _observed(model, batches, MaxAbsObserver)
+
+
+def nonfinite_tensors(model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]]) -> set[str]:
+    """The tensors ``tensor_ranges`` would map to ``math.inf``: those that held Inf or NaN in any batch."""
+    return {name for name, peak in _observed(model, batches, FiniteObserver).items() if peak == math.inf}
+
+
+def _observed(
+    model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]],
+    observer: Callable[[], MaxAbsObserver | FiniteObserver],
+) -> dict[str, float]:
+    """Each probed tensor's ``peak`` from one ``observer()`` per tensor fed every batch."""
     names = probed_tensors(model)
-    observers = {name: MaxAbsObserver() for name in names}
+    observers = {name: observer() for name in names}
     initializers = {t.name for t in model.graph.initializer}
     inputs = [vi.name for vi in model.graph.input if vi.name not in initializers]
     feeds = ({n: np.asarray(batch[n]) for n in inputs} for batch in batches)

@@ -1,0 +1,159 @@
+"""What a compile does more than once: graphs loaded into ONNX Runtime, passes over the data.
+
+Counted with spies, not timed (timings belong in benchmarks/compile_cost.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import hashlib
+import math
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+from torch import nn
+
+import trtopt
+from trtopt.precision import probe
+
+
+class Tagger(nn.Module):
+    """Two Linear layers and a LayerNorm: INT8 plans Q/DQ, SmoothQuant has a group to smooth."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.first, self.second = nn.Linear(8, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.relu(self.first(self.norm(x)))).mean(dim=1)
+
+
+def _batches() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(4, 5, 8, generator=generator) for _ in range(10)]
+
+
+@pytest.fixture()
+def session_loads(monkeypatch: pytest.MonkeyPatch) -> Counter[tuple[str, int]]:
+    """Every ONNX Runtime session made, by (sha-256 of the graph it loaded, intra-op threads)."""
+    loads: Counter[tuple[str, int]] = Counter()
+    real = ort.InferenceSession
+
+    def spy(model: Any, options: ort.SessionOptions | None = None, *args: Any, **kwargs: Any) -> ort.InferenceSession:
+        data = model if isinstance(model, bytes) else open(model, "rb").read()
+        loads[(hashlib.sha256(data).hexdigest(), options.intra_op_num_threads if options else 0)] += 1
+        return real(model, options, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    return loads
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_a_compile_loads_no_graph_into_onnx_runtime_twice(session_loads, precision):
+    # The profile-shape check and the FP32 reference run the exported graph; the readout and the
+    # CPU backend run the compiled one: each pair shares one session.
+    batches = _batches()
+    module = trtopt.compile(
+        Tagger().eval(), (batches[0],), precision=precision, backend="onnxruntime",
+        calibration_data=None if precision == "fp32" else batches, dynamic_shapes={"x": {0: (1, 4, 8)}},
+    )
+    assert module(batches[0]).shape == (4, 10)
+    assert session_loads, "the spy saw no session"
+    assert [key for key, count in session_loads.items() if count > 1] == []
+
+
+def test_an_accuracy_budget_search_loads_no_graph_twice(session_loads):
+    # Each module the search builds keeps other units high; the FP32 graph its float part is
+    # measured on is the same every time, so it is measured once.
+    batches = _batches()
+    trtopt.compile(
+        Tagger().eval(), (batches[0],), precision="int8", backend="onnxruntime", calibration_data=batches,
+        accuracy_budget="cosine>=0.99999", dynamic_shapes={"x": {0: (1, 4, 8)}},
+    )
+    assert [count for count in session_loads.values() if count > 1] == []
+
+
+def test_the_torchlib_registry_is_built_once_and_each_export_is_the_same(monkeypatch):
+    try:
+        from torch.onnx._internal.exporter import _registration
+
+        original = _registration.ONNXRegistry.__dict__["from_torchlib"].__func__
+    except (ImportError, KeyError, AttributeError):
+        pytest.skip("this torch has no ONNXRegistry.from_torchlib")
+    from trtopt import export
+
+    builds = []
+
+    def counted(cls: type, *args: Any, **kwargs: Any) -> Any:
+        builds.append(args)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(counted))
+    monkeypatch.setattr(export._TORCHLIB, "_built", {})
+    model, batches = Tagger().eval(), _batches()
+
+    def exported() -> bytes:
+        return trtopt.compile(model, (batches[0],), backend="onnxruntime").onnx_model.SerializeToString()
+
+    graphs = [exported(), exported()]
+    assert len(builds) == 1
+    assert _registration.ONNXRegistry.__dict__["from_torchlib"].__func__ is counted  # restored after each export
+    monkeypatch.setattr(export._TORCHLIB, "reused", contextlib.nullcontext)  # the registry rebuilt per export
+    assert graphs[0] == graphs[1] == exported()
+    assert len(builds) == 2
+
+
+def _overflowing_graph() -> onnx.ModelProto:
+    """exp(x) overflows to Inf for x > 88, its negation is -Inf, a Relu hides both, exp(x) - exp(x) is NaN."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 2]) for n in ("hidden", "nan")]
+    nodes = [
+        helper.make_node("Exp", ["x"], ["e"], name="exp"),
+        helper.make_node("Neg", ["e"], ["negated"], name="neg"),
+        helper.make_node("Relu", ["negated"], ["hidden"], name="relu"),
+        helper.make_node("Sub", ["e", "e"], ["nan"], name="sub"),
+    ]
+    graph = helper.make_graph(nodes, "g", [x], outputs)
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]))
+
+
+def test_the_overflow_check_finds_the_tensors_the_probe_maps_to_inf(monkeypatch):
+    # The FP16 repair loop only asks which tensors went Inf/NaN: it gets them without max |x|.
+    feeds = [{"x": np.full((1, 2), v, np.float32)} for v in (1.0, 100.0, 2.0)]
+    ranges = probe.tensor_ranges(_overflowing_graph(), feeds)
+    reductions = []
+    monkeypatch.setattr(probe.MaxAbsObserver, "update", lambda self, values: reductions.append(values))
+    bad = probe.nonfinite_tensors(_overflowing_graph(), feeds)
+    assert bad == {name for name, peak in ranges.items() if not math.isfinite(peak)} == {"e", "negated", "nan"}
+    assert reductions == []
+
+
+def test_the_budget_search_measures_the_fp16_float_part_ranges_once(monkeypatch):
+    # Each module the accuracy-budget search builds keeps other units out of INT8, but its FP16
+    # float part is judged on the same FP32 graph's ranges: measured for the first build only.
+    from trtopt.config import BuildConfig
+    from trtopt.precision import measured
+    from trtopt.precision.pipeline import Int8Builder, PreparedData, calibrate_plan
+
+    batches = _batches()
+    graph = trtopt.compile(Tagger().eval(), (batches[0],), backend="onnxruntime").onnx_model
+    config = BuildConfig(precision="int8")
+    data = PreparedData.prepare(graph, config, [{"x": b.numpy()} for b in batches], None, None)
+    builder = Int8Builder(calibrate_plan(graph, config, data), config, data)
+    probes = []
+    real = measured.tensor_ranges
+    monkeypatch.setattr(measured, "tensor_ranges", lambda model, feeds: probes.append(1) or real(model, feeds))
+    all_int8 = builder.build()[0]
+    one_high = builder.build(frozenset({builder.calibrated.plan.weights[0][0]}))[0]  # a layer kept high
+    assert len(probes) == 1
+    assert sum(n.op_type == "QuantizeLinear" for n in one_high.graph.node) < sum(
+        n.op_type == "QuantizeLinear" for n in all_int8.graph.node
+    )
