@@ -6,6 +6,7 @@
   is seeded and single-threaded, so a test gets the same weights whichever test asked first.
 - Every test that uses a trained digits model is marked ``slow`` (see
   ``pytest_collection_modifyitems``): ``pytest -m "not slow"`` is the fast tier.
+- ``private_cache_home`` (autouse, session): ``$XDG_CACHE_HOME`` is a temporary directory.
 - ``fake_trt``: TensorRT and pycuda replaced by the doubles of ``tests/trt_doubles.py``.
 - ``restore_trtopt_logging`` (autouse): the ``trtopt`` logger as it was before each test.
 - Under pytest-xdist (``make test``: ``-n 2 --dist loadfile``, a test file per worker, so its
@@ -94,6 +95,15 @@ def pytest_configure(config: pytest.Config) -> None:
     if workers > 1:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(max(1, cores // workers))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """trtopt's default caches (the budget's sensitivity cache) live in this session's directory, not
+    ~/.cache: a cache left by an earlier run would change which path a test takes."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
 
 
 @pytest.fixture()

@@ -99,3 +99,10 @@ def test_an_xdist_worker_gets_its_share_of_the_cores(monkeypatch, request):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_default_caches_are_private_to_the_test_session():
+    from trtopt.precision.budget import default_cache_dir
+
+    home_cache = Path.home() / ".cache"
+    assert home_cache not in default_cache_dir().parents

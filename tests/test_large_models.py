@@ -20,6 +20,7 @@ import torch
 
 import trtopt
 from trtopt import graph
+from trtopt.executor import session as executor_session
 from trtopt.module import ONNX_DATA_MEMBER, read_module_file
 
 WIDTH = 256
@@ -205,6 +206,7 @@ def test_fp16_and_int8_on_disk_compute_what_they_compute_in_memory(precision, mo
     def compiled():
         return trtopt.compile(model, (x,), precision=precision, calibration_data=calibration, backend="onnxruntime")
 
+    _measure_without_prepacking(monkeypatch)
     in_memory = compiled()
     monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 10_000)
     on_disk = compiled()
@@ -248,6 +250,18 @@ def _report_content(module: trtopt.CompiledModule) -> dict:
     return report
 
 
+def _measure_without_prepacking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both paths' sessions skip ONNX Runtime's prepacked weights, so the passes are compared under the
+    same kernels: the on-disk path measures without them (memory) and the in-memory one with them,
+    and the two kinds of GEMM kernel round differently in the last bits (docs/design.md)."""
+    real = executor_session.make_session
+
+    def unpacked(model: onnx.ModelProto, *args, prepack: bool = True, **kwargs):
+        return real(model, *args, prepack=False, **kwargs)
+
+    monkeypatch.setattr(executor_session, "make_session", unpacked)
+
+
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_fp16_and_int8_passes_on_disk_write_the_same_graph_without_loading_the_weights(precision, monkeypatch):
     model = _MaskedBlock().eval()
@@ -257,6 +271,7 @@ def test_fp16_and_int8_passes_on_disk_write_the_same_graph_without_loading_the_w
     def compiled():
         return trtopt.compile(model, (x,), precision=precision, calibration_data=calibration, backend="onnxruntime")
 
+    _measure_without_prepacking(monkeypatch)
     in_memory = compiled()
     monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 10_000)
     # Every ONNX Runtime session the passes and the backend create gets a proto without the weights
@@ -303,6 +318,7 @@ def test_int8_convolutions_on_disk_give_the_same_graph_and_outputs(layout, monke
             model, (x,), precision="int8", calibration_data=calibration, backend="onnxruntime", int8_layout=layout
         )
 
+    _measure_without_prepacking(monkeypatch)
     in_memory = compiled()
     monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 10_000)
     on_disk = compiled()
@@ -376,3 +392,27 @@ def test_serialized_parts_parse_back_to_the_model():
     session = ort.InferenceSession(joined, providers=["CPUExecutionProvider"])
     x = np.ones((2, 600), np.float32)
     np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ values, rtol=1e-4, atol=1e-4)
+
+
+def test_measuring_sessions_skip_prepacking_only_for_weights_on_disk(monkeypatch):
+    # In memory every session prepacks as before (calibration ranges unchanged in the last bits);
+    # on disk the measuring ones do not (one copy of the weights resident), the module's own does.
+    calls = []
+    real = executor_session.make_session
+
+    def spy(model: onnx.ModelProto, *args, prepack: bool = True, **kwargs):
+        calls.append((graph.weights_dir(model) is not None, prepack))
+        return real(model, *args, prepack=prepack, **kwargs)
+
+    monkeypatch.setattr(executor_session, "make_session", spy)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(WIDTH, WIDTH), torch.nn.ReLU(), torch.nn.Linear(WIDTH, 4)).eval()
+    x = torch.randn(2, WIDTH)
+    calibration = [(torch.randn(2, WIDTH),) for _ in range(4)]
+    trtopt.compile(model, (x,), precision="int8", calibration_data=calibration, backend="onnxruntime")
+    assert calls and all(not on_disk and prepack for on_disk, prepack in calls), calls
+    calls.clear()
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    trtopt.compile(model, (x,), precision="int8", calibration_data=calibration, backend="onnxruntime")
+    assert all(on_disk for on_disk, _ in calls), calls
+    assert (True, False) in calls and (True, True) in calls, calls
