@@ -1,4 +1,5 @@
-"""builder.py's logic around TensorRT, through FakeTensorRT/FakeCuda (tests/trt_doubles.py).
+"""The TensorRT build's logic (builder.py, backends/tensorrt/build.py) around TensorRT,
+through FakeTensorRT/FakeCuda (tests/trt_doubles.py).
 
 What these check: the network flag, profiles sent to TensorRT and checked
 against the network's inputs, engine settings applied, parser and build

@@ -104,5 +104,8 @@ def test_an_xdist_worker_gets_its_share_of_the_cores(monkeypatch, request):
 def test_default_caches_are_private_to_the_test_session():
     from trtopt.precision.budget import default_cache_dir
 
-    home_cache = Path.home() / ".cache"
-    assert home_cache not in default_cache_dir().parents
+    import os
+
+    session_cache = Path(os.environ["XDG_CACHE_HOME"])
+    assert session_cache.is_dir() and Path.home() / ".cache" not in session_cache.parents
+    assert session_cache in default_cache_dir().parents

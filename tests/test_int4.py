@@ -623,6 +623,12 @@ def test_awq_uses_every_row_without_a_0_1_padding_mask(monkeypatch):
     trtopt.compile(masked_encoder("token_type_ids"), precision="int4", int4_method="awq", backend="onnxruntime",
                    calibration_data=masked_batches("token_type_ids"))
     assert 2 * padding_rows(seen[-1]) == len(seen[-1])
+    # torch's key_padding_mask is 1 (True) at padding: not a mask of real tokens.
+    seen.clear()
+    module = trtopt.compile(masked_encoder("key_padding_mask"), precision="int4", int4_method="awq",
+                            backend="onnxruntime", calibration_data=masked_batches("key_padding_mask"))
+    assert 2 * padding_rows(seen[-1]) == len(seen[-1])
+    assert module.precision_report.weight_only["awq"][0]["rows"].startswith("all rows: no graph input named *mask*")
 
 
 def test_row_sampler_takes_all_rows_of_a_tensor_the_mask_does_not_line_up_with():

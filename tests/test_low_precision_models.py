@@ -151,6 +151,18 @@ def test_bfloat16_model_runs_at_fp32_and_says_what_to_do_otherwise() -> None:
         trtopt.compile(model, (x,), precision="int8", calibration_data=[(x,)] * 4, backend="onnxruntime")
 
 
+def test_bfloat16_model_with_dynamic_shapes_is_checked_at_each_profile_shape() -> None:
+    # The compile-time shape check feeds the BF16 examples, resized, to an FP32-emulating session.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU()).eval().bfloat16()
+    x = torch.randn(4, 16).bfloat16()
+    fast = trtopt.compile(model, (x,), dynamic_shapes={"input": {0: (1, 4, 8)}}, backend="onnxruntime")
+    for batch in (1, 8):
+        xb = torch.randn(batch, 16).bfloat16()
+        with torch.no_grad():
+            assert relative(fast(xb), model(xb)) < 8 * 2.0**-7
+
+
 # ------------------------------------------------------------------ third-party ONNX at opset 17
 
 

@@ -1,4 +1,5 @@
-"""runtime.py's logic around TensorRT and pycuda, through FakeTensorRT/FakeCuda (tests/trt_doubles.py).
+"""The TensorRT runner's logic (runtime.py, backends/tensorrt/runner.py) around TensorRT and
+pycuda, through FakeTensorRT/FakeCuda (tests/trt_doubles.py).
 
 What these check: dtype mapping, binding by tensor name, profile selection
 only when it changes, buffer reuse and growth, returned tensors never aliasing

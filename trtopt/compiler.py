@@ -24,6 +24,7 @@ from .export import check_example_inputs, export, forward_input_names, resize_di
 from .graph import (
     cleanup,
     discard_weights_dir,
+    prune_weights_dir,
     graph_input_shapes,
     load_weights,
     needs_external_data,
@@ -281,6 +282,7 @@ def compile(  # noqa: A001 - the public name docs/design.md fixes
         spec = _module_spec(onnx_model, graph, report.precision or config.precision.value, report.to_json(), config)
         with timer.stage("backend"):
             backend_obj, engine = make_backend(kind, onnx_model, spec, config)
+        prune_weights_dir(onnx_model)  # the passes' and sessions' intermediate weight files
         spec.info["stage_seconds"] = timer.to_json()
         module = CompiledModule(onnx_model, spec, backend_obj, engine)
     finally:
@@ -366,7 +368,9 @@ def check_profile_shapes(
     if all(r.min == r.max for p in profiles for r in p.inputs):
         return  # static: the export already ran at the only shape
     try:
-        session = cpu_session(onnx_model)  # the FP32 reference outputs (hold_back) reuse it
+        # prepack=False: a measuring session (it still prepacks a graph held in memory, which the FP32
+        # reference outputs of hold_back then reuse)
+        session = cpu_session(onnx_model, prepack=False)
     except EngineError as exc:
         logger.debug("profile shapes not checked: %s", exc)
         return
@@ -384,6 +388,8 @@ def check_profile_shapes(
             for name, shape in zip(names, shapes):
                 if examples is not None and name in examples:
                     tensor = examples[name].detach().cpu()
+                    if tensor.dtype == torch.bfloat16:  # numpy has none; the session takes BF16 as FP32, exactly
+                        tensor = tensor.float()
                     for d, size in enumerate(shape):
                         tensor = resize_dim(tensor, d, size)
                     feeds[name] = tensor.contiguous().numpy()

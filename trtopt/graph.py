@@ -12,6 +12,7 @@ that a broken graph fails here, with ONNX's message, not inside TensorRT.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import shutil
@@ -288,6 +289,32 @@ def discard_weights_dir(directory: Path | None) -> None:
             return
         del _owners[str(directory)]
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def prune_weights_dir(model: onnx.ModelProto) -> int:
+    """Delete the files of ``model``'s (trtopt-made) weights directory that its graph does not use;
+    returns how many.
+
+    Every pass writes the tensors it changes as new files, and every session's FP16 emulation
+    its FP32 copies: left alone, they would keep several times the weights on disk for the life
+    of the module. Sessions made already keep reading what they loaded (POSIX keeps an unlinked
+    file's data while it is open or mapped); a file the OS will not delete now stays.
+    """
+    directory = weights_dir(model)
+    with _owners_lock:
+        if directory is None or str(directory) not in _owners:
+            return 0  # not trtopt's temporary directory: never touch it
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS, onnx.AttributeProto.TENSOR)
+           for node in model.graph.node for a in node.attribute):
+        return 0  # tensors beyond the initializers might point at files too: keep them all
+    used = {_external_info(t).get("location") for t in _external_tensors(model)}
+    removed = 0
+    for path in directory.iterdir():
+        if path.is_file() and path.name not in used:
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed += 1
+    return removed
 
 
 @atexit.register

@@ -96,8 +96,3 @@ def _numpy_of(x: torch.Tensor) -> np.ndarray:
     if x.dtype == torch.bfloat16:
         x = x.float()
     return x.contiguous().numpy()
-
-
-# ------------------------------------------------------------------ the executor
-
-# Element types of the activations trtopt measures (calibration takes any of them).

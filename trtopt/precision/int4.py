@@ -429,16 +429,17 @@ def padding_mask_input(
     A padding mask: a graph input whose name holds "mask", of rank 2 (``[batch, seq]``),
     whose values in every calibration batch are 0 or 1 with at least one 1 per sample.
     Exactly one input may qualify; zero or several (ambiguous) mean no mask. The name is
-    required because other 0/1 ``[batch, seq]`` inputs exist (BERT's token_type_ids).
+    required because other 0/1 ``[batch, seq]`` inputs exist (BERT's token_type_ids). A name
+    holding "padding" is no such mask: torch's ``key_padding_mask`` marks padding with 1/True.
     """
     initializers = {t.name for t in model.graph.initializer}
     candidates = [
         vi.name for vi in model.graph.input
-        if vi.name not in initializers and "mask" in vi.name.lower()
+        if vi.name not in initializers and "mask" in vi.name.lower() and "padding" not in vi.name.lower()
         and len(vi.type.tensor_type.shape.dim) == 2
     ]
     if len(candidates) != 1:
-        return None, ("no graph input named *mask* of rank 2" if not candidates
+        return None, ("no graph input named *mask* (1 at real tokens) of rank 2" if not candidates
                       else f"several mask-like inputs {candidates}: ambiguous")
     name = candidates[0]
     for feeds in batches():
@@ -659,7 +660,7 @@ def _readout_all_quantized(
 def search_budget(half: onnx.ModelProto, units: list[WeightUnit], fmt: str, block: int, data: PreparedData) -> BudgetReport:
     """The layers to keep in FP16 so that the module meets ``data.budget`` on the held-back batches.
 
-    Greedy, as the INT8 search (``budget.py``) but without its switch graph: weight-only
+    Greedy, as the INT8 search (``budget/search.py``) but without its switch graph: weight-only
     graphs need no calibration, so each candidate is simply written and run. Each layer's
     gain is the metric with it alone kept FP16; layers are kept, most helpful first, until
     the budget holds. Returns a ``BudgetReport`` (``all_int8`` holds every layer in 4 bits).
