@@ -434,5 +434,13 @@ def test_a_compiled_modules_weights_directory_holds_only_what_its_graph_uses(pre
     assert used and {p.name for p in directory.iterdir()} == used
     expected = module(x)
     assert torch.equal(module(x), expected)  # the backend's session still runs
+    from trtopt.bench.candidates import _pin_threads, compiled_candidate
+
+    _pin_threads(compiled_candidate(precision, module), 1)  # `trtopt bench` re-makes the session
+    assert {p.name for p in directory.iterdir()} == used and torch.equal(module(x), expected)
     module.save(tmp_path / "m.trtopt")
-    assert torch.equal(trtopt.load(tmp_path / "m.trtopt")(x), expected)
+    loaded = trtopt.load(tmp_path / "m.trtopt")
+    assert torch.equal(loaded(x), expected)
+    loaded_used = {dict((e.key, e.value) for e in t.external_data)["location"]
+                   for t in external_initializers(loaded.onnx_model)}
+    assert {p.name for p in graph.weights_dir(loaded.onnx_model).iterdir()} == loaded_used

@@ -495,4 +495,5 @@ def load(
     config = BuildConfig().replace(**{**stored, **overrides})
     kind = select_backend(backend, cpu_layout=is_cpu_layout(onnx_model))
     backend_obj, engine = make_backend(kind, onnx_model, spec, config, engine, allow_host_code=allow_host_code)
+    prune_weights_dir(onnx_model)  # the backend session's FP16-emulation copies
     return CompiledModule(onnx_model, spec, backend_obj, engine)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DependencyError, TrtoptError
+from ..graph import prune_weights_dir
 from .compare import compare_outputs, run_in_chunks
 from .results import BenchResult, device_name
 from .timing import measure_side_by_side
@@ -213,6 +214,7 @@ def _pin_threads(candidate: Candidate, threads: int) -> None:
         level = getattr(module.backend, "int4_accuracy_level", None)
         module.backend = OnnxRuntimeBackend(module.onnx_model, intra_op_threads=threads, emulate_fp16=True,
                                             int4_accuracy_level=level)
+        prune_weights_dir(module.onnx_model)  # the replaced session's weight files, where they are on disk
         result.threads = threads
     elif result.runtime == "torch-eager" and result.device == "cpu":
         result.threads = threads
