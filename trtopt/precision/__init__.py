@@ -12,13 +12,13 @@ it produces no Inf/NaN, keeping the offending nodes in FP32 until it does not.
 step, from the data split to the ``PrecisionReport``.
 """
 
-from .fp16 import DEFAULT_FP16_THRESHOLD, FP16_MAX, Fp16Report, KeptNode, convert_to_fp16
-from .masks import MaskReport, MaskRewrite, make_masks_fp16_safe
-from .int8 import Int8Plan, Int8Report, plan_int8, quantize_int8
+from ..calibrators.data import feed_batches
 from ..executor.fp16_emulation import emulate_fp16
+from .fp16 import DEFAULT_FP16_THRESHOLD, FP16_MAX, Fp16Report, KeptNode, convert_to_fp16
+from .int8 import Int8Plan, Int8Report, plan_int8, quantize_int8
+from .masks import MaskReport, MaskRewrite, make_masks_fp16_safe
 from .measured import to_fp16, to_int8
 from .pipeline import apply_precision, carried_precision
-from ..calibrators.data import feed_batches
 from .probe import MaxAbsObserver, tensor_ranges
 from .qformat import FP8, INT8, QuantFormat, graph_format, quant_format
 from .report import PrecisionReport

@@ -18,25 +18,25 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from ..executor.fp16_emulation import widen_to_fp32
-from ..executor.session import run_batches
+from ..calibrators import calibrate, check_ranges
 from ..calibrators.data import Batches, Spool, batches_to_read, open_batches, split_validation
 from ..config import BuildConfig, CalibratorKind, Precision
 from ..errors import ConfigError
+from ..executor.fp16_emulation import widen_to_fp32
+from ..executor.session import run_batches
 from ..names import node_modules
+from ..spec import tensor_specs
 from ..stages import StageTimer
 from .budget import AccuracyBudget, BudgetReport, FinalModule, check_final, find_units_to_keep_high, keep_high
 from .fp16 import Fp16Report
-from .measured import float_part_ranges, to_fp16, to_int8
+from .int4 import weight_only_format, weight_only_path
 from .int8 import Int8Plan, Int8Report, plan_int8
+from .measured import float_part_ranges, to_fp16, to_int8
 from .qformat import graph_format, quant_format
 from .readout import AccuracyReadout, class_logit_outputs, log_readout, measure
 from .report import PrecisionReport
-from .validate import validate_qdq
-from .int4 import weight_only_format, weight_only_path
-from ..calibrators import calibrate, check_ranges
-from ..spec import tensor_specs
 from .smoothquant import smooth, smoothable_groups
+from .validate import validate_qdq
 
 if TYPE_CHECKING:
     from ..calibrators.calibration import CalibrationResult
