@@ -89,12 +89,18 @@ def upward_imports(tree: ast.Module, module: str, is_package: bool) -> list[str]
     return found
 
 
+def _package_modules() -> list[tuple[str, ast.Module, bool]]:
+    """Every module of the package: its dotted name, its parsed source, whether it is a package."""
+    return [
+        (_module_name(path), ast.parse(path.read_text(encoding="utf-8"), filename=str(path)), path.name == "__init__.py")
+        for path in sorted(PACKAGE.rglob("*.py"))
+    ]
+
+
 def test_imports_point_down_the_floors():
     offences = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        module = _module_name(path)
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        offences += [f"{module} ({floor_of(module)}) {o}" for o in upward_imports(tree, module, path.name == "__init__.py")]
+    for module, tree, is_package in _package_modules():
+        offences += [f"{module} ({floor_of(module)}) {o}" for o in upward_imports(tree, module, is_package)]
     assert not offences, "imports from a higher floor:\n" + "\n".join(offences)
 
 
@@ -141,10 +147,8 @@ def reaches_past_the_faces(tree: ast.Module, module: str, is_package: bool) -> l
 
 def test_code_above_the_backends_uses_the_tensorrt_faces():
     offences = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        module = _module_name(path)
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        offences += [f"{module} {o}" for o in reaches_past_the_faces(tree, module, path.name == "__init__.py")]
+    for module, tree, is_package in _package_modules():
+        offences += [f"{module} {o}" for o in reaches_past_the_faces(tree, module, is_package)]
     assert not offences, f"import {sorted(TENSORRT_FACES)} instead:\n" + "\n".join(offences)
     source = "from .backends.tensorrt.build import build_engine\nfrom .builder import build_engine\n"
     assert reaches_past_the_faces(ast.parse(source), "trtopt.compiler", False) == [
