@@ -111,29 +111,81 @@ def test_the_torchlib_registry_is_built_once_and_each_export_is_the_same(monkeyp
     assert len(builds) == 2
 
 
-def _overflowing_graph() -> onnx.ModelProto:
-    """exp(x) overflows to Inf for x > 88, its negation is -Inf, a Relu hides both, exp(x) - exp(x) is NaN."""
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])
-    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 2]) for n in ("hidden", "nan")]
+def _awkward_graph() -> onnx.ModelProto:
+    """Tensors a peak can go wrong on: exp(x) overflows to Inf for x > 88, its negation is -Inf
+    and a Relu hides both; exp(x) - exp(x) and log(x) hold NaN past their first element (log
+    without any Inf); an empty slice; an FP16 tensor; an int64 output."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
+    outputs = [helper.make_tensor_value_info(n, t, None) for n, t in (
+        ("hidden", TensorProto.FLOAT), ("nan", TensorProto.FLOAT), ("log", TensorProto.FLOAT),
+        ("empty", TensorProto.FLOAT), ("half", TensorProto.FLOAT16), ("argmax", TensorProto.INT64))]
+    zero, one = helper.make_tensor("zero", TensorProto.INT64, [1], [0]), helper.make_tensor("one", TensorProto.INT64, [1], [1])
     nodes = [
         helper.make_node("Exp", ["x"], ["e"], name="exp"),
         helper.make_node("Neg", ["e"], ["negated"], name="neg"),
         helper.make_node("Relu", ["negated"], ["hidden"], name="relu"),
         helper.make_node("Sub", ["e", "e"], ["nan"], name="sub"),
+        helper.make_node("Log", ["x"], ["log"], name="log"),
+        helper.make_node("Slice", ["x", "zero", "zero", "one"], ["empty"], name="slice"),
+        helper.make_node("Mul", ["x", "x"], ["square"], name="mul"),
+        helper.make_node("Cast", ["square"], ["half"], name="cast", to=TensorProto.FLOAT16),
+        helper.make_node("ArgMax", ["x"], ["argmax"], name="argmax", axis=1),
     ]
-    graph = helper.make_graph(nodes, "g", [x], outputs)
+    graph = helper.make_graph(nodes, "g", [x], outputs, [zero, one])
     return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]))
 
 
-def test_the_overflow_check_finds_the_tensors_the_probe_maps_to_inf(monkeypatch):
-    # The FP16 repair loop only asks which tensors went Inf/NaN: it gets them without max |x|.
-    feeds = [{"x": np.full((1, 2), v, np.float32)} for v in (1.0, 100.0, 2.0)]
-    ranges = probe.tensor_ranges(_overflowing_graph(), feeds)
-    reductions = []
-    monkeypatch.setattr(probe.MaxAbsObserver, "update", lambda self, values: reductions.append(values))
-    bad = probe.nonfinite_tensors(_overflowing_graph(), feeds)
-    assert bad == {name for name, peak in ranges.items() if not math.isfinite(peak)} == {"e", "negated", "nan"}
-    assert reductions == []
+class _NumpyPeak:
+    """The reference: max |x| of the tensor as numpy sees it, Inf once any batch held Inf or NaN."""
+
+    def __init__(self) -> None:
+        self.peak = 0.0
+
+    def update(self, values: np.ndarray) -> float:
+        values = np.asarray(values, dtype=np.float64)
+        if values.size:
+            self.peak = max(self.peak, float(np.abs(values).max()) if np.isfinite(values).all() else math.inf)
+        return self.peak
+
+
+def _exposed_peaks(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Each probed tensor's peak from the tensor itself: exposed as a graph output, reduced in numpy."""
+    from trtopt.executor.session import stream_tensors
+
+    names = probe.probed_tensors(model)
+    observers = {name: _NumpyPeak() for name in names}
+    stream_tensors(model, names, enumerate(feeds), observers)
+    return {name: observer.peak for name, observer in observers.items()}
+
+
+def test_the_probe_reduces_each_tensor_in_onnx_runtime_to_what_numpy_reads_from_it(monkeypatch):
+    feeds = [{"x": np.array(row, np.float32)} for row in ([[1, 2, 3, 4]], [[1, -2, 3, 4], [1, 100, 2, 3]], [[0.5, 1, 1, 2]])]
+    expected = _exposed_peaks(_awkward_graph(), feeds)
+    returned: list[np.ndarray] = []
+    real_run = ort.InferenceSession.run
+
+    def run(self: ort.InferenceSession, *args: Any, **kwargs: Any) -> list[np.ndarray]:
+        values = real_run(self, *args, **kwargs)
+        returned.extend(values)
+        return values
+
+    monkeypatch.setattr(ort.InferenceSession, "run", run)
+    ranges = probe.tensor_ranges(_awkward_graph(), feeds)
+    assert ranges == expected
+    assert {name for name, peak in ranges.items() if peak == math.inf} == {"e", "negated", "nan", "log"}
+    assert ranges["empty"] == 0.0 and ranges["half"] == 10000.0 and ranges["argmax"] == 3.0
+    assert probe.nonfinite_tensors(_awkward_graph(), feeds) == {"e", "negated", "nan", "log"}
+    # No activation is copied out of the session: each float tensor comes back as three scalars.
+    assert returned and all(value.size == 1 for value in returned if value.dtype.kind == "f")
+
+
+def test_the_probe_reads_the_same_peaks_as_the_exported_graph_s_own_tensors():
+    # On a real export (LayerNorm, MatMul + Add, Relu, ReduceMean), bit for bit: the reductions
+    # only read the tensors, so ONNX Runtime computes them as when they were graph outputs.
+    batches = _batches()
+    graph = trtopt.compile(Tagger().eval(), (batches[0],), backend="onnxruntime").onnx_model
+    feeds = [{graph.graph.input[0].name: b.numpy()} for b in batches]
+    assert probe.tensor_ranges(graph, feeds) == _exposed_peaks(graph, feeds)
 
 
 def test_the_budget_search_measures_the_fp16_float_part_ranges_once(monkeypatch):

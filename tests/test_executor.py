@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 from trtopt.executor.session import run_graph, stream_tensors
 from trtopt.calibrators.collect import reject_nonfinite
 from trtopt.errors import CalibrationError
-from trtopt.precision import MaxAbsObserver, tensor_ranges
+from trtopt.precision import tensor_ranges
 
 
 def exp_graph() -> onnx.ModelProto:
@@ -23,6 +23,18 @@ def exp_graph() -> onnx.ModelProto:
     nodes = [helper.make_node("Exp", ["x"], ["e"], name="exp"), helper.make_node("Mul", ["e", "two"], ["y"], name="mul")]
     graph = helper.make_graph(nodes, "g", [x], [y], [two])
     return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]))
+
+
+class MaxAbsObserver:
+    """A test double of a calibrator's observer: max |x| over the batches it is fed."""
+
+    def __init__(self) -> None:
+        self.peak = 0.0
+
+    def update(self, values: np.ndarray) -> float:
+        batch_max = float(np.abs(values).max())
+        self.peak = max(self.peak, batch_max)
+        return batch_max
 
 
 def batches(*rows: float) -> list[dict[str, np.ndarray]]:

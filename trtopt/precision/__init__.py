@@ -19,7 +19,7 @@ from .int8 import Int8Plan, Int8Report, plan_int8, quantize_int8
 from .masks import MaskReport, MaskRewrite, make_masks_fp16_safe
 from .measured import to_fp16, to_int8
 from .pipeline import apply_precision, carried_precision
-from .probe import MaxAbsObserver, tensor_ranges
+from .probe import tensor_ranges
 from .qformat import FP8, INT8, QuantFormat, graph_format, quant_format
 from .report import PrecisionReport
 from .validate import validate_qdq
@@ -37,7 +37,6 @@ __all__ = [
     "Int8Plan",
     "Int8Report",
     "KeptNode",
-    "MaxAbsObserver",
     "MaskReport",
     "MaskRewrite",
     "convert_to_fp16",

@@ -2,61 +2,24 @@
 
 The FP16 keep-list needs the plain peak of every float tensor (not a clipped
 calibration amax), and checking a converted graph for Inf/NaN needs the same
-run on the converted graph; both stream the batches through the executor
-(``stream_tensors``) into one ``MaxAbsObserver`` per tensor, which records Inf
-where the calibrator would reject it.
+run on the converted graph. Both reduce every tensor inside ONNX Runtime
+(``batch_peaks``): copying every activation of every batch out to Python
+observers cost twice as long.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx
 
-from ..executor.session import measuring_threads, stream_tensors
+from ..executor.session import batch_peaks
 from ..errors import CalibrationError
 
 # The tensors TensorRT may store in FP16 or FP32: the ones the keep-list judges.
 FP16_CANDIDATE_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-
-
-class MaxAbsObserver:
-    """max |x| over every batch; ``math.inf`` once any batch held Inf or NaN."""
-
-    def __init__(self) -> None:
-        self.peak = 0.0
-
-    def update(self, values: np.ndarray) -> float:
-        values = np.asarray(values)
-        if values.size == 0:
-            return 0.0
-        # max |x| = max(max x, -min x), exactly, in two reductions without temporaries (the FP16
-        # probe runs this on every activation of every batch); NaN and Inf propagate through both.
-        high, low = float(values.max()), float(values.min())
-        if not (math.isfinite(high) and math.isfinite(low)):
-            self.peak = math.inf
-            return math.inf
-        batch_max = max(high, -low)
-        self.peak = max(self.peak, batch_max)
-        return batch_max
-
-
-class FiniteObserver:
-    """Whether any batch held Inf or NaN (``peak``: ``math.inf`` then, else 0.0).
-
-    All the FP16 repair loop asks of the converted graph: one vectorised test per batch
-    instead of max |x|'s two reductions, and none once the tensor is known to be bad.
-    """
-
-    def __init__(self) -> None:
-        self.peak = 0.0
-
-    def update(self, values: np.ndarray) -> float:
-        if self.peak == 0.0 and not np.isfinite(values).all():
-            self.peak = math.inf
-        return self.peak
 
 
 def probed_tensors(model: onnx.ModelProto) -> list[str]:
@@ -107,26 +70,23 @@ def tensor_ranges(
     must carry inferred value_info (``trtopt.graph.check_model`` adds it). A graph
     with FP16 tensors is measured as TensorRT computes it (the executor emulates FP16).
     """
-    return _observed(model, batches, MaxAbsObserver)
+    return _peaks(model, batches)
 
 
 def nonfinite_tensors(model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]]) -> set[str]:
     """The tensors ``tensor_ranges`` would map to ``math.inf``: those that held Inf or NaN in any batch."""
-    return {name for name, peak in _observed(model, batches, FiniteObserver).items() if peak == math.inf}
+    return {name for name, peak in _peaks(model, batches).items() if peak == math.inf}
 
 
-def _observed(
-    model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]],
-    observer: Callable[[], MaxAbsObserver | FiniteObserver],
-) -> dict[str, float]:
-    """Each probed tensor's ``peak`` from one ``observer()`` per tensor fed every batch."""
+def _peaks(model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, float]:
+    """Each probed tensor's largest ``batch_peaks`` figure over ``batches``."""
     names = probed_tensors(model)
-    observers = {name: observer() for name in names}
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = [vi.name for vi in model.graph.input if vi.name not in initializers]
-    feeds = ({n: np.asarray(batch[n]) for n in inputs} for batch in batches)
-    # As calibration does: ONNX Runtime on all cores but one while the observers digest on that one
-    # (encoder probe on 2 cores: 4.3 s instead of 6.7 s, the same ranges).
-    if stream_tensors(model, names, enumerate(feeds), observers, threads=measuring_threads()) == 0:
+    peaks = dict.fromkeys(names, 0.0)
+    measured = False
+    for batch in batch_peaks(model, names, batches):
+        measured = True
+        for name, peak in batch.items():
+            peaks[name] = max(peaks[name], peak)
+    if not measured:
         raise CalibrationError("the calibration data yielded no batches; pass at least one batch")
-    return {name: observer.peak for name, observer in observers.items()}
+    return peaks
