@@ -188,18 +188,56 @@ def test_the_probe_reads_the_same_peaks_as_the_exported_graph_s_own_tensors():
     assert probe.tensor_ranges(graph, feeds) == _exposed_peaks(graph, feeds)
 
 
-def test_the_budget_search_measures_the_fp16_float_part_ranges_once(monkeypatch):
-    # Each module the accuracy-budget search builds keeps other units out of INT8, but its FP16
-    # float part is judged on the same FP32 graph's ranges: measured for the first build only.
-    from trtopt.config import BuildConfig
-    from trtopt.precision import measured
-    from trtopt.precision.pipeline import Int8Builder, PreparedData, calibrate_plan
+def _prepared(config: Any) -> tuple[onnx.ModelProto, Any]:
+    from trtopt.precision.pipeline import PreparedData
 
     batches = _batches()
     graph = trtopt.compile(Tagger().eval(), (batches[0],), backend="onnxruntime").onnx_model
+    return graph, PreparedData.prepare(graph, config, [{"x": b.numpy()} for b in batches], None, None)
+
+
+@pytest.mark.parametrize("smoothquant", [None, 0.85])
+def test_int8_measures_the_fp16_float_part_ranges_in_its_last_calibration_pass(monkeypatch, smoothquant):
+    # The float part's probe runs the graph that was calibrated last (smoothed or not) on the same
+    # batches: the calibration pass measures it too, with the same result as a pass of its own.
+    from trtopt.config import BuildConfig
+    from trtopt.precision import measured
+    from trtopt.precision.pipeline import Int8Builder, calibrate_plan
+
+    config = BuildConfig(precision="int8", smoothquant=smoothquant)
+    graph, data = _prepared(config)
+    calibrated = calibrate_plan(graph, config, data)
+    assert bool(calibrated.smoothed) == (smoothquant is not None)
+    assert calibrated.float_ranges == measured.float_part_ranges(calibrated.model, data.batches)
+    # Every calibrated range stays within the last bits of a pass that measures it alone.
+    alone = trtopt.calibrators.calibrate(
+        calibrated.model, list(calibrated.amax), data.calibration_data, input_specs=data.inputs,
+        method="minmax", progress=False,
+    )
+    folded = trtopt.calibrators.calibrate(
+        calibrated.model, list(calibrated.amax), data.calibration_data, input_specs=data.inputs,
+        method="minmax", progress=False, peaks_for=list(calibrated.float_ranges),
+    )
+    assert folded.amax == pytest.approx(alone.amax, rel=1e-5)
+    probes = []
+    monkeypatch.setattr(measured, "tensor_ranges", lambda model, feeds: probes.append(1))
+    Int8Builder(calibrated, config, data).build()
+    assert probes == []
+
+
+def test_the_budget_search_measures_the_fp16_float_part_ranges_once(monkeypatch):
+    # Each module the accuracy-budget search builds keeps other units out of INT8, but its FP16
+    # float part is judged on the same FP32 graph's ranges: measured for the first build only
+    # (here, where no calibration pass measured them).
+    from trtopt.config import BuildConfig
+    from trtopt.precision import measured
+    from trtopt.precision.pipeline import Int8Builder, calibrate_plan
+
     config = BuildConfig(precision="int8")
-    data = PreparedData.prepare(graph, config, [{"x": b.numpy()} for b in batches], None, None)
-    builder = Int8Builder(calibrate_plan(graph, config, data), config, data)
+    graph, data = _prepared(config)
+    calibrated = calibrate_plan(graph, config, data)
+    calibrated.float_ranges = None
+    builder = Int8Builder(calibrated, config, data)
     probes = []
     real = measured.tensor_ranges
     monkeypatch.setattr(measured, "tensor_ranges", lambda model, feeds: probes.append(1) or real(model, feeds))

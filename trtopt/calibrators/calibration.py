@@ -34,7 +34,9 @@ class CalibrationResult:
     ``channel_max`` holds max |x| per channel of the last axis of the tensors
     asked for with ``channel_max_for`` (SmoothQuant's statistic). ``extents`` holds
     each tensor's observed (min, max), for ``int8_layout="cpu"`` (empty from a cache,
-    whose TensorRT format keeps symmetric scales only).
+    whose TensorRT format keeps symmetric scales only). ``peaks`` holds max |x| of the
+    tensors asked for with ``peaks_for`` (``math.inf`` where one held Inf or NaN; empty
+    from a cache).
     """
 
     amax: dict[str, float]
@@ -44,6 +46,7 @@ class CalibrationResult:
     checks: dict[str, RangeCheck] = field(default_factory=dict)
     channel_max: dict[str, np.ndarray] = field(default_factory=dict)  # for channel_max_for
     extents: dict[str, tuple[float, float]] = field(default_factory=dict)
+    peaks: dict[str, float] = field(default_factory=dict)  # for peaks_for
 
     def scales(self) -> dict[str, float]:
         """INT8 scale per tensor: amax / 127 (symmetric quantization, docs/precision.md)."""
@@ -97,11 +100,13 @@ def calibrate(
     cache_path: str | os.PathLike[str] | None = None,
     progress: bool = True,
     channel_max_for: Sequence[str] = (),
+    peaks_for: Sequence[str] = (),
 ) -> CalibrationResult:
     """Measure the range (amax) of each tensor in ``tensor_names`` over ``calibration_data``.
 
     ``channel_max_for`` (a subset of ``tensor_names``) also get max |x| per channel
-    of their last axis, in the same pass. The accepted data forms are ``data``'s;
+    of their last axis, in the same pass. ``peaks_for`` (any tensors: the FP16 float part's
+    probe) get max |x|, in the same pass too. The accepted data forms are ``data``'s;
     the cache rules are in docs/calibration.md ("The calibration cache").
     """
     method = calibrator_name(method)
@@ -129,7 +134,8 @@ def calibrate(
     observers = {name: make_observer(method, percentile, channels=name in per_channel) for name in names}
     batches = iter_batches(calibration_data, input_specs, max_batches)
     bar = Progress(expected_batches(calibration_data, max_batches), enabled=progress)
-    count = collect(onnx_model, observers, batches, bar)
+    peaks = dict.fromkeys(peaks_for, 0.0)
+    count = collect(onnx_model, observers, batches, bar, peaks=peaks)
     checks = {name: observer.check() for name, observer in observers.items()}
     amax = {name: check.amax for name, check in checks.items()}
     zero = [n for n, a in amax.items() if a == 0.0]
@@ -140,7 +146,9 @@ def calibrate(
         )
     channel_max = {n: o.channel_max for n, o in observers.items() if o.channel_max is not None}
     extents = {n: o.extent for n, o in observers.items() if o.extent is not None}
-    result = CalibrationResult(amax, method, count, checks=checks, channel_max=channel_max, extents=extents)
+    result = CalibrationResult(
+        amax, method, count, checks=checks, channel_max=channel_max, extents=extents, peaks=peaks
+    )
     logger.info("calibration: %s ranges for %d tensors from %d batches", method, len(names), count)
     if path is not None:
         write_cache(path, result.scales(), algorithm)

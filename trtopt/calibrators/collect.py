@@ -60,8 +60,10 @@ def collect(
     observers: Mapping[str, Observer],
     batches: Iterable[tuple[int, dict[str, np.ndarray]]],
     progress: Progress,
+    peaks: dict[str, float] | None = None,
 ) -> int:
-    """Feed every batch through the graph into ``observers``; returns the number of batches."""
+    """Feed every batch through the graph into ``observers``; returns the number of batches.
+    ``peaks``: more tensors' max |x|, measured in the same pass (``stream_tensors``)."""
     names = list(observers)
     check_tensor_names(model, names)
     done = 0
@@ -73,7 +75,8 @@ def collect(
 
     try:
         done = stream_tensors(
-            model, names, batches, observers, threads=measuring_threads(), check=reject_nonfinite, on_batch=advanced
+            model, names, batches, observers, threads=None if peaks else measuring_threads(), check=reject_nonfinite, on_batch=advanced,
+            peaks=peaks,
         )
     finally:
         progress.close(done)  # ends the progress line even when a batch is rejected

@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextvars import ContextVar
 from pathlib import Path
@@ -62,7 +62,7 @@ def make_session(
     optimized_model_path: str | None = None,
     int4_accuracy_level: int | None = None,
     prepack: bool = True,
-    peaks: bool = False,
+    peaks: Collection[str] = (),
 ) -> ort.InferenceSession:
     """An ONNX Runtime session for ``model``, computing what TensorRT computes from its Q/DQ.
 
@@ -82,7 +82,7 @@ def make_session(
     packed copy of the weights: with the weights on disk the session then maps them from their
     file instead of holding a second copy (a 2.25 GiB model: 2.5 GiB less per session, created
     at once), and each call packs what it reads.
-    ``peaks=True`` reduces each float graph output to scalars (``with_peaks``).
+    ``peaks``: graph outputs reduced to scalars inside the session (``with_peaks``).
     """
     int4 = has_int4_weights(model)
     fusions_exact = is_cpu_layout(model) or (int4 and int4_accuracy_level is not None)
@@ -93,7 +93,7 @@ def make_session(
             model = lower_qdq_for_cpu(model)
     if peaks:
         # After the lowering, which decides what to fuse from the graph outputs, as for any session.
-        model = with_peaks(model)
+        model = with_peaks(model, peaks)
     disabled = disabled_optimizers(model)
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only; ORT's warnings are about its own fusions
@@ -187,7 +187,7 @@ def reusing_sessions() -> Iterator[None]:
 
 def cpu_session(
     model: onnx.ModelProto, intra_op_threads: int | None = None, outputs: Sequence[str] | None = None,
-    int4_accuracy_level: int | None = None, prepack: bool = True, peaks: bool = False,
+    int4_accuracy_level: int | None = None, prepack: bool = True, peaks: Collection[str] = (),
 ) -> ort.InferenceSession:
     """A CPU session computing what TensorRT computes: FP16 tensors rounded to FP16 (``emulate_fp16``;
     a graph without FP16 tensors runs as it is), Q/DQ as ``make_session`` lays it out.
@@ -272,9 +272,10 @@ PEAK_REDUCTIONS = {"::trtopt_max": "ReduceMax", "::trtopt_min": "ReduceMin", "::
 REDUCED_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 
-def with_peaks(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose FP32/FP16/BF16 graph outputs are each replaced by three scalars
-    reduced inside ONNX Runtime (``PEAK_REDUCTIONS``): max x, min x and sum |x|. Other outputs stay.
+def with_peaks(model: onnx.ModelProto, names: Collection[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph outputs among ``names`` are each replaced, if FP32, FP16 or
+    BF16, by three scalars reduced inside ONNX Runtime (``PEAK_REDUCTIONS``): max x, min x and
+    sum |x|. Other outputs stay as they are.
 
     max |x| is max(max x, -min x). An Inf shows in max or min; a NaN only in sum |x| (ONNX
     Runtime's ReduceMax and ReduceMin skip a NaN that is not the first element), which an Inf
@@ -290,7 +291,7 @@ def with_peaks(model: onnx.ModelProto) -> onnx.ModelProto:
     kept, nodes = [], []
     for index, output in enumerate(model.graph.output):
         name = output.name
-        if output.type.tensor_type.elem_type not in REDUCED_TYPES:
+        if name not in names or output.type.tensor_type.elem_type not in REDUCED_TYPES:
             kept.append(output)
             continue
         if output.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:  # FP16/BF16 values are exact in FP32
@@ -306,44 +307,23 @@ def with_peaks(model: onnx.ModelProto) -> onnx.ModelProto:
     return reduced
 
 
-def batch_peaks(model: onnx.ModelProto, names: Sequence[str], batches: Iterable[Feeds]) -> Iterator[dict[str, float]]:
-    """Each batch's max |x| of each of ``names`` (graph inputs or node outputs), ``math.inf`` where
-    it held an Inf or a NaN.
-
-    Float activations are reduced inside the session (``with_peaks``), which runs on all cores;
-    graph inputs and tensors of other types in numpy, with the same result.
-    """
-    inputs = {vi.name for vi in model.graph.input} - {t.name for t in model.graph.initializer}
-    outputs = [n for n in names if n not in inputs]
-    session = cpu_session(model, outputs=outputs, prepack=False, peaks=True) if outputs else None
-    fed = {i.name for i in session.get_inputs()} if session is not None else set()
-    returned = [o.name for o in session.get_outputs()] if session is not None else []
-    for index, feeds in enumerate(batches):
-        peaks = {name: _numpy_peak(np.asarray(feeds[name])) for name in names if name in inputs}
-        if session is None:
-            yield peaks
-            continue
-        try:
-            values = dict(zip(returned, session.run(returned, {k: v for k, v in feeds.items() if k in fed})))
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise CalibrationError(f"ONNX Runtime failed on calibration batch {index}: {first_line(exc)}") from exc
-        for name in outputs:
-            if name in values:  # not reduced
-                peaks[name] = _numpy_peak(values[name])
-                continue
-            high, low, l1 = (float(values[name + suffix]) for suffix in PEAK_REDUCTIONS)
-            if high < low:  # an empty tensor: ReduceMax gives -inf, ReduceMin +inf
-                peaks[name] = 0.0
-            elif not (math.isfinite(high) and math.isfinite(low)) or math.isnan(l1):
-                peaks[name] = math.inf
-            else:
-                peaks[name] = max(high, -low)
-        yield peaks
+def _batch_peak(name: str, values: Mapping[str, np.ndarray]) -> float:
+    """One batch's max |x| of ``name`` (``math.inf`` if it held Inf or NaN) from what the session
+    returned: the tensor itself, or the three scalars ``with_peaks`` reduced it to."""
+    if name in values:
+        return numpy_peak(values[name])
+    high, low, l1 = (float(values[name + suffix]) for suffix in PEAK_REDUCTIONS)
+    if high < low:  # an empty tensor: ReduceMax gives -inf, ReduceMin +inf
+        return 0.0
+    if not (math.isfinite(high) and math.isfinite(low)) or math.isnan(l1):
+        return math.inf
+    return max(high, -low)
 
 
-def _numpy_peak(values: np.ndarray) -> float:
-    """``batch_peaks``' figure for one array, in numpy: max(max x, -min x), two reductions without
-    a temporary copy, through which Inf and NaN propagate."""
+def numpy_peak(values: np.ndarray) -> float:
+    """max |x| of an array (``math.inf`` if it holds Inf or NaN): max(max x, -min x), two
+    reductions without a temporary copy, through which Inf and NaN propagate."""
+    values = np.asarray(values)
     if values.size == 0:
         return 0.0
     high, low = float(values.max()), float(values.min())
@@ -359,6 +339,7 @@ def stream_tensors(
     threads: int | None = None,
     check: Callable[[str, float, int], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    peaks: dict[str, float] | None = None,
 ) -> int:
     """Feed each of ``names`` (graph inputs or node outputs) into its observer, batch by batch.
 
@@ -369,14 +350,23 @@ def stream_tensors(
     ``check(name, batch_max, index)`` sees what each ``update`` returned (the
     calibrator rejects Inf there; the FP16 probe records it). ``on_batch(done)``
     follows each batch but the last. Returns the number of batches.
+
+    ``peaks`` maps more tensors to max |x| over the batches (``math.inf`` once one held
+    Inf or NaN), raised in place: those not observed are reduced inside the session
+    (``with_peaks``), so the same pass measures them without copying them out.
     """
+    measured: dict[str, float] = peaks if peaks is not None else {}
     inputs = {vi.name for vi in model.graph.input} - {t.name for t in model.graph.initializer}
     outputs = [n for n in names if n not in inputs]
-    session = cpu_session(model, intra_op_threads=threads, outputs=outputs, prepack=False) if outputs else None
+    reduced = [n for n in measured if n not in inputs and n not in outputs]
+    session = None
+    if outputs or reduced:
+        session = cpu_session(model, intra_op_threads=threads, outputs=outputs + reduced, prepack=False, peaks=reduced)
     fed = {i.name for i in session.get_inputs()} if session is not None else set()
+    returned = [o.name for o in session.get_outputs()] if session is not None else []
 
     def run(feeds: Feeds) -> list[Any]:
-        return session.run(outputs, {k: v for k, v in feeds.items() if k in fed}) if session is not None else []
+        return session.run(returned, {k: v for k, v in feeds.items() if k in fed}) if session is not None else []
 
     def observe(name: str, values: np.ndarray, index: int) -> None:
         batch_max = observers[name].update(values)
@@ -388,11 +378,14 @@ def stream_tensors(
             if name in inputs:
                 observe(name, feeds[name], index)
         try:
-            values = future.result()
+            values = dict(zip(returned, future.result()))
         except Exception as exc:  # onnxruntime raises its own exception types
             raise CalibrationError(f"ONNX Runtime failed on calibration batch {index}: {exc}") from exc
-        for name, value in zip(outputs, values):
-            observe(name, value, index)
+        for name in outputs:
+            observe(name, values[name], index)
+        for name in measured:
+            peak = numpy_peak(feeds[name]) if name in inputs else _batch_peak(name, values)
+            measured[name] = max(measured[name], peak)
 
     return _pipelined(batches, run, digest, on_batch)
 

@@ -31,7 +31,9 @@ from .budget import AccuracyBudget, BudgetReport, FinalModule, check_final, find
 from .fp16 import Fp16Report
 from .int4 import weight_only_format, weight_only_path
 from .int8 import Int8Plan, Int8Report, plan_int8
+from .masks import make_masks_fp16_safe
 from .measured import float_part_ranges, to_fp16, to_int8
+from .probe import probed_tensors
 from .qformat import graph_format, quant_format
 from .readout import AccuracyReadout, class_logit_outputs, log_readout, measure
 from .report import PrecisionReport
@@ -314,6 +316,8 @@ class Calibrated:
     smoothed: list[SmoothedTensor] = field(default_factory=list)
     smoothed_ranges: dict[str, float] = field(default_factory=dict)
     smoothed_calibration: CalibrationResult | None = None  # of the smoothed tensors, when data allowed a pass
+    # The FP16 float part's FP32 ranges (float_part_ranges), when the last pass over ``model`` measured them.
+    float_ranges: dict[str, float] | None = None
 
     @property
     def extents(self) -> dict[str, tuple[float, float]]:
@@ -375,6 +379,8 @@ def calibrate_plan(model: onnx.ModelProto, config: BuildConfig, data: PreparedDa
         groups: dict[str, list[SmoothUnit]] = {}
         if config.smoothquant is not None:
             groups = smoothable_groups(model, plan)
+    alpha = config.smoothquant
+    smoothing = bool(groups) and alpha is not None  # groups are only looked for with an alpha
     start = time.perf_counter()
     with data.timer.stage("calibration"):
         calibration = calibrate(
@@ -382,10 +388,11 @@ def calibrate_plan(model: onnx.ModelProto, config: BuildConfig, data: PreparedDa
             method=config.calibration_method.value, percentile=config.percentile,
             max_batches=config.calibration_batches, cache_path=config.calibration_cache,
             progress=logger.isEnabledFor(logging.INFO), channel_max_for=list(groups),
+            peaks_for=[] if smoothing else float_part_probe(model, config, data),
         )
     calibrated = Calibrated(model, plan, plan_options, dict(calibration.amax), calibration, time.perf_counter() - start)
-    alpha = config.smoothquant
-    if groups and alpha is not None:  # groups are only looked for with an alpha
+    calibrated.float_ranges = calibration.peaks or None
+    if smoothing and alpha is not None:
         with data.timer.stage("smoothquant"):
             calibrated.model, calibrated.smoothed_ranges, calibrated.smoothed = smooth(
                 model, groups, calibration.channel_max, alpha
@@ -398,8 +405,10 @@ def calibrate_plan(model: onnx.ModelProto, config: BuildConfig, data: PreparedDa
                     calibrated.model, list(calibrated.smoothed_ranges), data.calibration_data, input_specs=data.inputs,
                     method=smoothed_calibrator(config.calibration_method).value, percentile=config.percentile,
                     max_batches=config.calibration_batches, progress=logger.isEnabledFor(logging.INFO),
+                    peaks_for=float_part_probe(calibrated.model, config, data),
                 )
                 calibrated.amax.update(calibrated.smoothed_calibration.amax)
+                calibrated.float_ranges = calibrated.smoothed_calibration.peaks or None
             elif calibrated.smoothed_ranges:
                 logger.info(
                     "smoothquant: the calibration came from the cache, so the %d smoothed tensor(s) take max |x / s| "
@@ -410,6 +419,23 @@ def calibrate_plan(model: onnx.ModelProto, config: BuildConfig, data: PreparedDa
             # The units now read the smoothed tensors: plan again, every other Q/DQ stays where it was.
             calibrated.plan = plan_int8(calibrated.model, **plan_options)
     return calibrated
+
+
+def float_part_probe(model: onnx.ModelProto, config: BuildConfig, data: PreparedData) -> list[str]:
+    """The tensors an FP16 float part needs max |x| of (``float_part_ranges``), for the last
+    calibration pass over ``model`` to measure as well: it runs the same graph on the same
+    batches, so a separate pass would repeat it. None without data, for an FP32 float part, or
+    when attention masks need the FP16 rewrite (their ranges are measured on the rewritten graph).
+
+    Measured in the calibration pass, every activation is read by a reduction, so ONNX Runtime
+    fuses less of the graph than for calibration alone: the calibrated tensors can differ in
+    their last bits from a pass that measures them only (a BERT-style encoder: up to 2.4e-6).
+    """
+    if config.float_part_precision.value != "fp16" or data.batches is None:
+        return []
+    if make_masks_fp16_safe(model)[1].rewrites:
+        return []
+    return probed_tensors(model)
 
 
 def smoothed_calibrator(method: CalibratorKind) -> CalibratorKind:
@@ -429,8 +455,9 @@ class Int8Builder:
     def __init__(self, calibrated: Calibrated, config: BuildConfig, data: PreparedData) -> None:
         self.calibrated, self.config, self.data = calibrated, config, data
         self.latest: dict[frozenset[str], tuple[onnx.ModelProto, Int8Report, Fp16Report | None]] = {}
-        # The FP16 float part's ranges are the FP32 graph's, whatever units stay high: measured once.
-        self.float_ranges: dict[str, float] | None = None
+        # The FP16 float part's ranges are the FP32 graph's, whatever units stay high: measured once
+        # (in the calibration pass, where it could).
+        self.float_ranges = calibrated.float_ranges
 
     def build(self, kept: frozenset[str] = frozenset()) -> tuple[onnx.ModelProto, Int8Report, Fp16Report | None]:
         if kept in self.latest:
