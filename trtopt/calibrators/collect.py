@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..executor.session import FLOAT_TYPES, Observer, measuring_threads, stream_tensors, value_infos
+from ..executor.session import FLOAT_TYPES, Observer, stream_tensors, value_infos
 from ..errors import CalibrationError
 from .data import Progress
 
@@ -75,8 +75,7 @@ def collect(
 
     try:
         done = stream_tensors(
-            model, names, batches, observers, threads=None if peaks else measuring_threads(), check=reject_nonfinite, on_batch=advanced,
-            peaks=peaks,
+            model, names, batches, observers, check=reject_nonfinite, on_batch=advanced, peaks=peaks
         )
     finally:
         progress.close(done)  # ends the progress line even when a batch is rejected
