@@ -188,35 +188,48 @@ def test_the_probe_reads_the_same_peaks_as_the_exported_graph_s_own_tensors():
     assert probe.tensor_ranges(graph, feeds) == _exposed_peaks(graph, feeds)
 
 
-def _prepared(config: Any) -> tuple[onnx.ModelProto, Any]:
+def _prepared(config: Any, masked: bool = False) -> tuple[onnx.ModelProto, Any]:
+    """An exported graph (the Tagger, or an encoder whose padding mask gets the FP16 rewrite) and its data."""
+    from tests._models import MaskedEncoder, padding_mask
     from trtopt.precision.pipeline import PreparedData
 
-    batches = _batches()
-    graph = trtopt.compile(Tagger().eval(), (batches[0],), backend="onnxruntime").onnx_model
-    return graph, PreparedData.prepare(graph, config, [{"x": b.numpy()} for b in batches], None, None)
+    if masked:
+        torch.manual_seed(0)
+        model: nn.Module = MaskedEncoder().eval()
+        generator = torch.Generator().manual_seed(1)
+        batches: list[Any] = [(torch.randn(4, 10, 32, generator=generator), padding_mask(4, 10)) for _ in range(6)]
+    else:
+        model, batches = Tagger().eval(), _batches()
+    graph = trtopt.compile(model, batches[0] if masked else (batches[0],), backend="onnxruntime").onnx_model
+    names = [i.name for i in graph.graph.input]
+    feeds = [dict(zip(names, (t.numpy() for t in (b if masked else (b,))))) for b in batches]
+    return graph, PreparedData.prepare(graph, config, feeds, None, None)
 
 
-@pytest.mark.parametrize("smoothquant", [None, 0.85])
-def test_int8_measures_the_fp16_float_part_ranges_in_its_last_calibration_pass(monkeypatch, smoothquant):
-    # The float part's probe runs the graph that was calibrated last (smoothed or not) on the same
-    # batches: the calibration pass measures it too, with the same result as a pass of its own.
+@pytest.mark.parametrize(("smoothquant", "masked"), [(None, False), (0.85, False), (0.85, True)])
+def test_int8_measures_the_fp16_float_part_ranges_in_its_last_calibration_pass(monkeypatch, smoothquant, masked):
+    # The float part's probe runs the graph that was calibrated last (smoothed or not; its masks
+    # made FP16-safe) on the same batches: the calibration pass measures it too, with the same
+    # result as a pass of its own.
     from trtopt.config import BuildConfig
     from trtopt.precision import measured
+    from trtopt.precision.masks import make_masks_fp16_safe
     from trtopt.precision.pipeline import Int8Builder, calibrate_plan
 
     config = BuildConfig(precision="int8", smoothquant=smoothquant)
-    graph, data = _prepared(config)
+    graph, data = _prepared(config, masked)
+    assert bool(make_masks_fp16_safe(graph)[1].rewrites) == masked
     calibrated = calibrate_plan(graph, config, data)
     assert bool(calibrated.smoothed) == (smoothquant is not None)
     assert calibrated.float_ranges == measured.float_part_ranges(calibrated.model, data.batches)
-    # Every calibrated range stays within the last bits of a pass that measures it alone.
+    # Every calibrated range stays within the last bits of a pass over the graph as it is, measuring it alone.
     alone = trtopt.calibrators.calibrate(
         calibrated.model, list(calibrated.amax), data.calibration_data, input_specs=data.inputs,
         method="minmax", progress=False,
     )
     folded = trtopt.calibrators.calibrate(
-        calibrated.model, list(calibrated.amax), data.calibration_data, input_specs=data.inputs,
-        method="minmax", progress=False, peaks_for=list(calibrated.float_ranges),
+        make_masks_fp16_safe(calibrated.model)[0], list(calibrated.amax), data.calibration_data,
+        input_specs=data.inputs, method="minmax", progress=False, peaks_for=list(calibrated.float_ranges),
     )
     assert folded.amax == pytest.approx(alone.amax, rel=1e-5)
     probes = []
