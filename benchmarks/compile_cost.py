@@ -9,7 +9,8 @@ inherited across fork and exec), ``wall_s`` the compile (trtopt: export included
 ``quantize_static`` call.
 
 Time: ResNet-18 (random weights, 4x3x224x224) and a 3-layer BERT-style encoder (384 wide, 6
-heads, 16x64 token ids), each compiled at FP32, FP16 and INT8 (defaults, 8 calibration batches)
+heads, 16x64 token ids); with ``--models minilm``, pretrained all-MiniLM-L6-v2 on 16 sentences
+of 64 tokens with their attention masks (``benchmarks/_minilm.py``). Each is compiled at FP32, FP16 and INT8 (defaults, 8 calibration batches)
 in one process, side by side, after one untimed FP32 compile (torch's first export is slower),
 interleaved over ``--rounds`` rounds (default 3), medians (totals and each stage); ``quantize_static``
 + its ORT session creation on trtopt's FP32 graph and the same 8 batches, once per round, interleaved
@@ -136,27 +137,33 @@ def time_model(name: str, rounds: int = ROUNDS) -> dict:
 
     import trtopt
 
+    generator = torch.Generator().manual_seed(1)
     if name == "resnet18":
         import torchvision
 
         torch.manual_seed(0)
         model = torchvision.models.resnet18().eval()
-        generator = torch.Generator().manual_seed(1)
-        batches = [torch.rand(4, 3, 224, 224, generator=generator) for _ in range(8)]
-        shapes = {"x": {0: (1, 4, 8)}}
+        batches = [(torch.rand(4, 3, 224, 224, generator=generator),) for _ in range(8)]
+        shapes: dict = {"x": {0: (1, 4, 8)}}
+    elif name == "minilm":  # pretrained, sentences padded to 64 tokens with an attention mask
+        import _minilm
+
+        model = _minilm.load_encoder()
+        ids, mask = _minilm.tokenize(_minilm.sentences("calibration", 128))
+        batches = [(torch.from_numpy(ids[i:i + 16]), torch.from_numpy(mask[i:i + 16])) for i in range(0, 128, 16)]
+        shapes = {"input_ids": {0: (1, 16, 32)}, "attention_mask": {0: (1, 16, 32)}}
     else:
         model = encoder_model()
-        generator = torch.Generator().manual_seed(1)
-        batches = [torch.randint(0, 1000, (16, 64), generator=generator) for _ in range(8)]
+        batches = [(torch.randint(0, 1000, (16, 64), generator=generator),) for _ in range(8)]
         shapes = {"ids": {0: (1, 16, 32)}}
     row: dict = {"model": name, "rounds": rounds}
     # Warm-up: the first export in a process pays torch's one-time costs, which would flatter FP16/INT8.
-    graph = trtopt.compile(model, (batches[0],), backend="onnxruntime", dynamic_shapes=shapes).onnx_model
-    input_name = graph.graph.input[0].name
+    graph = trtopt.compile(model, batches[0], backend="onnxruntime", dynamic_shapes=shapes).onnx_model
+    input_names = [i.name for i in graph.graph.input]
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter([{input_name: b.numpy()} for b in batches])
+            self.batches = iter([dict(zip(input_names, (t.numpy() for t in b))) for b in batches])
 
         def get_next(self):
             return next(self.batches, None)
@@ -169,7 +176,7 @@ def time_model(name: str, rounds: int = ROUNDS) -> dict:
         for _ in range(rounds):  # interleaved, so a burst of load from other jobs hits every variant alike
             for variant, (precision, settings) in VARIANTS.items():
                 start = time.perf_counter()
-                module = trtopt.compile(model, (batches[0],), precision=precision, backend="onnxruntime",
+                module = trtopt.compile(model, batches[0], precision=precision, backend="onnxruntime",
                                         dynamic_shapes=shapes, calibration_data=None if precision == "fp32" else batches,
                                         **settings)
                 runs[variant].append((time.perf_counter() - start, module.spec.info["stage_seconds"]))
@@ -269,7 +276,8 @@ def main() -> None:
     parser.add_argument("--child-time", metavar="MODEL")
     parser.add_argument("--batches", type=int, nargs="*", default=list(BATCH_COUNTS),
                         help="calibration batch counts of the memory part (none: skip it)")
-    parser.add_argument("--models", nargs="*", default=["encoder", "resnet18"])
+    parser.add_argument("--models", nargs="*", default=["encoder", "resnet18"],
+                        choices=["encoder", "resnet18", "minilm"])
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--baseline", metavar="DIR", help="another trtopt checkout to time alongside (before/after)")
     parser.add_argument("--baseline-name", default="", help="how the results name the baseline (e.g. its commit)")
