@@ -22,7 +22,7 @@ Each compile's ``stage_seconds`` (``module.spec.info``) is kept.
 
 The export is the same work at every precision but, on a shared machine, its time swings by
 2x from one compile to the next, and it is most of an FP32 compile. So next to the plain ratios
-of medians, ``*_pooled`` ratios take one export time for all three precisions (the median over
+of medians, ``*_pooled`` ratios take one export time for every precision (the median over
 every compile's export) plus each precision's median time after export: the same quantity,
 less at the mercy of one slow export.
 
@@ -254,7 +254,7 @@ def table(result: dict) -> str:
     rounds = result["time"][0]["rounds"] if result["time"] else ROUNDS
     lines += [f"## Compile time, side by side in one process (onnxruntime backend, 8 calibration batches, "
               f"median of {rounds} interleaved rounds)", "",
-              "Pooled: one export time (the median over every compile's export) for all three precisions, "
+              "Pooled: one export time (the median over every compile's export) for every precision, "
               "plus each precision's median time after export (see the script's docstring).", ""]
     lines += time_rows(result["time"])
     if result.get("baseline_time"):

@@ -66,6 +66,11 @@ def collect(
     ``peaks``: more tensors' max |x|, measured in the same pass (``stream_tensors``)."""
     names = list(observers)
     check_tensor_names(model, names)
+    graph = model.graph
+    known = {vi.name for vi in graph.input} | {name for node in graph.node for name in node.output}
+    unknown = [n for n in peaks or {} if n not in known]
+    if unknown:
+        raise CalibrationError(f"tensor(s) {unknown[:5]} to measure max |x| of are neither graph inputs nor node outputs")
     done = 0
 
     def advanced(count: int) -> None:

@@ -427,21 +427,20 @@ def float_part_probe(
 ) -> tuple[onnx.ModelProto, list[str]]:
     """The graph for the last calibration pass over ``model`` to run, and the tensors an FP16
     float part needs max |x| of (``float_part_ranges``) for it to measure as well: the probe
-    runs the same graph on the same batches, so a pass of its own would repeat it. No tensors
-    without data or for an FP32 float part.
+    runs the same graph on the same batches, so a pass of its own would repeat it.
 
-    The graph is ``model`` with its attention masks made FP16-safe (``make_masks_fp16_safe``),
-    where the probe measures. The calibrated tensors compute the same values there: the rewrite
-    only changes mask constants on routes that end in a Softmax input, and the Softmax outputs
-    do not change. Measured in the calibration pass, every activation is read by a reduction,
-    so ONNX Runtime fuses less of the graph than for calibration alone: the calibrated tensors
-    can differ in their last bits from a pass that measures them only (a BERT-style encoder:
-    ranges up to 2e-7 apart).
+    No tensors without data, for an FP32 float part, or when attention masks need the FP16
+    rewrite: the probe measures the rewritten graph, whose softmax differs on fully masked
+    rows, so calibration cannot run there. Measured in the calibration pass, every activation
+    is read by a reduction, so ONNX Runtime fuses less of the graph than for calibration alone:
+    the calibrated tensors can differ in their last bits from a pass that measures them only
+    (a BERT-style encoder: ranges up to 2e-7 apart).
     """
     if config.float_part_precision.value != "fp16" or data.batches is None:
         return model, []
-    safe = make_masks_fp16_safe(model)[0]
-    return safe, probed_tensors(safe)
+    if make_masks_fp16_safe(model)[1].rewrites:
+        return model, []
+    return model, probed_tensors(model)
 
 
 def smoothed_calibrator(method: CalibratorKind) -> CalibratorKind:

@@ -80,6 +80,9 @@ def nonfinite_tensors(model: onnx.ModelProto, batches: Iterable[Mapping[str, np.
 def _peaks(model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, float]:
     """Each probed tensor's max |x| over ``batches``, measured inside ONNX Runtime."""
     peaks = dict.fromkeys(probed_tensors(model), 0.0)
-    if stream_tensors(model, [], enumerate(batches), {}, peaks=peaks) == 0:
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [vi.name for vi in model.graph.input if vi.name not in initializers]
+    feeds = ({n: np.asarray(batch[n]) for n in inputs} for batch in batches)  # torch tensors too
+    if stream_tensors(model, [], enumerate(feeds), {}, peaks=peaks) == 0:
         raise CalibrationError("the calibration data yielded no batches; pass at least one batch")
     return peaks
