@@ -123,6 +123,17 @@ def test_only_the_mask_constant_is_rewritten_and_softmax_is_unchanged():
     assert np.allclose(_ort(half, feeds)[0][3], 0.25)
 
 
+@pytest.mark.parametrize("masks", [1, 2])
+def test_the_rewritten_graph_keeps_its_inferred_types_without_a_new_check(masks):
+    # The rewrite swaps constants for ones of the same shape and type: what shape inference and
+    # the checker would make of its result is what it returns.
+    from trtopt.graph import check_model
+
+    safe, report = make_masks_fp16_safe(check_model(attention_graph(masks=masks, extras=True)))
+    assert report.rewrites and len(safe.graph.value_info) > 0
+    assert check_model(safe).graph == safe.graph
+
+
 def test_a_model_without_a_mask_is_returned_as_is():
     model = attention_graph()
     model.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.array(-1e4, np.float32), "neg_big"))
