@@ -383,12 +383,12 @@ def calibrate_plan(model: onnx.ModelProto, config: BuildConfig, data: PreparedDa
     smoothing = bool(groups) and alpha is not None  # groups are only looked for with an alpha
     start = time.perf_counter()
     with data.timer.stage("calibration"):
-        graph, probe = (model, []) if smoothing else float_part_probe(model, config, data)
         calibration = calibrate(
-            graph, plan.activation_tensors, data.calibration_data, input_specs=data.inputs,
+            model, plan.activation_tensors, data.calibration_data, input_specs=data.inputs,
             method=config.calibration_method.value, percentile=config.percentile,
             max_batches=config.calibration_batches, cache_path=config.calibration_cache,
-            progress=logger.isEnabledFor(logging.INFO), channel_max_for=list(groups), peaks_for=probe,
+            progress=logger.isEnabledFor(logging.INFO), channel_max_for=list(groups),
+            peaks_for=[] if smoothing else float_part_probe(model, config, data),
         )
     calibrated = Calibrated(model, plan, plan_options, dict(calibration.amax), calibration, time.perf_counter() - start)
     calibrated.float_ranges = calibration.peaks or None
@@ -401,12 +401,11 @@ def calibrate_plan(model: onnx.ModelProto, config: BuildConfig, data: PreparedDa
             if calibrated.smoothed_ranges and not calibration.from_cache:
                 # The smoothed tensors x / s get their ranges from the chosen calibrator, with range
                 # checks, like every other activation: a second pass, over these tensors only.
-                graph, probe = float_part_probe(calibrated.model, config, data)
                 calibrated.smoothed_calibration = calibrate(
-                    graph, list(calibrated.smoothed_ranges), data.calibration_data, input_specs=data.inputs,
+                    calibrated.model, list(calibrated.smoothed_ranges), data.calibration_data, input_specs=data.inputs,
                     method=smoothed_calibrator(config.calibration_method).value, percentile=config.percentile,
                     max_batches=config.calibration_batches, progress=logger.isEnabledFor(logging.INFO),
-                    peaks_for=probe,
+                    peaks_for=float_part_probe(calibrated.model, config, data),
                 )
                 calibrated.amax.update(calibrated.smoothed_calibration.amax)
                 calibrated.float_ranges = calibrated.smoothed_calibration.peaks or None
@@ -422,14 +421,12 @@ def calibrate_plan(model: onnx.ModelProto, config: BuildConfig, data: PreparedDa
     return calibrated
 
 
-def float_part_probe(
-    model: onnx.ModelProto, config: BuildConfig, data: PreparedData
-) -> tuple[onnx.ModelProto, list[str]]:
-    """The graph for the last calibration pass over ``model`` to run, and the tensors an FP16
-    float part needs max |x| of (``float_part_ranges``) for it to measure as well: the probe
-    runs the same graph on the same batches, so a pass of its own would repeat it.
+def float_part_probe(model: onnx.ModelProto, config: BuildConfig, data: PreparedData) -> list[str]:
+    """The tensors an FP16 float part needs max |x| of (``float_part_ranges``), for the last
+    calibration pass over ``model`` to measure as well: the probe runs the same graph on the
+    same batches, so a pass of its own would repeat it.
 
-    No tensors without data, for an FP32 float part, or when attention masks need the FP16
+    None without data, for an FP32 float part, or when attention masks need the FP16
     rewrite: the probe measures the rewritten graph, whose softmax differs on fully masked
     rows, so calibration cannot run there. Measured in the calibration pass, every activation
     is read by a reduction, so ONNX Runtime fuses less of the graph than for calibration alone:
@@ -437,10 +434,10 @@ def float_part_probe(
     (a BERT-style encoder: ranges up to 2e-7 apart).
     """
     if config.float_part_precision.value != "fp16" or data.batches is None:
-        return model, []
+        return []
     if make_masks_fp16_safe(model)[1].rewrites:
-        return model, []
-    return model, probed_tensors(model)
+        return []
+    return probed_tensors(model)
 
 
 def smoothed_calibrator(method: CalibratorKind) -> CalibratorKind:
